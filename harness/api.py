@@ -1,0 +1,276 @@
+"""Public types that plugins implement or construct.
+
+Three kinds of thing plug into ftbench:
+
+* a :class:`Task` says what the model learns, where its data comes from, how
+  an example becomes tokens and how quality is judged;
+* a :class:`BackendSpec` names an :class:`Engine` class, which says *how* a
+  training step runs (eager, compiled, DeepSpeed, DDP...);
+* a :class:`ModelPreset` builds a small randomly initialised model offline.
+
+The runner (``harness.worker``) owns the loop, the data order, the optimizer
+recipe and every clock; plugins never time anything themselves.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping
+
+#: Model kinds a task may accept.
+DECODER = "decoder"
+ENCODER_DECODER = "encoder-decoder"
+ENCODER = "encoder"
+MODEL_KINDS = (DECODER, ENCODER_DECODER, ENCODER)
+
+#: Labels position ignored by the loss (the Hugging Face convention).
+IGNORE_INDEX = -100
+
+
+class FtbenchError(Exception):
+    """An error caused by the user's input; the CLI prints it and exits 2.
+
+    The message should name the problem and the fix, e.g.
+    ``FtbenchError("unknown task 'genration'; did you mean 'generation'? ...")``.
+    """
+
+
+class DataError(FtbenchError):
+    """Bad data: the message names the file, the line and the field.
+
+    Example: ``DataError("data/train.jsonl line 7: missing field 'label'")``.
+    """
+
+
+class Unavailable(Exception):
+    """Raised by :meth:`Engine.check_available` when a dependency is missing.
+
+    The message is an install hint, e.g.
+    ``Unavailable("needs deepspeed: pip install 'ftbench[deepspeed]'")``.
+    """
+
+
+# --------------------------------------------------------------------- tasks
+
+
+@dataclass
+class Encoded:
+    """One tokenized example, ready for collation.
+
+    ``labels`` is aligned with ``input_ids`` for decoder models (prompt
+    positions set to ``IGNORE_INDEX``), is the target sequence for
+    encoder-decoder models, and is a one-element list ``[class_id]`` for
+    classification heads.  ``truncated`` counts the tokens cut off.
+
+    Example: ``Encoded(input_ids=[5, 9, 2], labels=[-100, 9, 2])``.
+    """
+
+    input_ids: list[int]
+    labels: list[int]
+    truncated: int = 0
+
+
+@dataclass
+class EvalContext:
+    """What :meth:`Task.evaluate` receives after training.
+
+    ``model`` is the trained model in eval mode on ``device``; ``examples``
+    the raw held-out examples (at most ``max_examples``); ``eval_loss`` the
+    runner's loss on the encoded held-out split; ``generate(prompts)`` is a
+    ready greedy decoder returning one string per prompt, for tasks that
+    judge generated text.
+
+    Example inside a task::
+
+        preds = ctx.generate([ex["prompt"] for ex in ctx.examples])
+    """
+
+    model: Any
+    tokenizer: Any
+    model_kind: str
+    device: Any
+    examples: list[dict]
+    eval_loss: float
+    options: dict
+    generate: Callable[[list[str]], list[str]]
+    max_new_tokens: int = 32
+
+
+class Task:
+    """Base class for task plugins; override what differs.
+
+    Minimal example (a complete task)::
+
+        class Reverse(Task):
+            name = "reverse"
+            metric = "eval_loss"
+            higher_is_better = False
+            fields = ("text",)
+
+            def builtin_data(self, seed, options):
+                words = ["alpha", "beta", "gamma"]
+                rows = [{"text": " ".join(words[::-1])}] * 64
+                return {"train": rows, "validation": rows[:8]}
+
+            def prompt_and_target(self, example, options):
+                return "", example["text"]
+    """
+
+    #: Registry name, as given to ``--task``.
+    name: str = ""
+    description: str = ""
+    #: Primary metric in the result record, and its direction.
+    metric: str = "eval_loss"
+    higher_is_better: bool = False
+    #: Model kinds this task can train; the first is the default.
+    model_kinds: tuple[str, ...] = (DECODER,)
+    #: ``"lm"`` (token targets) or ``"classification"`` (one label per example).
+    head: str = "lm"
+    #: Fields every example must have (after column mapping).
+    fields: tuple[str, ...] = ("text",)
+    #: Default task options (overridable with ``--task NAME:key=value``).
+    defaults: Mapping[str, Any] = {}
+
+    def builtin_data(self, seed: int, options: dict) -> dict[str, list[dict]]:
+        """Small deterministic offline data: ``{"train": [...], "validation": [...]}``."""
+        raise NotImplementedError
+
+    def validate(self, example: dict, where: str, options: dict) -> None:
+        """Raise :class:`DataError` (prefixed with ``where``) if ``example`` is unusable."""
+        for f in self.fields:
+            if f not in example:
+                raise DataError(f"{where}: missing field {f!r} (task {self.name!r} needs {list(self.fields)}); "
+                                "rename it in the data or map it with --column NAME=FIELD")
+
+    def prepare(self, splits: dict[str, list[dict]], options: dict) -> dict:
+        """Inspect the loaded data once (e.g. collect the label set); return
+        updates to ``options`` (e.g. ``{"num_labels": 2}``)."""
+        return {}
+
+    def prompt_and_target(self, example: dict, options: dict) -> tuple[str, str]:
+        """The text the model is given and the text it must produce."""
+        raise NotImplementedError
+
+    def label(self, example: dict, options: dict) -> int:
+        """Class id of an example (classification heads only)."""
+        raise NotImplementedError
+
+    def texts(self, example: dict, options: dict) -> Iterable[str]:
+        """Texts used to train the offline tokenizer of a preset model."""
+        prompt, target = self.prompt_and_target(example, options)
+        return [t for t in (prompt, target) if t]
+
+    def evaluate(self, ctx: EvalContext) -> dict[str, float]:
+        """All task metrics by name; must include :attr:`metric`.
+
+        The default reports the eval loss and its perplexity.
+        """
+        return {"eval_loss": ctx.eval_loss, "perplexity": _safe_exp(ctx.eval_loss)}
+
+
+def _safe_exp(x: float) -> float:
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return float("inf")
+
+
+# ------------------------------------------------------------------- models
+
+
+@dataclass
+class ModelPreset:
+    """A model built from a config, randomly initialised, offline.
+
+    ``build(tokenizer, head, num_labels)`` returns a ``torch.nn.Module`` of
+    the Hugging Face kind ``kind``.  ``vocab_size`` sizes the offline
+    tokenizer trained for it.
+
+    Example::
+
+        ModelPreset("tiny-gpt2", kind="decoder", build=build_tiny_gpt2,
+                    description="2 layers x 64 wide GPT-2")
+    """
+
+    name: str
+    kind: str
+    build: Callable[..., Any]
+    description: str = ""
+    vocab_size: int = 2000
+    max_positions: int = 512
+    #: The preset a task gets when no ``--model`` is given, per model kind.
+    default: bool = False
+
+
+# ----------------------------------------------------------------- backends
+
+
+@dataclass
+class BackendSpec:
+    """A named way to run training steps.
+
+    ``engine`` is an :class:`Engine` subclass; ``defaults`` its options;
+    ``preset_of`` names the backend a preset abbreviates (for ``list``).
+    ``data_parallel`` says the engine uses ``--nproc`` ranks.
+
+    Example::
+
+        BackendSpec("zero2", engine=DeepSpeedEngine, defaults={"stage": 2},
+                    preset_of="deepspeed", data_parallel=True)
+    """
+
+    name: str
+    engine: type
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    description: str = ""
+    preset_of: str | None = None
+    data_parallel: bool = False
+
+
+class Engine:
+    """How a training step runs.  The runner drives it like this::
+
+        engine = spec.engine(options, ctx)          # ctx: harness.worker.EngineContext
+        engine.setup(model)                         # wrap, shard, build optimizer
+        for step in range(steps):
+            for micro_batch in micro_batches:
+                engine.forward_backward(micro_batch)   # returns detached loss
+            engine.step()                           # clip, optimizer, schedule
+        model = engine.eval_model()                 # for evaluation
+
+    :class:`harness.engine.StandardEngine` implements all of this for plain
+    PyTorch; most backends subclass it and override ``wrap`` only.
+    """
+
+    #: True when the first steps compile (their time is reported as compile_s).
+    compiles: bool = False
+
+    def __init__(self, options: dict, ctx: Any):
+        self.options = options
+        self.ctx = ctx
+
+    @classmethod
+    def check_available(cls, options: dict) -> None:
+        """Raise :class:`Unavailable` with an install hint if this cannot run here."""
+
+    @classmethod
+    def validate_options(cls, options: dict) -> dict:
+        """Check and normalise options; raise :class:`FtbenchError` naming a bad key."""
+        return options
+
+    def setup(self, model: Any) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def forward_backward(self, batch: dict) -> Any:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def step(self) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def eval_model(self) -> Any:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def stats(self) -> dict:
+        """Backend-specific facts for the record (e.g. graph breaks)."""
+        return {}

@@ -1,0 +1,203 @@
+"""Running one cell in its own process (group) and turning it into a record.
+
+The cell runs in a new session so that a time-out, a memory limit or the
+user's Ctrl-C can kill its whole process tree at once, and nothing it
+started survives it.  A sampler thread follows the tree's resident memory
+(for the memory limit and the tree-wide peak); each rank also reports its
+own kernel-tracked peak (VmHWM), which no sampling can miss.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+from .config import CellSpec
+
+#: Exit code conventions of the worker: 0 finished (ok/diverged/skipped), 1 failed.
+
+
+@dataclass
+class TreeWatch:
+    """Samples the summed RSS of a process tree and enforces a memory limit."""
+
+    root: psutil.Process
+    limit_bytes: float | None = None
+    interval: float = 0.2
+    peak_bytes: int = 0
+    pids: set = field(default_factory=set)
+    over_limit: bool = False
+
+    def __post_init__(self):
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self):
+        self._thread.start()
+        return self
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(timeout=2)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval)
+
+    def sample(self):
+        try:
+            procs = [self.root] + self.root.children(recursive=True)
+        except psutil.Error:
+            return
+        total = 0
+        for p in procs:
+            try:
+                total += p.memory_info().rss
+                self.pids.add(p.pid)
+            except psutil.Error:
+                continue
+        self.peak_bytes = max(self.peak_bytes, total)
+        if self.limit_bytes and total > self.limit_bytes and not self.over_limit:
+            self.over_limit = True
+            kill_tree(self.root.pid, self.pids)
+
+
+def kill_tree(pgid: int, pids=()) -> None:
+    """SIGKILL the cell's process group and any straggler that left it."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def command_for(spec: CellSpec, spec_path: Path, result_dir: Path) -> list[str]:
+    worker = ["-m", "harness.worker", str(spec_path), str(result_dir)]
+    if spec.nproc <= 1 and not spec.launcher.get("nnodes", 1) > 1:
+        return [sys.executable, *worker]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(spec.nproc)]
+    nnodes = int(spec.launcher.get("nnodes", 1))
+    if nnodes > 1:
+        launch += ["--nnodes", str(nnodes), "--node-rank", str(spec.launcher.get("node_rank", 0)),
+                   "--master-addr", str(spec.launcher.get("master_addr", "127.0.0.1")),
+                   "--master-port", str(spec.launcher.get("master_port", 29500))]
+    else:
+        launch += ["--standalone"]
+    return launch + worker
+
+
+@dataclass
+class CellOutcome:
+    """What the driver learns from one cell process."""
+
+    ranks: list[dict]
+    status: str
+    error: str | None
+    wall_s: float
+    returncode: int | None
+    tree_peak_bytes: int
+    stderr_tail: str = ""
+
+
+def run_cell_process(spec: CellSpec, on_start=None) -> CellOutcome:
+    """Run ``spec`` in a fresh process tree; never raises for a failing cell."""
+    with tempfile.TemporaryDirectory(prefix="ftbench-cell-") as tmp:
+        tmp = Path(tmp)
+        spec_path = tmp / "spec.json"
+        spec_path.write_text(json.dumps(spec.to_dict()))
+        cmd = command_for(spec, spec_path, tmp)
+        env = dict(os.environ)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        # The harness packages must import in the cell even when ftbench runs from a checkout.
+        root = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        stderr_path = tmp / "stderr.log"
+        t0 = time.perf_counter()
+        with open(stderr_path, "wb") as err:
+            proc = subprocess.Popen(cmd, stdout=err, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            if on_start:
+                on_start(proc)
+            limit = spec.memory_limit_mb * 2**20 if spec.memory_limit_mb else None
+            watch = TreeWatch(psutil.Process(proc.pid), limit_bytes=limit).start()
+            timed_out = False
+            try:
+                proc.wait(timeout=spec.time_limit_s)
+            except subprocess.TimeoutExpired:
+                timed_out = True
+            except BaseException:
+                # Ctrl-C / SIGTERM in the driver: take the whole cell down with us.
+                watch.stop()
+                kill_tree(proc.pid, watch.pids)
+                proc.wait()
+                raise
+            finally:
+                watch.sample()
+                watch.stop()
+                kill_tree(proc.pid, watch.pids)
+                proc.wait()
+        wall = time.perf_counter() - t0
+        ranks = []
+        for p in sorted(tmp.glob("rank*.json"), key=lambda p: p.stat().st_mtime):
+            try:
+                ranks.append(json.loads(p.read_text()))
+            except ValueError:
+                continue
+        stderr_tail = _tail(stderr_path)
+    status, error = _verdict(spec, proc.returncode, timed_out, watch.over_limit, ranks, stderr_tail)
+    return CellOutcome(ranks=sorted(ranks, key=lambda r: r.get("rank", 0)), status=status, error=error,
+                       wall_s=wall, returncode=proc.returncode, tree_peak_bytes=watch.peak_bytes,
+                       stderr_tail=stderr_tail)
+
+
+def _tail(path: Path, n: int = 4000) -> str:
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return ""
+    return data[-n:].decode("utf-8", "replace")
+
+
+def _verdict(spec, returncode, timed_out, over_limit, ranks, stderr_tail) -> tuple[str, str | None]:
+    if timed_out:
+        return "timeout", f"cell exceeded its time limit of {spec.time_limit_s:g} s and was killed"
+    if over_limit:
+        return "oom", (f"cell exceeded its host memory limit of {spec.memory_limit_mb:g} MB and was killed "
+                       "(raise --memory-limit-mb or shrink the batch)")
+    # Ranks that wrote a file, earliest first: the first failure is the cause.
+    failed = [r for r in ranks if r.get("status") != "ok"]
+    if failed:
+        first = failed[0]
+        return first.get("status", "error"), first.get("error")
+    if returncode != 0 or not ranks:
+        if returncode is not None and returncode < 0:
+            name = signal.Signals(-returncode).name
+            status = "oom" if name == "SIGKILL" and _looks_oom(stderr_tail) else "error"
+            return status, f"cell process died from signal {name}" + _last_line(stderr_tail)
+        return "error", f"cell process exited with code {returncode} without a result" + _last_line(stderr_tail)
+    if len(ranks) < max(1, spec.nproc):
+        return "error", f"only {len(ranks)} of {spec.nproc} ranks reported a result" + _last_line(stderr_tail)
+    return "ok", None
+
+
+def _looks_oom(text: str) -> bool:
+    return "out of memory" in text.lower() or "oom" in text.lower()
+
+
+def _last_line(text: str) -> str:
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return f"; last output: {lines[-1][:300]}" if lines else ""

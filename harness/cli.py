@@ -1,0 +1,214 @@
+"""The ``ftbench`` command line (click for parsing, rich for output).
+
+Errors caused by the user's input (:class:`harness.api.FtbenchError`) print
+one paragraph naming the problem and the fix, and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+
+import click
+
+from .api import FtbenchError
+
+EXIT_USAGE = 2
+EXIT_REGRESSION = 1
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+class FtbenchGroup(click.Group):
+    """Turns :class:`FtbenchError` into a clean message and exit status 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except FtbenchError as e:
+            _console(stderr=True).print(f"[bold red]error:[/] {e}", soft_wrap=True)
+            ctx.exit(EXIT_USAGE)
+
+
+@click.group(cls=FtbenchGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ftbench")
+def main():
+    """Benchmark full-parameter fine-tuning across tasks, backends and models."""
+
+
+# ------------------------------------------------------------------ list
+
+
+@main.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def list_cmd(as_json):
+    """Tasks, backends and model presets, which plugin gave each, and availability."""
+    from .registry import Registry
+
+    reg = Registry.load()
+    data = {
+        "tasks": [{"name": e.name, "plugin": e.plugin, "metric": e.obj.metric,
+                   "higher_is_better": e.obj.higher_is_better, "model_kinds": list(e.obj.model_kinds),
+                   "description": e.obj.description} for e in reg.tasks.values()],
+        "backends": [],
+        "models": [{"name": e.name, "plugin": e.plugin, "kind": e.obj.kind, "default": e.obj.default,
+                    "description": e.obj.description} for e in reg.models.values()],
+    }
+    for e in reg.backends.values():
+        why = reg.backend_availability(e.name)
+        data["backends"].append({"name": e.name, "plugin": e.plugin, "available": why is None,
+                                 "unavailable_because": why, "preset_of": e.obj.preset_of,
+                                 "options": dict(e.obj.defaults), "data_parallel": e.obj.data_parallel,
+                                 "description": e.obj.description})
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    from rich.table import Table
+
+    con = _console()
+    t = Table(title="tasks")
+    for col in ("name", "metric", "model kinds", "plugin", "description"):
+        t.add_column(col)
+    for d in data["tasks"]:
+        arrow = "↑" if d["higher_is_better"] else "↓"
+        t.add_row(d["name"], f"{d['metric']} {arrow}", ", ".join(d["model_kinds"]), d["plugin"], d["description"])
+    con.print(t)
+    t = Table(title="backends")
+    for col in ("name", "available", "options", "plugin", "description"):
+        t.add_column(col)
+    for d in data["backends"]:
+        avail = "[green]yes[/]" if d["available"] else f"[red]no[/]: {d['unavailable_because']}"
+        opts = ",".join(f"{k}={v}" for k, v in d["options"].items())
+        if d["preset_of"]:
+            opts = f"= {d['preset_of']}:{opts}" if opts else f"= {d['preset_of']}"
+        t.add_row(d["name"], avail, opts, d["plugin"], d["description"])
+    con.print(t)
+    t = Table(title="model presets")
+    for col in ("name", "kind", "plugin", "description"):
+        t.add_column(col)
+    for d in data["models"]:
+        t.add_row(d["name"] + (" (default)" if d["default"] else ""), d["kind"], d["plugin"], d["description"])
+    con.print(t)
+    con.print("Any local Hugging Face model directory or hub id also works as --model.")
+
+
+# ------------------------------------------------------------------- run
+
+
+@main.command("run")
+@click.option("--grid", "grid_file", type=click.Path(dir_okay=False), help="Grid file (YAML or TOML).")
+@click.option("--task", "tasks", multiple=True, help="Task, NAME or NAME:key=value (repeatable).")
+@click.option("--backend", "backends", multiple=True, help="Backend, NAME or NAME:key=value (repeatable).")
+@click.option("--model", "models", multiple=True, help="Preset name, local model dir or hub id (repeatable).")
+@click.option("--data", "datas", multiple=True, help="'builtin', a directory, or hf:NAME[/CONFIG] (repeatable).")
+@click.option("--column", "columns", multiple=True, help="Map a data column onto a task field: FIELD=COLUMN.")
+@click.option("--steps", type=int, help="Optimizer steps per cell (warmup included).")
+@click.option("--warmup", type=int, help="First steps excluded from timing.")
+@click.option("--batch-size", type=int, help="Global batch: examples per optimizer step over all ranks.")
+@click.option("--grad-accum", type=int, help="Micro-batches accumulated per optimizer step.")
+@click.option("--seq-len", type=int, help="Maximum tokens per example (longer ones are truncated and counted).")
+@click.option("--lr", type=float, help="Peak learning rate of AdamW.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), help="Mixed precision (GPU).")
+@click.option("--tuning", help="full | freeze-embeddings | freeze-lower:N")
+@click.option("--grad-checkpointing/--no-grad-checkpointing", default=None, help="Activation checkpointing.")
+@click.option("--seed", type=int, help="Seed for data order and initialisation.")
+@click.option("--repeat", type=int, help="Run each cell K times, each in a fresh process.")
+@click.option("--nproc", type=int, help="Ranks for data-parallel backends (others use 1).")
+@click.option("--nnodes", type=int, help="Nodes for multi-node runs (passed to torchrun).")
+@click.option("--node-rank", type=int, help="This node's rank (multi-node).")
+@click.option("--master-addr", help="Rendezvous address (multi-node).")
+@click.option("--master-port", type=int, help="Rendezvous port (multi-node).")
+@click.option("--time-limit", "time_limit_s", type=float, help="Seconds before a cell is killed (status timeout).")
+@click.option("--memory-limit-mb", type=float, help="Host memory per cell before it is killed (status oom).")
+@click.option("--eval-examples", type=int, help="Held-out examples evaluated per cell.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where to train (default auto).")
+@click.option("--shard", help="Run shard i of N of the cells: i/N (1-based).")
+@click.option("--out", default=None, help="Result set directory (default runs/<timestamp>).")
+@click.option("--force", is_flag=True, help="Rerun cells already in the result set.")
+@click.option("--fail-fast", is_flag=True, help="Stop at the first failed cell.")
+def run_cmd(grid_file, tasks, backends, models, datas, columns, out, force, fail_fast, shard, **settings):
+    """Run a grid of cells and append their records to OUT/results.jsonl.
+
+    With no arguments, runs the embedded default grid.
+    """
+    from .gridfile import build_grid
+    from .registry import Registry
+    from .runview import RunView
+
+    reg = Registry.load()
+    launcher = {k: settings.pop(k) for k in ("nnodes", "node_rank", "master_addr", "master_port")
+                if settings.get(k) is not None}
+    for k in ("nnodes", "node_rank", "master_addr", "master_port"):
+        settings.pop(k, None)
+    overrides = {k: v for k, v in settings.items() if v is not None}
+    if columns:
+        overrides["columns"] = _parse_columns(columns)
+    if launcher:
+        overrides["launcher"] = launcher
+    axes = {"task": list(tasks), "backend": list(backends), "model": list(models), "data": list(datas)}
+    grid = build_grid(grid_file, axes, overrides)
+    cells = grid.cells(reg)
+    if shard:
+        from .gridfile import select_shard
+
+        cells = select_shard(cells, shard)
+    for c in cells:  # fail before anything runs on a bad name or option
+        _check_cell(reg, c)
+    out = out or _default_out()
+    view = RunView(_console(), len(cells), out)
+    _install_sigterm()
+    from .driver import run_cells
+    from .environment import collect
+    from .parity import annotate_parity
+
+    try:
+        summary = run_cells(cells, out, collect(reg.pm), force=force, fail_fast=fail_fast, progress=view.event,
+                            annotate=annotate_parity)
+    except KeyboardInterrupt:
+        view.interrupted(out)
+        sys.exit(130)
+    view.finish(summary)
+    bad = [r for r in summary.records if r["status"] not in ("ok", "skipped")]
+    sys.exit(1 if bad and fail_fast else 0)
+
+
+def _check_cell(reg, cell):
+    tname, _ = cell.task_name_and_options()
+    bname, bopts = cell.backend_name_and_options()
+    reg.task(tname)
+    spec = reg.backend(bname)
+    spec.engine.validate_options({**dict(spec.defaults), **bopts})
+
+
+def _parse_columns(items) -> dict:
+    mapping = {}
+    for item in items:
+        field, eq, column = item.partition("=")
+        if not eq or not field or not column:
+            raise FtbenchError(f"malformed --column {item!r}: write FIELD=COLUMN, e.g. --column text=sentence")
+        mapping[field.strip()] = column.strip()
+    return mapping
+
+
+def _default_out() -> str:
+    import datetime as dt
+
+    return os.path.join("runs", dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
+
+
+def _install_sigterm():
+    # SIGTERM behaves like Ctrl-C: stop the running cell, keep every finished record.
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

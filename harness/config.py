@@ -1,0 +1,214 @@
+"""A cell's configuration: the recipe (what is computed) and the cell (where
+and how), with the ids that make results comparable.
+
+``Recipe`` holds everything that defines the math of a training step; its
+hash is the *recipe fingerprint*, so two cells may be compared for loss
+parity or speed only when their fingerprints match.  The backend is *not* in
+the recipe: a backend changes how a step runs, never what it computes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+from .api import FtbenchError
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+SCHEDULES = ("constant", "linear", "cosine")
+PADDINGS = ("max_length", "longest")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The math of training, identical for every backend.
+
+    ``batch_size`` is the *global* batch: examples per optimizer step over
+    all ranks and accumulation micro-batches, so that ``eager`` with batch 8
+    and ``ddp`` on 2 ranks with batch 8 compute the same step.
+
+    Example: ``Recipe(steps=50, warmup=5, batch_size=8, seq_len=64)``.
+    """
+
+    steps: int = 50
+    warmup: int = 5
+    batch_size: int = 8
+    grad_accum: int = 1
+    seq_len: int = 64
+    padding: str = "max_length"
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    schedule: str = "cosine"
+    lr_warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    precision: str = "fp32"
+    grad_checkpointing: bool = False
+    tuning: str = "full"
+    seed: int = 0
+
+    def validate(self) -> "Recipe":
+        def bad(key, value, want):
+            raise FtbenchError(f"invalid {key}={value!r}: {want}")
+
+        for key in ("steps", "batch_size", "grad_accum", "seq_len"):
+            v = getattr(self, key)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                bad(key, v, "must be a positive integer (e.g. --steps 50 --batch-size 8 --seq-len 64)")
+        if not isinstance(self.warmup, int) or self.warmup < 0:
+            bad("warmup", self.warmup, "must be an integer >= 0")
+        if self.warmup >= self.steps:
+            bad("warmup", self.warmup, f"must be smaller than steps ({self.steps}) so that some steps are measured")
+        if self.precision not in PRECISIONS:
+            bad("precision", self.precision, f"choose one of {', '.join(PRECISIONS)}")
+        if self.schedule not in SCHEDULES:
+            bad("schedule", self.schedule, f"choose one of {', '.join(SCHEDULES)}")
+        if self.padding not in PADDINGS:
+            bad("padding", self.padding, f"choose one of {', '.join(PADDINGS)}")
+        if not (self.lr > 0):
+            bad("lr", self.lr, "must be > 0")
+        if self.batch_size % self.grad_accum:
+            bad("grad_accum", self.grad_accum, f"must divide the global batch size {self.batch_size}")
+        parse_tuning(self.tuning)
+        return self
+
+    def fingerprint(self, task: str, task_options: dict, model: str, data: str, world_size: int) -> str:
+        """Hash of everything that defines the math of a step (not the backend).
+
+        ``world_size`` enters only through the micro-batch it implies, which is
+        already fixed by the global batch, so it is deliberately left out:
+        eager on 1 rank and DDP on 2 ranks with the same global batch compute
+        the same step.
+        """
+        payload = {"recipe": asdict(self), "task": task, "task_options": task_options,
+                   "model": model, "data": data}
+        return _hash(payload)
+
+
+def parse_tuning(value: str) -> tuple[str, int]:
+    """``full`` | ``freeze-embeddings`` | ``freeze-lower:N`` -> (mode, N)."""
+    if value in ("full", "freeze-embeddings"):
+        return value, 0
+    if value.startswith("freeze-lower:"):
+        try:
+            n = int(value.split(":", 1)[1])
+        except ValueError:
+            n = -1
+        if n > 0:
+            return "freeze-lower", n
+    raise FtbenchError(f"invalid tuning={value!r}: choose full, freeze-embeddings or freeze-lower:N (N > 0 blocks)")
+
+
+def parse_spec(text: str, what: str = "backend") -> tuple[str, dict[str, Any]]:
+    """``"deepspeed:stage=3,offload=cpu"`` -> ``("deepspeed", {"stage": 3, "offload": "cpu"})``.
+
+    Values are parsed as JSON scalars when they look like one (3, 1e-4, true),
+    else kept as strings.
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise FtbenchError(f"empty {what} name; write NAME or NAME:key=value,key=value")
+    name, _, rest = text.strip().partition(":")
+    options: dict[str, Any] = {}
+    if rest:
+        for item in rest.split(","):
+            key, eq, value = item.partition("=")
+            key = key.strip()
+            if not eq or not key:
+                raise FtbenchError(
+                    f"malformed {what} option {item!r} in {text!r}: write NAME:key=value,key=value "
+                    f"(e.g. deepspeed:stage=3,offload=cpu)")
+            options[key] = _scalar(value.strip())
+    return name.strip(), options
+
+
+def format_spec(name: str, options: dict) -> str:
+    if not options:
+        return name
+    return name + ":" + ",".join(f"{k}={_unscalar(v)}" for k, v in sorted(options.items()))
+
+
+def _scalar(text: str) -> Any:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return value if isinstance(value, (int, float, bool)) or value is None else text
+
+
+def _unscalar(v: Any) -> str:
+    return json.dumps(v) if isinstance(v, bool) or v is None else str(v)
+
+
+def _hash(payload: Any) -> str:
+    blob = json.dumps(payload, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class CellSpec:
+    """Everything needed to run (or rerun) one cell.
+
+    Example::
+
+        CellSpec(task="generation", backend="eager", model="tiny-gpt2",
+                 recipe=Recipe(steps=20))
+    """
+
+    task: str
+    backend: str
+    model: str
+    data: str = "builtin"
+    recipe: Recipe = field(default_factory=Recipe)
+    nproc: int = 1
+    time_limit_s: float | None = 900.0
+    memory_limit_mb: float | None = None
+    eval_examples: int = 64
+    columns: tuple[tuple[str, str], ...] = ()
+    repeat: int = 0
+    launcher: dict = field(default_factory=dict)
+    device: str = "auto"
+
+    def task_name_and_options(self) -> tuple[str, dict]:
+        return parse_spec(self.task, "task")
+
+    def backend_name_and_options(self) -> tuple[str, dict]:
+        return parse_spec(self.backend, "backend")
+
+    def identity(self) -> dict:
+        """The configuration that defines the cell (no repeat index, no limits)."""
+        d = self.to_dict()
+        for k in ("repeat", "time_limit_s", "memory_limit_mb", "launcher"):
+            d.pop(k)
+        return d
+
+    @property
+    def cell_id(self) -> str:
+        return _hash(self.identity())
+
+    def fingerprint(self) -> str:
+        task, topts = self.task_name_and_options()
+        return self.recipe.fingerprint(task, topts, self.model, self.data, self.nproc)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["columns"] = [list(c) for c in self.columns]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CellSpec":
+        d = dict(d)
+        recipe = d.pop("recipe", {}) or {}
+        if "betas" in recipe:
+            recipe["betas"] = tuple(recipe["betas"])
+        d["columns"] = tuple(tuple(c) for c in d.get("columns", ()))
+        known = {f.name for f in fields(cls)}
+        return cls(recipe=Recipe(**recipe), **{k: v for k, v in d.items() if k in known})
+
+    def with_(self, **changes) -> "CellSpec":
+        return replace(self, **changes)
+
+
+RECIPE_FIELDS = tuple(f.name for f in fields(Recipe))

@@ -1,0 +1,105 @@
+"""Running a list of cells into a result set, one fresh process per cell."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .api import FtbenchError
+from .cellproc import run_cell_process
+from .config import CellSpec
+from .record import build_record
+from .results import append_record, finished_keys, read_records
+
+LOCK_FILE = ".ftbench.lock"
+
+
+@dataclass
+class RunSummary:
+    records: list[dict] = field(default_factory=list)
+    skipped_done: int = 0
+    interrupted: bool = False
+
+
+def prepare_out_dir(out: str | os.PathLike) -> Path:
+    path = Path(out)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FtbenchError(f"cannot create output directory {path}: {e.strerror}; pass --out to a writable "
+                           "directory") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise FtbenchError(f"output directory {path} is not writable; pass --out to a writable directory")
+    return path
+
+
+class OutputLock:
+    """An exclusive lock on a result set, so two runs cannot interleave writes."""
+
+    def __init__(self, out: Path):
+        self.path = out / LOCK_FILE
+        self.fd: int | None = None
+
+    def __enter__(self):
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(self.fd)
+            self.fd = None
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                raise FtbenchError(f"another 'ftbench run' is writing to {self.path.parent}; wait for it to "
+                                   "finish or pass a different --out") from None
+            raise
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, str(os.getpid()).encode())
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+        return False
+
+
+def run_cells(cells: list[CellSpec], out: str | os.PathLike, environment: dict, *, force: bool = False,
+              fail_fast: bool = False, progress=None, annotate=None) -> RunSummary:
+    """Run every cell not already in ``out`` and append its record.
+
+    ``progress`` receives events ``("start"|"end"|"skip", index, total, spec, record)``;
+    ``annotate(record, earlier_records)`` may add fields (e.g. loss parity)
+    before the record is written.
+    """
+    out_dir = prepare_out_dir(out)
+    summary = RunSummary()
+    with OutputLock(out_dir):
+        (out_dir / "environment.json").write_text(json.dumps(environment, indent=2, default=str))
+        done = set() if force else finished_keys(out_dir)
+        earlier = read_records(out_dir).records if (out_dir / "results.jsonl").exists() else []
+        total = len(cells)
+        for i, spec in enumerate(cells, start=1):
+            if (spec.cell_id, spec.repeat) in done:
+                summary.skipped_done += 1
+                if progress:
+                    progress("skip", i, total, spec, None)
+                continue
+            if progress:
+                progress("start", i, total, spec, None)
+            started = time.time()
+            outcome = run_cell_process(spec)
+            record = build_record(spec, outcome, environment, started)
+            if annotate:
+                annotate(record, earlier)
+            append_record(out_dir, record)
+            earlier.append(record)
+            summary.records.append(record)
+            if progress:
+                progress("end", i, total, spec, record)
+            if fail_fast and record["status"] not in ("ok", "skipped"):
+                break
+    return summary

@@ -1,0 +1,141 @@
+"""The standard PyTorch training step, shared by every backend that can use it.
+
+The recipe's optimizer (AdamW), schedule, clipping, precision policy and loss
+normalisation live here once, so that ``eager``, ``compile``, ``ddp`` and
+``fsdp`` cannot drift apart: they differ only in :meth:`StandardEngine.wrap`.
+
+Loss normalisation: the runner gives every micro-batch ``loss_scale`` =
+1 / (loss-bearing units in the whole *global* optimizer step).  Summing
+``loss_sum * loss_scale`` over micro-batches and ranks gives exactly the mean
+loss of the global batch, however the batch is split.  Engines whose
+gradient reduction *averages* over ranks (DDP, FSDP) multiply by the world
+size to undo that average (``grad_average_world = True``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from .api import Engine
+from .config import Recipe
+
+
+@dataclass
+class EngineContext:
+    """What the runner tells an engine.
+
+    ``loss_fn(model, batch)`` returns the *summed* loss of a micro-batch
+    (a 0-d tensor); ``device`` is a ``torch.device``.
+
+    Example: ``EngineContext(recipe, torch.device("cpu"), loss_fn, 0, 1)``.
+    """
+
+    recipe: Recipe
+    device: torch.device
+    loss_fn: Callable[[Any, dict], torch.Tensor]
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+
+def lr_lambda(recipe: Recipe) -> Callable[[int], float]:
+    """Learning-rate multiplier by optimizer step: linear warmup, then the schedule."""
+    total, warm = recipe.steps, recipe.lr_warmup_steps
+
+    def f(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / warm
+        if recipe.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warm) / max(1, total - warm))
+        if recipe.schedule == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+def build_optimizer(params, recipe: Recipe) -> torch.optim.Optimizer:
+    """The recipe's AdamW over the given (trainable) parameters."""
+    return torch.optim.AdamW(params, lr=recipe.lr, betas=tuple(recipe.betas), eps=recipe.eps,
+                             weight_decay=recipe.weight_decay)
+
+
+def autocast_for(recipe: Recipe, device: torch.device):
+    """The mixed-precision context of the recipe (a no-op for fp32)."""
+    if recipe.precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if recipe.precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def move(batch: dict, device: torch.device) -> dict:
+    non_blocking = device.type == "cuda"
+    return {k: (v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+class StandardEngine(Engine):
+    """Plain PyTorch: autocast forward, backward, clip, AdamW, schedule.
+
+    Subclasses override :meth:`wrap` (e.g. ``torch.compile(model)``) and set
+    ``grad_average_world`` when their gradient reduction averages ranks::
+
+        class CompiledEngine(StandardEngine):
+            compiles = True
+            def wrap(self, model):
+                return torch.compile(model)
+    """
+
+    grad_average_world: bool = False
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
+
+    def setup(self, model: torch.nn.Module) -> None:
+        ctx: EngineContext = self.ctx
+        self.model = model.to(ctx.device)
+        self.raw_model = self.model
+        self.model = self.wrap(self.model)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(params, ctx.recipe)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(ctx.recipe))
+        self.scaler = torch.amp.GradScaler(ctx.device.type) if ctx.recipe.precision == "fp16" else None
+        self.loss_multiplier = float(ctx.world_size) if self.grad_average_world else 1.0
+
+    def forward_backward(self, batch: dict) -> torch.Tensor:
+        ctx: EngineContext = self.ctx
+        batch = move(batch, ctx.device)
+        with autocast_for(ctx.recipe, ctx.device):
+            loss = ctx.loss_fn(self.model, batch) * batch["loss_scale"]
+        scaled = loss * self.loss_multiplier
+        if self.scaler is not None:
+            scaled = self.scaler.scale(scaled)
+        scaled.backward()
+        return loss.detach()
+
+    def step(self) -> None:
+        recipe = self.ctx.recipe
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if recipe.max_grad_norm and recipe.max_grad_norm > 0:
+            self.clip(recipe.max_grad_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def clip(self, max_norm: float) -> None:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        # foreach keeps clipping free of a per-parameter host round trip.
+        torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+
+    def eval_model(self) -> torch.nn.Module:
+        return self.raw_model

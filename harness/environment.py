@@ -1,0 +1,75 @@
+"""The ``environment`` of a result record: versions, machine and project commit.
+
+Versions are read from package metadata, not by importing the packages, so
+collecting them costs milliseconds.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+PACKAGES = ("torch", "transformers", "tokenizers", "deepspeed", "pluggy", "sacrebleu", "rouge-score",
+            "datasets", "numpy", "ftbench")
+
+
+def package_version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_commit() -> str | None:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=5)
+        if out.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def collect(pm=None) -> dict:
+    """Facts about the software and machine; plugins add theirs via ``collect_environment``."""
+    env = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "versions": {p: package_version(p) for p in PACKAGES},
+        "git_commit": git_commit(),
+        "hostname": platform.node(),
+    }
+    if pm is not None:
+        pm.hook.collect_environment(env=env)
+    return env
+
+
+def comparable_view(env: dict) -> dict:
+    """The parts of an environment that change measured figures (for compare)."""
+    return {
+        "cpu": env.get("cpu"),
+        "cpu_count": env.get("cpu_count"),
+        "device": env.get("device"),
+        "versions": {k: v for k, v in (env.get("versions") or {}).items() if k in ("torch", "transformers",
+                                                                               "deepspeed")},
+    }

@@ -1,0 +1,107 @@
+"""A grid: axes whose product (minus exclusions) is the list of cells.
+
+Axes are ``task``, ``backend``, ``model`` and ``data`` (lists); every other
+setting is shared by all cells (recipe settings such as ``steps`` or
+``lr``, and cell settings such as ``nproc`` or ``time_limit_s``).
+
+``nproc`` applies to backends that run data-parallel; the others run in one
+process, so ``--backend eager --backend ddp --nproc 2`` gives eager on 1
+rank and ddp on 2 with the same global batch and recipe.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from .api import FtbenchError
+from .config import RECIPE_FIELDS, CellSpec, Recipe, parse_spec
+
+AXES = ("task", "backend", "model", "data")
+CELL_SETTINGS = ("nproc", "time_limit_s", "memory_limit_mb", "eval_examples", "device", "columns", "launcher")
+AUTO_MODEL = "auto"
+
+
+@dataclass
+class Grid:
+    """Axes, shared settings, exclusions and repeats.
+
+    Example::
+
+        Grid(axes={"task": ["generation"], "backend": ["eager", "compile"]},
+             settings={"steps": 20}).cells(registry)
+    """
+
+    axes: dict[str, list] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+    exclude: list[dict] = field(default_factory=list)
+    repeat: int = 1
+
+    def cells(self, registry) -> list[CellSpec]:
+        axes = {a: list(self.axes.get(a) or []) for a in AXES}
+        axes["model"] = axes["model"] or [AUTO_MODEL]
+        axes["data"] = axes["data"] or ["builtin"]
+        for a in ("task", "backend"):
+            if not axes[a]:
+                raise FtbenchError(f"the grid's {a} axis is empty; list at least one {a} (ftbench list)")
+        unknown = set(self.settings) - set(RECIPE_FIELDS) - set(CELL_SETTINGS)
+        if unknown:
+            raise FtbenchError(f"unknown setting(s) {sorted(unknown)}; allowed: "
+                               f"{', '.join(sorted(set(RECIPE_FIELDS) | set(CELL_SETTINGS)))}")
+        recipe_kw = {k: v for k, v in self.settings.items() if k in RECIPE_FIELDS}
+        if "betas" in recipe_kw:
+            recipe_kw["betas"] = tuple(recipe_kw["betas"])
+        try:
+            recipe = Recipe(**recipe_kw).validate()
+        except TypeError as e:
+            raise FtbenchError(f"invalid recipe setting: {e}") from None
+        cell_kw = {k: v for k, v in self.settings.items() if k in CELL_SETTINGS}
+        nproc = int(cell_kw.pop("nproc", 1) or 1)
+        if nproc < 1:
+            raise FtbenchError(f"invalid nproc={nproc}: must be >= 1")
+        if "columns" in cell_kw:
+            cell_kw["columns"] = tuple(sorted(dict(cell_kw["columns"]).items()))
+        cells = []
+        for task, backend, model, data in itertools.product(*(axes[a] for a in AXES)):
+            tname, _ = parse_spec(task, "task")
+            bname, _ = parse_spec(backend, "backend")
+            task_obj = registry.task(tname)
+            bspec = registry.backend(bname)
+            if model == AUTO_MODEL:
+                model = default_model(registry, task_obj)
+            cell = {"task": task, "backend": backend, "model": model, "data": data}
+            if any(_matches(cell, ex) for ex in self.exclude):
+                continue
+            for r in range(self.repeat):
+                cells.append(CellSpec(task=task, backend=backend, model=model, data=data, recipe=recipe,
+                                      nproc=nproc if bspec.data_parallel else 1, repeat=r, **cell_kw))
+        return cells
+
+
+def default_model(registry, task) -> str:
+    """The default preset for the task's preferred model kind."""
+    for kind in task.model_kinds:
+        for name, entry in registry.models.items():
+            if entry.obj.kind == kind and getattr(entry.obj, "default", False):
+                return name
+    for kind in task.model_kinds:
+        for name, entry in registry.models.items():
+            if entry.obj.kind == kind:
+                return name
+    raise FtbenchError(f"no model preset fits task {task.name!r} (needs {', '.join(task.model_kinds)}); "
+                       "pass --model PATH_OR_HUB_ID")
+
+
+def _matches(cell: dict, exclusion: dict) -> bool:
+    """An exclusion matches when each of its keys equals the cell's value (or the
+    name before ``:`` for tasks and backends)."""
+    for key, want in exclusion.items():
+        have = cell.get(key)
+        wants = want if isinstance(want, list) else [want]
+        if have not in wants and parse_spec(str(have), key)[0] not in wants:
+            return False
+    return True
+
+
+SETTING_NAMES = tuple(f.name for f in fields(Recipe)) + CELL_SETTINGS

@@ -1,0 +1,82 @@
+"""The hooks a plugin may implement.
+
+A plugin is any module or object with functions decorated ``@hookimpl``.
+Each hook receives a ``register`` callback owned by the core; the plugin calls
+it once per thing it contributes.  The core rejects a name registered twice
+and names both plugins in the error.
+
+Example plugin module (a complete, installable backend)::
+
+    from harness import hookimpl
+    from harness.api import BackendSpec, StandardEngine
+
+    class MyEngine(StandardEngine):
+        pass
+
+    @hookimpl
+    def register_backends(register):
+        register(BackendSpec(name="mine", engine=MyEngine,
+                             description="my way of running a step"))
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+PROJECT = "ftbench"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def register_tasks(register):
+    """Register task plugins by calling ``register(task)`` for each.
+
+    ``task`` is a :class:`harness.api.Task` instance.  Example::
+
+        @hookimpl
+        def register_tasks(register):
+            register(MyTask())
+    """
+
+
+@hookspec
+def register_backends(register):
+    """Register training backends by calling ``register(spec)`` for each.
+
+    ``spec`` is a :class:`harness.api.BackendSpec`.  A preset is simply a
+    second spec that reuses an engine with other default options::
+
+        @hookimpl
+        def register_backends(register):
+            register(BackendSpec("deepspeed", engine=DeepSpeedEngine,
+                                 defaults={"stage": 0}))
+            register(BackendSpec("zero2", engine=DeepSpeedEngine,
+                                 defaults={"stage": 2}, preset_of="deepspeed"))
+    """
+
+
+@hookspec
+def register_models(register):
+    """Register model presets by calling ``register(preset)`` for each.
+
+    ``preset`` is a :class:`harness.api.ModelPreset`; it builds a randomly
+    initialised model for a tokenizer, so it needs no download::
+
+        @hookimpl
+        def register_models(register):
+            register(ModelPreset("tiny-gpt2", kind="decoder", build=build_gpt2))
+    """
+
+
+@hookspec
+def collect_environment(env):
+    """Add facts to a result record's ``environment`` dict, in place.
+
+    Use it for the versions of the libraries a plugin depends on::
+
+        @hookimpl
+        def collect_environment(env):
+            env["versions"]["deepspeed"] = deepspeed_version_or_none()
+    """

@@ -1,0 +1,80 @@
+"""Building the plugin manager: built-ins first, then entry points.
+
+Built-in plugins are listed in :data:`DEFAULT_PLUGINS` and registered exactly
+like third-party ones (which come from the ``ftbench`` entry-point group), so
+the core never special-cases a plugin by name.
+
+Two environment switches, in the spirit of pytest's ``-p no:NAME`` and llm's
+``LLM_LOAD_PLUGINS``:
+
+* ``FTBENCH_BLOCK_PLUGINS=deepspeed,compile`` skips those plugins;
+* ``FTBENCH_LOAD_PLUGINS=eager,generation`` loads only the listed plugins
+  (an empty value loads none).
+
+A plugin's name is its entry-point name, or for built-ins the last part of
+the module path (``plugins.eager`` -> ``eager``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from importlib.metadata import entry_points
+
+import pluggy
+
+from . import hookspecs
+
+DEFAULT_PLUGINS: tuple[str, ...] = (
+    "plugins.eager",
+    "plugins.compiled",
+    "plugins.deepspeed_zero",
+    "plugins.data_parallel",
+    "plugins.presets",
+    "tasks.generation",
+    "tasks.translation",
+    "tasks.classification",
+    "tasks.summarization",
+    "tasks.dialogue",
+)
+
+ENTRY_POINT_GROUP = "ftbench"
+
+
+def _names_from_env(var: str) -> set[str] | None:
+    raw = os.environ.get(var)
+    if raw is None:
+        return None
+    return {n.strip() for n in raw.split(",") if n.strip()}
+
+
+def get_plugin_manager(extra: tuple = ()) -> pluggy.PluginManager:
+    """A fresh, fully loaded plugin manager.
+
+    Nothing is cached at module level, so tests can build as many as they
+    like.  ``extra`` registers additional plugin objects (handy in tests)::
+
+        pm = get_plugin_manager()
+        pm.hook.register_tasks(register=print)
+    """
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    blocked = _names_from_env("FTBENCH_BLOCK_PLUGINS") or set()
+    only = _names_from_env("FTBENCH_LOAD_PLUGINS")
+
+    def wanted(name: str) -> bool:
+        return name not in blocked and (only is None or name in only)
+
+    for module_path in DEFAULT_PLUGINS:
+        name = module_path.rsplit(".", 1)[-1]
+        if wanted(name):
+            pm.register(importlib.import_module(module_path), name=name)
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if not wanted(ep.name) or pm.get_plugin(ep.name) is not None:
+            continue
+        pm.register(ep.load(), name=ep.name)
+    for obj in extra:
+        pm.register(obj)
+    # A misspelled hook (e.g. ``register_task``) fails here, loudly.
+    pm.check_pending()
+    return pm

@@ -1,0 +1,105 @@
+"""What the plugins registered: tasks, backends and model presets by name."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Any
+
+import pluggy
+
+from .api import BackendSpec, FtbenchError, ModelPreset, Task, Unavailable
+from .plugins import get_plugin_manager
+
+
+class DuplicateName(FtbenchError):
+    """Two plugins registered the same name."""
+
+
+@dataclass
+class Entry:
+    """A registered thing and the plugin that gave it."""
+
+    name: str
+    obj: Any
+    plugin: str
+
+
+@dataclass
+class Registry:
+    """Tasks, backends and model presets, each by name.
+
+    Example::
+
+        reg = Registry.load()
+        reg.task("generation").metric   # 'perplexity'
+    """
+
+    tasks: dict[str, Entry] = field(default_factory=dict)
+    backends: dict[str, Entry] = field(default_factory=dict)
+    models: dict[str, Entry] = field(default_factory=dict)
+    pm: pluggy.PluginManager | None = None
+
+    @classmethod
+    def load(cls, pm: pluggy.PluginManager | None = None) -> "Registry":
+        pm = pm or get_plugin_manager()
+        reg = cls(pm=pm)
+        for hook_name, table, kind in (
+            ("register_tasks", reg.tasks, Task),
+            ("register_backends", reg.backends, BackendSpec),
+            ("register_models", reg.models, ModelPreset),
+        ):
+            hook = getattr(pm.hook, hook_name)
+            # Call each implementation separately so we know who registered what.
+            for impl in hook.get_hookimpls():
+                plugin = pm.get_name(impl.plugin) or repr(impl.plugin)
+                impl.function(register=_registrar(table, kind, plugin))
+        return reg
+
+    # ------------------------------------------------------------ lookups
+
+    def task(self, name: str) -> Task:
+        return _lookup(self.tasks, name, "task", "--task").obj
+
+    def backend(self, name: str) -> BackendSpec:
+        return _lookup(self.backends, name, "backend", "--backend").obj
+
+    def model(self, name: str) -> ModelPreset:
+        return _lookup(self.models, name, "model preset", "--model").obj
+
+    def backend_availability(self, name: str, options: dict | None = None) -> str | None:
+        """None if the backend can run here, else why not (with the install hint)."""
+        spec = self.backend(name)
+        try:
+            spec.engine.check_available({**spec.defaults, **(options or {})})
+        except Unavailable as e:
+            return str(e)
+        return None
+
+
+def _registrar(table: dict, kind: type, plugin: str):
+    def register(obj):
+        if not isinstance(obj, kind):
+            raise TypeError(f"plugin {plugin!r} registered {obj!r}, expected a {kind.__name__}")
+        name = obj.name
+        if not name:
+            raise FtbenchError(f"plugin {plugin!r} registered a {kind.__name__} without a name")
+        if name in table:
+            raise DuplicateName(
+                f"{kind.__name__} name {name!r} is registered twice: by plugin {table[name].plugin!r} "
+                f"and by plugin {plugin!r}. Uninstall or block one of them "
+                f"(FTBENCH_BLOCK_PLUGINS={plugin})."
+            )
+        table[name] = Entry(name, obj, plugin)
+
+    return register
+
+
+def _lookup(table: dict[str, Entry], name: str, what: str, flag: str) -> Entry:
+    if name in table:
+        return table[name]
+    close = difflib.get_close_matches(name, list(table), n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    available = ", ".join(sorted(table)) or "(none: are the plugins blocked?)"
+    raise FtbenchError(f"unknown {what} {name!r}.{hint} Available: {available}. "
+                       f"Run 'ftbench list' to see them, then pass one to {flag}.")

@@ -1,0 +1,82 @@
+"""What ``ftbench run`` shows while it works: a line per cell, a live timer, a summary table."""
+
+from __future__ import annotations
+
+import time
+
+from .format import fmt_bytes, fmt_num
+
+
+class RunView:
+    """Progress events from :func:`harness.driver.run_cells`, rendered with rich."""
+
+    def __init__(self, console, total: int, out: str):
+        self.con = console
+        self.total = total
+        self.out = out
+        self.status = None
+        self.t0 = time.perf_counter()
+        self.con.print(f"ftbench: {total} cell(s) -> {out}/results.jsonl")
+
+    def event(self, kind, i, total, spec, record):
+        label = f"[{i}/{total}] {spec.task} × {spec.backend} × {spec.model}" + (
+            f" (nproc {spec.nproc})" if spec.nproc > 1 else "") + (f" repeat {spec.repeat}" if spec.repeat else "")
+        if kind == "skip":
+            self.con.print(f"{label}: already in the result set, skipped (use --force to rerun)")
+        elif kind == "start":
+            self.status = self.con.status(f"{label}: running…")
+            self.status.start()
+        else:
+            if self.status:
+                self.status.stop()
+            self.con.print(f"{label}: {self._one_line(record)}")
+
+    @staticmethod
+    def _one_line(r: dict) -> str:
+        colour = {"ok": "green", "skipped": "yellow"}.get(r["status"], "red")
+        s = f"[{colour}]{r['status']}[/] in {r['wall_s']:.1f} s"
+        if r["status"] == "ok":
+            s += (f", {fmt_num(r['tokens_per_s'])} tok/s, step {fmt_num(r['step_time_s'] * 1e3)} ms, "
+                  f"mem {fmt_bytes(r['peak_memory_bytes'])}, {r['metric']} {fmt_num(r['metric_value'])}")
+        elif r.get("error"):
+            s += f": {r['error']}"
+        return s
+
+    def interrupted(self, out):
+        if self.status:
+            self.status.stop()
+        self.con.print(f"[yellow]interrupted[/]: finished cells are kept in {out}/results.jsonl; the running cell "
+                       f"was stopped and not recorded. Resume with the same command and --out {out}.")
+
+    def finish(self, summary):
+        from rich.table import Table
+
+        recs = summary.records
+        t = Table(title=f"ftbench run: {len(recs)} cell(s) in {time.perf_counter() - self.t0:.0f} s")
+        for col in ("task", "backend", "model", "status", "tokens/s", "step ms (median ± IQR)", "peak mem",
+                    "setup s", "compile s", "metric", "parity"):
+            t.add_column(col)
+        for r in recs:
+            st = r.get("step_time") or {}
+            step = (f"{fmt_num(st['median'] * 1e3)} ± {fmt_num(st['iqr'] * 1e3)}"
+                    if st.get("median") is not None else "-")
+            metric = f"{r['metric']} {fmt_num(r['metric_value'])}" if r.get("metric_value") is not None else "-"
+            t.add_row(r["task"], r["backend"] + (f" ×{r['nproc']}" if r.get("nproc", 1) > 1 else ""), r["model"],
+                      r["status"], fmt_num(r.get("tokens_per_s")), step, fmt_bytes(r.get("peak_memory_bytes")),
+                      fmt_num(r.get("setup_s")), fmt_num(r.get("compile_s")), metric, _parity(r))
+        self.con.print(t)
+        if summary.skipped_done:
+            self.con.print(f"{summary.skipped_done} cell(s) were already in the result set and were skipped.")
+        self.con.print(f"records: {self.out}/results.jsonl — report with: ftbench report {self.out}")
+
+
+def _parity(r: dict) -> str:
+    p = r.get("parity")
+    if not p:
+        return "-"
+    if p.get("status") == "reference":
+        return "reference"
+    if p.get("max_rel_dev") is None:
+        return p.get("reason", "-")
+    mark = "✓" if p.get("passed") else "✗"
+    return f"{mark} {p['max_rel_dev']:.1e}"

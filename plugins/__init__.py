@@ -1,0 +1,1 @@
+"""Built-in backend plugins and model presets, registered like any third-party plugin."""

@@ -1,0 +1,1 @@
+"""Placeholder: the compile backend arrives with issue 4."""

@@ -1,0 +1,68 @@
+"""Tiny, randomly initialised model presets of every kind, for offline runs.
+
+Dropout is off in every preset: it draws different random numbers under
+``torch.compile`` and across ranks, which would hide real loss differences
+between backends.
+"""
+
+from __future__ import annotations
+
+from harness import hookimpl
+from harness.api import DECODER, ENCODER, ENCODER_DECODER, ModelPreset
+
+
+def _specials(tok) -> dict:
+    return {"pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
+
+
+def _vocab(tok) -> int:
+    return len(tok)
+
+
+def build_gpt2(tokenizer, head="lm", num_labels=None, n_layer=2, n_embd=64, n_head=2, n_positions=512):
+    from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
+
+    cfg = GPT2Config(vocab_size=_vocab(tokenizer), n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
+                     n_head=n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, summary_first_dropout=0.0,
+                     num_labels=num_labels or 2, **_specials(tokenizer))
+    return GPT2ForSequenceClassification(cfg) if head == "classification" else GPT2LMHeadModel(cfg)
+
+
+def build_llama(tokenizer, head="lm", num_labels=None):
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    cfg = LlamaConfig(vocab_size=_vocab(tokenizer), hidden_size=64, intermediate_size=172, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      attention_dropout=0.0, tie_word_embeddings=True, num_labels=num_labels or 2,
+                      **_specials(tokenizer))
+    return LlamaForSequenceClassification(cfg) if head == "classification" else LlamaForCausalLM(cfg)
+
+
+def build_t5(tokenizer, head="lm", num_labels=None):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    cfg = T5Config(vocab_size=_vocab(tokenizer), d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,
+                   num_heads=4, dropout_rate=0.0, decoder_start_token_id=tokenizer.pad_token_id,
+                   feed_forward_proj="relu", tie_word_embeddings=True, **_specials(tokenizer))
+    return T5ForConditionalGeneration(cfg)
+
+
+def build_bert(tokenizer, head="classification", num_labels=None):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    cfg = BertConfig(vocab_size=_vocab(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=128, max_position_embeddings=512, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0, num_labels=num_labels or 2, pad_token_id=tokenizer.pad_token_id)
+    return BertForSequenceClassification(cfg)
+
+
+@hookimpl
+def register_models(register):
+    register(ModelPreset("tiny-gpt2", DECODER, build_gpt2, default=True,
+                         description="GPT-2, 2 layers x 64 wide, 2 heads; random init; offline BPE tokenizer"))
+    register(ModelPreset("tiny-llama", DECODER, build_llama,
+                         description="Llama, 2 layers x 64 wide, GQA 4/2 heads; random init; offline BPE tokenizer"))
+    register(ModelPreset("tiny-t5", ENCODER_DECODER, build_t5, default=True,
+                         description="T5, 2+2 layers x 64 wide, 4 heads; random init; offline BPE tokenizer"))
+    register(ModelPreset("tiny-bert", ENCODER, build_bert, default=True,
+                         description="BERT, 2 layers x 64 wide, 2 heads; random init; offline BPE tokenizer"))

@@ -1,0 +1,1 @@
+"""Placeholder: the classification task arrives with issue 3."""

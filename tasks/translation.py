@@ -1,0 +1,1 @@
+"""Placeholder: the translation task arrives with issue 3."""
