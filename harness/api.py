@@ -79,11 +79,13 @@ class EvalContext:
     the raw held-out examples (at most ``max_examples``); ``eval_loss`` the
     runner's loss on the encoded held-out split; ``generate(prompts)`` is a
     ready greedy decoder returning one string per prompt, for tasks that
-    judge generated text.
+    judge generated text; ``classify(examples)`` returns the class
+    probabilities of each example, for tasks with a classification head.
 
     Example inside a task::
 
         preds = ctx.generate([ex["prompt"] for ex in ctx.examples])
+        probs = ctx.classify(ctx.examples)     # [[p0, p1, ...], ...]
     """
 
     model: Any
@@ -95,6 +97,7 @@ class EvalContext:
     options: dict
     generate: Callable[[list[str]], list[str]]
     max_new_tokens: int = 32
+    classify: Callable[[list[dict]], list[list[float]]] | None = None
 
 
 class Task:

@@ -271,6 +271,17 @@ def greedy_generate(model, tokenizer, kind: str, prompts: list[str], device, seq
     return out
 
 
+@torch.no_grad()
+def class_probabilities(model, batches: list[dict], device) -> list[list[float]]:
+    """Softmax over the classification head, one row per example, in order."""
+    model.eval()
+    out: list[list[float]] = []
+    for b in batches:
+        logits = model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device)).logits
+        out.extend(torch.softmax(logits.float(), dim=-1).cpu().tolist())
+    return out
+
+
 # ---------------------------------------------------------------- tuning
 
 

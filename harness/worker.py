@@ -77,9 +77,9 @@ def run_cell(spec_dict: dict, result_dir: Path) -> dict:
     from .data import load_splits
     from .engine import EngineContext
     from .measure import memory_snapshot, now, step_stats, synchronize, throughput
-    from .modeling import (apply_tuning, build_model, choose_kind, collate, count_params, decoder_start_id,
-                           encode_example, greedy_generate, load_tokenizer, make_loss_fn, max_positions,
-                           param_bytes, resolve_model)
+    from .modeling import (apply_tuning, build_model, choose_kind, class_probabilities, collate, count_params,
+                           decoder_start_id, encode_example, greedy_generate, load_tokenizer, make_loss_fn,
+                           max_positions, param_bytes, resolve_model)
     from .registry import Registry
 
     t_imports = now()
@@ -233,9 +233,16 @@ def run_cell(spec_dict: dict, result_dir: Path) -> dict:
             return greedy_generate(eval_model, tokenizer, kind, prompts, device, recipe.seq_len,
                                    options.get("max_new_tokens", 32))
 
+    def classify(rows: list[dict]) -> list[list[float]]:
+        encoded = [encode_example(task, ex, tokenizer, kind, recipe.seq_len, options) for ex in rows]
+        with autocast_for(recipe, device):
+            return class_probabilities(eval_model, [make_batch(list(range(i, min(i + 16, len(encoded)))), encoded)
+                                                    for i in range(0, len(encoded), 16)], device)
+
     ectx = EvalContext(model=eval_model, tokenizer=tokenizer, model_kind=kind, device=device, examples=val_rows,
                        eval_loss=eval_loss, options=options, generate=generate,
-                       max_new_tokens=options.get("max_new_tokens", 32))
+                       max_new_tokens=options.get("max_new_tokens", 32),
+                       classify=classify if task.head == "classification" else None)
     metrics = task.evaluate(ectx)
     metrics.setdefault("eval_loss", eval_loss)
     out.update(eval_loss=eval_loss, metrics=metrics, metric=task.metric, metric_value=metrics.get(task.metric),
