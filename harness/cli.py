@@ -184,6 +184,9 @@ def _check_cell(reg, cell):
     reg.task(tname)
     spec = reg.backend(bname)
     spec.engine.validate_options({**dict(spec.defaults), **bopts})
+    from .modeling import check_model_name
+
+    check_model_name(cell.model, reg)
 
 
 def _parse_columns(items) -> dict:

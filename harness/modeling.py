@@ -47,6 +47,16 @@ def resolve_model(name: str, registry, task: Task) -> ModelSource:
     raise AssertionError("unreachable")
 
 
+def check_model_name(name: str, registry) -> None:
+    """Fail fast (before any cell runs) on a model that cannot be found."""
+    if name in registry.models:
+        return
+    if os.path.isdir(name):
+        _check_model_dir(name)
+    elif "/" not in name or name.startswith((".", "/")):
+        registry.model(name)  # raises "unknown model preset ... did you mean"
+
+
 def _check_model_dir(path: str) -> None:
     p = Path(path)
     if not (p / "config.json").exists():

@@ -74,7 +74,7 @@ def get_plugin_manager(extra: tuple = ()) -> pluggy.PluginManager:
             continue
         pm.register(ep.load(), name=ep.name)
     for obj in extra:
-        pm.register(obj)
+        pm.register(obj, name=getattr(obj, "__name__", None) or type(obj).__name__)
     # A misspelled hook (e.g. ``register_task``) fails here, loudly.
     pm.check_pending()
     return pm

@@ -1,0 +1,40 @@
+"""Shared test helpers: run the real CLI in a subprocess and read its records."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: Small, fast recipe for end-to-end cells on a 2-core CPU.
+TINY = ["--steps", "12", "--warmup", "2", "--batch-size", "4", "--seq-len", "32", "--eval-examples", "16"]
+
+
+def ftbench(*args, env: dict | None = None, timeout: float = 600, check: bool = False, cwd=None):
+    """Run ``ftbench ARGS`` as a user would; returns the CompletedProcess."""
+    full_env = dict(os.environ)
+    full_env.setdefault("FTBENCH_CACHE", str(ROOT / ".pytest-ftbench-cache"))
+    if env:
+        full_env.update(env)
+    proc = subprocess.run([sys.executable, "-m", "harness.cli", *map(str, args)], capture_output=True, text=True,
+                          env=full_env, timeout=timeout, cwd=cwd or ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"ftbench {' '.join(map(str, args))} exited {proc.returncode}\n"
+                             f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+def records(out_dir) -> list[dict]:
+    path = Path(out_dir) / "results.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture
+def run_cli():
+    return ftbench

@@ -1,0 +1,104 @@
+"""Plugin discovery, duplicate names, blocking and loading switches."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pluggy
+import pytest
+
+from harness import hookimpl
+from harness.api import BackendSpec, FtbenchError
+from harness.engine import StandardEngine
+from harness.plugins import DEFAULT_PLUGINS, get_plugin_manager
+from harness.registry import DuplicateName, Registry
+
+from conftest import ROOT, TINY, ftbench, records
+
+EXAMPLE = ROOT / "examples" / "ftbench-hello"
+
+
+@pytest.fixture(scope="module")
+def installed_example(tmp_path_factory) -> Path:
+    """The README's example plugin, pip-installed (offline) into a private target dir."""
+    target = tmp_path_factory.mktemp("site")
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--no-index", "--target", str(target), str(EXAMPLE)], check=True)
+    return target
+
+
+def test_third_party_plugin_is_listed_and_runs(installed_example, tmp_path):
+    env = {"PYTHONPATH": str(installed_example)}
+    listing = json.loads(ftbench("list", "--json", env=env, check=True).stdout)
+    tasks = {t["name"]: t for t in listing["tasks"]}
+    backends = {b["name"]: b for b in listing["backends"]}
+    assert tasks["echo"]["plugin"] == "hello"
+    assert backends["threads"]["plugin"] == "hello" and backends["threads"]["available"]
+
+    out = tmp_path / "out"
+    ftbench("run", "--task", "echo", "--backend", "threads:threads=1", "--out", out, *TINY, env=env, check=True)
+    (rec,) = records(out)
+    assert rec["status"] == "ok", rec["error"]
+    assert rec["task"] == "echo" and rec["backend"] == "threads:threads=1"
+    assert rec["tokens_per_s"] > 0
+
+
+class _Dup:
+    @hookimpl
+    def register_backends(self, register):
+        register(BackendSpec("eager", engine=StandardEngine))
+
+
+def test_duplicate_name_names_both_plugins():
+    with pytest.raises(DuplicateName) as exc:
+        Registry.load(get_plugin_manager(extra=(_Dup(),)))
+    msg = str(exc.value)
+    assert "'eager'" in msg and "'eager'" in msg.split("by plugin", 1)[1]
+    assert "_Dup" in msg
+
+
+def test_block_and_load_only(monkeypatch):
+    monkeypatch.setenv("FTBENCH_BLOCK_PLUGINS", "eager")
+    reg = Registry.load()
+    assert "eager" not in reg.backends and "generation" in reg.tasks
+    with pytest.raises(FtbenchError, match="unknown backend 'eager'"):
+        reg.backend("eager")
+
+    monkeypatch.delenv("FTBENCH_BLOCK_PLUGINS")
+    monkeypatch.setenv("FTBENCH_LOAD_PLUGINS", "eager,generation")
+    reg = Registry.load()
+    assert set(reg.backends) == {"eager"} and set(reg.tasks) == {"generation"} and not reg.models
+
+
+def test_block_switch_reaches_the_cli(tmp_path):
+    proc = ftbench("list", "--json", env={"FTBENCH_BLOCK_PLUGINS": "eager"})
+    assert proc.returncode == 0
+    assert "eager" not in {b["name"] for b in json.loads(proc.stdout)["backends"]}
+
+
+class _Misspelled:
+    @hookimpl
+    def register_task(self, register):  # not a hook: must fail loudly
+        pass
+
+
+def test_misspelled_hook_fails_loudly():
+    with pytest.raises(pluggy.PluginValidationError, match="register_task"):
+        get_plugin_manager(extra=(_Misspelled(),))
+
+
+def test_builtins_are_ordinary_plugins():
+    pm = get_plugin_manager()
+    names = {pm.get_name(p) for p in pm.get_plugins()}
+    assert {m.rsplit(".", 1)[-1] for m in DEFAULT_PLUGINS} <= names
+
+
+def test_every_hook_is_documented_with_an_example():
+    from harness import hookspecs
+
+    for name in ("register_tasks", "register_backends", "register_models", "collect_environment"):
+        doc = getattr(hookspecs, name).__doc__ or ""
+        assert "Example" in doc or "::" in doc, name
