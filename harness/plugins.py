@@ -9,7 +9,12 @@ Two environment switches, in the spirit of pytest's ``-p no:NAME`` and llm's
 
 * ``FTBENCH_BLOCK_PLUGINS=deepspeed,compile`` skips those plugins;
 * ``FTBENCH_LOAD_PLUGINS=eager,generation`` loads only the listed plugins
-  (an empty value loads none).
+  (an empty value loads none);
+* ``FTBENCH_PLUGINS_EXTRA=mypkg.myplugin,other`` also registers the listed
+  modules by import path, like pytest's ``-p mypkg.myplugin``: a plugin you
+  are developing (or a test's fault-injecting plugin) works without being
+  installed.  The variable is inherited by every cell process, so a plugin
+  loaded this way is seen by the driver and by the cells alike.
 
 A plugin's name is its entry-point name, or for built-ins the last part of
 the module path (``plugins.eager`` -> ``eager``).
@@ -24,6 +29,7 @@ from importlib.metadata import entry_points
 import pluggy
 
 from . import hookspecs
+from .api import FtbenchError
 
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "plugins.eager",
@@ -73,6 +79,17 @@ def get_plugin_manager(extra: tuple = ()) -> pluggy.PluginManager:
         if not wanted(ep.name) or pm.get_plugin(ep.name) is not None:
             continue
         pm.register(ep.load(), name=ep.name)
+    # Named explicitly, so FTBENCH_LOAD_PLUGINS does not filter them; blocking still does.
+    for module_path in sorted(_names_from_env("FTBENCH_PLUGINS_EXTRA") or ()):
+        name = module_path.rsplit(".", 1)[-1]
+        if name in blocked or pm.get_plugin(name) is not None:
+            continue
+        try:
+            module = importlib.import_module(module_path)
+        except ImportError as e:
+            raise FtbenchError(f"FTBENCH_PLUGINS_EXTRA names {module_path!r}, which cannot be imported ({e}); "
+                               "fix the module path or add its folder to PYTHONPATH") from None
+        pm.register(module, name=name)
     for obj in extra:
         pm.register(obj, name=getattr(obj, "__name__", None) or type(obj).__name__)
     # A misspelled hook (e.g. ``register_task``) fails here, loudly.
