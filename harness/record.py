@@ -53,6 +53,9 @@ def build_record(spec: CellSpec, outcome: CellOutcome, environment: dict, starte
         "memory_kind": MEMORY_KINDS["cuda" if on_cuda else "cpu"],
         "memory_per_rank": per_rank,
         "memory_tree_peak_bytes": outcome.tree_peak_bytes or None,
+        "flops_per_s": _sum_or_none(r.get("flops_per_s") for r in ranks),
+        "peak_flops": _sum_or_none(r.get("peak_flops") for r in ranks),
+        "peak_flops_source": main.get("peak_flops_source"),
         "setup_s": main.get("setup_s"),
         "setup_phases": main.get("setup_phases"),
         "compile_s": main.get("compile_s"),
@@ -73,9 +76,21 @@ def build_record(spec: CellSpec, outcome: CellOutcome, environment: dict, starte
         "config": spec.to_dict(),
         "environment": env,
     }
+    if record["flops_per_s"] and record["peak_flops"] and len(ranks) == spec.nproc:
+        record["mfu"] = record["flops_per_s"] / record["peak_flops"]
+    else:
+        record["mfu"] = None
     if outcome.status not in ("ok", "diverged", "skipped"):
         record["stderr_tail"] = outcome.stderr_tail[-2000:]
         tb = next((r.get("traceback") for r in ranks if r.get("traceback")), None)
         if tb:
             record["traceback"] = tb
     return record
+
+
+def _sum_or_none(values) -> float | None:
+    """Sum over ranks, or None unless every rank reported a figure."""
+    values = list(values)
+    if not values or any(v is None for v in values):
+        return None
+    return float(sum(values))

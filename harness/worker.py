@@ -110,6 +110,7 @@ def run_cell(spec_dict: dict, result_dir: Path) -> dict:
                            f"{recipe.grad_accum}; pick a batch size that is")
 
     device = _pick_device(spec.device, local_rank)
+    out["device"] = _describe(device)
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     if recipe.precision != "fp32" and device.type != "cuda":
@@ -168,6 +169,14 @@ def run_cell(spec_dict: dict, result_dir: Path) -> dict:
         steps_data.append((micro, global_counts))
     phases["encode_s"] = now() - t
 
+    from .mfu import flop_model
+
+    flops_of = flop_model(model, kind)
+    # FLOPs of this rank's micro-batches per step, from shapes known on the host.
+    step_flops = [sum(flops_of((mb["input_ids"].shape[0], mb["input_ids"].shape[1],
+                                mb["labels"].shape[1] if "decoder_input_ids" in mb else 0)) for mb in micro)
+                  for micro, _ in steps_data]
+
     t = now()
     ctx = EngineContext(recipe=recipe, device=device, loss_fn=make_loss_fn(kind, task.head), rank=rank,
                         world_size=world, local_rank=local_rank)
@@ -216,6 +225,10 @@ def run_cell(spec_dict: dict, result_dir: Path) -> dict:
         compile_s=(sum(times[:warm]) - warm * stats["median"]) if engine.compiles and warm else None,
     )
     out["memory"] = memory_snapshot(device)
+    from .mfu import device_peak
+
+    out["flops_per_s"] = sum(step_flops[warm:]) / sum(measured) if measured else None
+    out["peak_flops"], out["peak_flops_source"] = device_peak(device, recipe.precision)
 
     # ------------------------------------------------------------ evaluation
     t = now()
@@ -250,6 +263,21 @@ def run_cell(spec_dict: dict, result_dir: Path) -> dict:
                backend_stats=engine.stats(), status="ok", error=None)
     out["memory_after_eval"] = memory_snapshot(device)
     return out
+
+
+def _describe(device) -> dict:
+    import torch
+
+    from .environment import cpu_model
+
+    info = {"type": device.type, "torch_threads": torch.get_num_threads(), "cpu": cpu_model()}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(name=props.name, total_memory_bytes=props.total_memory, capability=f"{props.major}.{props.minor}",
+                    cuda=torch.version.cuda, count=torch.cuda.device_count())
+    else:
+        info["name"] = info["cpu"]
+    return info
 
 
 def _sum_counts(micro: list[dict]) -> dict:
