@@ -143,7 +143,8 @@ def run_cell(spec_dict: dict, result_dir: Path) -> dict:
         if hasattr(model.config, "use_cache"):
             model.config.use_cache = False
     trainable, total = count_params(model)
-    out.update(trainable_params=trainable, total_params=total, param_bytes=param_bytes(model), model_kind=kind)
+    out.update(trainable_params=trainable, total_params=total, param_bytes=param_bytes(model), model_kind=kind,
+               vocab_size=len(tokenizer))
     phases["model_s"] = now() - t
 
     t = now()
