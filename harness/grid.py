@@ -1,8 +1,11 @@
 """A grid: axes whose product (minus exclusions) is the list of cells.
 
-Axes are ``task``, ``backend``, ``model`` and ``data`` (lists); every other
-setting is shared by all cells (recipe settings such as ``steps`` or
-``lr``, and cell settings such as ``nproc`` or ``time_limit_s``).
+Axes are ``task``, ``backend``, ``model`` and ``data`` (lists), plus any
+*swept* setting (``sweep={"lr": [1e-3, 3e-3]}``); every other setting is
+shared by all cells (recipe settings such as ``steps`` or ``lr``, and cell
+settings such as ``nproc`` or ``time_limit_s``).  ``per_cell`` rules give
+matching cells their own cell settings (e.g. a longer time limit for
+compiled backends) without changing what they compute.
 
 ``nproc`` applies to backends that run data-parallel; the others run in one
 process, so ``--backend eager --backend ddp --nproc 2`` gives eager on 1
@@ -20,6 +23,10 @@ from .config import RECIPE_FIELDS, CellSpec, Recipe, parse_spec
 
 AXES = ("task", "backend", "model", "data")
 CELL_SETTINGS = ("nproc", "time_limit_s", "memory_limit_mb", "eval_examples", "device", "columns", "launcher")
+#: Settings a grid may sweep as extra axes: the recipe, and the rank count.
+SWEEPABLE = tuple(RECIPE_FIELDS) + ("nproc", "eval_examples")
+#: Settings a ``per_cell`` rule may set: how a cell runs, never what it computes.
+PER_CELL_SETTINGS = ("time_limit_s", "memory_limit_mb", "eval_examples", "device", "launcher")
 AUTO_MODEL = "auto"
 
 
@@ -37,26 +44,49 @@ class Grid:
     settings: dict[str, Any] = field(default_factory=dict)
     exclude: list[dict] = field(default_factory=list)
     repeat: int = 1
+    sweep: dict[str, list] = field(default_factory=dict)
+    per_cell: list[dict] = field(default_factory=list)
+    source: str | None = None
 
     def cells(self, registry) -> list[CellSpec]:
+        """Every cell of the grid, repeats included, in axis order.
+
+        Example: ``Grid(axes={"task": ["generation"], "backend": ["eager"]},
+        sweep={"lr": [1e-3, 3e-3]}, repeat=2).cells(reg)`` gives 4 cells.
+        """
+        where = f"{self.source}: " if self.source else ""
+        base_settings = {k: v for k, v in self.settings.items() if k not in self.sweep}
+        sweep_keys = list(self.sweep)
+        cells = []
+        for values in itertools.product(*(self.sweep[k] for k in sweep_keys)):
+            point = dict(zip(sweep_keys, values))
+            try:
+                cells += self._cells_at({**base_settings, **point}, point, registry)
+            except FtbenchError as e:
+                if not where or str(e).startswith(where):
+                    raise
+                raise FtbenchError(f"{where}{e}") from None
+        return cells
+
+    def _cells_at(self, settings: dict, point: dict, registry) -> list[CellSpec]:
         axes = {a: list(self.axes.get(a) or []) for a in AXES}
         axes["model"] = axes["model"] or [AUTO_MODEL]
         axes["data"] = axes["data"] or ["builtin"]
         for a in ("task", "backend"):
             if not axes[a]:
                 raise FtbenchError(f"the grid's {a} axis is empty; list at least one {a} (ftbench list)")
-        unknown = set(self.settings) - set(RECIPE_FIELDS) - set(CELL_SETTINGS)
+        unknown = set(settings) - set(RECIPE_FIELDS) - set(CELL_SETTINGS)
         if unknown:
             raise FtbenchError(f"unknown setting(s) {sorted(unknown)}; allowed: "
                                f"{', '.join(sorted(set(RECIPE_FIELDS) | set(CELL_SETTINGS)))}")
-        recipe_kw = {k: v for k, v in self.settings.items() if k in RECIPE_FIELDS}
+        recipe_kw = {k: v for k, v in settings.items() if k in RECIPE_FIELDS}
         if "betas" in recipe_kw:
             recipe_kw["betas"] = tuple(recipe_kw["betas"])
         try:
             recipe = Recipe(**recipe_kw).validate()
         except TypeError as e:
             raise FtbenchError(f"invalid recipe setting: {e}") from None
-        cell_kw = {k: v for k, v in self.settings.items() if k in CELL_SETTINGS}
+        cell_kw = {k: v for k, v in settings.items() if k in CELL_SETTINGS}
         nproc = int(cell_kw.pop("nproc", 1) or 1)
         if nproc < 1:
             raise FtbenchError(f"invalid nproc={nproc}: must be >= 1")
@@ -70,13 +100,23 @@ class Grid:
             bspec = registry.backend(bname)
             if model == AUTO_MODEL:
                 model = default_model(registry, task_obj)
-            cell = {"task": task, "backend": backend, "model": model, "data": data}
+            cell = {"task": task, "backend": backend, "model": model, "data": data, **point}
             if any(_matches(cell, ex) for ex in self.exclude):
                 continue
+            own = dict(cell_kw)
+            for rule in self.per_cell:
+                if _matches(cell, rule.get("match") or {}):
+                    own.update({k: v for k, v in rule.items() if k != "match"})
             for r in range(self.repeat):
                 cells.append(CellSpec(task=task, backend=backend, model=model, data=data, recipe=recipe,
-                                      nproc=nproc if bspec.data_parallel else 1, repeat=r, **cell_kw))
-        return cells
+                                      nproc=nproc if bspec.data_parallel else 1, repeat=r, **own))
+        # Sweeping nproc over a single-process backend would repeat the same cell.
+        seen, unique = set(), []
+        for c in cells:
+            if (c.cell_id, c.repeat) not in seen:
+                seen.add((c.cell_id, c.repeat))
+                unique.append(c)
+        return unique
 
 
 def default_model(registry, task) -> str:
@@ -99,7 +139,7 @@ def _matches(cell: dict, exclusion: dict) -> bool:
     for key, want in exclusion.items():
         have = cell.get(key)
         wants = want if isinstance(want, list) else [want]
-        if have not in wants and parse_spec(str(have), key)[0] not in wants:
+        if have not in wants and (key not in ("task", "backend") or parse_spec(str(have), key)[0] not in wants):
             return False
     return True
 

@@ -5,26 +5,37 @@ A grid file::
     task: [generation, classification]
     backend: [eager, "compile:mode=default"]
     model: [auto]
+    sweep: {lr: [1.0e-3, 3.0e-3]}       # any recipe setting (or nproc) as an extra axis
     settings: {steps: 50, batch_size: 8}
+    time_limit: 15m                     # per cell; also settings.time_limit_s
     exclude:
       - {task: classification, backend: compile}
+    per_cell:                           # cell settings for matching cells only
+      - {match: {backend: compile}, time_limit: 30m}
     repeat: 1
 
 Command-line axes replace the file's axes; command-line settings override
-the file's settings.
+the file's settings, its sweeps and its ``per_cell`` rules for that key.
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
+import re
+import typing
 from importlib import resources
 from pathlib import Path
 
 from .api import FtbenchError
-from .grid import AXES, Grid
+from .config import RECIPE_FIELDS, Recipe
+from .grid import AXES, CELL_SETTINGS, PER_CELL_SETTINGS, SWEEPABLE, Grid
 
 DEFAULT_GRID = "default_grid.yaml"
-TOP_KEYS = set(AXES) | {"settings", "exclude", "repeat"}
+TOP_KEYS = set(AXES) | {"settings", "exclude", "repeat", "sweep", "time_limit", "per_cell"}
+SETTING_KEYS = set(RECIPE_FIELDS) | set(CELL_SETTINGS)
+_RECIPE_TYPES = typing.get_type_hints(Recipe)
+_CELL_TYPES = {"nproc": int, "time_limit_s": float, "memory_limit_mb": float, "eval_examples": int, "device": str}
 
 
 def load_grid_text(text: str, name: str) -> dict:
@@ -49,10 +60,63 @@ def load_grid_text(text: str, name: str) -> dict:
     return data
 
 
+def _unknown(name: str, where: str, keys, allowed) -> None:
+    """Raise naming the first unknown key, the closest allowed one and all allowed ones."""
+    bad = sorted(set(keys) - set(allowed), key=str)
+    if not bad:
+        return
+    close = difflib.get_close_matches(str(bad[0]), [str(a) for a in allowed], n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    if where == "" and str(bad[0]) in SETTING_KEYS:
+        hint = f" (a setting: put it under 'settings:', or under 'sweep:' to vary it)"
+    place = f" in {where}" if where else ""
+    raise FtbenchError(f"grid file {name}: unknown key {bad[0]!r}{place}{hint}; allowed: "
+                       f"{', '.join(sorted(map(str, allowed)))}")
+
+
+def parse_duration(value, what: str) -> float:
+    """Seconds from ``90``, ``"90s"``, ``"15m"``, ``"1.5h"``.
+
+    Example: ``parse_duration("15m", "time_limit") == 900.0``.
+    """
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        return float(value)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([smh]?)\s*", str(value)) if isinstance(value, str) else None
+    if not m or float(m.group(1)) <= 0:
+        raise FtbenchError(f"{what}: invalid duration {value!r}; write seconds (900) or 90s, 15m, 1.5h")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+
+
+def coerce_setting(key: str, value, where: str):
+    """Check one setting's type (YAML reads ``1e-3`` as a string; accept it as a number)."""
+    if key in ("time_limit_s",) and isinstance(value, str):
+        return parse_duration(value, f"{where}{key}")
+    want = _RECIPE_TYPES.get(key) or _CELL_TYPES.get(key)
+    if want is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise FtbenchError(f"{where}{key} must be an integer, got {value!r}")
+    elif want is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise FtbenchError(f"{where}{key} must be a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise FtbenchError(f"{where}{key} must be a number, got {value!r}")
+        value = float(value)
+    elif want is str and not isinstance(value, str):
+        raise FtbenchError(f"{where}{key} must be a string, got {value!r}")
+    elif want is bool and not isinstance(value, bool):
+        raise FtbenchError(f"{where}{key} must be true or false, got {value!r}")
+    return value
+
+
 def grid_from_dict(data: dict, name: str) -> Grid:
-    unknown = set(data) - TOP_KEYS
-    if unknown:
-        raise FtbenchError(f"grid file {name}: unknown key(s) {sorted(unknown)}; allowed: {sorted(TOP_KEYS)}")
+    """Validate a parsed grid file; every error names the file, the key and what is allowed.
+
+    Example: ``grid_from_dict({"task": ["generation"], "backend": ["eager"]}, "g.yaml")``.
+    """
+    _unknown(name, "", data, TOP_KEYS)
     axes = {}
     for a in AXES:
         v = data.get(a)
@@ -68,13 +132,58 @@ def grid_from_dict(data: dict, name: str) -> Grid:
     settings = data.get("settings") or {}
     if not isinstance(settings, dict):
         raise FtbenchError(f"grid file {name}: settings must be a mapping, got {settings!r}")
+    _unknown(name, "settings", settings, SETTING_KEYS)
+    settings = {k: coerce_setting(k, v, f"grid file {name}: settings.") for k, v in settings.items()}
+    if "time_limit" in data:
+        settings["time_limit_s"] = parse_duration(data["time_limit"], f"grid file {name}: time_limit")
+
+    sweep = data.get("sweep") or {}
+    if not isinstance(sweep, dict):
+        raise FtbenchError(f"grid file {name}: sweep must be a mapping of setting -> list of values, "
+                           f"e.g. sweep: {{lr: [1.0e-3, 3.0e-3]}}")
+    _unknown(name, "sweep", sweep, SWEEPABLE)
+    for k, values in sweep.items():
+        if not isinstance(values, list) or not values:
+            raise FtbenchError(f"grid file {name}: sweep.{k} must be a non-empty list of values, got {values!r}")
+        sweep[k] = [coerce_setting(k, v, f"grid file {name}: sweep.") for v in values]
+        if k in settings:
+            raise FtbenchError(f"grid file {name}: {k} is both in settings and in sweep; keep one")
+
+    match_keys = set(AXES) | set(sweep)
     exclude = data.get("exclude") or []
-    if not isinstance(exclude, list) or not all(isinstance(e, dict) for e in exclude):
+    if not isinstance(exclude, list) or not all(isinstance(e, dict) and e for e in exclude):
         raise FtbenchError(f"grid file {name}: exclude must be a list of mappings like {{task: X, backend: Y}}")
+    for ex in exclude:
+        _unknown(name, "exclude", ex, match_keys)
+        for k in ex:
+            if k in sweep:
+                ex[k] = [coerce_setting(k, v, f"grid file {name}: exclude.") for v in
+                         (ex[k] if isinstance(ex[k], list) else [ex[k]])]
+
+    per_cell = data.get("per_cell") or []
+    if not isinstance(per_cell, list) or not all(isinstance(r, dict) for r in per_cell):
+        raise FtbenchError(f"grid file {name}: per_cell must be a list of mappings like "
+                           f"{{match: {{backend: compile}}, time_limit: 30m}}")
+    rules = []
+    for rule in per_cell:
+        _unknown(name, "per_cell", rule, {"match", "time_limit", *PER_CELL_SETTINGS})
+        match = rule.get("match") or {}
+        if not isinstance(match, dict):
+            raise FtbenchError(f"grid file {name}: per_cell.match must be a mapping like {{backend: compile}}")
+        _unknown(name, "per_cell.match", match, match_keys)
+        out = {"match": match}
+        for k, v in rule.items():
+            if k == "time_limit":
+                out["time_limit_s"] = parse_duration(v, f"grid file {name}: per_cell.time_limit")
+            elif k != "match":
+                out[k] = coerce_setting(k, v, f"grid file {name}: per_cell.")
+        rules.append(out)
+
     repeat = data.get("repeat", 1)
-    if not isinstance(repeat, int) or repeat < 1:
+    if not isinstance(repeat, int) or isinstance(repeat, bool) or repeat < 1:
         raise FtbenchError(f"grid file {name}: repeat must be an integer >= 1, got {repeat!r}")
-    return Grid(axes=axes, settings=dict(settings), exclude=exclude, repeat=repeat)
+    return Grid(axes=axes, settings=settings, exclude=exclude, repeat=repeat, sweep=sweep, per_cell=rules,
+                source=f"grid file {name}")
 
 
 def build_grid(grid_file: str | None, cli_axes: dict, overrides: dict) -> Grid:
@@ -97,16 +206,30 @@ def build_grid(grid_file: str | None, cli_axes: dict, overrides: dict) -> Grid:
             raise FtbenchError(f"invalid --repeat {repeat}: must be >= 1")
         grid.repeat = repeat
     grid.settings.update(overrides)
+    # A command-line value is final: it replaces a sweep and any per-cell rule for that key.
+    for key in overrides:
+        grid.sweep.pop(key, None)
+        for rule in grid.per_cell:
+            rule.pop(key, None)
     return grid
 
 
 def select_shard(cells: list, shard: str) -> list:
-    """Shard ``i/N`` (1-based): a deterministic subset by hash of the cell id, so
-    shards are disjoint, cover the grid, and repeats of a cell stay together."""
+    """Shard ``i/N`` (1-based) of the cells: disjoint, covering, balanced, deterministic.
+
+    Distinct cell ids are ordered by a hash and dealt round-robin, so every
+    machine that expands the same grid agrees on the split whatever the
+    order of the axes, shard sizes differ by at most one cell, and all
+    repeats of a cell land in the same shard (resume keeps working per shard).
+
+    Example: ``select_shard(cells, "2/4")``.
+    """
     try:
         i, n = (int(x) for x in shard.split("/"))
     except ValueError:
         i = n = 0
     if not (n >= 1 and 1 <= i <= n):
         raise FtbenchError(f"invalid --shard {shard!r}: write i/N with 1 <= i <= N, e.g. --shard 1/4")
-    return [c for c in cells if int(hashlib.sha256(c.cell_id.encode()).hexdigest(), 16) % n == i - 1]
+    ids = sorted({c.cell_id for c in cells}, key=lambda cid: (hashlib.sha256(cid.encode()).hexdigest(), cid))
+    mine = {cid for k, cid in enumerate(ids) if k % n == i - 1}
+    return [c for c in cells if c.cell_id in mine]
