@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import psutil
 
+from . import reaper
 from .config import CellSpec
 
 #: Exit code conventions of the worker: 0 finished (ok/diverged/skipped), 1 failed.
@@ -35,7 +37,8 @@ class TreeWatch:
     limit_bytes: float | None = None
     interval: float = 0.2
     peak_bytes: int = 0
-    pids: set = field(default_factory=set)
+    #: pid -> psutil.Process of every process seen in the tree (psutil refuses a reused pid).
+    pids: dict = field(default_factory=dict)
     over_limit: bool = False
 
     def __post_init__(self):
@@ -64,7 +67,7 @@ class TreeWatch:
         for p in procs:
             try:
                 total += p.memory_info().rss
-                self.pids.add(p.pid)
+                self.pids.setdefault(p.pid, p)
             except psutil.Error:
                 continue
         self.peak_bytes = max(self.peak_bytes, total)
@@ -79,10 +82,13 @@ def kill_tree(pgid: int, pids=()) -> None:
         os.killpg(pgid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
-    for pid in pids:
+    for p in (pids.values() if isinstance(pids, dict) else pids):
         try:
-            os.kill(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
+            if isinstance(p, psutil.Process):
+                p.send_signal(signal.SIGKILL)
+            else:
+                os.kill(p, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError, psutil.Error):
             pass
 
 
@@ -112,6 +118,8 @@ class CellOutcome:
     returncode: int | None
     tree_peak_bytes: int
     stderr_tail: str = ""
+    #: Processes still alive after the cell's main process ended on its own (killed by the driver).
+    leftovers: list = field(default_factory=list)
 
 
 def run_cell_process(spec: CellSpec, on_start=None) -> CellOutcome:
@@ -130,6 +138,7 @@ def run_cell_process(spec: CellSpec, on_start=None) -> CellOutcome:
         t0 = time.perf_counter()
         with open(stderr_path, "wb") as err:
             proc = subprocess.Popen(cmd, stdout=err, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            guard = reaper.CellGuard(proc.pid)
             if on_start:
                 on_start(proc)
             limit = spec.memory_limit_mb * 2**20 if spec.memory_limit_mb else None
@@ -148,7 +157,10 @@ def run_cell_process(spec: CellSpec, on_start=None) -> CellOutcome:
             finally:
                 watch.sample()
                 watch.stop()
+                ended_by_itself = proc.returncode is not None and not watch.over_limit
+                leftovers = guard.leftovers(watch.pids)
                 kill_tree(proc.pid, watch.pids)
+                guard.kill_all()
                 proc.wait()
         wall = time.perf_counter() - t0
         ranks = []
@@ -161,7 +173,7 @@ def run_cell_process(spec: CellSpec, on_start=None) -> CellOutcome:
     status, error = _verdict(spec, proc.returncode, timed_out, watch.over_limit, ranks, stderr_tail)
     return CellOutcome(ranks=sorted(ranks, key=lambda r: r.get("rank", 0)), status=status, error=error,
                        wall_s=wall, returncode=proc.returncode, tree_peak_bytes=watch.peak_bytes,
-                       stderr_tail=stderr_tail)
+                       stderr_tail=stderr_tail, leftovers=leftovers if ended_by_itself else [])
 
 
 def _tail(path: Path, n: int = 4000) -> str:
@@ -187,7 +199,10 @@ def _verdict(spec, returncode, timed_out, over_limit, ranks, stderr_tail) -> tup
         if returncode is not None and returncode < 0:
             name = signal.Signals(-returncode).name
             status = "oom" if name == "SIGKILL" and _looks_oom(stderr_tail) else "error"
-            return status, f"cell process died from signal {name}" + _last_line(stderr_tail)
+            # A SIGKILL nobody in ftbench sent is most often the kernel's out-of-memory killer.
+            hint = " (killed from outside ftbench: if the host ran out of memory, dmesg says so)" \
+                if name == "SIGKILL" else ""
+            return status, f"cell process died from signal {name}{hint}" + _last_line(stderr_tail)
         return "error", f"cell process exited with code {returncode} without a result" + _last_line(stderr_tail)
     if len(ranks) < max(1, spec.nproc):
         return "error", f"only {len(ranks)} of {spec.nproc} ranks reported a result" + _last_line(stderr_tail)
@@ -195,9 +210,15 @@ def _verdict(spec, returncode, timed_out, over_limit, ranks, stderr_tail) -> tup
 
 
 def _looks_oom(text: str) -> bool:
-    return "out of memory" in text.lower() or "oom" in text.lower()
+    # Whole words only: "oom" inside "room" or "bloom" is not a memory error.
+    return re.search(r"out of memory|\boom\b|oom-kill", text, re.IGNORECASE) is not None
 
 
 def _last_line(text: str) -> str:
+    # faulthandler's dump ends with a list of extension modules; the fault and its frame say more.
+    if "Fatal Python error:" in text:
+        dump = text[text.rindex("Fatal Python error:"):].splitlines()
+        frame = next((ln.strip() for ln in dump if ln.strip().startswith("File ")), "")
+        return f"; {dump[0].strip()[:200]}" + (f" at {frame[:300]}" if frame else "")
     lines = [ln for ln in text.strip().splitlines() if ln.strip()]
     return f"; last output: {lines[-1][:300]}" if lines else ""

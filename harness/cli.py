@@ -160,6 +160,9 @@ def run_cmd(grid_file, tasks, backends, models, datas, columns, out, force, fail
         cells = select_shard(cells, shard)
     for c in cells:  # fail before anything runs on a bad name or option
         _check_cell(reg, c)
+    from .preflight import check_cells
+
+    check_cells(reg, cells)  # settings, data, seq_len and batch: still before anything is written
     out = out or _default_out()
     view = RunView(_console(), len(cells), out)
     _install_sigterm()
@@ -170,9 +173,9 @@ def run_cmd(grid_file, tasks, backends, models, datas, columns, out, force, fail
     try:
         summary = run_cells(cells, out, collect(reg.pm), force=force, fail_fast=fail_fast, progress=view.event,
                             annotate=annotate_parity)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         view.interrupted(out)
-        sys.exit(130)
+        sys.exit(128 + getattr(e, "signum", signal.SIGINT))
     view.finish(summary)
     bad = [r for r in summary.records if r["status"] not in ("ok", "skipped")]
     sys.exit(1 if bad and fail_fast else 0)
@@ -206,11 +209,15 @@ def _default_out() -> str:
 
 
 def _install_sigterm():
-    # SIGTERM behaves like Ctrl-C: stop the running cell, keep every finished record.
+    # SIGTERM (and a closed terminal's SIGHUP) behave like Ctrl-C: stop the running cell, keep
+    # every finished record; the exit status still says which signal it was (143 for SIGTERM).
     def handler(signum, frame):
-        raise KeyboardInterrupt
+        e = KeyboardInterrupt()
+        e.signum = signum
+        raise e
 
     signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGHUP, handler)
 
 
 if __name__ == "__main__":  # pragma: no cover

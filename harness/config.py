@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -68,6 +69,18 @@ class Recipe:
             bad("schedule", self.schedule, f"choose one of {', '.join(SCHEDULES)}")
         if self.padding not in PADDINGS:
             bad("padding", self.padding, f"choose one of {', '.join(PADDINGS)}")
+        for key in ("lr", "weight_decay", "eps", "max_grad_norm"):
+            v = getattr(self, key)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                bad(key, v, "must be a number (e.g. --lr 3e-4)")
+        for key in ("lr_warmup_steps", "seed"):
+            v = getattr(self, key)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                bad(key, v, "must be an integer >= 0")
+        if not isinstance(self.grad_checkpointing, bool):
+            bad("grad_checkpointing", self.grad_checkpointing, "must be true or false")
+        if not isinstance(self.tuning, str):
+            bad("tuning", self.tuning, "choose full, freeze-embeddings or freeze-lower:N")
         if not (self.lr > 0):
             bad("lr", self.lr, "must be > 0")
         if self.batch_size % self.grad_accum:

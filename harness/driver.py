@@ -6,10 +6,12 @@ import errno
 import fcntl
 import json
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import reaper
 from .api import FtbenchError
 from .cellproc import run_cell_process
 from .config import CellSpec
@@ -24,6 +26,8 @@ class RunSummary:
     records: list[dict] = field(default_factory=list)
     skipped_done: int = 0
     interrupted: bool = False
+    #: Unreadable lines of an existing results.jsonl (their cells are rerun).
+    problems: list[str] = field(default_factory=list)
 
 
 def prepare_out_dir(out: str | os.PathLike) -> Path:
@@ -33,9 +37,22 @@ def prepare_out_dir(out: str | os.PathLike) -> Path:
     except OSError as e:
         raise FtbenchError(f"cannot create output directory {path}: {e.strerror}; pass --out to a writable "
                            "directory") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise FtbenchError(f"output directory {path} is not writable; pass --out to a writable directory")
+    # Probe with a real file: os.access says yes to root on a read-only mount's ACLs and the like.
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".ftbench-probe-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise FtbenchError(f"output directory {path} is not writable ({e.strerror}); pass --out to a "
+                           "directory you can write to") from None
     return path
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    # A kill mid-write must leave the previous file, not half a new one.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 class OutputLock:
@@ -77,10 +94,18 @@ def run_cells(cells: list[CellSpec], out: str | os.PathLike, environment: dict, 
     """
     out_dir = prepare_out_dir(out)
     summary = RunSummary()
+    reaper.become_subreaper()
     with OutputLock(out_dir):
-        (out_dir / "environment.json").write_text(json.dumps(environment, indent=2, default=str))
+        _write_atomic(out_dir / "environment.json", json.dumps(environment, indent=2, default=str))
         done = set() if force else finished_keys(out_dir)
-        earlier = read_records(out_dir).records if (out_dir / "results.jsonl").exists() else []
+        earlier = []
+        if (out_dir / "results.jsonl").exists():
+            existing = read_records(out_dir)
+            earlier = existing.records
+            summary.problems = existing.problems
+            if progress:
+                for problem in existing.problems:
+                    progress("problem", 0, len(cells), None, problem)
         total = len(cells)
         for i, spec in enumerate(cells, start=1):
             if (spec.cell_id, spec.repeat) in done:

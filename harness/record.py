@@ -82,6 +82,13 @@ def build_record(spec: CellSpec, outcome: CellOutcome, environment: dict, starte
         record["mfu"] = record["flops_per_s"] / record["peak_flops"]
     else:
         record["mfu"] = None
+    if outcome.leftovers:
+        # The cell's own result stands (a compile worker pool that lingers is not a failed run), but
+        # the user must know that its measurements may have shared the machine with these.
+        record["leftover_processes"] = outcome.leftovers
+        names = ", ".join(f"pid {p['pid']} ({' '.join(p['command'].split())[:60]})" for p in outcome.leftovers)
+        record["warnings"] = [f"the cell left {len(outcome.leftovers)} process(es) running after it ended; "
+                              f"ftbench killed them: {names}"]
     if outcome.status not in ("ok", "diverged", "skipped"):
         record["stderr_tail"] = outcome.stderr_tail[-2000:]
         tb = next((r.get("traceback") for r in ranks if r.get("traceback")), None)

@@ -45,6 +45,7 @@ def append_record(out_dir: str | os.PathLike, record: dict) -> None:
     """Append one record durably."""
     line = (json.dumps(_clean(record), sort_keys=True, allow_nan=False) + "\n").encode()
     path = Path(out_dir) / RESULTS_FILE
+    created = not path.exists()
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         # If an earlier writer was killed mid-line, start on a fresh line so
@@ -56,6 +57,22 @@ def append_record(out_dir: str | os.PathLike, record: dict) -> None:
             n = os.write(fd, view)
             view = view[n:]
         os.fsync(fd)
+    finally:
+        os.close(fd)
+    if created:
+        _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    # A new file's name lives in its directory: without this, a power cut can lose the whole file.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
     finally:
         os.close(fd)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+from rich.markup import escape
+
 from .format import fmt_bytes, fmt_num
 
 
@@ -19,6 +21,10 @@ class RunView:
         self.con.print(f"ftbench: {total} cell(s) -> {out}/results.jsonl")
 
     def event(self, kind, i, total, spec, record):
+        if kind == "problem":
+            self.con.print(f"[yellow]warning:[/] {escape(record)} (a cell without a readable record runs again)",
+                           soft_wrap=True)
+            return
         label = f"[{i}/{total}] {spec.task} × {spec.backend} × {spec.model}" + (
             f" (nproc {spec.nproc})" if spec.nproc > 1 else "") + (f" repeat {spec.repeat}" if spec.repeat else "")
         if kind == "skip":
@@ -40,6 +46,8 @@ class RunView:
                   f"mem {fmt_bytes(r['peak_memory_bytes'])}, {r['metric']} {fmt_num(r['metric_value'])}")
         elif r.get("error"):
             s += f": {r['error']}"
+        for w in r.get("warnings") or ():
+            s += f" [yellow](warning: {escape(w)})[/]"
         return s
 
     def interrupted(self, out):

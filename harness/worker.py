@@ -325,6 +325,9 @@ def _classify(exc: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    import faulthandler
+
+    faulthandler.enable()  # a segfault's Python stack goes to the cell's log, hence into the record
     spec_path, result_dir = Path(argv[0]), Path(argv[1])
     rank = int(os.environ.get("RANK", 0))
     result_path = result_dir / f"rank{rank}.json"
@@ -337,6 +340,9 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as e:  # noqa: BLE001 - every failure becomes a record
         out = {"rank": rank, "status": _classify(e), "error": f"{type(e).__name__}: {e}",
                "traceback": traceback.format_exc(limit=20)}
+        if out["status"] == "oom":
+            out["error"] += (" (the cell ran out of memory: shrink --batch-size or --seq-len, or use a backend "
+                             "that shards or offloads)")
         code = 1
     tmp = result_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(out, default=str))

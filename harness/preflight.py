@@ -1,0 +1,128 @@
+"""Checks of a whole grid before its first cell runs.
+
+A typo must cost the user seconds, not a grid of failed cells: whatever can
+be known without training (settings of the right type, data that parses and
+fits the task, a sequence length the model can hold, a batch the data can
+fill) is checked here, in the driver, and reported as one
+:class:`~harness.api.FtbenchError` (exit status 2, nothing written).  The
+cell repeats its own checks as a backstop; hub data (``hf:``) is left to the
+cell, as loading it needs the network.
+
+Example::
+
+    check_cells(Registry.load(), grid.cells(registry))
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+from .api import FtbenchError
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def check_cells(reg, cells) -> None:
+    """Raise :class:`FtbenchError` on the first cell that cannot run as configured."""
+    n_train: dict = {}
+    positions: dict = {}
+    for cell in cells:
+        _check_settings(cell)
+        tname, topts = cell.task_name_and_options()
+        task = reg.task(tname)
+        recipe = cell.recipe
+        _check_model(reg, cell.model, task, positions)
+        limit = positions.get(cell.model)
+        if limit is not None and recipe.seq_len > limit:
+            raise FtbenchError(f"seq_len {recipe.seq_len} is too long for model {cell.model!r}, which holds at "
+                               f"most {limit} positions; pass --seq-len {limit} or less (or pick a model with "
+                               "longer positions)")
+        if recipe.batch_size % (cell.nproc * recipe.grad_accum):
+            raise FtbenchError(f"global batch {recipe.batch_size} cannot be split over nproc {cell.nproc} x "
+                               f"grad_accum {recipe.grad_accum}; pick a --batch-size that is a multiple of "
+                               f"{cell.nproc * recipe.grad_accum}")
+        key = (cell.task, cell.data, cell.columns, recipe.seed)
+        if key not in n_train:
+            n_train[key] = _check_data(task, topts, cell)
+        n = n_train[key]
+        if n is not None and recipe.batch_size > n:
+            raise FtbenchError(f"batch size {recipe.batch_size} is larger than the {n} training examples of "
+                               f"--data {cell.data}; pass --batch-size {n} or less, or add training data")
+
+
+def _check_settings(cell) -> None:
+    def bad(key, value, want):
+        raise FtbenchError(f"invalid {key}={value!r} (a grid file setting or its command-line flag): {want}")
+
+    for key in ("time_limit_s", "memory_limit_mb"):
+        v = getattr(cell, key)
+        if v is not None and (not _is_number(v) or not v > 0):
+            bad(key, v, "must be a number > 0, or left out for no limit")
+    if not _is_int(cell.eval_examples) or cell.eval_examples < 1:
+        bad("eval_examples", cell.eval_examples, "must be an integer >= 1")
+    if not _is_int(cell.nproc) or cell.nproc < 1:
+        bad("nproc", cell.nproc, "must be an integer >= 1")
+    if cell.device not in DEVICES:
+        bad("device", cell.device, f"choose one of {', '.join(DEVICES)}")
+    if not isinstance(cell.launcher, dict):
+        bad("launcher", cell.launcher, "must be a mapping such as {nnodes: 2, master_addr: host}")
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_model(reg, name: str, task, positions: dict) -> None:
+    if name in positions:
+        return
+    if name in reg.models:
+        preset = reg.model(name)
+        kind, positions[name] = preset.kind, getattr(preset, "max_positions", None)
+    elif os.path.isdir(name):
+        from .modeling import resolve_model
+
+        kind = resolve_model(name, reg, task).kind  # checks config, weights and tokenizer files
+        positions[name] = _config_positions(Path(name) / "config.json")
+    else:
+        positions[name] = None  # a hub id: only the cell can look at it
+        return
+    if kind not in task.model_kinds:
+        raise FtbenchError(f"task {task.name!r} cannot train a {kind} model ({name!r}); it accepts "
+                           f"{', '.join(task.model_kinds)} models. Pick a preset of a fitting kind (ftbench list).")
+
+
+def _config_positions(path: Path) -> int | None:
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise FtbenchError(f"{path} is not a readable JSON model config ({e}); save the model again with "
+                           "save_pretrained()") from None
+    for key in ("n_positions", "max_position_embeddings"):
+        v = cfg.get(key)
+        if _is_int(v) and v > 0:
+            return v
+    return None
+
+
+def _check_data(task, task_options: dict, cell) -> int | None:
+    """Load and validate the cell's data as the cell will; the number of training examples."""
+    if isinstance(cell.data, str) and cell.data.startswith("hf:"):
+        return None
+    from .data import load_splits
+
+    options = {**dict(task.defaults), **task_options}
+    try:
+        splits = load_splits(task, cell.data, options, cell.recipe.seed, dict(cell.columns))
+        task.prepare(splits, options)  # e.g. a label outside the label set
+    except FtbenchError:
+        raise
+    except Exception:  # noqa: BLE001 - a plugin's own bug is that cell's recorded error, not a bad grid
+        return None
+    return len(splits["train"])
