@@ -23,7 +23,7 @@ from pathlib import Path
 
 import psutil
 
-from . import reaper
+from . import launch, reaper
 from .config import CellSpec
 
 #: Exit code conventions of the worker: 0 finished (ok/diverged/skipped), 1 failed.
@@ -92,8 +92,8 @@ def kill_tree(pgid: int, pids=()) -> None:
             pass
 
 
-def command_for(spec: CellSpec, spec_path: Path, result_dir: Path) -> list[str]:
-    worker = ["-m", "harness.worker", str(spec_path), str(result_dir)]
+def command_for(spec: CellSpec, spec_path: Path, result_dir: Path, t_launch: float) -> list[str]:
+    worker = ["-m", "harness.worker", str(spec_path), str(result_dir), repr(t_launch)]
     if spec.nproc <= 1 and not spec.launcher.get("nnodes", 1) > 1:
         return [sys.executable, *worker]
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(spec.nproc)]
@@ -128,40 +128,41 @@ def run_cell_process(spec: CellSpec, on_start=None) -> CellOutcome:
         tmp = Path(tmp)
         spec_path = tmp / "spec.json"
         spec_path.write_text(json.dumps(spec.to_dict()))
-        cmd = command_for(spec, spec_path, tmp)
+        t_launch = time.time()
+        cmd = command_for(spec, spec_path, tmp, t_launch)
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
         # The harness packages must import in the cell even when ftbench runs from a checkout.
         root = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         stderr_path = tmp / "stderr.log"
+        stderr_path.touch()
         t0 = time.perf_counter()
-        with open(stderr_path, "wb") as err:
-            proc = subprocess.Popen(cmd, stdout=err, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-            guard = reaper.CellGuard(proc.pid)
-            if on_start:
-                on_start(proc)
-            limit = spec.memory_limit_mb * 2**20 if spec.memory_limit_mb else None
-            watch = TreeWatch(psutil.Process(proc.pid), limit_bytes=limit).start()
-            timed_out = False
-            try:
-                proc.wait(timeout=spec.time_limit_s)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-            except BaseException:
-                # Ctrl-C / SIGTERM in the driver: take the whole cell down with us.
-                watch.stop()
-                kill_tree(proc.pid, watch.pids)
-                proc.wait()
-                raise
-            finally:
-                watch.sample()
-                watch.stop()
-                ended_by_itself = proc.returncode is not None and not watch.over_limit
-                leftovers = guard.leftovers(watch.pids)
-                kill_tree(proc.pid, watch.pids)
-                guard.kill_all()
-                proc.wait()
+        proc = launch.start(spec, cmd[cmd.index("harness.worker") + 1:], cmd, env, str(stderr_path))
+        guard = reaper.CellGuard(proc.pid)
+        if on_start:
+            on_start(proc)
+        limit = spec.memory_limit_mb * 2**20 if spec.memory_limit_mb else None
+        watch = TreeWatch(psutil.Process(proc.pid), limit_bytes=limit).start()
+        timed_out = False
+        try:
+            proc.wait(timeout=spec.time_limit_s)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+        except BaseException:
+            # Ctrl-C / SIGTERM in the driver: take the whole cell down with us.
+            watch.stop()
+            kill_tree(proc.pid, watch.pids)
+            proc.wait()
+            raise
+        finally:
+            watch.sample()
+            watch.stop()
+            ended_by_itself = proc.returncode is not None and not watch.over_limit
+            leftovers = guard.leftovers(watch.pids)
+            kill_tree(proc.pid, watch.pids)
+            guard.kill_all()
+            proc.wait()
         wall = time.perf_counter() - t0
         ranks = []
         for p in sorted(tmp.glob("rank*.json"), key=lambda p: p.stat().st_mtime):
