@@ -204,6 +204,10 @@ class ModelPreset:
     max_positions: int = 512
     #: The preset a task gets when no ``--model`` is given, per model kind.
     default: bool = False
+    #: Modules worth importing once in the fork server (``harness.launch``),
+    #: e.g. ``("transformers.models.gpt2.modeling_gpt2",)``: importing a model
+    #: family costs seconds, building a tiny model milliseconds.
+    preload: tuple[str, ...] = ()
 
 
 # ----------------------------------------------------------------- backends
@@ -215,7 +219,9 @@ class BackendSpec:
 
     ``engine`` is an :class:`Engine` subclass; ``defaults`` its options;
     ``preset_of`` names the backend a preset abbreviates (for ``list``).
-    ``data_parallel`` says the engine uses ``--nproc`` ranks.
+    ``data_parallel`` says the engine uses ``--nproc`` ranks.  ``reference``
+    marks a backend whose loss curve others are checked against for parity
+    (see :mod:`harness.parity`); the grid runs reference cells first.
 
     Example::
 
@@ -229,6 +235,7 @@ class BackendSpec:
     description: str = ""
     preset_of: str | None = None
     data_parallel: bool = False
+    reference: bool = False
 
 
 class Engine:

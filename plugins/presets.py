@@ -56,13 +56,17 @@ def build_bert(tokenizer, head="classification", num_labels=None):
     return BertForSequenceClassification(cfg)
 
 
+def _family(name: str) -> tuple[str, ...]:
+    return (f"transformers.models.{name}.modeling_{name}", f"transformers.models.{name}.configuration_{name}")
+
+
 @hookimpl
 def register_models(register):
-    register(ModelPreset("tiny-gpt2", DECODER, build_gpt2, default=True,
+    register(ModelPreset("tiny-gpt2", DECODER, build_gpt2, default=True, preload=_family("gpt2"),
                          description="GPT-2, 2 layers x 64 wide, 2 heads; random init; offline BPE tokenizer"))
-    register(ModelPreset("tiny-llama", DECODER, build_llama,
+    register(ModelPreset("tiny-llama", DECODER, build_llama, preload=_family("llama"),
                          description="Llama, 2 layers x 64 wide, GQA 4/2 heads; random init; offline BPE tokenizer"))
-    register(ModelPreset("tiny-t5", ENCODER_DECODER, build_t5, default=True,
+    register(ModelPreset("tiny-t5", ENCODER_DECODER, build_t5, default=True, preload=_family("t5"),
                          description="T5, 2+2 layers x 64 wide, 4 heads; random init; offline BPE tokenizer"))
-    register(ModelPreset("tiny-bert", ENCODER, build_bert, default=True,
+    register(ModelPreset("tiny-bert", ENCODER, build_bert, default=True, preload=_family("bert"),
                          description="BERT, 2 layers x 64 wide, 2 heads; random init; offline BPE tokenizer"))
