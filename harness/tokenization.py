@@ -46,6 +46,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
     tok = PreTrainedTokenizerFast(
         tokenizer_file=str(path), pad_token="<pad>", bos_token="<s>", eos_token="</s>",
         unk_token="<unk>", sep_token="<sep>", cls_token="<cls>", mask_token="<mask>")
+    # Identifies the trained vocabulary for caches of encoded data.
+    tok.ftbench_identity = path.stem
     return tok
 
 

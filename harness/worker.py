@@ -152,8 +152,15 @@ def run_cell(spec_dict: dict, result_dir: Path, t_launch: float | None = None) -
     phases["model_s"] = now() - t
 
     t = now()
-    enc = {s: [encode_example(task, ex, tokenizer, kind, recipe.seq_len, options) for ex in rows]
-           for s, rows in splits.items() if s in ("train", "validation")}
+    from .prepcache import cached_encode, data_identity
+
+    cache_key = {"v": 1, "task": task_name, "options": options, "data": data_identity(spec.data),
+                 "seed": recipe.seed, "columns": list(spec.columns), "kind": kind, "seq_len": recipe.seq_len,
+                 "tokenizer": getattr(tokenizer, "ftbench_identity", None) or
+                 [getattr(tokenizer, "name_or_path", None), len(tokenizer)]}
+    enc = cached_encode(cache_key, lambda: {
+        s: [encode_example(task, ex, tokenizer, kind, recipe.seq_len, options) for ex in rows]
+        for s, rows in splits.items() if s in ("train", "validation")})
     out["truncated_examples"] = {s: sum(1 for e in v if e.truncated) for s, v in enc.items()}
     out["truncated_tokens"] = {s: sum(e.truncated for e in v) for s, v in enc.items()}
     pad_id = tokenizer.pad_token_id
