@@ -53,6 +53,8 @@ def build_record(spec: CellSpec, outcome: CellOutcome, environment: dict, starte
         "memory_kind": MEMORY_KINDS["cuda" if on_cuda else "cpu"],
         "memory_per_rank": per_rank,
         "memory_tree_peak_bytes": outcome.tree_peak_bytes or None,
+        "rss_before_model_bytes": main.get("rss_before_model_bytes"),
+        "state_bytes_theory": main.get("state_bytes_theory"),
         "flops_per_s": _sum_or_none(r.get("flops_per_s") for r in ranks),
         "peak_flops": _sum_or_none(r.get("peak_flops") for r in ranks),
         "peak_flops_source": main.get("peak_flops_source"),

@@ -134,6 +134,11 @@ def run_cell(spec_dict: dict, result_dir: Path, t_launch: float | None = None) -
     phases["tokenizer_s"] = now() - t
 
     t = now()
+    from .measure import current_rss_bytes
+
+    # Everything resident before the model exists is the harness's own
+    # footprint plus libraries and data: the baseline the model's share sits on.
+    out["rss_before_model_bytes"] = current_rss_bytes()
     torch.manual_seed(recipe.seed)
     model = build_model(source, tokenizer, task.head, options.get("num_labels"), kind)
     limit = max_positions(model)
@@ -147,6 +152,9 @@ def run_cell(spec_dict: dict, result_dir: Path, t_launch: float | None = None) -
         if hasattr(model.config, "use_cache"):
             model.config.use_cache = False
     trainable, total = count_params(model)
+    # Weights + gradients + two AdamW moments, in fp32: what theory says the
+    # training state needs before activations.
+    out["state_bytes_theory"] = 4 * (total + 3 * trainable)
     out.update(trainable_params=trainable, total_params=total, param_bytes=param_bytes(model), model_kind=kind,
                vocab_size=len(tokenizer))
     phases["model_s"] = now() - t
