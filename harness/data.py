@@ -4,9 +4,12 @@
 ``--data DIR`` reads ``train`` / ``validation`` (/``test``) as ``.jsonl``,
 ``.json`` (JSON Lines), ``.csv`` or ``.tsv``; ``--data hf:NAME[/CONFIG]``
 loads through ``datasets`` (needs network).  ``--column FIELD=COLUMN`` maps a
-column of the files onto a field the task expects.
+column of the files onto a field the task expects; a dotted field nests, so
+``--column translation.en=english`` builds ``{"translation": {"en": ...}}``.
 
-Every bad line is reported with its file, line number and field.
+Every bad line is reported with its file, line number and field.  The loaded
+splits are :class:`Rows`, which remember where each row came from, so a task
+that checks the data as a whole (``Task.prepare``) can still name the line.
 """
 
 from __future__ import annotations
@@ -19,6 +22,31 @@ from .api import DataError, FtbenchError, Task
 
 SPLITS = ("train", "validation", "test")
 EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv")
+
+
+class Rows(list):
+    """A split's examples plus where each came from.
+
+    Example::
+
+        rows = Rows([{"text": "hi"}], origin="data/train.csv", lines=[2])
+        rows.where(0)   # 'data/train.csv line 2'
+    """
+
+    def __init__(self, items=(), origin: str = "", lines: list[int] | None = None):
+        super().__init__(items)
+        self.origin = origin
+        self.lines = lines
+
+    def where(self, i: int) -> str:
+        if self.lines is None:
+            return self.origin
+        return f"{self.origin} line {self.lines[i] if i < len(self.lines) else i + 1}"
+
+
+def where(rows: list, i: int) -> str:
+    """Where row ``i`` of a split came from, for error messages."""
+    return rows.where(i) if isinstance(rows, Rows) else f"example {i + 1}"
 
 
 def load_splits(task: Task, data: str, options: dict, seed: int,
@@ -37,9 +65,12 @@ def load_splits(task: Task, data: str, options: dict, seed: int,
             raise DataError(f"{origin.get(split, data)}: the {split} split is empty or missing; "
                             f"{task.name!r} needs at least one {split} example")
     for split, rows in splits.items():
-        mapped = []
+        builtin = data in ("builtin", "", None)
+        lines = None if builtin else (rows.lines if isinstance(rows, Rows) and rows.lines is not None
+                                      else list(range(1, len(rows) + 1)))
+        mapped = Rows(origin=origin[split], lines=lines)
         for i, row in enumerate(rows):
-            where = origin[split] if data in ("builtin", "", None) else f"{origin[split]} line {i + 1}"
+            where = mapped.where(i)
             if not isinstance(row, dict):
                 raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
             row = _map_columns(row, columns)
@@ -55,7 +86,14 @@ def _map_columns(row: dict, columns: dict[str, str]) -> dict:
     row = dict(row)
     for field, column in columns.items():
         if column in row:
-            row[field] = row.pop(column)
+            value = row.pop(column)
+            head, dot, leaf = field.partition(".")
+            if dot:
+                # Nested fields (translation.en) cannot be CSV columns; build the dict.
+                inner = row.get(head)
+                row[head] = {**(inner if isinstance(inner, dict) else {}), leaf: value}
+            else:
+                row[field] = value
     return row
 
 
@@ -87,14 +125,21 @@ def _load_dir(root: Path):
     return splits, origin
 
 
-def _read_file(path: Path) -> list[dict]:
+def _read_file(path: Path) -> Rows:
+    # Physical line numbers are kept (blank lines skipped, the CSV header and
+    # quoted newlines counted) so that an error points at the line an editor shows.
+    rows = Rows(origin=str(path), lines=[])
     if path.suffix in (".csv", ".tsv"):
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ",")
             if reader.fieldnames is None:
-                return []
-            return [dict(r) for r in reader]
-    rows = []
+                return rows
+            start = reader.line_num + 1
+            for r in reader:
+                rows.append(dict(r))
+                rows.lines.append(start)
+                start = reader.line_num + 1
+        return rows
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
@@ -104,6 +149,7 @@ def _read_file(path: Path) -> list[dict]:
             except json.JSONDecodeError as e:
                 raise DataError(f"{path} line {lineno}: invalid JSON ({e.msg} at column {e.colno}); "
                                 "each line must be one JSON object") from None
+            rows.lines.append(lineno)
     return rows
 
 
@@ -119,7 +165,13 @@ def _load_hub(spec: str):
     try:
         ds = datasets.load_dataset(name, config or None)
     except Exception as e:  # noqa: BLE001 - any hub failure is the user's to fix
-        raise FtbenchError(f"cannot load hf:{spec} through datasets: {e}") from None
+        # NAME/CONFIG and OWNER/NAME look alike; try the whole spec as a repo id before giving up.
+        try:
+            ds = datasets.load_dataset(spec) if config and spec.count("/") == 1 else None
+        except Exception:  # noqa: BLE001
+            ds = None
+        if ds is None:
+            raise FtbenchError(f"cannot load hf:{spec} through datasets: {e}") from None
     splits, origin = {}, {}
     for split, key in (("train", "train"), ("validation", "validation"), ("test", "test")):
         if key not in ds and split == "validation":
