@@ -182,6 +182,9 @@ def _tail(path: Path, n: int = 4000) -> str:
         data = path.read_bytes()
     except OSError:
         return ""
+    # faulthandler ends a crash dump with a long list of extension modules, which would push
+    # the stack that matters out of the tail kept in the record.
+    data = re.sub(rb"\nExtension modules: [^\n]*", b"", data[-4 * n:])
     return data[-n:].decode("utf-8", "replace")
 
 
