@@ -1,1 +1,267 @@
-"""Placeholder: the compile backend arrives with issue 4."""
+"""``deepspeed``: DeepSpeed's engine with ZeRO stage 0-3 and CPU offload.
+
+The DeepSpeed config is *built from the ftbench recipe*, never from a
+DeepSpeed default: global batch, micro-batch and accumulation, clipping,
+AdamW with the recipe's hyper-parameters (``torch.optim.AdamW``, or
+``DeepSpeedCPUAdam(adamw_mode=True)`` when the optimizer is offloaded), and
+the recipe's schedule (``harness.engine.lr_lambda``) as a client scheduler.
+Mixed precision uses DeepSpeed's ``torch_autocast`` section with fp32
+weights and fp32 gradient reduction: the same policy as the other backends'
+``torch.autocast``, not DeepSpeed's bf16/fp16 weight modes.
+
+Loss scaling: ``engine.backward`` divides the loss by the accumulation
+steps and ZeRO's reduction averages over ranks, while the runner's
+``loss_scale`` already normalises by the whole global batch; the loss is
+multiplied by ``grad_accum * world_size`` so that those two cancel.
+
+DeepSpeed's own settings pass through for what the recipe does not own:
+``config=PATH.json`` (or inline JSON) and dotted keys such as
+``ds.zero_optimization.overlap_comm=false``.  A pass-through that would
+change the recipe (batch, optimizer, scheduler, clipping, precision) is
+rejected with the ftbench flag to use instead.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+from harness import hookimpl
+from harness.api import BackendSpec, Engine, FtbenchError, Unavailable
+from harness.engine import EngineContext, autocast_for, lr_lambda, move
+
+from ._distributed import ensure_process_group
+
+INSTALL_HINT = "needs deepspeed: pip install 'ftbench[deepspeed]' (or pip install deepspeed)"
+OFFLOAD = ("none", "cpu")
+
+#: DeepSpeed keys the recipe owns, and the flag that sets each instead.
+RECIPE_KEYS = {
+    "train_batch_size": "--batch-size",
+    "train_micro_batch_size_per_gpu": "--batch-size, --grad-accum and --nproc",
+    "gradient_accumulation_steps": "--grad-accum",
+    "gradient_clipping": "the recipe's max_grad_norm",
+    "optimizer": "--lr and the recipe's betas/eps/weight_decay (AdamW)",
+    "scheduler": "the recipe's schedule and lr_warmup_steps",
+    "fp16": "--precision",
+    "bf16": "--precision",
+    "torch_autocast": "--precision",
+    "amp": "--precision",
+}
+
+
+class DeepSpeedEngine(Engine):
+    """DeepSpeed ZeRO with the ftbench recipe.
+
+    Options: ``stage`` (0-3), ``offload`` (``none`` | ``cpu``: optimizer
+    state and step on the CPU with DeepSpeedCPUAdam), ``offload_param``
+    (``none`` | ``cpu``, stage 3 only), ``config`` (a JSON file or inline
+    JSON merged into the generated config) and ``ds.<dotted.key>=value``.
+
+    Example::
+
+        ftbench run --backend deepspeed:stage=3,offload=cpu --nproc 2
+        ftbench run --backend zero2:ds.zero_optimization.overlap_comm=false
+    """
+
+    @classmethod
+    def check_available(cls, options: dict) -> None:
+        # find_spec, not an import: listing backends must stay fast, and DeepSpeed takes seconds to import.
+        try:
+            found = importlib.util.find_spec("deepspeed") is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            raise Unavailable(INSTALL_HINT)
+
+    @classmethod
+    def validate_options(cls, options: dict) -> dict:
+        opts = dict(options)
+        known = {"stage", "offload", "offload_param", "config"}
+        unknown = {k for k in opts if k not in known and not k.startswith("ds.")}
+        if unknown:
+            raise FtbenchError(f"unknown deepspeed option(s) {sorted(unknown)}; allowed: {sorted(known)} and "
+                               "ds.<dotted.key>=value (e.g. deepspeed:stage=3,offload=cpu)")
+        stage = opts.get("stage", 0)
+        if stage not in (0, 1, 2, 3) or isinstance(stage, bool):
+            raise FtbenchError(f"invalid deepspeed stage={stage!r}; choose 0, 1, 2 or 3")
+        for key in ("offload", "offload_param"):
+            if opts.get(key, "none") not in OFFLOAD:
+                raise FtbenchError(f"invalid deepspeed {key}={opts[key]!r}; choose none or cpu")
+        if opts.get("offload", "none") != "none" and stage == 0:
+            raise FtbenchError("deepspeed offload=cpu needs ZeRO stage 1, 2 or 3 (e.g. deepspeed:stage=2,offload=cpu)")
+        if opts.get("offload_param", "none") != "none" and stage != 3:
+            raise FtbenchError("deepspeed offload_param=cpu needs stage=3 (e.g. deepspeed:stage=3,offload_param=cpu)")
+        extra = _passthrough(opts)
+        for key in extra:
+            if key in RECIPE_KEYS:
+                raise FtbenchError(f"deepspeed setting {key!r} comes from the ftbench recipe so that every backend "
+                                   f"computes the same step; set it with {RECIPE_KEYS[key]} instead")
+        if "stage" in (extra.get("zero_optimization") or {}):
+            raise FtbenchError("set the ZeRO stage with the stage option (deepspeed:stage=N), not in the config")
+        return opts
+
+    # ------------------------------------------------------------ config
+
+    def build_config(self) -> dict:
+        """The DeepSpeed config of this cell: the recipe, the options, then the pass-through."""
+        ctx: EngineContext = self.ctx
+        recipe = ctx.recipe
+        stage = int(self.options.get("stage", 0))
+        zero: dict = {"stage": stage}
+        pin = ctx.device.type == "cuda"
+        if self.options.get("offload", "none") == "cpu":
+            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
+        if self.options.get("offload_param", "none") == "cpu":
+            zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
+        cfg = {
+            "train_batch_size": recipe.batch_size,
+            "train_micro_batch_size_per_gpu": recipe.batch_size // (ctx.world_size * recipe.grad_accum),
+            "gradient_accumulation_steps": recipe.grad_accum,
+            "gradient_clipping": float(recipe.max_grad_norm or 0.0),
+            "zero_optimization": zero,
+            # torch.optim.AdamW is exact but not on DeepSpeed's list of "tested" ZeRO optimizers.
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+        if recipe.precision != "fp32":
+            # Same policy as torch.autocast elsewhere: fp32 weights, fp32 gradient reduction
+            # (an empty list keeps DeepSpeed from reducing Linear gradients in low precision).
+            cfg["torch_autocast"] = {"enabled": True,
+                                     "dtype": "bfloat16" if recipe.precision == "bf16" else "float16",
+                                     "lower_precision_safe_modules": []}
+        return _merge(cfg, _passthrough(self.options))
+
+    # ------------------------------------------------------------- engine
+
+    def setup(self, model) -> None:
+        ctx: EngineContext = self.ctx
+        if ctx.device.type != "cuda":
+            # Must precede the first deepspeed import, which picks its accelerator once.
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        ensure_process_group(ctx.device)
+        import deepspeed
+        import torch
+
+        self.config = self.build_config()
+        zero = self.config.get("zero_optimization") or {}
+        self.stage = int(zero.get("stage", 0))
+        self.offload = (zero.get("offload_optimizer") or {}).get("device", "none") in ("cpu", "nvme")
+        model = model.to(ctx.device)
+        self.skeleton = _meta_copy(model) if self.stage == 3 else None
+        params = [p for p in model.parameters() if p.requires_grad]
+        recipe = ctx.recipe
+        hyper = dict(lr=recipe.lr, betas=tuple(recipe.betas), eps=recipe.eps, weight_decay=recipe.weight_decay)
+        if self.offload:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            optimizer = DeepSpeedCPUAdam(params, adamw_mode=True, **hyper)
+        else:
+            optimizer = torch.optim.AdamW(params, **hyper)
+        self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=self.config,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(recipe)))
+        self.loss_multiplier = float(recipe.grad_accum * ctx.world_size)
+
+    def forward_backward(self, batch: dict):
+        ctx: EngineContext = self.ctx
+        batch = move(batch, ctx.device)
+        with autocast_for(ctx.recipe, ctx.device):
+            loss = ctx.loss_fn(self.ds, batch) * batch["loss_scale"]
+        self.ds.backward(loss * self.loss_multiplier)
+        # DeepSpeed counts micro-steps through step(); off the boundary it only advances the counter.
+        if not self.ds.is_gradient_accumulation_boundary():
+            self.ds.step()
+        return loss.detach()
+
+    def step(self) -> None:
+        self.ds.step()
+
+    def eval_model(self):
+        if self.stage != 3:
+            return self.ds.module
+        import deepspeed
+
+        module = self.ds.module
+        params = dict(module.named_parameters(remove_duplicate=False))
+        unique = list({id(p): p for p in params.values()}.values())
+        with deepspeed.zero.GatheredParameters(unique, modifier_rank=None):
+            full = {name: p.detach().clone() for name, p in params.items()}
+        return _materialize(self.skeleton, self.ctx.device, full, dict(module.named_buffers()))
+
+    def stats(self) -> dict:
+        return {"zero_stage": self.stage, "offload_optimizer": self.offload,
+                "offload_param": (self.config.get("zero_optimization", {}).get("offload_param") or {})
+                .get("device", "none"),
+                "optimizer": type(self.optimizer.optimizer if hasattr(self.optimizer, "optimizer")
+                                  else self.optimizer).__name__,
+                "deepspeed_config": self.config}
+
+
+def _meta_copy(model):
+    from .data_parallel import meta_copy
+
+    return meta_copy(model)
+
+
+def _materialize(skeleton, device, params, buffers):
+    from .data_parallel import materialize
+
+    return materialize(skeleton, device, params, buffers)
+
+
+def _passthrough(options: dict) -> dict:
+    """DeepSpeed settings given by the user: ``config`` first, then ``ds.`` keys."""
+    extra: dict = {}
+    raw = options.get("config")
+    if raw:
+        text = str(raw)
+        path = Path(text)
+        try:
+            data = json.loads(path.read_text()) if not text.lstrip().startswith("{") else json.loads(text)
+        except OSError as e:
+            raise FtbenchError(f"deepspeed config={text!r}: cannot read the file ({e.strerror}); pass a JSON "
+                               "file path or inline JSON") from None
+        except ValueError as e:
+            raise FtbenchError(f"deepspeed config={text!r}: invalid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise FtbenchError(f"deepspeed config={text!r}: expected a JSON object")
+        extra = _merge(extra, data)
+    for key, value in options.items():
+        if key.startswith("ds."):
+            parts = key[3:].split(".")
+            if not all(parts):
+                raise FtbenchError(f"malformed deepspeed option {key!r}; write ds.section.key=value")
+            node: dict = {}
+            leaf = node
+            for p in parts[:-1]:
+                leaf = leaf.setdefault(p, {})
+            leaf[parts[-1]] = value
+            extra = _merge(extra, node)
+    return extra
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+@hookimpl
+def register_backends(register):
+    def spec(name, description, preset_of="deepspeed", **defaults):
+        register(BackendSpec(name, engine=DeepSpeedEngine, defaults=defaults, description=description,
+                             preset_of=preset_of, data_parallel=True))
+
+    spec("deepspeed", "DeepSpeed engine, ZeRO stage 0-3, optional CPU offload (options: stage, offload, "
+         "offload_param, config, ds.KEY)", preset_of=None, stage=0, offload="none")
+    for s in range(4):
+        spec(f"zero{s}", f"DeepSpeed ZeRO stage {s}", stage=s, offload="none")
+    spec("zero2-offload", "DeepSpeed ZeRO-2, optimizer offloaded to CPU (DeepSpeedCPUAdam)", stage=2, offload="cpu")
+    spec("zero3-offload", "DeepSpeed ZeRO-3, optimizer and parameters offloaded to CPU", stage=3, offload="cpu",
+         offload_param="cpu")

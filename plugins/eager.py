@@ -11,4 +11,5 @@ class EagerEngine(StandardEngine):
 
 @hookimpl
 def register_backends(register):
-    register(BackendSpec("eager", engine=EagerEngine, description="plain PyTorch, eager mode (the reference)"))
+    register(BackendSpec("eager", engine=EagerEngine, description="plain PyTorch, eager mode (the reference)",
+                         reference=True))
