@@ -88,16 +88,23 @@ class Recipe:
         parse_tuning(self.tuning)
         return self
 
-    def fingerprint(self, task: str, task_options: dict, model: str, data: str, world_size: int) -> str:
+    def fingerprint(self, task: str, task_options: dict, model: str, data: str, world_size: int,
+                    columns: tuple = ()) -> str:
         """Hash of everything that defines the math of a step (not the backend).
 
         ``world_size`` enters only through the micro-batch it implies, which is
         already fixed by the global batch, so it is deliberately left out:
         eager on 1 rank and DDP on 2 ranks with the same global batch compute
-        the same step.
+        the same step.  For the same reason ``grad_accum`` (another split of
+        the same global batch), ``grad_checkpointing`` (recomputation, not
+        new math) and ``warmup`` (which steps are timed) are left out; see
+        :data:`FINGERPRINT_FIELDS`.  ``columns`` changes which text is read.
         """
-        payload = {"recipe": asdict(self), "task": task, "task_options": task_options,
+        recipe = {k: v for k, v in asdict(self).items() if k in FINGERPRINT_FIELDS}
+        payload = {"recipe": recipe, "task": task, "task_options": task_options,
                    "model": model, "data": data}
+        if columns:
+            payload["columns"] = [list(c) for c in columns]
         return _hash(payload)
 
 
@@ -203,7 +210,7 @@ class CellSpec:
 
     def fingerprint(self) -> str:
         task, topts = self.task_name_and_options()
-        return self.recipe.fingerprint(task, topts, self.model, self.data, self.nproc)
+        return self.recipe.fingerprint(task, topts, self.model, self.data, self.nproc, self.columns)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -225,3 +232,5 @@ class CellSpec:
 
 
 RECIPE_FIELDS = tuple(f.name for f in fields(Recipe))
+#: Recipe settings that change what a step computes (the rest change only how it is split or timed).
+FINGERPRINT_FIELDS = tuple(f for f in RECIPE_FIELDS if f not in ("warmup", "grad_accum", "grad_checkpointing"))

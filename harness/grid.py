@@ -66,7 +66,7 @@ class Grid:
                 if not where or str(e).startswith(where):
                     raise
                 raise FtbenchError(f"{where}{e}") from None
-        return cells
+        return reference_first(cells, registry)
 
     def _cells_at(self, settings: dict, point: dict, registry) -> list[CellSpec]:
         axes = {a: list(self.axes.get(a) or []) for a in AXES}
@@ -117,6 +117,19 @@ class Grid:
                 seen.add((c.cell_id, c.repeat))
                 unique.append(c)
         return unique
+
+
+def reference_first(cells: list[CellSpec], registry) -> list[CellSpec]:
+    """Cells of reference backends (``BackendSpec.reference``) first, the rest in order.
+
+    Loss parity compares each cell with the reference cell of its recipe
+    (:mod:`harness.parity`), which must have finished by then.  The sort is
+    stable, so the grid's own order holds within each group.
+    """
+    def is_ref(cell: CellSpec) -> bool:
+        return bool(getattr(registry.backend(parse_spec(cell.backend, "backend")[0]), "reference", False))
+
+    return sorted(cells, key=lambda c: not is_ref(c))
 
 
 def default_model(registry, task) -> str:
