@@ -289,3 +289,51 @@ def test_model_dir_without_config(out, tmp_path):
     d = _model_dir(tmp_path)
     (d / "config.json").unlink()
     refused(["--task", "generation", "--backend", "eager", "--model", d, *TINY], out, "no config.json")
+
+
+# ---------------------------------------------------------- untrusted files
+
+
+def _unsafe_calls(source: str, filename: str) -> list[str]:
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(source, filename)):
+        if not isinstance(node, ast.Call):
+            continue
+        f = node.func
+        name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else ""
+        base = f.value.id if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) else ""
+        kw = {k.arg: k.value for k in node.keywords}
+        const = {k: getattr(v, "value", None) for k, v in kw.items()}
+        where = f"{filename}:{node.lineno}"
+        if isinstance(f, ast.Name) and name in ("eval", "exec"):
+            found.append(f"{where} {name}()")
+        elif base == "yaml" and name in ("load", "load_all", "unsafe_load", "full_load", "full_load_all"):
+            found.append(f"{where} yaml.{name} (use yaml.safe_load)")
+        elif base in ("pickle", "cPickle", "dill", "marshal", "shelve") and name in ("load", "loads", "open"):
+            found.append(f"{where} {base}.{name}")
+        elif base == "torch" and name == "load" and const.get("weights_only") is not True:
+            found.append(f"{where} torch.load without weights_only=True")
+        elif name == "load" and const.get("allow_pickle") is True:
+            found.append(f"{where} load(allow_pickle=True)")
+        if const.get("trust_remote_code") is True:
+            found.append(f"{where} trust_remote_code=True")
+    return found
+
+
+def test_nothing_loaded_from_a_file_can_run_code():
+    """Configuration, data, results and checkpoints are parsed with safe loaders only."""
+    root = Path(__file__).resolve().parent.parent
+    found = []
+    for pkg in ("harness", "plugins", "tasks"):
+        for path in sorted((root / pkg).rglob("*.py")):
+            found += _unsafe_calls(path.read_text(), str(path.relative_to(root)))
+    assert not found, "unsafe loaders:\n" + "\n".join(found)
+
+
+def test_the_scan_would_catch_an_unsafe_loader():
+    bad = "import yaml, torch, pickle\nyaml.load(s)\ntorch.load(p)\npickle.loads(b)\neval(x)\n" \
+          "torch.load(p, weights_only=False)\nAutoModel.from_pretrained(p, trust_remote_code=True)\n"
+    assert len(_unsafe_calls(bad, "x.py")) == 6
+    assert not _unsafe_calls("yaml.safe_load(s)\ntorch.load(p, weights_only=True)\nmodel.eval()\n", "y.py")
