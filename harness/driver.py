@@ -95,6 +95,7 @@ def run_cells(cells: list[CellSpec], out: str | os.PathLike, environment: dict, 
     out_dir = prepare_out_dir(out)
     summary = RunSummary()
     reaper.become_subreaper()
+    os.environ[reaper.DRIVER_PID_ENV] = str(os.getpid())  # before the first cell (or fork server) starts
     with OutputLock(out_dir):
         _write_atomic(out_dir / "environment.json", json.dumps(environment, indent=2, default=str))
         done = set() if force else finished_keys(out_dir)

@@ -15,6 +15,8 @@ import ctypes
 import os
 import signal
 import sys
+import threading
+import time
 
 import psutil
 
@@ -109,3 +111,39 @@ def _describe(p: psutil.Process) -> dict:
     except psutil.Error:
         cmd = "?"
     return {"pid": p.pid, "command": cmd}
+
+
+#: Set by the driver, inherited by every cell (fork server, exec'd worker, torchrun ranks).
+DRIVER_PID_ENV = "FTBENCH_DRIVER_PID"
+
+
+def watch_driver(poll_s: float = 1.0) -> None:
+    """In a cell: die, with the cell's whole process group, when the driver is gone.
+
+    The driver kills its cell on Ctrl-C or SIGTERM, but a driver that is itself
+    SIGKILLed (by a user, a scheduler or the kernel's OOM killer) cannot; without
+    this a hung cell would run forever with no one left to record it.
+    """
+    pid = os.environ.get(DRIVER_PID_ENV)
+    if not pid or not pid.isdigit():
+        return
+    try:
+        driver = psutil.Process(int(pid))
+    except psutil.Error:
+        driver = None
+
+    def orphaned() -> bool:
+        try:
+            return driver is None or not driver.is_running() or driver.status() == psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return True
+
+    def loop():
+        while not orphaned():
+            time.sleep(poll_s)
+        try:
+            os.killpg(os.getpgrp(), signal.SIGKILL)
+        finally:
+            os._exit(137)
+
+    threading.Thread(target=loop, name="ftbench-driver-watch", daemon=True).start()

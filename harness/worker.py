@@ -347,6 +347,9 @@ def main(argv: list[str] | None = None) -> int:
     import faulthandler
 
     faulthandler.enable()  # a segfault's Python stack goes to the cell's log, hence into the record
+    from .reaper import watch_driver
+
+    watch_driver()
     spec_path, result_dir = Path(argv[0]), Path(argv[1])
     t_launch = float(argv[2]) if len(argv) > 2 else None
     rank = int(os.environ.get("RANK", 0))

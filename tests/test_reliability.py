@@ -67,6 +67,17 @@ def _descendants(pid: int) -> list[psutil.Process]:
         return []
 
 
+def _cell_started(driver_pid: int) -> bool:
+    # A cell is forked from the fork server (a grandchild) or exec'd as harness.worker.
+    for p in _descendants(driver_pid):
+        try:
+            if p.ppid() != driver_pid or "harness.worker" in " ".join(p.cmdline()):
+                return True
+        except psutil.Error:
+            continue
+    return False
+
+
 def _assert_all_gone(procs, timeout=15):
     _, alive = psutil.wait_procs(procs, timeout=timeout)
     alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
@@ -335,3 +346,20 @@ def test_report_and_compare_name_the_torn_line_and_use_the_rest(tmp_path, comman
     assert proc.returncode in (0, 1), text  # compare may call a change a regression; never a crash
     assert "Traceback" not in text
     assert "results.jsonl line 3" in text
+
+
+def test_a_sigkilled_driver_takes_its_running_cell_with_it(tmp_path):
+    out = tmp_path / "out"
+    run = _start(["run", "--task", "generation", "--backend", "fault:kind=hang,at_step=0", *TINY, "--out", out])
+    try:
+        _wait_for(lambda: (out / "environment.json").exists(), 120, "the run to start", run)
+        _wait_for(lambda: _cell_started(run.pid), 120, "the cell to start", run)
+        time.sleep(2.0)
+        procs = _descendants(run.pid)
+        run.send_signal(signal.SIGKILL)  # no handler can run: the cell must notice on its own
+        run.wait(timeout=30)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    _assert_all_gone(procs, timeout=20)
+    assert not (out / "results.jsonl").exists()
