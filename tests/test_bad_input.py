@@ -88,6 +88,23 @@ def test_malformed_backend_option_string(out, backend):
             "malformed backend option", "NAME:key=value,key=value")
 
 
+@pytest.mark.parametrize("backend,phrases", [
+    ("compile:mod=default", ["unknown compile option", "mod", "allowed"]),
+    ("compile:mode=fastest", ["invalid compile mode='fastest'", "choose one of"]),
+])
+def test_unknown_or_invalid_backend_option(out, backend, phrases):
+    if backend.split(":")[0] not in Registry.load().backends:
+        pytest.skip(f"no {backend.split(':')[0]} backend registered")
+    refused(["--task", "generation", "--backend", backend, *TINY], out, *phrases)
+
+
+def test_batch_that_cannot_be_split_over_ranks(out):
+    if "ddp" not in Registry.load().backends:
+        pytest.skip("no ddp backend registered")
+    refused(["--task", "generation", "--backend", "ddp", "--nproc", "3", *TINY], out,
+            "global batch 4 cannot be split over nproc 3", "multiple of 3")
+
+
 def test_exit_status_2_through_a_real_process(out):
     before = snapshot(out)
     proc = ftbench("run", "--task", "generation", "--backend", "eagr", *TINY, "--out", out)
