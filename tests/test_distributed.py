@@ -1,0 +1,125 @@
+"""Multi-process cells: a failing rank fails the cell with its own message and
+leaves no process behind; multi-node settings reach torchrun intact."""
+
+from __future__ import annotations
+
+import inspect
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import TINY, ftbench, records
+from harness.config import CellSpec
+
+#: A third-party backend plugin, installed the way pip would leave it: a module plus a
+#: dist-info with an ``ftbench`` entry point, found on PYTHONPATH by the driver and every rank.
+RANK_FAULT_PLUGIN = '''
+import torch.distributed as dist
+
+from harness import hookimpl
+from harness.api import BackendSpec
+from plugins.data_parallel import DDPEngine
+
+
+class RankFaultEngine(DDPEngine):
+    """DDP whose rank 1 raises in its third micro-batch, while rank 0 waits in the all-reduce."""
+
+    calls = 0
+
+    def forward_backward(self, batch):
+        self.calls += 1
+        if dist.get_rank() == 1 and self.calls == 3:
+            raise RuntimeError("injected fault on rank 1 at step 2")
+        return super().forward_backward(batch)
+
+
+@hookimpl
+def register_backends(register):
+    register(BackendSpec("rank-fault", engine=RankFaultEngine, data_parallel=True,
+                         description="test-only: rank 1 raises"))
+'''
+
+
+def _install_plugin(root: Path) -> dict:
+    (root / "ftbench_rank_fault.py").write_text(textwrap.dedent(RANK_FAULT_PLUGIN))
+    dist = root / "ftbench_rank_fault-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: ftbench-rank-fault\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[ftbench]\nrank_fault = ftbench_rank_fault\n")
+    return {"PYTHONPATH": str(root)}
+
+
+def _marked(mark: str) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get("FTBENCH_TEST_MARK") == mark:
+                found.append(p)
+        except (psutil.Error, OSError):
+            continue
+    return found
+
+
+def test_a_failing_rank_fails_the_cell_with_its_message_and_leaves_nothing(tmp_path):
+    env = _install_plugin(tmp_path)
+    mark = uuid.uuid4().hex
+    env["FTBENCH_TEST_MARK"] = mark  # inherited by every process of the cell
+    out = tmp_path / "out"
+    proc = ftbench("run", "--task", "generation", "--backend", "rank-fault", "--nproc", "2", *TINY, "--out", out,
+                   env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    (rec,) = records(out)
+    assert rec["nproc"] == 2
+    assert rec["status"] == "error"
+    assert "RuntimeError: injected fault on rank 1 at step 2" in rec["error"]
+    assert rec["parity"]["status"] == "not-compared"
+    deadline = time.time() + 5
+    while _marked(mark) and time.time() < deadline:
+        time.sleep(0.2)
+    left = _marked(mark)
+    assert not left, f"processes left behind: {[(p.pid, p.cmdline()) for p in left]}"
+
+
+def test_multi_node_settings_reach_torchrun_and_parse():
+    from torch.distributed.run import get_args_parser
+
+    from harness.cellproc import command_for
+
+    spec = CellSpec(task="generation", backend="ddp", model="tiny-gpt2", nproc=2,
+                    launcher={"nnodes": 2, "node_rank": 1, "master_addr": "10.0.0.7", "master_port": 29511})
+    extra = [time.time()] if len(inspect.signature(command_for).parameters) > 3 else []
+    cmd = command_for(spec, Path("spec.json"), Path("out"), *extra)
+    start = cmd.index("torch.distributed.run") + 1
+    args = get_args_parser().parse_args(cmd[start:])
+    assert (args.nnodes, args.nproc_per_node, args.node_rank) == ("2", "2", 1)
+    assert (args.master_addr, args.master_port) == ("10.0.0.7", 29511)
+    assert not args.standalone
+    assert args.training_script == "harness.worker" and args.module
+
+
+def test_single_node_cells_use_a_private_rendezvous():
+    from torch.distributed.run import get_args_parser
+
+    from harness.cellproc import command_for
+
+    spec = CellSpec(task="generation", backend="ddp", model="tiny-gpt2", nproc=2)
+    extra = [time.time()] if len(inspect.signature(command_for).parameters) > 3 else []
+    cmd = command_for(spec, Path("spec.json"), Path("out"), *extra)
+    start = cmd.index("torch.distributed.run") + 1
+    args = get_args_parser().parse_args(cmd[start:])
+    # --standalone picks a free port, so concurrent cells on one machine never collide.
+    assert args.standalone and args.nproc_per_node == "2"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["ddp", "fsdp"])
+def test_data_parallel_backend_without_nproc_runs_one_rank(tmp_path, backend):
+    # A one-rank cell needs a process group too; it gets one over an in-memory store.
+    out = tmp_path / "out"
+    ftbench("run", "--task", "generation", "--backend", backend, *TINY, "--steps", "4", "--out", out, check=True)
+    (rec,) = records(out)
+    assert rec["status"] == "ok" and rec["nproc"] == 1, rec["error"]
