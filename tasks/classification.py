@@ -108,10 +108,12 @@ class ClassificationTask(Task):
                 raise DataError(f"{where(splits['train'], i)}: field 'label': {values[i]!r} is a name but other "
                                 "labels are integer ids; use one or the other")
             label_set = list(range(max(ints) + 1)) if ints else sorted(set(values))
-        ids = {v: i for i, v in enumerate(label_set)}
         if all(isinstance(v, int) for v in label_set):
-            ids = {v: v for v in label_set}
-        n = int(options.get("num_labels") or len(label_set))
+            ids = {v: v for v in label_set}  # integer labels are the class ids themselves
+            n = int(options.get("num_labels") or max(label_set) + 1)
+        else:
+            ids = {v: i for i, v in enumerate(label_set)}
+            n = int(options.get("num_labels") or len(label_set))
         for split, rows in splits.items():
             for i, row in enumerate(rows):
                 v = label_value(row["label"])
