@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import reaper
+from . import launch, reaper
 from .api import FtbenchError
 from .cellproc import run_cell_process
 from .config import CellSpec
@@ -108,6 +108,9 @@ def run_cells(cells: list[CellSpec], out: str | os.PathLike, environment: dict, 
                 for problem in existing.problems:
                     progress("problem", 0, len(cells), None, problem)
         total = len(cells)
+        if progress:
+            progress("warmup", 0, total, None, None)
+        launch.warm_up([c for c in cells if (c.cell_id, c.repeat) not in done])
         for i, spec in enumerate(cells, start=1):
             if (spec.cell_id, spec.repeat) in done:
                 summary.skipped_done += 1

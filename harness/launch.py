@@ -62,6 +62,16 @@ def _cell_main(argv: list[str], log_path: str) -> None:
         os._exit(code)
 
 
+def warm_up(cells) -> None:
+    """Start the fork server now if any cell will use it, so that its one-off
+    start-up is not charged to the first cell's wall time."""
+    if any(use_fork_server(c) for c in cells):
+        from multiprocessing import forkserver
+
+        _fork_context()
+        forkserver.ensure_running()
+
+
 class ForkedCell:
     """A cell process forked from the fork server (same interface as Popen here)."""
 

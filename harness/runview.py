@@ -25,11 +25,19 @@ class RunView:
             self.con.print(f"[yellow]warning:[/] {escape(record)} (a cell without a readable record runs again)",
                            soft_wrap=True)
             return
+        if kind == "warmup":
+            self.status = self.con.status("starting the cell launcher (imports torch and the plugins once)…")
+            self.status.start()
+            return
+        if kind not in ("skip", "start", "end"):
+            return
         label = f"[{i}/{total}] {spec.task} × {spec.backend} × {spec.model}" + (
             f" (nproc {spec.nproc})" if spec.nproc > 1 else "") + (f" repeat {spec.repeat}" if spec.repeat else "")
         if kind == "skip":
             self.con.print(f"{label}: already in the result set, skipped (use --force to rerun)")
         elif kind == "start":
+            if self.status:
+                self.status.stop()
             self.status = self.con.status(f"{label}: running…")
             self.status.start()
         else:
