@@ -220,5 +220,77 @@ def _install_sigterm():
     signal.signal(signal.SIGHUP, handler)
 
 
+
+# ---------------------------------------------------------------- report
+
+
+@main.command("report")
+@click.argument("result_dir", type=click.Path(file_okay=False))
+@click.option("--out", default=None, help="Where to write the report (default RESULT_DIR/report).")
+@click.option("--quiet", is_flag=True, help="Write the files without printing the table.")
+def report_cmd(result_dir, out, quiet):
+    """Tables (terminal, Markdown, CSV), PNG plots and an HTML page for a result set."""
+    from .report import print_table, write_report
+
+    rep, display = write_report(result_dir, out)
+    con = _console()
+    for p in rep.problems:
+        _console(stderr=True).print(f"[yellow]warning:[/] {p}", soft_wrap=True)
+    if not quiet:
+        print_table(display, con, f"ftbench report: {result_dir}")
+    con.print(f"wrote {rep.markdown}, {rep.csv}, {rep.records_csv}, {rep.html}")
+    for path in rep.plots.values():
+        con.print(f"wrote {path}")
+
+
+# --------------------------------------------------------------- compare
+
+
+@main.command("compare")
+@click.argument("base_dir", type=click.Path(file_okay=False))
+@click.argument("new_dir", type=click.Path(file_okay=False))
+@click.option("--threshold", "thresholds", multiple=True, metavar="FIGURE=VALUE",
+              help="Smallest relative change that counts, per figure (tokens_per_s, step_time_s, "
+                   "peak_memory_bytes, metric), e.g. tokens_per_s=5% (repeatable).")
+@click.option("--alpha", type=float, default=None, help="Significance level of the rank test on step times "
+                                                        "(with repeats; default 0.01).")
+@click.option("--markdown", "markdown_file", type=click.Path(dir_okay=False), help="Also write Markdown here.")
+def compare_cmd(base_dir, new_dir, thresholds, alpha, markdown_file):
+    """Regressions between two result sets; exit status 1 when something regressed."""
+    from .compare import DEFAULT_ALPHA, compare_sets, parse_threshold, print_comparison
+
+    th = dict(parse_threshold(t) for t in thresholds)
+    if alpha is not None and not 0 < alpha < 1:
+        raise FtbenchError(f"invalid --alpha {alpha}: must be between 0 and 1, e.g. 0.01")
+    cmp = compare_sets(base_dir, new_dir, th, DEFAULT_ALPHA if alpha is None else alpha)
+    print_comparison(cmp, _console(), base_dir, new_dir)
+    if markdown_file:
+        with open(markdown_file, "a" if markdown_file == os.environ.get("GITHUB_STEP_SUMMARY") else "w") as f:
+            f.write(cmp.markdown(base_dir, new_dir))
+    sys.exit(EXIT_REGRESSION if cmp.regressions else 0)
+
+
+# ----------------------------------------------------------------- merge
+
+
+@main.command("merge")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.argument("sources", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--allow-mixed-environments", is_flag=True,
+              help="Merge sets from different machines or library versions anyway.")
+def merge_cmd(out, sources, allow_mixed_environments):
+    """Join result sets (e.g. the shards of one grid) into OUT, each record once."""
+    from .resultset import merge_result_sets
+
+    summary = merge_result_sets(out, list(sources), allow_mixed_environments=allow_mixed_environments)
+    con = _console()
+    for w in summary.warnings:
+        _console(stderr=True).print(f"[yellow]warning:[/] {w}", soft_wrap=True)
+    for src, n in summary.sources.items():
+        con.print(f"{src}: {n} record(s)")
+    extra = f" ({summary.duplicates} identical duplicate(s) kept once)" if summary.duplicates else ""
+    con.print(f"merged {summary.written} record(s) into {out}/results.jsonl{extra}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

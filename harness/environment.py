@@ -55,6 +55,7 @@ def collect(pm=None) -> dict:
         "platform": platform.platform(),
         "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
+        "cpu_affinity": _affinity(),
         "versions": {p: package_version(p) for p in PACKAGES},
         "git_commit": git_commit(),
         "hostname": platform.node(),
@@ -64,11 +65,20 @@ def collect(pm=None) -> dict:
     return env
 
 
+def _affinity() -> int | None:
+    """CPUs this process may run on (taskset/cgroup pinning slows a run without changing cpu_count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return None
+
+
 def comparable_view(env: dict) -> dict:
     """The parts of an environment that change measured figures (for compare)."""
     return {
         "cpu": env.get("cpu"),
         "cpu_count": env.get("cpu_count"),
+        "cpu_affinity": env.get("cpu_affinity"),
         "device": env.get("device"),
         "versions": {k: v for k, v in (env.get("versions") or {}).items() if k in ("torch", "transformers",
                                                                                "deepspeed")},

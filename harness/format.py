@@ -13,6 +13,8 @@ def fmt_num(x, digits: int = 3) -> str:
         return f"{x / 1e6:.{digits}g}M"
     if ax >= 1e4:
         return f"{x / 1e3:.{digits}g}k"
+    if ax >= 10 ** digits:  # 1234, not 1.23e+03
+        return f"{x:.0f}"
     return f"{x:.{digits}g}"
 
 

@@ -1,0 +1,370 @@
+"""``ftbench report DIR``: tables and plots of a result set.
+
+Writes into ``DIR/report/``:
+
+* ``summary.md`` and ``summary.csv`` — one row per cell, repeats folded into
+  median and [min–max] (the CSV keeps raw numbers for further analysis);
+  ``records.csv`` — one row per record;
+* ``plots/*.png`` — throughput and peak memory by backend per task, loss
+  curves per task overlaying backends, quality vs throughput;
+* ``report.html`` — one self-contained page (plots embedded as data URIs,
+  each also linked to its PNG file).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .format import fmt_bytes, fmt_num
+from .resultset import ResultSet, as_float, load_result_set, repeat_of, variant_labels
+
+REPORT_DIR = "report"
+MiB = 2**20
+
+
+@dataclass
+class Report:
+    """Paths of what :func:`write_report` produced."""
+
+    out: Path
+    markdown: Path
+    csv: Path
+    records_csv: Path
+    html: Path
+    plots: dict[str, Path] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------ tables
+
+
+def records_frame(rs: ResultSet):
+    """One row per record, the figures a table needs, plus the cell's label."""
+    import pandas as pd
+
+    labels = variant_labels(rs.records)
+    rows = []
+    for r in rs.records:
+        st = r.get("step_time") or {}
+        rows.append({
+            "cell_id": r["cell_id"], "task": r.get("task"), "variant": labels.get(r["cell_id"]),
+            "backend": r.get("backend"), "model": r.get("model"), "nproc": r.get("nproc", 1),
+            "repeat": repeat_of(r), "status": r.get("status"), "error": r.get("error"),
+            "tokens_per_s": as_float(r.get("tokens_per_s")), "samples_per_s": as_float(r.get("samples_per_s")),
+            "step_time_s": as_float(r.get("step_time_s")), "step_iqr_s": as_float(st.get("iqr")),
+            "peak_memory_bytes": as_float(r.get("peak_memory_bytes")), "memory_kind": r.get("memory_kind"),
+            "setup_s": as_float(r.get("setup_s")), "compile_s": as_float(r.get("compile_s")),
+            "metric": r.get("metric"), "metric_value": as_float(r.get("metric_value")),
+            "higher_is_better": r.get("higher_is_better"), "eval_loss": as_float(r.get("eval_loss")),
+            "parity": _parity(r.get("parity")), "recipe_fingerprint": r.get("recipe_fingerprint"),
+        })
+    return pd.DataFrame(rows)
+
+
+def summary_frame(df):
+    """One row per cell: median, min and max over ok repeats of each figure."""
+    import pandas as pd
+
+    if df.empty:
+        return pd.DataFrame()
+    out = []
+    for cid, g in df.groupby("cell_id", sort=False):
+        ok = g[g["status"] == "ok"]
+        first = g.iloc[0]
+        row = {"task": first["task"], "variant": first["variant"], "backend": first["backend"],
+               "model": first["model"], "nproc": first["nproc"], "repeats": len(g), "ok": len(ok),
+               "status": "/".join(sorted(set(g["status"]))), "metric": first["metric"],
+               "higher_is_better": first["higher_is_better"], "memory_kind": first["memory_kind"],
+               "parity": next((p for p in g["parity"] if p and p != "-"), "-"),
+               "error": next((e for e in g["error"] if isinstance(e, str) and e), None), "cell_id": cid}
+        for col in ("tokens_per_s", "step_time_s", "peak_memory_bytes", "setup_s", "compile_s", "metric_value"):
+            vals = ok[col].dropna()
+            row[f"{col}_median"] = vals.median() if len(vals) else None
+            row[f"{col}_min"] = vals.min() if len(vals) else None
+            row[f"{col}_max"] = vals.max() if len(vals) else None
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def _spread(row, col, fmt) -> str:
+    med = row[f"{col}_median"]
+    if med is None or (isinstance(med, float) and math.isnan(med)):
+        return "-"
+    lo, hi = row[f"{col}_min"], row[f"{col}_max"]
+    if row["ok"] > 1 and lo != hi:
+        return f"{fmt(med)} [{fmt(lo)}–{fmt(hi)}]"
+    return fmt(med)
+
+
+def display_frame(summary):
+    """The summary with human-readable cells (what Markdown, HTML and the terminal show)."""
+    import pandas as pd
+
+    rows = []
+    for _, s in summary.iterrows():
+        arrow = "↑" if s["higher_is_better"] else "↓"
+        metric = f"{s['metric']} {arrow} {_spread(s, 'metric_value', fmt_num)}" if s["metric"] else "-"
+        status = s["status"] if s["ok"] == s["repeats"] else f"{s['status']} ({s['ok']}/{s['repeats']} ok)"
+        if s["error"] and s["ok"] < s["repeats"]:
+            status += f": {str(s['error'])[:80]}"
+        rows.append({
+            "task": s["task"], "cell": s["variant"], "model": s["model"], "repeats": int(s["repeats"]),
+            "status": status, "tokens/s": _spread(s, "tokens_per_s", fmt_num),
+            "step ms": _spread(s, "step_time_s", lambda v: fmt_num(v * 1e3)),
+            "peak memory": _spread(s, "peak_memory_bytes", fmt_bytes),
+            "setup s": _spread(s, "setup_s", fmt_num), "compile s": _spread(s, "compile_s", fmt_num),
+            "metric": metric, "parity": s["parity"],
+        })
+    return pd.DataFrame(rows)
+
+
+def _parity(p) -> str:
+    if not p:
+        return "-"
+    if p.get("status") == "reference":
+        return "reference"
+    if p.get("max_rel_dev") is None:
+        return str(p.get("reason", "-"))
+    return f"{'✓' if p.get('passed') else '✗'} {p['max_rel_dev']:.1e}"
+
+
+# ------------------------------------------------------------------- plots
+
+
+def _grid_axes(plt, n: int, width: float = 5.2, height: float = 3.8):
+    cols = min(n, 3)
+    rows = math.ceil(n / cols)
+    # A lone panel gets extra width so that the figure's title fits.
+    fig, axes = plt.subplots(rows, cols, figsize=(max(width * cols, 7.5), height * rows + 0.4), squeeze=False)
+    flat = list(axes.flat)
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return fig, flat[:n]
+
+
+def _colours(labels):
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10"]
+    return {lab: cmap(i % 10) for i, lab in enumerate(labels)}
+
+
+def plot_bars(summary, df, col: str, ylabel: str, title: str, path: Path, scale: float = 1.0) -> Path:
+    """One panel per task, one bar per cell (median), whiskers min–max, dots per repeat."""
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(summary["task"]))
+    fig, axes = _grid_axes(plt, len(tasks))
+    colours = _colours(list(dict.fromkeys(summary["variant"])))
+    for ax, task in zip(axes, tasks):
+        s = summary[(summary["task"] == task) & summary[f"{col}_median"].notna()]
+        x = list(range(len(s)))
+        med = [v / scale for v in s[f"{col}_median"]]
+        lo = [m - v / scale for m, v in zip(med, s[f"{col}_min"])]
+        hi = [v / scale - m for m, v in zip(med, s[f"{col}_max"])]
+        bars = ax.bar(x, med, color=[colours[v] for v in s["variant"]], yerr=[lo, hi], capsize=4,
+                      edgecolor="black", linewidth=0.5, error_kw={"elinewidth": 1})
+        for i, cid in enumerate(s["cell_id"]):
+            pts = df[(df["cell_id"] == cid) & (df["status"] == "ok")][col].dropna() / scale
+            ax.scatter([i] * len(pts), pts, color="black", s=10, zorder=3)
+        ax.bar_label(bars, labels=[fmt_num(m) for m in med], padding=3, fontsize=8)
+        ax.set_xticks(x, list(s["variant"]), rotation=20 if len(s) > 2 else 0, ha="right" if len(s) > 2 else "center",
+                      fontsize=8)
+        ax.set_title(task)
+        ax.set_ylabel(ylabel)
+        ax.set_ylim(0, max(med + [v / scale for v in s[f"{col}_max"]] or [1]) * 1.18)
+        ax.grid(axis="y", alpha=0.3)
+        if not len(s):
+            ax.text(0.5, 0.5, "no successful cell", ha="center", va="center", transform=ax.transAxes)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_loss(rs: ResultSet, summary, path: Path) -> Path:
+    """One panel per task: the train loss per optimizer step of every cell
+    (median over repeats, band min–max); the dashed line ends the warmup."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    tasks = list(dict.fromkeys(summary["task"]))
+    labels = dict(zip(summary["cell_id"], summary["variant"]))
+    colours = _colours(list(dict.fromkeys(summary["variant"])))
+    fig, axes = _grid_axes(plt, len(tasks), height=3.6)
+    for ax, task in zip(axes, tasks):
+        warm = None
+        for cid in summary[summary["task"] == task]["cell_id"]:
+            curves = [[as_float(v) for v in r.get("train_loss") or []] for r in rs.records
+                      if r["cell_id"] == cid and r.get("status") in ("ok", "diverged") and r.get("train_loss")]
+            if not curves:
+                continue
+            n = min(len(c) for c in curves)
+            arr = np.array([[np.nan if v is None else v for v in c[:n]] for c in curves], dtype=float)
+            steps = np.arange(1, n + 1)
+            lab = labels[cid]
+            ax.plot(steps, np.nanmedian(arr, axis=0), color=colours[lab], label=lab, linewidth=1.4)
+            if len(curves) > 1:
+                ax.fill_between(steps, np.nanmin(arr, axis=0), np.nanmax(arr, axis=0), color=colours[lab],
+                                alpha=0.18, linewidth=0)
+            rec = next(r for r in rs.records if r["cell_id"] == cid)
+            warm = ((rec.get("config") or {}).get("recipe") or {}).get("warmup", warm)
+        if warm:
+            ax.axvline(warm + 0.5, color="grey", linestyle="--", linewidth=0.8, label="end of warmup")
+        ax.set_title(task)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("train loss")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.suptitle("Training loss (median over repeats; band = min–max)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_quality(summary, path: Path) -> Path:
+    """One panel per task: primary metric against throughput, whiskers min–max."""
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(summary["task"]))
+    colours = _colours(list(dict.fromkeys(summary["variant"])))
+    fig, axes = _grid_axes(plt, len(tasks))
+    for ax, task in zip(axes, tasks):
+        s = summary[(summary["task"] == task) & summary["tokens_per_s_median"].notna()
+                    & summary["metric_value_median"].notna()]
+        for _, row in s.iterrows():
+            x, y = row["tokens_per_s_median"], row["metric_value_median"]
+            ax.errorbar(x, y, xerr=[[x - row["tokens_per_s_min"]], [row["tokens_per_s_max"] - x]],
+                        yerr=[[y - row["metric_value_min"]], [row["metric_value_max"] - y]], fmt="o", ms=7,
+                        color=colours[row["variant"]], capsize=3, label=row["variant"])
+            ax.annotate(row["variant"], (x, y), textcoords="offset points", xytext=(6, 6), fontsize=8)
+        metric = next(iter(s["metric"]), None) if len(s) else None
+        hib = bool(next(iter(s["higher_is_better"]), False)) if len(s) else False
+        ax.set_title(task)
+        ax.set_xlabel("throughput (tokens/s, higher is better)")
+        ax.set_ylabel(f"{metric} ({'higher' if hib else 'lower'} is better)" if metric else "metric")
+        ax.grid(alpha=0.3)
+        ax.margins(x=0.25, y=0.25)
+        if not len(s):
+            ax.text(0.5, 0.5, "no successful cell", ha="center", va="center", transform=ax.transAxes)
+    fig.suptitle("Quality vs throughput (median; whiskers min–max)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# -------------------------------------------------------------------- html
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1200px;color:#222}
+h1{font-size:1.6em} h2{margin-top:1.6em;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;font-size:.85em;margin:1em 0}
+th,td{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}
+th{background:#f3f3f3} tr:nth-child(even) td{background:#fafafa}
+figure{margin:1.5em 0} img{max-width:100%;border:1px solid #eee}
+figcaption{font-size:.85em;color:#555} .warn{color:#a60}
+"""
+
+PLOT_TITLES = {
+    "throughput": "Throughput per task (median; whiskers min–max; dots = repeats)",
+    "memory": "Peak memory per task",
+    "loss": "Loss curves per task",
+    "quality": "Quality vs throughput",
+}
+
+
+def render_html(rs: ResultSet, display, plots: dict[str, Path], out: Path, problems: list[str]) -> str:
+    """The report page: the summary table and every plot, embedded so the file stands alone."""
+    env = next((r.get("environment") for r in rs.records if r.get("environment")), {}) or {}
+    versions = ", ".join(f"{k} {v}" for k, v in (env.get("versions") or {}).items() if v)
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>ftbench report: {html.escape(str(rs.path))}"
+             f"</title><style>{_CSS}</style></head><body>",
+             f"<h1>ftbench report — {html.escape(str(rs.path))}</h1>",
+             f"<p>{len(rs.records)} record(s), {display.shape[0]} cell(s). Machine: "
+             f"{html.escape(str(env.get('cpu', '?')))} ({env.get('cpu_count', '?')} CPUs); "
+             f"{html.escape(versions)}; commit {html.escape(str(env.get('git_commit')))}.</p>"]
+    for p in problems:
+        parts.append(f"<p class='warn'>warning: {html.escape(p)}</p>")
+    parts += ["<h2>Cells</h2>",
+              "<p>Figures are the median over repeats, with [min–max] when there are several.</p>",
+              display.to_html(index=False, escape=True, border=0, classes="cells"), "<h2>Plots</h2>"]
+    for key, path in plots.items():
+        data = base64.b64encode(path.read_bytes()).decode()
+        rel = os.path.relpath(path, out)
+        parts.append(f"<figure><img src='data:image/png;base64,{data}' alt='{html.escape(PLOT_TITLES[key])}' "
+                     f"data-file='{html.escape(rel)}'><figcaption>{html.escape(PLOT_TITLES[key])} — "
+                     f"<a href='{html.escape(rel)}'>{html.escape(rel)}</a></figcaption></figure>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+# -------------------------------------------------------------------- main
+
+
+def write_report(result_dir, out: str | os.PathLike | None = None) -> tuple[Report, object]:
+    """Write the Markdown, CSV, PNG and HTML report of a result set.
+
+    Returns the report's paths and the display table (for the terminal).
+
+    Example::
+
+        rep, table = write_report("results/baseline-cpu")
+        print(rep.html)   # results/baseline-cpu/report/report.html
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    rs = load_result_set(result_dir)
+    problems = list(rs.problems)
+    if rs.replaced:
+        problems.append(f"{rs.replaced} record(s) were superseded by a later rerun of the same cell and repeat "
+                        "(--force); the latest is shown")
+    out = Path(out) if out else Path(result_dir) / REPORT_DIR
+    plots_dir = out / "plots"
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    df = records_frame(rs)
+    summary = summary_frame(df)
+    display = display_frame(summary)
+    rep = Report(out=out, markdown=out / "summary.md", csv=out / "summary.csv", records_csv=out / "records.csv",
+                 html=out / "report.html", problems=problems)
+    df.to_csv(rep.records_csv, index=False)
+    summary.to_csv(rep.csv, index=False)
+    md = [f"# ftbench report: {result_dir}", "",
+          "Median over repeats, [min–max] when there are several.", "", display.to_markdown(index=False), ""]
+    if problems:
+        md += ["## Warnings", ""] + [f"- {p}" for p in problems] + [""]
+    ok = summary[summary["ok"] > 0] if len(summary) else summary
+    if len(ok):
+        rep.plots["throughput"] = plot_bars(ok, df, "tokens_per_s", "tokens/s (non-pad, global)",
+                                            PLOT_TITLES["throughput"], plots_dir / "throughput.png")
+        kinds = ", ".join(sorted({str(k) for k in ok["memory_kind"] if k}))
+        rep.plots["memory"] = plot_bars(ok, df, "peak_memory_bytes", "peak memory (MiB)",
+                                        f"Peak memory per task ({kinds}; median, whiskers min–max)", plots_dir / "memory.png",
+                                        scale=MiB)
+        rep.plots["loss"] = plot_loss(rs, ok, plots_dir / "loss.png")
+        rep.plots["quality"] = plot_quality(ok, plots_dir / "quality_vs_throughput.png")
+        md += ["## Plots", ""] + [f"![{PLOT_TITLES[k]}]({os.path.relpath(p, out)})" for k, p in rep.plots.items()]
+    rep.markdown.write_text("\n".join(md) + "\n")
+    rep.html.write_text(render_html(rs, display, rep.plots, out, problems))
+    return rep, display
+
+
+def print_table(display, console, title: str) -> None:
+    """The display table in the terminal (rich)."""
+    from rich.table import Table
+
+    t = Table(title=title)
+    for col in display.columns:
+        t.add_column(str(col), overflow="fold")
+    for row in display.itertuples(index=False):
+        t.add_row(*(str(v) for v in row))
+    console.print(t)
