@@ -107,6 +107,9 @@ class Grid:
             for rule in self.per_cell:
                 if _matches(cell, rule.get("match") or {}):
                     own.update({k: v for k, v in rule.items() if k != "match"})
+            if not bspec.data_parallel:
+                # Multi-node launch settings, like nproc, concern data-parallel backends only.
+                own.pop("launcher", None)
             for r in range(self.repeat):
                 cells.append(CellSpec(task=task, backend=backend, model=model, data=data, recipe=recipe,
                                       nproc=nproc if bspec.data_parallel else 1, repeat=r, **own))

@@ -123,3 +123,15 @@ def test_data_parallel_backend_without_nproc_runs_one_rank(tmp_path, backend):
     ftbench("run", "--task", "generation", "--backend", backend, *TINY, "--steps", "4", "--out", out, check=True)
     (rec,) = records(out)
     assert rec["status"] == "ok" and rec["nproc"] == 1, rec["error"]
+
+
+def test_multi_node_settings_apply_to_data_parallel_backends_only():
+    from harness.grid import Grid
+    from harness.registry import Registry
+
+    launcher = {"nnodes": 2, "node_rank": 0, "master_addr": "127.0.0.1", "master_port": 29512}
+    cells = Grid(axes={"task": ["generation"], "backend": ["eager", "ddp"]},
+                 settings={"nproc": 2, "launcher": launcher}).cells(Registry.load())
+    by_backend = {c.backend: c for c in cells}
+    assert by_backend["eager"].nproc == 1 and by_backend["eager"].launcher == {}
+    assert by_backend["ddp"].nproc == 2 and by_backend["ddp"].launcher == launcher
