@@ -255,6 +255,8 @@ class Engine:
 
     #: True when the first steps compile (their time is reported as compile_s).
     compiles: bool = False
+    #: Option names this engine accepts (``None``: any).
+    OPTIONS: tuple[str, ...] | None = None
 
     def __init__(self, options: dict, ctx: Any):
         self.options = options
@@ -266,7 +268,16 @@ class Engine:
 
     @classmethod
     def validate_options(cls, options: dict) -> dict:
-        """Check and normalise options; raise :class:`FtbenchError` naming a bad key."""
+        """Check and normalise options; raise :class:`FtbenchError` naming a bad key.
+
+        The default accepts exactly the keys in :attr:`OPTIONS` (anything,
+        when ``OPTIONS`` is ``None``).
+        """
+        if cls.OPTIONS is not None:
+            unknown = sorted(set(options) - set(cls.OPTIONS))
+            if unknown:
+                allowed = ", ".join(sorted(cls.OPTIONS)) or "none"
+                raise FtbenchError(f"unknown option(s) {unknown} for this backend; allowed: {allowed}")
         return options
 
     def setup(self, model: Any) -> None:  # pragma: no cover - interface

@@ -186,7 +186,10 @@ def _check_cell(reg, cell):
     bname, bopts = cell.backend_name_and_options()
     reg.task(tname)
     spec = reg.backend(bname)
-    spec.engine.validate_options({**dict(spec.defaults), **bopts})
+    try:
+        spec.engine.validate_options({**dict(spec.defaults), **bopts})
+    except FtbenchError as e:
+        raise FtbenchError(f"backend {cell.backend!r}: {e}") from None
     from .modeling import check_model_name
 
     check_model_name(cell.model, reg)

@@ -6,7 +6,9 @@ from harness.engine import StandardEngine
 
 
 class EagerEngine(StandardEngine):
-    """Plain PyTorch eager mode (no wrapping)."""
+    """Plain PyTorch eager mode (no wrapping); it takes no options."""
+
+    OPTIONS = ()
 
 
 @hookimpl

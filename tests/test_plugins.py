@@ -102,3 +102,10 @@ def test_every_hook_is_documented_with_an_example():
     for name in ("register_tasks", "register_backends", "register_models", "collect_environment"):
         doc = getattr(hookspecs, name).__doc__ or ""
         assert "Example" in doc or "::" in doc, name
+
+
+def test_backend_without_options_rejects_one(tmp_path):
+    proc = ftbench("run", "--backend", "eager:stage=3", "--out", tmp_path / "out")
+    assert proc.returncode == 2
+    assert "eager:stage=3" in proc.stderr and "unknown option" in proc.stderr and "stage" in proc.stderr
+    assert not (tmp_path / "out" / "results.jsonl").exists()

@@ -30,6 +30,8 @@ class EchoTask(Task):
 class ThreadsEngine(StandardEngine):
     """The standard step with a fixed number of intra-op CPU threads."""
 
+    OPTIONS = ("threads",)
+
     def wrap(self, model):
         torch.set_num_threads(int(self.options["threads"]))
         return model
