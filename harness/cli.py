@@ -237,8 +237,10 @@ def report_cmd(result_dir, out, quiet):
 
     rep, display = write_report(result_dir, out)
     con = _console()
+    from rich.markup import escape
+
     for p in rep.problems:
-        _console(stderr=True).print(f"[yellow]warning:[/] {p}", soft_wrap=True)
+        _console(stderr=True).print(f"[yellow]warning:[/] {escape(p)}", soft_wrap=True)
     if not quiet:
         print_table(display, con, f"ftbench report: {result_dir}")
     con.print(f"wrote {rep.markdown}, {rep.csv}, {rep.records_csv}, {rep.html}")

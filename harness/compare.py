@@ -367,23 +367,24 @@ def _fmt_change(change: float | None) -> str:
 
 def print_comparison(cmp: Comparison, console, base: str, new: str) -> None:
     """Render a comparison as a rich table, with warnings and a one-line verdict."""
+    from rich.markup import escape
     from rich.table import Table
 
     colours = {REGRESSION: "bold red", IMPROVEMENT: "green", UNCHANGED: "dim", REFUSED: "yellow"}
     for w in cmp.warnings:
-        console.print(f"[yellow]warning:[/] {w}", soft_wrap=True)
+        console.print(f"[yellow]warning:[/] {escape(w)}", soft_wrap=True)
     for w in cmp.refused:
-        console.print(f"[yellow]refused:[/] {w}", soft_wrap=True)
+        console.print(f"[yellow]refused:[/] {escape(w)}", soft_wrap=True)
     for w in cmp.only_base:
-        console.print(f"only in base: {w}")
+        console.print(f"only in base: {escape(w)}")
     for w in cmp.only_new:
-        console.print(f"only in new: {w}")
+        console.print(f"only in new: {escape(w)}")
     t = Table(title=f"ftbench compare: {base} -> {new}")
     for col in ("task", "cell", "figure", "base (median [min–max])", "new", "change", "evidence", "verdict"):
-        t.add_column(col, overflow="fold")
+        t.add_column(escape(col), overflow="fold")
     for r, d in zip(cmp.rows, cmp.frame().to_dict("records")):
-        t.add_row(d["task"], d["cell"], d["figure"], d["base"], d["new"], d["change"], d["evidence"],
-                  f"[{colours.get(r.verdict, '')}]{r.verdict}[/]")
+        cells = [escape(str(d[k])) for k in ("task", "cell", "figure", "base", "new", "change", "evidence")]
+        t.add_row(*cells, f"[{colours.get(r.verdict, '')}]{r.verdict}[/]")
     console.print(t)
     c = cmp.counts()
     colour = "bold red" if c[REGRESSION] else "green"

@@ -56,6 +56,8 @@ def collect(pm=None) -> dict:
         "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "cpu_affinity": _affinity(),
+        # Thread count changes step times a lot on a shared CPU (oversubscribed threads spin).
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "versions": {p: package_version(p) for p in PACKAGES},
         "git_commit": git_commit(),
         "hostname": platform.node(),
@@ -79,6 +81,7 @@ def comparable_view(env: dict) -> dict:
         "cpu": env.get("cpu"),
         "cpu_count": env.get("cpu_count"),
         "cpu_affinity": env.get("cpu_affinity"),
+        "omp_num_threads": env.get("omp_num_threads"),
         "device": env.get("device"),
         "versions": {k: v for k, v in (env.get("versions") or {}).items() if k in ("torch", "transformers",
                                                                                "deepspeed")},

@@ -360,11 +360,12 @@ def write_report(result_dir, out: str | os.PathLike | None = None) -> tuple[Repo
 
 def print_table(display, console, title: str) -> None:
     """The display table in the terminal (rich)."""
+    from rich.markup import escape
     from rich.table import Table
 
-    t = Table(title=title)
+    t = Table(title=escape(title))
     for col in display.columns:
-        t.add_column(str(col), overflow="fold")
+        t.add_column(escape(str(col)), overflow="fold")
     for row in display.itertuples(index=False):
-        t.add_row(*(str(v) for v in row))
+        t.add_row(*(escape(str(v)) for v in row))
     console.print(t)

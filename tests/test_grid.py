@@ -186,4 +186,6 @@ def test_example_grids_are_valid(name, reg):
     assert grid.repeat >= 1
     if name == "cpu-smoke.yaml":
         cells = grid.cells(reg)
-        assert len(cells) == 6 and all(c.device in ("auto", "cpu") for c in cells)
+        assert len(cells) == 12 and all(c.device in ("auto", "cpu") for c in cells)
+        assert {(c.backend, c.model) for c in cells} == {("eager", "tiny-gpt2"), ("eager", "tiny-llama"),
+                                                         ("compile", "tiny-gpt2"), ("zero2", "tiny-gpt2")}
