@@ -92,7 +92,7 @@ def _kind_from_config(name: str) -> str:
 def choose_kind(source: ModelSource, task: Task) -> str:
     if source.kind not in task.model_kinds:
         raise FtbenchError(
-            f"task {task.name!r} cannot train a {source.kind} model ({source.name!r}); it accepts "
+            f"task {task.name!r} cannot train {source.kind} models such as {source.name!r}; it accepts "
             f"{', '.join(task.model_kinds)} models. Pick a preset of a fitting kind (ftbench list).")
     return source.kind
 

@@ -93,9 +93,9 @@ def _check_model(reg, name: str, task, positions: dict) -> None:
     else:
         positions[name] = None  # a hub id: only the cell can look at it
         return
-    if kind not in task.model_kinds:
-        raise FtbenchError(f"task {task.name!r} cannot train a {kind} model ({name!r}); it accepts "
-                           f"{', '.join(task.model_kinds)} models. Pick a preset of a fitting kind (ftbench list).")
+    from .modeling import ModelSource, choose_kind
+
+    choose_kind(ModelSource(name, kind), task)
 
 
 def _config_positions(path: Path) -> int | None:

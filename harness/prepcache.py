@@ -26,9 +26,16 @@ from .api import Encoded
 from .tokenization import cache_dir
 
 
-def data_identity(data: str) -> object:
-    """What identifies a data source's content cheaply."""
-    if data in ("builtin", "", None) or str(data).startswith("hf:"):
+def data_identity(data: str, splits: dict | None = None) -> object:
+    """What identifies a data source's content cheaply.
+
+    Built-in data is hashed in full (it is small, and the code that makes it
+    may change); local files by name, size and modification time.
+    """
+    if data in ("builtin", "", None):
+        blob = json.dumps(splits, sort_keys=True, default=str).encode()
+        return ["builtin", hashlib.sha256(blob).hexdigest()]
+    if str(data).startswith("hf:"):
         return data
     root = Path(data)
     return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in root.iterdir() if p.is_file())

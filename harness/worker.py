@@ -162,7 +162,7 @@ def run_cell(spec_dict: dict, result_dir: Path, t_launch: float | None = None) -
     t = now()
     from .prepcache import cached_encode, data_identity
 
-    cache_key = {"v": 1, "task": task_name, "options": options, "data": data_identity(spec.data),
+    cache_key = {"v": 1, "task": task_name, "options": options, "data": data_identity(spec.data, splits),
                  "seed": recipe.seed, "columns": list(spec.columns), "kind": kind, "seq_len": recipe.seq_len,
                  "tokenizer": getattr(tokenizer, "ftbench_identity", None) or
                  [getattr(tokenizer, "name_or_path", None), len(tokenizer)]}
