@@ -66,10 +66,15 @@ def warm_up(cells) -> None:
     """Start the fork server now if any cell will use it, so that its one-off
     start-up is not charged to the first cell's wall time."""
     if any(use_fork_server(c) for c in cells):
-        from multiprocessing import forkserver
+        # The server imports its preload after it starts answering; a no-op
+        # child returns only once that is done.
+        probe = _fork_context().Process(target=_noop)
+        probe.start()
+        probe.join()
 
-        _fork_context()
-        forkserver.ensure_running()
+
+def _noop() -> None:
+    pass
 
 
 class ForkedCell:
