@@ -72,6 +72,8 @@ class Grid:
         axes = {a: list(self.axes.get(a) or []) for a in AXES}
         axes["model"] = axes["model"] or [AUTO_MODEL]
         axes["data"] = axes["data"] or ["builtin"]
+        axes["task"] = _expand_all(axes["task"], lambda: list(registry.tasks))
+        axes["backend"] = _expand_all(axes["backend"], lambda: available_backends(registry))
         for a in ("task", "backend"):
             if not axes[a]:
                 raise FtbenchError(f"the grid's {a} axis is empty; list at least one {a} (ftbench list)")
@@ -133,6 +135,23 @@ def reference_first(cells: list[CellSpec], registry) -> list[CellSpec]:
         return bool(getattr(registry.backend(parse_spec(cell.backend, "backend")[0]), "reference", False))
 
     return sorted(cells, key=lambda c: not is_ref(c))
+
+
+ALL = "all"
+
+
+def _expand_all(values: list, everything) -> list:
+    """``all`` on the task or backend axis stands for every registered one."""
+    out = []
+    for v in values:
+        out.extend(x for x in (everything() if v == ALL else [v]) if x not in out)
+    return out
+
+
+def available_backends(registry) -> list[str]:
+    """Every backend that can run here, presets left out (they repeat a backend)."""
+    return [name for name, entry in registry.backends.items()
+            if entry.obj.preset_of is None and registry.backend_availability(name) is None]
 
 
 def default_model(registry, task) -> str:

@@ -189,3 +189,17 @@ def test_example_grids_are_valid(name, reg):
         assert len(cells) == 12 and all(c.device in ("auto", "cpu") for c in cells)
         assert {(c.backend, c.model) for c in cells} == {("eager", "tiny-gpt2"), ("eager", "tiny-llama"),
                                                          ("compile", "tiny-gpt2"), ("zero2", "tiny-gpt2")}
+
+
+def test_default_grid_is_every_task_on_every_available_backend():
+    from harness.gridfile import build_grid
+    from harness.registry import Registry
+
+    reg = Registry.load()
+    cells = build_grid(None, {"task": [], "backend": [], "model": [], "data": []}, {}).cells(reg)
+    backends = [n for n, e in reg.backends.items() if e.obj.preset_of is None and reg.backend_availability(n) is None]
+    assert {(c.task, c.backend) for c in cells} == {(t, b) for t in reg.tasks for b in backends}
+    assert len(cells) == len(reg.tasks) * len(backends)
+    for c in cells:
+        assert c.nproc == (2 if reg.backend(c.backend).data_parallel else 1)
+        assert reg.model(c.model).kind == reg.task(c.task).model_kinds[0]
