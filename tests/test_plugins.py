@@ -24,9 +24,14 @@ EXAMPLE = ROOT / "examples" / "ftbench-hello"
 @pytest.fixture(scope="module")
 def installed_example(tmp_path_factory) -> Path:
     """The README's example plugin, pip-installed (offline) into a private target dir."""
+    import shutil
+
+    # Build from a copy: setuptools leaves build/ and *.egg-info beside the sources.
+    source = tmp_path_factory.mktemp("src") / EXAMPLE.name
+    shutil.copytree(EXAMPLE, source)
     target = tmp_path_factory.mktemp("site")
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--no-index", "--target", str(target), str(EXAMPLE)], check=True)
+                    "--no-index", "--target", str(target), str(source)], check=True)
     return target
 
 
