@@ -19,8 +19,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import torch
-
+# torch is imported inside the functions that need it: every plugin imports
+# this module, and 'ftbench list' must not pay for torch.
 from .api import Engine
 from .config import Recipe
 
@@ -62,6 +62,8 @@ def lr_lambda(recipe: Recipe) -> Callable[[int], float]:
 
 def build_optimizer(params, recipe: Recipe) -> torch.optim.Optimizer:
     """The recipe's AdamW over the given (trainable) parameters."""
+    import torch
+
     return torch.optim.AdamW(params, lr=recipe.lr, betas=tuple(recipe.betas), eps=recipe.eps,
                              weight_decay=recipe.weight_decay)
 
@@ -70,11 +72,15 @@ def autocast_for(recipe: Recipe, device: torch.device):
     """The mixed-precision context of the recipe (a no-op for fp32)."""
     if recipe.precision == "fp32":
         return contextlib.nullcontext()
+    import torch
+
     dtype = torch.bfloat16 if recipe.precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def move(batch: dict, device: torch.device) -> dict:
+    import torch
+
     non_blocking = device.type == "cuda"
     return {k: (v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
@@ -97,6 +103,8 @@ class StandardEngine(Engine):
         return model
 
     def setup(self, model: torch.nn.Module) -> None:
+        import torch
+
         ctx: EngineContext = self.ctx
         self.model = model.to(ctx.device)
         self.raw_model = self.model
@@ -133,6 +141,8 @@ class StandardEngine(Engine):
         self.optimizer.zero_grad(set_to_none=True)
 
     def clip(self, max_norm: float) -> None:
+        import torch
+
         params = [p for p in self.model.parameters() if p.grad is not None]
         # foreach keeps clipping free of a per-parameter host round trip.
         torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)

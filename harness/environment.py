@@ -24,6 +24,17 @@ def package_version(name: str) -> str | None:
         return None
 
 
+def version_tuple(version: str | None) -> tuple[int, ...]:
+    """``"2.13.0+cpu"`` -> ``(2, 13, 0)``; unknown -> ``()``."""
+    out = []
+    for part in (version or "").split("+")[0].split("."):
+        digits = "".join(ch for ch in part if ch.isdigit())
+        if not digits:
+            break
+        out.append(int(digits))
+    return tuple(out)
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

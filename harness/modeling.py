@@ -295,6 +295,13 @@ def class_probabilities(model, batches: list[dict], device) -> list[list[float]]
 # ---------------------------------------------------------------- tuning
 
 
+def block_stacks(model: torch.nn.Module) -> list[torch.nn.ModuleList]:
+    """The model's stacks of transformer blocks (``h``, ``layers``, ``layer``, ``block``),
+    encoder and decoder alike."""
+    return [m for name, m in model.named_modules()
+            if isinstance(m, torch.nn.ModuleList) and name.rsplit(".", 1)[-1] in {"h", "layers", "layer", "block"}]
+
+
 def apply_tuning(model: torch.nn.Module, mode: str, n: int) -> None:
     """Freeze parameters for partial fine-tuning (``full`` trains everything).
 
@@ -308,8 +315,7 @@ def apply_tuning(model: torch.nn.Module, mode: str, n: int) -> None:
         for p in model.get_input_embeddings().parameters():
             p.requires_grad_(False)
         return
-    stacks = [m for name, m in model.named_modules()
-              if isinstance(m, torch.nn.ModuleList) and name.rsplit(".", 1)[-1] in {"h", "layers", "layer", "block"}]
+    stacks = block_stacks(model)
     if not stacks:
         raise FtbenchError("tuning=freeze-lower:N found no block stack (h/layers/layer/block) in this model")
     for stack in stacks:

@@ -21,7 +21,7 @@ from harness import hookimpl
 from harness.api import BackendSpec, FtbenchError, Unavailable
 from harness.engine import StandardEngine
 
-from ._distributed import block_stacks, ensure_process_group
+from ._distributed import ensure_process_group
 
 
 def _check_bool(options: dict, key: str, backend: str) -> None:
@@ -51,11 +51,12 @@ class DDPEngine(StandardEngine):
 
     @classmethod
     def check_available(cls, options: dict) -> None:
-        import torch.distributed as dist
+        # Metadata, not an import, so 'ftbench list' stays fast; a torch build
+        # without torch.distributed fails the cell with torch's own message.
+        from harness.environment import package_version
 
-        if not dist.is_available():
-            raise Unavailable("this torch build has no torch.distributed; install a standard build "
-                              "(pip install torch)")
+        if package_version("torch") is None:
+            raise Unavailable("needs torch: pip install torch")
 
     @classmethod
     def validate_options(cls, options: dict) -> dict:
@@ -113,11 +114,11 @@ class FSDPEngine(StandardEngine):
 
     @classmethod
     def check_available(cls, options: dict) -> None:
-        import torch
-        import torch.distributed as dist
+        from harness.environment import package_version, version_tuple
 
-        if not dist.is_available() or _fully_shard() is None:
-            raise Unavailable(f"needs FSDP2 (fully_shard), in torch>=2.4 (installed: {torch.__version__}); "
+        version = package_version("torch")
+        if version_tuple(version) < (2, 4):
+            raise Unavailable(f"needs FSDP2 (fully_shard), in torch>=2.4 (installed: {version}); "
                               "pip install -U torch")
 
     @classmethod
@@ -143,6 +144,8 @@ class FSDPEngine(StandardEngine):
         self.skeleton = meta_copy(model)
         mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
         reshard = bool(self.options.get("reshard_after_forward", True))
+        from harness.modeling import block_stacks
+
         for stack in block_stacks(model):
             for block in stack:
                 fully_shard(block, mesh=mesh, reshard_after_forward=reshard)

@@ -114,3 +114,12 @@ def test_backend_without_options_rejects_one(tmp_path):
     assert proc.returncode == 2
     assert "eager:stage=3" in proc.stderr and "unknown option" in proc.stderr and "stage" in proc.stderr
     assert not (tmp_path / "out" / "results.jsonl").exists()
+
+
+def test_listing_does_not_import_torch_or_deepspeed():
+    # 'ftbench list' must stay fast: importing torch alone costs seconds.
+    code = ("import sys, harness.cli\nfrom harness.registry import Registry\nreg = Registry.load()\n"
+            "[reg.backend_availability(n) for n in reg.backends]\n"
+            "print(sorted(m for m in ('torch', 'deepspeed', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"
