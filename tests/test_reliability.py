@@ -193,9 +193,11 @@ def test_hang_is_a_timeout_and_fail_fast_stops_the_grid(tmp_path):
 
 def test_ctrl_c_keeps_finished_records_and_resumes(tmp_path):
     out = tmp_path / "out"
-    # Two real cells; the interrupt lands while the second runs.
+    # Two real cells; the interrupt lands while the second runs. Forked cells of
+    # TINY's 12 steps finish in a fraction of a second, too fast to interrupt, so
+    # these train long enough (a few seconds) for the signal to land mid-cell.
     args = ["run", "--task", "generation", "--backend", "eager", "--model", "tiny-gpt2", "--model", "tiny-llama",
-            *TINY, "--out", out]
+            *TINY, "--steps", "300", "--out", out]
     proc = _start(args)
     try:
         _wait_for(lambda: _n_lines(out) >= 1, 180, "the first record", proc)
