@@ -22,7 +22,11 @@ EXIT_REGRESSION = 1
 def _console(stderr: bool = False):
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False)
+    stream = sys.stderr if stderr else sys.stdout
+    # Piped to a log or CI, rich would assume 80 columns and fold the tables;
+    # a wider page keeps each cell on one line. A terminal keeps its own width.
+    width = None if stream.isatty() or os.environ.get("COLUMNS") else 160
+    return Console(stderr=stderr, highlight=False, width=width)
 
 
 class FtbenchGroup(click.Group):

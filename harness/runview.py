@@ -65,21 +65,33 @@ class RunView:
                        f"was stopped and not recorded. Resume with the same command and --out {out}.")
 
     def finish(self, summary):
+        from rich import box
         from rich.table import Table
 
         recs = summary.records
-        t = Table(title=f"ftbench run: {len(recs)} cell(s) in {time.perf_counter() - self.t0:.0f} s")
-        for col in ("task", "backend", "model", "status", "tokens/s", "step ms (median ± IQR)", "peak mem",
-                    "setup s", "compile s", "metric", "parity"):
-            t.add_column(col)
+        t = Table(title=f"ftbench run: {len(recs)} cell(s) in {time.perf_counter() - self.t0:.0f} s",
+                  box=box.SIMPLE_HEAD, pad_edge=False, caption="step: median ± IQR of the measured steps; "
+                  "mem: " + ", ".join(sorted({r.get("memory_kind") or "-" for r in recs})))
+        # Short headers, unwrapped figures and no all-empty columns keep the
+        # table readable in 80 columns.
+        columns = [("task · backend · model", {"overflow": "fold", "min_width": 22}), ("status", {})] + [
+            (c, {"justify": "right", "no_wrap": True}) for c in ("tok/s", "step ms", "mem", "setup s", "compile s")
+        ] + [("metric", {"overflow": "fold"}), ("parity", {"overflow": "fold"})]
+        rows = []
         for r in recs:
             st = r.get("step_time") or {}
-            step = (f"{fmt_num(st['median'] * 1e3)} ± {fmt_num(st['iqr'] * 1e3)}"
+            step = (f"{fmt_num(st['median'] * 1e3)}±{fmt_num(st['iqr'] * 1e3, 2)}"
                     if st.get("median") is not None else "-")
             metric = f"{r['metric']} {fmt_num(r['metric_value'])}" if r.get("metric_value") is not None else "-"
-            t.add_row(r["task"], r["backend"] + (f" ×{r['nproc']}" if r.get("nproc", 1) > 1 else ""), r["model"],
-                      r["status"], fmt_num(r.get("tokens_per_s")), step, fmt_bytes(r.get("peak_memory_bytes")),
-                      fmt_num(r.get("setup_s")), fmt_num(r.get("compile_s")), metric, _parity(r))
+            backend = r["backend"] + (f" ×{r['nproc']}" if r.get("nproc", 1) > 1 else "")
+            rows.append([f"{r['task']} · {backend} · {r['model']}", r["status"], fmt_num(r.get("tokens_per_s")), step,
+                         fmt_bytes(r.get("peak_memory_bytes")), fmt_num(r.get("setup_s"), 2),
+                         fmt_num(r.get("compile_s"), 2), metric, _parity(r)])
+        keep = [i for i in range(len(columns)) if i < 2 or any(row[i] != "-" for row in rows)]
+        for i in keep:
+            t.add_column(columns[i][0], **columns[i][1])
+        for row in rows:
+            t.add_row(*(row[i] for i in keep))
         self.con.print(t)
         if summary.skipped_done:
             self.con.print(f"{summary.skipped_done} cell(s) were already in the result set and were skipped.")
