@@ -297,9 +297,14 @@ def class_probabilities(model, batches: list[dict], device) -> list[list[float]]
 
 def block_stacks(model: torch.nn.Module) -> list[torch.nn.ModuleList]:
     """The model's stacks of transformer blocks (``h``, ``layers``, ``layer``, ``block``),
-    encoder and decoder alike."""
-    return [m for name, m in model.named_modules()
-            if isinstance(m, torch.nn.ModuleList) and name.rsplit(".", 1)[-1] in {"h", "layers", "layer", "block"}]
+    encoder and decoder alike; outermost only (a T5 block keeps its sub-layers in
+    a ``layer`` list, which is part of the block, not a stack of blocks)."""
+    stacks: dict[str, torch.nn.ModuleList] = {}
+    for name, m in model.named_modules():
+        if (isinstance(m, torch.nn.ModuleList) and name.rsplit(".", 1)[-1] in {"h", "layers", "layer", "block"}
+                and not any(name.startswith(outer + ".") for outer in stacks)):
+            stacks[name] = m
+    return list(stacks.values())
 
 
 def apply_tuning(model: torch.nn.Module, mode: str, n: int) -> None:

@@ -62,3 +62,19 @@ def test_encoded_cache_round_trip_and_keying(tmp_path, monkeypatch):
 
     with np.load(entry, allow_pickle=False) as z:
         assert all(z[k].dtype == np.int64 for k in z.files)
+
+
+def test_block_stacks_are_the_outermost_stacks_of_every_kind():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from harness.modeling import apply_tuning, block_stacks
+
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=100, d_model=16, d_kv=4, d_ff=32, num_layers=2,
+                                             num_decoder_layers=3, num_heads=2))
+    stacks = block_stacks(t5)
+    # encoder.block and decoder.block, not each T5Block's inner 'layer' list.
+    assert [len(s) for s in stacks] == [2, 3]
+    apply_tuning(t5, "freeze-lower", 1)
+    frozen = {n.split(".")[0] + "." + n.split(".")[2] for n, p in t5.named_parameters()
+              if not p.requires_grad and ".block." in n}
+    assert frozen == {"encoder.0", "decoder.0"}
