@@ -124,13 +124,9 @@ def display_frame(summary):
 
 
 def _parity(p) -> str:
-    if not p:
-        return "-"
-    if p.get("status") == "reference":
-        return "reference"
-    if p.get("max_rel_dev") is None:
-        return str(p.get("reason", "-"))
-    return f"{'✓' if p.get('passed') else '✗'} {p['max_rel_dev']:.1e}"
+    from .parity import parity_label
+
+    return parity_label(p)
 
 
 # ------------------------------------------------------------------- plots

@@ -99,12 +99,6 @@ class RunView:
 
 
 def _parity(r: dict) -> str:
-    p = r.get("parity")
-    if not p:
-        return "-"
-    if p.get("status") == "reference":
-        return "reference"
-    if p.get("max_rel_dev") is None:
-        return p.get("reason", "-")
-    mark = "✓" if p.get("passed") else "✗"
-    return f"{mark} {p['max_rel_dev']:.1e}"
+    from .parity import parity_label
+
+    return parity_label(r.get("parity"))
