@@ -37,10 +37,19 @@ def _env():
 
 
 def _start(args, **kw):
-    """``ftbench ARGS`` as a real background process in its own session (like a shell job)."""
+    """``ftbench ARGS`` as a real background process in its own session (like a shell job).
+
+    SIGINT is reset to its default in the child: a test run started in the
+    background of a non-interactive shell inherits SIGINT *ignored*, which
+    would hide Ctrl-C from ftbench (Python keeps an inherited SIG_IGN).
+    """
     return subprocess.Popen([sys.executable, "-m", "harness.cli", *map(str, args)], cwd=ROOT, env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                            **kw)
+                            preexec_fn=_default_sigint, **kw)
+
+
+def _default_sigint():
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _wait_for(pred, timeout, what, proc=None):
