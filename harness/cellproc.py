@@ -122,7 +122,7 @@ class CellOutcome:
     leftovers: list = field(default_factory=list)
 
 
-def run_cell_process(spec: CellSpec, on_start=None) -> CellOutcome:
+def run_cell_process(spec: CellSpec) -> CellOutcome:
     """Run ``spec`` in a fresh process tree; never raises for a failing cell."""
     with tempfile.TemporaryDirectory(prefix="ftbench-cell-") as tmp:
         tmp = Path(tmp)
@@ -140,8 +140,6 @@ def run_cell_process(spec: CellSpec, on_start=None) -> CellOutcome:
         t0 = time.perf_counter()
         proc = launch.start(spec, cmd[cmd.index("harness.worker") + 1:], cmd, env, str(stderr_path))
         guard = reaper.CellGuard(proc.pid)
-        if on_start:
-            on_start(proc)
         limit = spec.memory_limit_mb * 2**20 if spec.memory_limit_mb else None
         watch = TreeWatch(psutil.Process(proc.pid), limit_bytes=limit).start()
         timed_out = False

@@ -17,7 +17,10 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:  # annotations only; see the note below on importing torch
+    import torch
 
 # torch is imported inside the functions that need it: every plugin imports
 # this module, and 'ftbench list' must not pay for torch.

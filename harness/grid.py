@@ -15,7 +15,7 @@ rank and ddp on 2 with the same global batch and recipe.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 from .api import FtbenchError
@@ -178,5 +178,3 @@ def _matches(cell: dict, exclusion: dict) -> bool:
             return False
     return True
 
-
-SETTING_NAMES = tuple(f.name for f in fields(Recipe)) + CELL_SETTINGS

@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -354,6 +353,3 @@ def decoder_start_id(model) -> int | None:
 def param_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
-
-def unwrap(model: Any) -> Any:
-    return getattr(model, "module", model)

@@ -73,6 +73,7 @@ def build_record(spec: CellSpec, outcome: CellOutcome, environment: dict, starte
         "model_kind": main.get("model_kind"),
         "vocab_size": main.get("vocab_size"),
         "truncated_examples": main.get("truncated_examples"),
+        "truncated_tokens": main.get("truncated_tokens"),
         "backend_stats": main.get("backend_stats") or {},
         "diverged_at_step": next((r.get("diverged_at_step") for r in ranks if "diverged_at_step" in r), None),
         "wall_s": outcome.wall_s,

@@ -76,14 +76,16 @@ def run_cell(spec_dict: dict, result_dir: Path, t_launch: float | None = None) -
     t_launch = t_launch or _T_IMPORTED
     import torch
 
-    from .api import FtbenchError, Unavailable
+    from .api import EvalContext, FtbenchError, Unavailable
     from .config import CellSpec, parse_tuning
     from .data import load_splits
-    from .engine import EngineContext
-    from .measure import memory_snapshot, now, step_stats, synchronize, throughput
+    from .engine import EngineContext, autocast_for
+    from .measure import current_rss_bytes, memory_snapshot, now, step_stats, synchronize, throughput
+    from .mfu import device_peak, flop_model
     from .modeling import (apply_tuning, build_model, choose_kind, class_probabilities, collate, count_params,
                            decoder_start_id, encode_example, greedy_generate, load_tokenizer, make_loss_fn,
                            max_positions, param_bytes, resolve_model)
+    from .prepcache import cached_encode, data_identity
     from .registry import Registry
 
     t_imports = time.time()
@@ -134,8 +136,6 @@ def run_cell(spec_dict: dict, result_dir: Path, t_launch: float | None = None) -
     phases["tokenizer_s"] = now() - t
 
     t = now()
-    from .measure import current_rss_bytes
-
     # Everything resident before the model exists is the harness's own
     # footprint plus libraries and data: the baseline the model's share sits on.
     out["rss_before_model_bytes"] = current_rss_bytes()
@@ -160,8 +160,6 @@ def run_cell(spec_dict: dict, result_dir: Path, t_launch: float | None = None) -
     phases["model_s"] = now() - t
 
     t = now()
-    from .prepcache import cached_encode, data_identity
-
     cache_key = {"v": 1, "task": task_name, "options": options, "data": data_identity(spec.data, splits),
                  "seed": recipe.seed, "columns": list(spec.columns), "kind": kind, "seq_len": recipe.seq_len,
                  "tokenizer": getattr(tokenizer, "ftbench_identity", None) or
@@ -197,8 +195,6 @@ def run_cell(spec_dict: dict, result_dir: Path, t_launch: float | None = None) -
                         mb[k] = v.pin_memory()
     phases["encode_s"] = now() - t
 
-    from .mfu import flop_model
-
     flops_of = flop_model(model, kind)
     # FLOPs of this rank's micro-batches per step, from shapes known on the host.
     step_flops = [sum(flops_of((mb["input_ids"].shape[0], mb["input_ids"].shape[1],
@@ -230,8 +226,9 @@ def run_cell(spec_dict: dict, result_dir: Path, t_launch: float | None = None) -
         times.append(now() - t0)
         losses.append(step_loss)
         if (step + 1) % check_every == 0 or step + 1 == len(steps_data):
-            history.extend(_global_losses(losses[len(history):], world))
-            bad = next((i for i, v in enumerate(history) if not math.isfinite(v)), None)
+            checked = len(history)
+            history.extend(_global_losses(losses[checked:], world))
+            bad = next((i for i in range(checked, len(history)) if not math.isfinite(history[i])), None)
             if bad is not None:
                 raise Diverged(bad, history[bad], {**out, "train_loss": history[: bad + 1],
                                                    "step_times_s": times, "setup_s": setup_s})
@@ -253,8 +250,6 @@ def run_cell(spec_dict: dict, result_dir: Path, t_launch: float | None = None) -
         compile_s=(sum(times[:warm]) - warm * stats["median"]) if engine.compiles and warm else None,
     )
     out["memory"] = memory_snapshot(device)
-    from .mfu import device_peak
-
     out["flops_per_s"] = sum(step_flops[warm:]) / sum(measured) if measured else None
     out["peak_flops"], out["peak_flops_source"] = device_peak(device, recipe.precision)
 
@@ -266,8 +261,6 @@ def run_cell(spec_dict: dict, result_dir: Path, t_launch: float | None = None) -
     val_enc = enc["validation"][: spec.eval_examples]
     eval_loss = _eval_loss(eval_model, ctx.loss_fn, [make_batch(list(range(i, min(i + 16, len(val_enc)))), val_enc)
                                                      for i in range(0, len(val_enc), 16)], device, recipe)
-    from .api import EvalContext
-    from .engine import autocast_for
 
     def generate(prompts: list[str]) -> list[str]:
         with autocast_for(recipe, device):
