@@ -162,11 +162,9 @@ def run_cmd(grid_file, tasks, backends, models, datas, columns, out, force, fail
         from .gridfile import select_shard
 
         cells = select_shard(cells, shard)
-    for c in cells:  # fail before anything runs on a bad name or option
-        _check_cell(reg, c)
     from .preflight import check_cells
 
-    check_cells(reg, cells)  # settings, data, seq_len and batch: still before anything is written
+    check_cells(reg, cells)  # names, options, settings, data, seq_len, batch: before anything is written
     out = out or _default_out()
     view = RunView(_console(), len(cells), out)
     _install_sigterm()
@@ -183,20 +181,6 @@ def run_cmd(grid_file, tasks, backends, models, datas, columns, out, force, fail
     view.finish(summary)
     bad = [r for r in summary.records if r["status"] not in ("ok", "skipped")]
     sys.exit(1 if bad and fail_fast else 0)
-
-
-def _check_cell(reg, cell):
-    tname, _ = cell.task_name_and_options()
-    bname, bopts = cell.backend_name_and_options()
-    reg.task(tname)
-    spec = reg.backend(bname)
-    try:
-        spec.engine.validate_options({**dict(spec.defaults), **bopts})
-    except FtbenchError as e:
-        raise FtbenchError(f"backend {cell.backend!r}: {e}") from None
-    from .modeling import check_model_name
-
-    check_model_name(cell.model, reg)
 
 
 def _parse_columns(items) -> dict:

@@ -30,9 +30,10 @@ def check_cells(reg, cells) -> None:
     n_train: dict = {}
     positions: dict = {}
     for cell in cells:
-        _check_settings(cell)
         tname, topts = cell.task_name_and_options()
         task = reg.task(tname)
+        _check_backend(reg, cell)
+        _check_settings(cell)
         recipe = cell.recipe
         _check_model(reg, cell.model, task, positions)
         limit = positions.get(cell.model)
@@ -79,6 +80,15 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _check_backend(reg, cell) -> None:
+    bname, bopts = cell.backend_name_and_options()
+    spec = reg.backend(bname)
+    try:
+        spec.engine.validate_options({**dict(spec.defaults), **bopts})
+    except FtbenchError as e:
+        raise FtbenchError(f"backend {cell.backend!r}: {e}") from None
+
+
 def _check_model(reg, name: str, task, positions: dict) -> None:
     if name in positions:
         return
@@ -91,6 +101,9 @@ def _check_model(reg, name: str, task, positions: dict) -> None:
         kind = resolve_model(name, reg, task).kind  # checks config, weights and tokenizer files
         positions[name] = _config_positions(Path(name) / "config.json")
     else:
+        from .modeling import check_model_name
+
+        check_model_name(name, reg)  # an unknown preset name fails here; a hub id passes
         positions[name] = None  # a hub id: only the cell can look at it
         return
     from .modeling import ModelSource, choose_kind
