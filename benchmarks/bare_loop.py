@@ -23,12 +23,12 @@ def same_batches(args) -> list:
     """The very token batches an ftbench generation cell trains on (built-in
     data, its tokenizer, its data order and padding), prepared before any
     clock starts: the comparison is about the loop, not the data."""
-    from harness.config import Recipe
-    from harness.data import load_splits
-    from harness.modeling import collate, encode_example
-    from harness.registry import Registry
-    from harness.tokenization import train_tokenizer
-    from harness.worker import batch_plan
+    from ftbench.harness.grid.config import Recipe
+    from ftbench.harness.cell.data import load_splits
+    from ftbench.harness.cell.modeling import collate, encode_example
+    from ftbench.harness.registry import Registry
+    from ftbench.harness.cell.tokenization import train_tokenizer
+    from ftbench.harness.cell.worker import batch_plan
 
     task = Registry.load().task("generation")
     recipe = Recipe(steps=args.steps, warmup=args.warmup, batch_size=args.batch, seq_len=args.seq)

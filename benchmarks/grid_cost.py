@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def run_grid(n: int, launch: str, out: Path, steps: int) -> dict:
     env = dict(os.environ, FTBENCH_LAUNCH=launch)
-    cmd = [sys.executable, "-m", "harness.cli", "run", "--task", "generation", "--backend", "eager",
+    cmd = [sys.executable, "-m", "ftbench.harness.cli", "run", "--task", "generation", "--backend", "eager",
            "--steps", str(steps), "--repeat", str(n), "--out", str(out)]
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=ROOT, env=env, capture_output=True)

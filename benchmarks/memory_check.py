@@ -34,8 +34,8 @@ def bare_import_rss() -> int:
 def save_model(path: Path, width: int, layers: int) -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from harness.registry import Registry
-    from harness.tokenization import train_tokenizer
+    from ftbench.harness.registry import Registry
+    from ftbench.harness.cell.tokenization import train_tokenizer
 
     task = Registry.load().task("generation")
     rows = task.builtin_data(0, {})["train"]
@@ -54,7 +54,7 @@ def main() -> None:
             model_dir = Path(tmp) / f"gpt2-{width}x{layers}"
             save_model(model_dir, width, layers)
             out = Path(tmp) / f"out-{width}"
-            subprocess.run([sys.executable, "-m", "harness.cli", "run", "--task", "generation", "--backend", "eager",
+            subprocess.run([sys.executable, "-m", "ftbench.harness.cli", "run", "--task", "generation", "--backend", "eager",
                             "--model", str(model_dir), "--steps", "8", "--warmup", "2", "--seq-len", "64",
                             "--batch-size", "8", "--eval-examples", "8", "--out", str(out)],
                            check=True, cwd=ROOT, capture_output=True)

@@ -26,7 +26,7 @@ BACKEND = {"eager": "eager", "compile": "compile", "zero2": "zero2"}
 
 
 def ftbench_cell(mode: str, args, out: Path) -> dict:
-    cmd = [sys.executable, "-m", "harness.cli", "run", "--task", "generation", "--backend", BACKEND[mode],
+    cmd = [sys.executable, "-m", "ftbench.harness.cli", "run", "--task", "generation", "--backend", BACKEND[mode],
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch-size", str(args.batch),
            "--seq-len", str(args.seq), "--eval-examples", "8", "--out", str(out), "--force"]
     subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True)

@@ -5,7 +5,7 @@
     pytest benchmarks --benchmark-compare --benchmark-compare-fail=median:10%
     FTBENCH_BENCH_BACKENDS=eager,compile pytest benchmarks   # choose backends
 
-Each benchmark runs one real cell through :func:`harness.cellproc.run_cell_process`
+Each benchmark runs one real cell through :func:`ftbench.harness.running.cellproc.run_cell_process`
 (a fresh process, the runner's loop, its device synchronisation and its
 clock: exactly what ``ftbench run`` measures) and hands the runner's
 per-step times of the measured (post-warmup) steps to pytest-benchmark,
@@ -23,11 +23,11 @@ import time
 
 import pytest
 
-from harness.cellproc import run_cell_process
-from harness.config import CellSpec, Recipe
-from harness.environment import collect
-from harness.record import build_record
-from harness.registry import Registry
+from ftbench.harness.running.cellproc import run_cell_process
+from ftbench.harness.grid.config import CellSpec, Recipe
+from ftbench.harness.results.environment import collect
+from ftbench.harness.results.record import build_record
+from ftbench.harness.registry import Registry
 
 RECIPE = Recipe(steps=int(os.environ.get("FTBENCH_BENCH_STEPS", "25")), warmup=5, batch_size=8, seq_len=64)
 

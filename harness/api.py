@@ -8,7 +8,7 @@ Three kinds of thing plug into ftbench:
   training step runs (eager, compiled, DeepSpeed, DDP...);
 * a :class:`ModelPreset` builds a small randomly initialised model offline.
 
-The runner (``harness.worker``) owns the loop, the data order, the optimizer
+The runner (``ftbench.harness.cell.worker``) owns the loop, the data order, the optimizer
 recipe and every clock; plugins never time anything themselves.
 """
 
@@ -204,7 +204,7 @@ class ModelPreset:
     max_positions: int = 512
     #: The preset a task gets when no ``--model`` is given, per model kind.
     default: bool = False
-    #: Modules worth importing once in the fork server (``harness.launch``),
+    #: Modules worth importing once in the fork server (``ftbench.harness.running.launch``),
     #: e.g. ``("transformers.models.gpt2.modeling_gpt2",)``: importing a model
     #: family costs seconds, building a tiny model milliseconds.
     preload: tuple[str, ...] = ()
@@ -221,7 +221,7 @@ class BackendSpec:
     ``preset_of`` names the backend a preset abbreviates (for ``list``).
     ``data_parallel`` says the engine uses ``--nproc`` ranks.  ``reference``
     marks a backend whose loss curve others are checked against for parity
-    (see :mod:`harness.parity`); the grid runs reference cells first.
+    (see :mod:`ftbench.harness.results.parity`); the grid runs reference cells first.
 
     Example::
 
@@ -241,7 +241,7 @@ class BackendSpec:
 class Engine:
     """How a training step runs.  The runner drives it like this::
 
-        engine = spec.engine(options, ctx)          # ctx: harness.worker.EngineContext
+        engine = spec.engine(options, ctx)          # ctx: ftbench.harness.cell.worker.EngineContext
         engine.setup(model)                         # wrap, shard, build optimizer
         for step in range(steps):
             for micro_batch in micro_batches:
@@ -249,7 +249,7 @@ class Engine:
             engine.step()                           # clip, optimizer, schedule
         model = engine.eval_model()                 # for evaluation
 
-    :class:`harness.engine.StandardEngine` implements all of this for plain
+    :class:`ftbench.harness.engine.StandardEngine` implements all of this for plain
     PyTorch; most backends subclass it and override ``wrap`` only.
     """
 

@@ -1,6 +1,6 @@
 """The ``ftbench`` command line (click for parsing, rich for output).
 
-Errors caused by the user's input (:class:`harness.api.FtbenchError`) print
+Errors caused by the user's input (:class:`ftbench.harness.api.FtbenchError`) print
 one paragraph naming the problem and the fix, and exit with status 2.
 """
 
@@ -13,7 +13,7 @@ import sys
 
 import click
 
-from .api import FtbenchError
+from ftbench.harness.api import FtbenchError
 
 EXIT_USAGE = 2
 EXIT_REGRESSION = 1
@@ -53,7 +53,7 @@ def main():
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def list_cmd(as_json):
     """Tasks, backends and model presets, which plugin gave each, and availability."""
-    from .registry import Registry
+    from ftbench.harness.registry import Registry
 
     reg = Registry.load()
     data = {
@@ -141,9 +141,9 @@ def run_cmd(grid_file, tasks, backends, models, datas, columns, out, force, fail
 
     With no arguments, runs the embedded default grid.
     """
-    from .gridfile import build_grid
-    from .registry import Registry
-    from .runview import RunView
+    from ftbench.harness.grid.files import build_grid
+    from ftbench.harness.registry import Registry
+    from ftbench.harness.running.progress import RunView
 
     reg = Registry.load()
     launcher = {k: settings.pop(k) for k in ("nnodes", "node_rank", "master_addr", "master_port")
@@ -159,18 +159,18 @@ def run_cmd(grid_file, tasks, backends, models, datas, columns, out, force, fail
     grid = build_grid(grid_file, axes, overrides)
     cells = grid.cells(reg)
     if shard:
-        from .gridfile import select_shard
+        from ftbench.harness.grid.files import select_shard
 
         cells = select_shard(cells, shard)
-    from .preflight import check_cells
+    from ftbench.harness.grid.preflight import check_cells
 
     check_cells(reg, cells)  # names, options, settings, data, seq_len, batch: before anything is written
     out = out or _default_out()
     view = RunView(_console(), len(cells), out)
     _install_sigterm()
-    from .driver import run_cells
-    from .environment import collect
-    from .parity import annotate_parity
+    from ftbench.harness.running.driver import run_cells
+    from ftbench.harness.results.environment import collect
+    from ftbench.harness.results.parity import annotate_parity
 
     try:
         summary = run_cells(cells, out, collect(reg.pm), force=force, fail_fast=fail_fast, progress=view.event,
@@ -221,7 +221,7 @@ def _install_sigterm():
 @click.option("--quiet", is_flag=True, help="Write the files without printing the table.")
 def report_cmd(result_dir, out, quiet):
     """Tables (terminal, Markdown, CSV), PNG plots and an HTML page for a result set."""
-    from .report import print_table, write_report
+    from ftbench.harness.results.report import print_table, write_report
 
     rep, display = write_report(result_dir, out)
     con = _console()
@@ -250,7 +250,7 @@ def report_cmd(result_dir, out, quiet):
 @click.option("--markdown", "markdown_file", type=click.Path(dir_okay=False), help="Also write Markdown here.")
 def compare_cmd(base_dir, new_dir, thresholds, alpha, markdown_file):
     """Regressions between two result sets; exit status 1 when something regressed."""
-    from .compare import DEFAULT_ALPHA, compare_sets, parse_threshold, print_comparison
+    from ftbench.harness.results.compare import DEFAULT_ALPHA, compare_sets, parse_threshold, print_comparison
 
     th = dict(parse_threshold(t) for t in thresholds)
     if alpha is not None and not 0 < alpha < 1:
@@ -273,7 +273,7 @@ def compare_cmd(base_dir, new_dir, thresholds, alpha, markdown_file):
               help="Merge sets from different machines or library versions anyway.")
 def merge_cmd(out, sources, allow_mixed_environments):
     """Join result sets (e.g. the shards of one grid) into OUT, each record once."""
-    from .resultset import merge_result_sets
+    from ftbench.harness.results.resultset import merge_result_sets
 
     summary = merge_result_sets(out, list(sources), allow_mixed_environments=allow_mixed_environments)
     con = _console()

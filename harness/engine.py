@@ -24,8 +24,8 @@ if TYPE_CHECKING:  # annotations only; see the note below on importing torch
 
 # torch is imported inside the functions that need it: every plugin imports
 # this module, and 'ftbench list' must not pay for torch.
-from .api import Engine
-from .config import Recipe
+from ftbench.harness.api import Engine
+from ftbench.harness.grid.config import Recipe
 
 
 @dataclass
@@ -71,6 +71,16 @@ def build_optimizer(params, recipe: Recipe) -> torch.optim.Optimizer:
                              weight_decay=recipe.weight_decay)
 
 
+def build_scheduler(optimizer, recipe: Recipe):
+    """The recipe's learning-rate schedule over ``optimizer`` (a ``LambdaLR``).
+
+    Example: ``sched = build_scheduler(build_optimizer(params, recipe), recipe)``.
+    """
+    import torch
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe))
+
+
 def autocast_for(recipe: Recipe, device: torch.device):
     """The mixed-precision context of the recipe (a no-op for fp32)."""
     if recipe.precision == "fp32":
@@ -82,6 +92,7 @@ def autocast_for(recipe: Recipe, device: torch.device):
 
 
 def move(batch: dict, device: torch.device) -> dict:
+    """The batch's tensors on ``device`` (asynchronously from pinned memory on CUDA)."""
     import torch
 
     non_blocking = device.type == "cuda"
@@ -114,7 +125,7 @@ class StandardEngine(Engine):
         self.model = self.wrap(self.model)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(params, ctx.recipe)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(ctx.recipe))
+        self.scheduler = build_scheduler(self.optimizer, ctx.recipe)
         self.scaler = torch.amp.GradScaler(ctx.device.type) if ctx.recipe.precision == "fp16" else None
         self.loss_multiplier = float(ctx.world_size) if self.grad_average_world else 1.0
 

@@ -17,7 +17,7 @@ Two environment switches, in the spirit of pytest's ``-p no:NAME`` and llm's
   loaded this way is seen by the driver and by the cells alike.
 
 A plugin's name is its entry-point name, or for built-ins the last part of
-the module path (``plugins.eager`` -> ``eager``).
+the module path (``ftbench.plugins.eager`` -> ``eager``).
 """
 
 from __future__ import annotations
@@ -28,20 +28,20 @@ from importlib.metadata import entry_points
 
 import pluggy
 
-from . import hookspecs
-from .api import FtbenchError
+from ftbench.harness import hookspecs
+from ftbench.harness.api import FtbenchError
 
 DEFAULT_PLUGINS: tuple[str, ...] = (
-    "plugins.eager",
-    "plugins.compiled",
-    "plugins.deepspeed_zero",
-    "plugins.data_parallel",
-    "plugins.presets",
-    "tasks.generation",
-    "tasks.translation",
-    "tasks.classification",
-    "tasks.summarization",
-    "tasks.dialogue",
+    "ftbench.plugins.eager",
+    "ftbench.plugins.compiled",
+    "ftbench.plugins.deepspeed_zero",
+    "ftbench.plugins.data_parallel",
+    "ftbench.plugins.presets",
+    "ftbench.tasks.generation",
+    "ftbench.tasks.translation",
+    "ftbench.tasks.classification",
+    "ftbench.tasks.summarization",
+    "ftbench.tasks.dialogue",
 )
 
 ENTRY_POINT_GROUP = "ftbench"

@@ -10,9 +10,7 @@ are counted from dynamo's own bookkeeping into ``backend_stats``.
 
 from __future__ import annotations
 
-from harness import hookimpl
-from harness.api import BackendSpec, FtbenchError, Unavailable
-from harness.engine import StandardEngine
+from ftbench import hookimpl, BackendSpec, FtbenchError, StandardEngine, Unavailable
 
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -35,7 +33,7 @@ class CompiledEngine(StandardEngine):
         # Package metadata, not an import: 'ftbench list' checks every backend and
         # importing torch alone costs seconds. A platform dynamo rejects still
         # fails the cell with dynamo's own message.
-        from harness.environment import package_version, version_tuple
+        from ftbench.harness.results.environment import package_version, version_tuple
 
         version = package_version("torch")
         if version_tuple(version) < (2, 0):

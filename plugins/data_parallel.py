@@ -17,11 +17,9 @@ import contextlib
 import copy
 import itertools
 
-from harness import hookimpl
-from harness.api import BackendSpec, FtbenchError, Unavailable
-from harness.engine import StandardEngine
+from ftbench import hookimpl, BackendSpec, FtbenchError, StandardEngine, Unavailable
 
-from ._distributed import ensure_process_group
+from ftbench.plugins._distributed import ensure_process_group
 
 
 def _check_bool(options: dict, key: str, backend: str) -> None:
@@ -53,7 +51,7 @@ class DDPEngine(StandardEngine):
     def check_available(cls, options: dict) -> None:
         # Metadata, not an import, so 'ftbench list' stays fast; a torch build
         # without torch.distributed fails the cell with torch's own message.
-        from harness.environment import package_version
+        from ftbench.harness.results.environment import package_version
 
         if package_version("torch") is None:
             raise Unavailable("needs torch: pip install torch")
@@ -114,7 +112,7 @@ class FSDPEngine(StandardEngine):
 
     @classmethod
     def check_available(cls, options: dict) -> None:
-        from harness.environment import package_version, version_tuple
+        from ftbench.harness.results.environment import package_version, version_tuple
 
         version = package_version("torch")
         if version_tuple(version) < (2, 4):
@@ -144,7 +142,7 @@ class FSDPEngine(StandardEngine):
         self.skeleton = meta_copy(model)
         mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
         reshard = bool(self.options.get("reshard_after_forward", True))
-        from harness.modeling import block_stacks
+        from ftbench.harness.cell.modeling import block_stacks
 
         for stack in block_stacks(model):
             for block in stack:

@@ -4,7 +4,7 @@ The DeepSpeed config is *built from the ftbench recipe*, never from a
 DeepSpeed default: global batch, micro-batch and accumulation, clipping,
 AdamW with the recipe's hyper-parameters (``torch.optim.AdamW``, or
 ``DeepSpeedCPUAdam(adamw_mode=True)`` when the optimizer is offloaded), and
-the recipe's schedule (``harness.engine.lr_lambda``) as a client scheduler.
+the recipe's schedule (``ftbench.build_scheduler``) as a client scheduler.
 Mixed precision uses DeepSpeed's ``torch_autocast`` section with fp32
 weights and fp32 gradient reduction: the same policy as the other backends'
 ``torch.autocast``, not DeepSpeed's bf16/fp16 weight modes.
@@ -29,11 +29,9 @@ import json
 import os
 from pathlib import Path
 
-from harness import hookimpl
-from harness.api import BackendSpec, Engine, FtbenchError, Unavailable
-from harness.engine import EngineContext, autocast_for, lr_lambda, move
+from ftbench import hookimpl, BackendSpec, Engine, EngineContext, FtbenchError, Unavailable, autocast_for, build_optimizer, build_scheduler, move
 
-from ._distributed import ensure_process_group
+from ftbench.plugins._distributed import ensure_process_group
 
 INSTALL_HINT = "needs deepspeed: pip install 'ftbench[deepspeed]' (or pip install deepspeed)"
 OFFLOAD = ("none", "cpu")
@@ -155,16 +153,18 @@ class DeepSpeedEngine(Engine):
         self.skeleton = _meta_copy(model) if self.stage == 3 else None
         params = [p for p in model.parameters() if p.requires_grad]
         recipe = ctx.recipe
-        hyper = dict(lr=recipe.lr, betas=tuple(recipe.betas), eps=recipe.eps, weight_decay=recipe.weight_decay)
         if self.offload:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-            optimizer = DeepSpeedCPUAdam(params, adamw_mode=True, **hyper)
+            # The recipe's AdamW, stepped on the CPU by DeepSpeed's kernel.
+            reference = build_optimizer([torch.nn.Parameter(torch.zeros(1))], recipe).defaults
+            optimizer = DeepSpeedCPUAdam(params, adamw_mode=True, lr=reference["lr"], betas=reference["betas"],
+                                         eps=reference["eps"], weight_decay=reference["weight_decay"])
         else:
-            optimizer = torch.optim.AdamW(params, **hyper)
+            optimizer = build_optimizer(params, recipe)
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.config,
-            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(recipe)))
+            lr_scheduler=lambda opt: build_scheduler(opt, recipe))
         self.loss_multiplier = float(recipe.grad_accum * ctx.world_size)
 
     def forward_backward(self, batch: dict):
@@ -203,13 +203,13 @@ class DeepSpeedEngine(Engine):
 
 
 def _meta_copy(model):
-    from .data_parallel import meta_copy
+    from ftbench.plugins.data_parallel import meta_copy
 
     return meta_copy(model)
 
 
 def _materialize(skeleton, device, params, buffers):
-    from .data_parallel import materialize
+    from ftbench.plugins.data_parallel import materialize
 
     return materialize(skeleton, device, params, buffers)
 

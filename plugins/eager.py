@@ -1,8 +1,6 @@
 """``eager``: the recipe's step in plain PyTorch, the reference every backend is compared to."""
 
-from harness import hookimpl
-from harness.api import BackendSpec
-from harness.engine import StandardEngine
+from ftbench import hookimpl, BackendSpec, StandardEngine
 
 
 class EagerEngine(StandardEngine):

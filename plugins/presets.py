@@ -7,8 +7,7 @@ between backends.
 
 from __future__ import annotations
 
-from harness import hookimpl
-from harness.api import DECODER, ENCODER, ENCODER_DECODER, ModelPreset
+from ftbench import hookimpl, DECODER, ENCODER, ENCODER_DECODER, ModelPreset
 
 
 def _specials(tok) -> dict:

@@ -21,8 +21,7 @@ from __future__ import annotations
 import random
 import re
 
-from harness import hookimpl
-from harness.api import DECODER, ENCODER, DataError, EvalContext, Task
+from ftbench import hookimpl, DECODER, ENCODER, DataError, EvalContext, Task
 
 _TOPICS = {
     "sports": ["football", "goal", "match", "team", "coach", "score", "race", "tennis"],
@@ -94,7 +93,7 @@ class ClassificationTask(Task):
                             f"got {example['label']!r}")
 
     def prepare(self, splits, options):
-        from harness.data import where
+        from ftbench.harness.cell.data import where
 
         declared = options.get("labels")
         if declared is not None:
@@ -131,7 +130,7 @@ class ClassificationTask(Task):
         return options["label_ids"][str(label_value(example["label"]))]
 
     def evaluate(self, ctx: EvalContext):
-        from tasks.metrics import classification
+        from ftbench.tasks.metrics import classification
 
         probs = ctx.classify(ctx.examples)
         y_pred = [max(range(len(p)), key=p.__getitem__) for p in probs]

@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import random
 
-from harness import hookimpl
-from harness.api import DECODER, ENCODER_DECODER, DataError, EvalContext, Task
+from ftbench import hookimpl, DECODER, ENCODER_DECODER, DataError, EvalContext, Task
 
 _NAMES = ["anna", "ben", "carla", "david", "emma", "felix", "greta", "hugo"]
 _FAVOURITES = {"fruit": "mango", "colour": "green", "animal": "otter", "season": "autumn", "sport": "rowing",
@@ -96,7 +95,7 @@ class DialogueTask(Task):
         return "\n".join(turns[:-1]), turns[-1]
 
     def evaluate(self, ctx: EvalContext):
-        from tasks.metrics import chrf, perplexity
+        from ftbench.tasks.metrics import chrf, perplexity
 
         contexts, refs = zip(*(self.prompt_and_target(ex, ctx.options) for ex in ctx.examples))
         return {"perplexity": perplexity(ctx.eval_loss), "chrf": chrf(ctx.generate(list(contexts)), refs),

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import random
 
-from harness import hookimpl
-from harness.api import DECODER, Task
+from ftbench import hookimpl, DECODER, Task
 
 _ANIMALS = {"cat": "meows", "dog": "barks", "cow": "moos", "duck": "quacks", "owl": "hoots", "lion": "roars"}
 _ADJ = ["small", "old", "happy", "quiet", "brown", "clever", "lazy", "young"]
@@ -49,7 +48,7 @@ class GenerationTask(Task):
     def validate(self, example, where, options):
         super().validate(example, where, options)
         if not isinstance(example["text"], str):
-            from harness.api import DataError
+            from ftbench.harness.api import DataError
 
             raise DataError(f"{where}: field 'text' must be a string, got {type(example['text']).__name__}")
 

@@ -14,7 +14,7 @@ import importlib
 import math
 from typing import Sequence
 
-from harness.api import FtbenchError
+from ftbench import FtbenchError
 
 
 def _need(module: str, package: str):

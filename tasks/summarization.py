@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import random
 
-from harness import hookimpl
-from harness.api import DECODER, ENCODER_DECODER, DataError, EvalContext, Task
+from ftbench import hookimpl, DECODER, ENCODER_DECODER, DataError, EvalContext, Task
 
 _NAMES = ["anna", "ben", "carla", "david", "emma", "felix", "greta", "hugo"]
 _VERBS = ["bought", "sold", "painted", "found", "lost", "cooked"]
@@ -72,7 +71,7 @@ class SummarizationTask(Task):
         return example["document"], example["summary"]
 
     def evaluate(self, ctx: EvalContext):
-        from tasks.metrics import rouge
+        from ftbench.tasks.metrics import rouge
 
         docs, refs = zip(*(self.prompt_and_target(ex, ctx.options) for ex in ctx.examples))
         return {**rouge(ctx.generate(list(docs)), refs), "eval_loss": ctx.eval_loss}

@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import random
 
-from harness import hookimpl
-from harness.api import DECODER, ENCODER_DECODER, DataError, EvalContext, Task
+from ftbench import hookimpl, DECODER, ENCODER_DECODER, DataError, EvalContext, Task
 
 _ADJ = {"small": "kleine", "old": "alte", "happy": "frohe", "brown": "braune", "young": "junge",
         "lazy": "faule"}
@@ -87,7 +86,7 @@ class TranslationTask(Task):
                 raise DataError(f"{where}: field 'translation.{lang}' must be a string, got {type(text).__name__}")
 
     def prepare(self, splits, options):
-        from harness.data import where
+        from ftbench.harness.cell.data import where
 
         train = splits["train"]
         langs = list(train[0]["translation"])
@@ -120,7 +119,7 @@ class TranslationTask(Task):
         return pair[options["source"]], pair[options["target"]]
 
     def evaluate(self, ctx: EvalContext):
-        from tasks.metrics import bleu, chrf, perplexity
+        from ftbench.tasks.metrics import bleu, chrf, perplexity
 
         sources, refs = zip(*(self.prompt_and_target(ex, ctx.options) for ex in ctx.examples))
         preds = ctx.generate(list(sources))

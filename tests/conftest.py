@@ -22,7 +22,7 @@ def ftbench(*args, env: dict | None = None, timeout: float = 600, check: bool = 
     full_env.setdefault("FTBENCH_CACHE", str(ROOT / ".pytest-ftbench-cache"))
     if env:
         full_env.update(env)
-    proc = subprocess.run([sys.executable, "-m", "harness.cli", *map(str, args)], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "ftbench.harness.cli", *map(str, args)], capture_output=True, text=True,
                           env=full_env, timeout=timeout, cwd=cwd or ROOT)
     if check and proc.returncode != 0:
         raise AssertionError(f"ftbench {' '.join(map(str, args))} exited {proc.returncode}\n"

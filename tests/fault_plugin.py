@@ -27,9 +27,9 @@ import subprocess
 import sys
 import time
 
-from harness import hookimpl
-from harness.api import BackendSpec, FtbenchError
-from harness.engine import StandardEngine
+from ftbench.harness import hookimpl
+from ftbench.harness.api import BackendSpec, FtbenchError
+from ftbench.harness.engine import StandardEngine
 
 KINDS = ("none", "kill", "segv", "memhog", "memerror", "hang", "orphan", "nan", "raise")
 

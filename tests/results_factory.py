@@ -8,8 +8,8 @@ import json
 import random
 from pathlib import Path
 
-from harness.config import CellSpec, Recipe
-from harness.results import append_record
+from ftbench.harness.grid.config import CellSpec, Recipe
+from ftbench.harness.results.store import append_record
 
 ENV = {"cpu": "Test CPU", "cpu_count": 2, "cpu_affinity": 2, "device": {"type": "cpu"},
        "versions": {"torch": "2.13.0+cpu", "transformers": "5.0"}, "git_commit": "abc", "python": "3.11"}
@@ -20,7 +20,7 @@ METRICS = {"generation": ("perplexity", False, 60.0), "classification": ("accura
 def make_record(task="generation", backend="eager", model="tiny-gpt2", repeat=0, step_s=0.02, mem=400 * 2**20,
                 metric_value=None, steps=12, warmup=2, seed=0, recipe=None, status="ok", env=None, jitter=0.05,
                 lr=3e-3):
-    """One record shaped like :func:`harness.record.build_record`'s, with noisy step times."""
+    """One record shaped like :func:`ftbench.harness.results.record.build_record`'s, with noisy step times."""
     recipe = recipe or Recipe(steps=steps, warmup=warmup, seq_len=32, batch_size=4, lr=lr)
     spec = CellSpec(task=task, backend=backend, model=model, recipe=recipe, repeat=repeat)
     rng = random.Random(f"{task}/{backend}/{model}/{repeat}/{seed}/{step_s}")  # str seeds are not salted

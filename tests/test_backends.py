@@ -12,9 +12,9 @@ import torch
 
 from backend_grid import BACKENDS, RECIPE, all_backends_run, by_backend
 from conftest import ftbench, records
-from harness.api import FtbenchError
-from harness.config import Recipe
-from harness.engine import EngineContext
+from ftbench.harness.api import FtbenchError
+from ftbench.harness.grid.config import Recipe
+from ftbench.harness.engine import EngineContext
 
 DATA_PARALLEL = {"zero0", "zero1", "zero2", "zero3", "zero2-offload", "ddp", "fsdp"}
 
@@ -74,7 +74,7 @@ def test_deepspeed_config_comes_from_the_recipe(run, backend, stage, optimizer):
 
 
 def _ds_engine(options, world=2, **recipe):
-    from plugins.deepspeed_zero import DeepSpeedEngine
+    from ftbench.plugins.deepspeed_zero import DeepSpeedEngine
 
     opts = DeepSpeedEngine.validate_options(options)
     ctx = EngineContext(recipe=Recipe(**recipe), device=torch.device("cpu"), loss_fn=None, world_size=world)
@@ -114,7 +114,7 @@ def test_deepspeed_settings_pass_through(tmp_path):
     ({"stages": 2}, "unknown deepspeed option"),
 ])
 def test_deepspeed_rejects_settings_that_would_change_the_recipe(options, message):
-    from plugins.deepspeed_zero import DeepSpeedEngine
+    from ftbench.plugins.deepspeed_zero import DeepSpeedEngine
 
     with pytest.raises(FtbenchError, match=message):
         DeepSpeedEngine.validate_options({"stage": 2, **options})
@@ -128,7 +128,7 @@ def test_deepspeed_rejects_settings_that_would_change_the_recipe(options, messag
     ("fsdp", {"reshard": True}, "unknown fsdp option"),
 ])
 def test_bad_backend_options_fail_with_the_fix(backend, options, message):
-    from harness.registry import Registry
+    from ftbench.harness.registry import Registry
 
     spec = Registry.load().backend(backend)
     with pytest.raises(FtbenchError, match=message):

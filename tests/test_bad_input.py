@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from harness.cli import main
-from harness.registry import Registry
-from harness.results import append_record, read_records
+from ftbench.harness.cli import main
+from ftbench.harness.registry import Registry
+from ftbench.harness.results.store import append_record, read_records
 
 from conftest import ftbench
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from harness.cli import main
-from harness.compare import REGRESSION, UNCHANGED, judge, parse_threshold
-from harness.api import FtbenchError
+from ftbench.harness.cli import main
+from ftbench.harness.results.compare import REGRESSION, UNCHANGED, judge, parse_threshold
+from ftbench.harness.api import FtbenchError
 from results_factory import ENV, make_record, modified, read, write_set
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,7 +41,7 @@ def _run(out, repeat, slow_dir=None):
     env.setdefault("FTBENCH_CACHE", str(ROOT / ".pytest-ftbench-cache"))
     if slow_dir:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(slow_dir), env.get("PYTHONPATH")) if p)
-    cmd = [sys.executable, "-m", "harness.cli", "run", *TINY, "--repeat", str(repeat), "--out", str(out)]
+    cmd = [sys.executable, "-m", "ftbench.harness.cli", "run", *TINY, "--repeat", str(repeat), "--out", str(out)]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 

@@ -13,16 +13,16 @@ import psutil
 import pytest
 
 from conftest import TINY, ftbench, records
-from harness.config import CellSpec
+from ftbench.harness.grid.config import CellSpec
 
 #: A third-party backend plugin, installed the way pip would leave it: a module plus a
 #: dist-info with an ``ftbench`` entry point, found on PYTHONPATH by the driver and every rank.
 RANK_FAULT_PLUGIN = '''
 import torch.distributed as dist
 
-from harness import hookimpl
-from harness.api import BackendSpec
-from plugins.data_parallel import DDPEngine
+from ftbench.harness import hookimpl
+from ftbench.harness.api import BackendSpec
+from ftbench.plugins.data_parallel import DDPEngine
 
 
 class RankFaultEngine(DDPEngine):
@@ -87,7 +87,7 @@ def test_a_failing_rank_fails_the_cell_with_its_message_and_leaves_nothing(tmp_p
 def test_multi_node_settings_reach_torchrun_and_parse():
     from torch.distributed.run import get_args_parser
 
-    from harness.cellproc import command_for
+    from ftbench.harness.running.cellproc import command_for
 
     spec = CellSpec(task="generation", backend="ddp", model="tiny-gpt2", nproc=2,
                     launcher={"nnodes": 2, "node_rank": 1, "master_addr": "10.0.0.7", "master_port": 29511})
@@ -98,13 +98,13 @@ def test_multi_node_settings_reach_torchrun_and_parse():
     assert (args.nnodes, args.nproc_per_node, args.node_rank) == ("2", "2", 1)
     assert (args.master_addr, args.master_port) == ("10.0.0.7", 29511)
     assert not args.standalone
-    assert args.training_script == "harness.worker" and args.module
+    assert args.training_script == "ftbench.harness.cell.worker" and args.module
 
 
 def test_single_node_cells_use_a_private_rendezvous():
     from torch.distributed.run import get_args_parser
 
-    from harness.cellproc import command_for
+    from ftbench.harness.running.cellproc import command_for
 
     spec = CellSpec(task="generation", backend="ddp", model="tiny-gpt2", nproc=2)
     extra = [time.time()] if len(inspect.signature(command_for).parameters) > 3 else []
@@ -126,8 +126,8 @@ def test_data_parallel_backend_without_nproc_runs_one_rank(tmp_path, backend):
 
 
 def test_multi_node_settings_apply_to_data_parallel_backends_only():
-    from harness.grid import Grid
-    from harness.registry import Registry
+    from ftbench.harness.grid.expand import Grid
+    from ftbench.harness.registry import Registry
 
     launcher = {"nnodes": 2, "node_rank": 0, "master_addr": "127.0.0.1", "master_port": 29512}
     cells = Grid(axes={"task": ["generation"], "backend": ["eager", "ddp"]},

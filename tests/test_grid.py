@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from harness.api import FtbenchError
-from harness.gridfile import build_grid, grid_from_dict, load_grid_text, parse_duration, select_shard
-from harness.registry import Registry
+from ftbench.harness.api import FtbenchError
+from ftbench.harness.grid.files import build_grid, grid_from_dict, load_grid_text, parse_duration, select_shard
+from ftbench.harness.registry import Registry
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -146,7 +146,7 @@ def test_invalid_grid_files_name_the_bad_key_and_the_allowed_values(tmp_path, re
 def test_cli_reports_a_bad_grid_with_exit_status_2(tmp_path):
     from click.testing import CliRunner
 
-    from harness.cli import main
+    from ftbench.harness.cli import main
 
     res = CliRunner().invoke(main, ["run", "--grid", _write(tmp_path, "task: [generation]\nbakend: [eager]\n")])
     assert res.exit_code == 2
@@ -192,8 +192,8 @@ def test_example_grids_are_valid(name, reg):
 
 
 def test_default_grid_is_every_task_on_every_available_backend():
-    from harness.gridfile import build_grid
-    from harness.registry import Registry
+    from ftbench.harness.grid.files import build_grid
+    from ftbench.harness.registry import Registry
 
     reg = Registry.load()
     cells = build_grid(None, {"task": [], "backend": [], "model": [], "data": []}, {}).cells(reg)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness.api import Encoded
-from harness.measure import step_stats, throughput
-from harness.mfu import device_peak, flop_model
-from harness.prepcache import cached_encode
+from ftbench.harness.api import Encoded
+from ftbench.harness.cell.measure import step_stats, throughput
+from ftbench.harness.cell.mfu import device_peak, flop_model
+from ftbench.harness.cell.prepcache import cached_encode
 
 
 def test_throughput_is_total_tokens_over_total_time_not_over_mean_step():
@@ -67,7 +67,7 @@ def test_encoded_cache_round_trip_and_keying(tmp_path, monkeypatch):
 def test_block_stacks_are_the_outermost_stacks_of_every_kind():
     from transformers import T5Config, T5ForConditionalGeneration
 
-    from harness.modeling import apply_tuning, block_stacks
+    from ftbench.harness.cell.modeling import apply_tuning, block_stacks
 
     t5 = T5ForConditionalGeneration(T5Config(vocab_size=100, d_model=16, d_kv=4, d_ff=32, num_layers=2,
                                              num_decoder_layers=3, num_heads=2))

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from harness.api import EvalContext, FtbenchError
-from tasks import metrics
+from ftbench.harness.api import EvalContext, FtbenchError
+from ftbench.tasks import metrics
 
 
 def test_bleu_and_chrf_perfect_and_disjoint():
@@ -83,10 +83,10 @@ def _ctx(examples, generated=None, probs=None, options=None, eval_loss=0.5):
 
 def test_tasks_evaluate_perfect_predictions():
     """Each task's evaluate() on a context whose model answers perfectly."""
-    from tasks.classification import ClassificationTask
-    from tasks.dialogue import DialogueTask
-    from tasks.summarization import SummarizationTask
-    from tasks.translation import TranslationTask
+    from ftbench.tasks.classification import ClassificationTask
+    from ftbench.tasks.dialogue import DialogueTask
+    from ftbench.tasks.summarization import SummarizationTask
+    from ftbench.tasks.translation import TranslationTask
 
     tr = [{"translation": {"en": "the small cat sees an apple .", "de": "die kleine katze sieht einen apfel ."}}]
     m = TranslationTask().evaluate(_ctx(tr, ["die kleine katze sieht einen apfel ."],
@@ -108,7 +108,7 @@ def test_tasks_evaluate_perfect_predictions():
 
 
 def test_every_task_declares_its_metric_and_direction():
-    from harness.registry import Registry
+    from ftbench.harness.registry import Registry
 
     want = {"generation": ("perplexity", False), "translation": ("bleu", True),
             "classification": ("accuracy", True), "summarization": ("rougeL", True),

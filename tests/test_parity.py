@@ -14,8 +14,8 @@ import pytest
 
 from backend_grid import RECIPE, WIDE, all_backends_run, by_backend
 from conftest import ftbench, records
-from harness.config import CellSpec, Recipe
-from harness.parity import TOLERANCES, annotate_parity
+from ftbench.harness.grid.config import CellSpec, Recipe
+from ftbench.harness.results.parity import TOLERANCES, annotate_parity
 
 # MEASURED (fp32, CPU, 12 steps, 2 ranks, largest relative deviation from eager): zero0-3,
 # ddp and fsdp 1.1e-7 (all the same: one reduction order); compile 8.4e-7; zero2-offload and
@@ -170,8 +170,8 @@ def test_fingerprint_ignores_how_the_step_is_run(change):
 
 
 def test_grid_runs_reference_backends_first():
-    from harness.grid import Grid
-    from harness.registry import Registry
+    from ftbench.harness.grid.expand import Grid
+    from ftbench.harness.registry import Registry
 
     cells = Grid(axes={"task": ["generation"], "backend": ["compile", "ddp", "eager"]},
                  settings={"nproc": 2}).cells(Registry.load())
@@ -198,7 +198,7 @@ def test_gradient_accumulation_keeps_parity(tmp_path):
 
 
 def test_late_drift_is_reported_but_an_early_deviation_fails():
-    from harness.parity import WINDOW, parity_label
+    from ftbench.harness.results.parity import WINDOW, parity_label
 
     steps = WINDOW + 20
     ref = _rec("eager", [2.0] * steps)

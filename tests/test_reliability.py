@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from harness.results import RECORD_KEYS, append_record, finished_keys, read_records
+from ftbench.harness.results.store import RECORD_KEYS, append_record, finished_keys, read_records
 
 from conftest import ROOT, ftbench, records
 
@@ -43,7 +43,7 @@ def _start(args, **kw):
     background of a non-interactive shell inherits SIGINT *ignored*, which
     would hide Ctrl-C from ftbench (Python keeps an inherited SIG_IGN).
     """
-    return subprocess.Popen([sys.executable, "-m", "harness.cli", *map(str, args)], cwd=ROOT, env=_env(),
+    return subprocess.Popen([sys.executable, "-m", "ftbench.harness.cli", *map(str, args)], cwd=ROOT, env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
                             preexec_fn=_default_sigint, **kw)
 
@@ -77,10 +77,10 @@ def _descendants(pid: int) -> list[psutil.Process]:
 
 
 def _cell_started(driver_pid: int) -> bool:
-    # A cell is forked from the fork server (a grandchild) or exec'd as harness.worker.
+    # A cell is forked from the fork server (a grandchild) or exec'd as ftbench.harness.cell.worker.
     for p in _descendants(driver_pid):
         try:
-            if p.ppid() != driver_pid or "harness.worker" in " ".join(p.cmdline()):
+            if p.ppid() != driver_pid or "ftbench.harness.cell.worker" in " ".join(p.cmdline()):
                 return True
         except psutil.Error:
             continue
@@ -301,7 +301,7 @@ def test_corrupt_line_in_the_middle_is_reported_by_line_number(tmp_path):
 
 
 def test_concurrent_appends_never_interleave(tmp_path):
-    code = ("import sys; from harness.results import append_record\n"
+    code = ("import sys; from ftbench.harness.results.store import append_record\n"
             "for i in range(40): append_record(sys.argv[1], {'cell_id': sys.argv[2] + str(i), 'status': 'ok',"
             " 'pad': 'x' * 5000})\n")
     procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path), f"w{w}-"], cwd=ROOT) for w in range(4)]
@@ -311,7 +311,7 @@ def test_concurrent_appends_never_interleave(tmp_path):
 
 
 def test_kill_during_writes_leaves_a_readable_file(tmp_path):
-    code = ("import sys; from harness.results import append_record\n"
+    code = ("import sys; from ftbench.harness.results.store import append_record\n"
             "i = 0\n"
             "while True:\n"
             "    append_record(sys.argv[1], {'cell_id': str(i), 'status': 'ok', 'pad': 'x' * 200000}); i += 1\n")

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from harness.cli import main
+from ftbench.harness.cli import main
 from results_factory import grid_records, make_record, write_set
 
 PNG = b"\x89PNG\r\n\x1a\n"

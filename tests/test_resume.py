@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-import harness.driver as driver
-from harness.cellproc import CellOutcome
-from harness.cli import main
-from harness.gridfile import build_grid, select_shard
-from harness.registry import Registry
+import ftbench.harness.running.driver as driver
+from ftbench.harness.running.cellproc import CellOutcome
+from ftbench.harness.cli import main
+from ftbench.harness.grid.files import build_grid, select_shard
+from ftbench.harness.registry import Registry
 from results_factory import ENV, make_record, modified, read, write_set
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -133,7 +133,7 @@ def test_merge_keeps_the_valid_records_of_a_set_with_a_corrupt_line(tmp_path):
 def test_a_real_interrupted_run_resumes_where_it_stopped(tmp_path):
     """SIGTERM a real `ftbench run` after its first cell; the rerun does only the rest."""
     out = tmp_path / "rs"
-    cmd = [sys.executable, "-m", "harness.cli", "run", "--task", "generation", "--backend", "eager", "--steps", "8",
+    cmd = [sys.executable, "-m", "ftbench.harness.cli", "run", "--task", "generation", "--backend", "eager", "--steps", "8",
            "--warmup", "2", "--seq-len", "32", "--eval-examples", "8", "--repeat", "2", "--out", str(out)]
     env = dict(os.environ, COLUMNS="200")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -17,15 +17,15 @@ from pathlib import Path
 
 import pytest
 
-from harness.registry import Registry
-from tasks import metrics
+from ftbench.harness.registry import Registry
+from ftbench.tasks import metrics
 
 TASKS = ("translation", "classification", "summarization", "dialogue")
 EVAL_EXAMPLES = 64  # the CLI default
 
 
 def ftbench(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "harness.cli", "run", "--backend", "eager", *args],
+    return subprocess.run([sys.executable, "-m", "ftbench.harness.cli", "run", "--backend", "eager", *args],
                           capture_output=True, text=True, timeout=900, cwd=cwd)
 
 
@@ -183,8 +183,8 @@ def test_a_model_kind_the_task_cannot_use_is_a_clear_error(tmp_path):
 
 
 def test_kind_checks_in_process():
-    from harness.api import FtbenchError
-    from harness.modeling import choose_kind, resolve_model
+    from ftbench.harness.api import FtbenchError
+    from ftbench.harness.cell.modeling import choose_kind, resolve_model
 
     reg = Registry.load()
     for task_name, model in (("translation", "tiny-bert"), ("summarization", "tiny-bert"),

@@ -4,9 +4,7 @@ import random
 
 import torch
 
-from harness import hookimpl
-from harness.api import BackendSpec, Task
-from harness.engine import StandardEngine
+from ftbench import hookimpl, BackendSpec, StandardEngine, Task
 
 WORDS = "red green blue cat dog sun moon tree river stone".split()
 

@@ -27,9 +27,9 @@ import typing
 from importlib import resources
 from pathlib import Path
 
-from .api import FtbenchError
-from .config import RECIPE_FIELDS, Recipe
-from .grid import AXES, CELL_SETTINGS, PER_CELL_SETTINGS, SWEEPABLE, Grid
+from ftbench.harness.api import FtbenchError
+from ftbench.harness.grid.config import RECIPE_FIELDS, Recipe
+from ftbench.harness.grid.expand import AXES, CELL_SETTINGS, PER_CELL_SETTINGS, SWEEPABLE, Grid
 
 DEFAULT_GRID = "default_grid.yaml"
 TOP_KEYS = set(AXES) | {"settings", "exclude", "repeat", "sweep", "time_limit", "per_cell"}

@@ -20,8 +20,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .format import fmt_bytes, fmt_num
-from .resultset import ResultSet, as_float, load_result_set, repeat_of, variant_labels
+from ftbench.harness.results.format import fmt_bytes, fmt_num
+from ftbench.harness.results.resultset import ResultSet, as_float, load_result_set, repeat_of, variant_labels
 
 REPORT_DIR = "report"
 MiB = 2**20
@@ -124,7 +124,7 @@ def display_frame(summary):
 
 
 def _parity(p) -> str:
-    from .parity import parity_label
+    from ftbench.harness.results.parity import parity_label
 
     return parity_label(p)
 

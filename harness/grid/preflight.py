@@ -4,7 +4,7 @@ A typo must cost the user seconds, not a grid of failed cells: whatever can
 be known without training (settings of the right type, data that parses and
 fits the task, a sequence length the model can hold, a batch the data can
 fill) is checked here, in the driver, and reported as one
-:class:`~harness.api.FtbenchError` (exit status 2, nothing written).  The
+:class:`~ftbench.harness.api.FtbenchError` (exit status 2, nothing written).  The
 cell repeats its own checks as a backstop; hub data (``hf:``) is left to the
 cell, as loading it needs the network.
 
@@ -20,7 +20,7 @@ import math
 import os
 from pathlib import Path
 
-from .api import FtbenchError
+from ftbench.harness.api import FtbenchError
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -96,17 +96,17 @@ def _check_model(reg, name: str, task, positions: dict) -> None:
         preset = reg.model(name)
         kind, positions[name] = preset.kind, getattr(preset, "max_positions", None)
     elif os.path.isdir(name):
-        from .modeling import resolve_model
+        from ftbench.harness.cell.modeling import resolve_model
 
         kind = resolve_model(name, reg, task).kind  # checks config, weights and tokenizer files
         positions[name] = _config_positions(Path(name) / "config.json")
     else:
-        from .modeling import check_model_name
+        from ftbench.harness.cell.modeling import check_model_name
 
         check_model_name(name, reg)  # an unknown preset name fails here; a hub id passes
         positions[name] = None  # a hub id: only the cell can look at it
         return
-    from .modeling import ModelSource, choose_kind
+    from ftbench.harness.cell.modeling import ModelSource, choose_kind
 
     choose_kind(ModelSource(name, kind), task)
 
@@ -128,7 +128,7 @@ def _check_data(task, task_options: dict, cell) -> int | None:
     """Load and validate the cell's data as the cell will; the number of training examples."""
     if isinstance(cell.data, str) and cell.data.startswith("hf:"):
         return None
-    from .data import load_splits
+    from ftbench.harness.cell.data import load_splits
 
     options = {**dict(task.defaults), **task_options}
     try:

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import psutil
 
-from . import launch, reaper
-from .config import CellSpec
+from ftbench.harness.running import launch, reaper
+from ftbench.harness.grid.config import CellSpec
 
 #: Exit code conventions of the worker: 0 finished (ok/diverged/skipped), 1 failed.
 
@@ -93,7 +93,7 @@ def kill_tree(pgid: int, pids=()) -> None:
 
 
 def command_for(spec: CellSpec, spec_path: Path, result_dir: Path, t_launch: float) -> list[str]:
-    worker = ["-m", "harness.worker", str(spec_path), str(result_dir), repr(t_launch)]
+    worker = ["-m", "ftbench.harness.cell.worker", str(spec_path), str(result_dir), repr(t_launch)]
     if spec.nproc <= 1 and not spec.launcher.get("nnodes", 1) > 1:
         return [sys.executable, *worker]
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(spec.nproc)]
@@ -138,7 +138,7 @@ def run_cell_process(spec: CellSpec) -> CellOutcome:
         stderr_path = tmp / "stderr.log"
         stderr_path.touch()
         t0 = time.perf_counter()
-        proc = launch.start(spec, cmd[cmd.index("harness.worker") + 1:], cmd, env, str(stderr_path))
+        proc = launch.start(spec, cmd[cmd.index("ftbench.harness.cell.worker") + 1:], cmd, env, str(stderr_path))
         guard = reaper.CellGuard(proc.pid)
         limit = spec.memory_limit_mb * 2**20 if spec.memory_limit_mb else None
         watch = TreeWatch(psutil.Process(proc.pid), limit_bytes=limit).start()

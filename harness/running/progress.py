@@ -6,11 +6,11 @@ import time
 
 from rich.markup import escape
 
-from .format import fmt_bytes, fmt_num
+from ftbench.harness.results.format import fmt_bytes, fmt_num
 
 
 class RunView:
-    """Progress events from :func:`harness.driver.run_cells`, rendered with rich."""
+    """Progress events from :func:`ftbench.harness.running.driver.run_cells`, rendered with rich."""
 
     def __init__(self, console, total: int, out: str):
         self.con = console
@@ -99,6 +99,6 @@ class RunView:
 
 
 def _parity(r: dict) -> str:
-    from .parity import parity_label
+    from ftbench.harness.results.parity import parity_label
 
     return parity_label(r.get("parity"))

@@ -18,7 +18,7 @@ import csv
 import json
 from pathlib import Path
 
-from .api import DataError, FtbenchError, Task
+from ftbench.harness.api import DataError, FtbenchError, Task
 
 SPLITS = ("train", "validation", "test")
 EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv")

@@ -21,7 +21,7 @@ import subprocess
 import sys
 
 #: Modules the fork server imports once; cells forked from it start warm.
-PRELOAD = ("harness.preload",)
+PRELOAD = ("ftbench.harness.running.preload",)
 
 _context = None
 
@@ -51,7 +51,7 @@ def _cell_main(argv: list[str], log_path: str) -> None:
     sys.stderr = open(2, "w", buffering=1, closefd=False)
     code = 1
     try:
-        from harness.worker import main
+        from ftbench.harness.cell.worker import main
 
         code = main(argv)
     finally:

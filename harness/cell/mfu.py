@@ -92,14 +92,14 @@ def flop_model(model: torch.nn.Module, kind: str):
 
 
 def _cache_file():
-    from .tokenization import cache_dir
+    from ftbench.harness.cell.tokenization import cache_dir
 
     return cache_dir() / "cpu_peak.json"
 
 
 def measured_cpu_peak(seconds: float = 0.5) -> float:
     """Best fp32 matmul FLOP/s of this CPU with the current thread count (cached)."""
-    from .environment import cpu_model
+    from ftbench.harness.results.environment import cpu_model
 
     key = f"{cpu_model()}|{torch.__version__}|{torch.get_num_threads()}"
     path = _cache_file()

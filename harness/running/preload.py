@@ -1,4 +1,4 @@
-"""Imported once by the fork server (see ``harness.launch``) so that every cell
+"""Imported once by the fork server (see ``ftbench.harness.running.launch``) so that every cell
 forked from it starts with torch, transformers and the plugins already loaded.
 
 Nothing here may touch a device, start threads or seed anything: the server
@@ -14,8 +14,9 @@ from transformers import PreTrainedTokenizerFast  # noqa: F401
 from transformers.generation import GenerationMixin  # noqa: F401
 from transformers.modeling_utils import PreTrainedModel  # noqa: F401
 
-from harness import data, engine, measure, modeling, tokenization, worker  # noqa: F401
-from harness.registry import Registry
+from ftbench.harness.cell import data, measure, modeling, tokenization, worker  # noqa: F401
+from ftbench.harness import engine  # noqa: F401
+from ftbench.harness.registry import Registry
 
 # Importing every plugin module (and whatever its top level imports), and the
 # modules each model preset names, warms what the cells will use without the

@@ -27,9 +27,9 @@ import math
 import statistics
 from dataclasses import dataclass, field
 
-from .api import FtbenchError
-from .format import fmt_bytes, fmt_num
-from .resultset import (ResultSet, as_float, config_diff, environment_diff, load_result_set, repeat_of,
+from ftbench.harness.api import FtbenchError
+from ftbench.harness.results.format import fmt_bytes, fmt_num
+from ftbench.harness.results.resultset import (ResultSet, as_float, config_diff, environment_diff, load_result_set, repeat_of,
                         slot_of, variant_labels)
 
 #: Relative change below which a figure is "unchanged", per figure.  Speed on a

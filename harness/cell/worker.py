@@ -1,7 +1,7 @@
 """One cell, inside its own fresh process (one per rank under torchrun).
 
-Run as ``python -m harness.worker SPEC.json RESULT_DIR``.  Each rank writes
-``RESULT_DIR/rank<R>.json``; the driver (``harness.cellproc``) turns those
+Run as ``python -m ftbench.harness.cell.worker SPEC.json RESULT_DIR``.  Each rank writes
+``RESULT_DIR/rank<R>.json``; the driver (``ftbench.harness.running.cellproc``) turns those
 files into one result record.  This module owns the training loop and every
 clock: the backend's engine only runs the steps it is handed.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 
 # Wall-clock time the cell was launched: the driver passes it (so process
-# start-up counts as setup); a bare ``python -m harness.worker`` uses the
+# start-up counts as setup); a bare ``python -m ftbench.harness.cell.worker`` uses the
 # moment this module was imported, before the heavy imports.
 _T_IMPORTED = time.time()
 
@@ -76,17 +76,17 @@ def run_cell(spec_dict: dict, result_dir: Path, t_launch: float | None = None) -
     t_launch = t_launch or _T_IMPORTED
     import torch
 
-    from .api import EvalContext, FtbenchError, Unavailable
-    from .config import CellSpec, parse_tuning
-    from .data import load_splits
-    from .engine import EngineContext, autocast_for
-    from .measure import current_rss_bytes, memory_snapshot, now, step_stats, synchronize, throughput
-    from .mfu import device_peak, flop_model
-    from .modeling import (apply_tuning, build_model, choose_kind, class_probabilities, collate, count_params,
+    from ftbench.harness.api import EvalContext, FtbenchError, Unavailable
+    from ftbench.harness.grid.config import CellSpec, parse_tuning
+    from ftbench.harness.cell.data import load_splits
+    from ftbench.harness.engine import EngineContext, autocast_for
+    from ftbench.harness.cell.measure import current_rss_bytes, memory_snapshot, now, step_stats, synchronize, throughput
+    from ftbench.harness.cell.mfu import device_peak, flop_model
+    from ftbench.harness.cell.modeling import (apply_tuning, build_model, choose_kind, class_probabilities, collate, count_params,
                            decoder_start_id, encode_example, greedy_generate, load_tokenizer, make_loss_fn,
                            max_positions, param_bytes, resolve_model)
-    from .prepcache import cached_encode, data_identity
-    from .registry import Registry
+    from ftbench.harness.cell.prepcache import cached_encode, data_identity
+    from ftbench.harness.registry import Registry
 
     t_imports = time.time()
     spec = CellSpec.from_dict(spec_dict)
@@ -289,7 +289,7 @@ def run_cell(spec_dict: dict, result_dir: Path, t_launch: float | None = None) -
 def _describe(device) -> dict:
     import torch
 
-    from .environment import cpu_model
+    from ftbench.harness.results.environment import cpu_model
 
     info = {"type": device.type, "torch_threads": torch.get_num_threads(), "cpu": cpu_model()}
     if device.type == "cuda":
@@ -323,7 +323,7 @@ def _global_losses(chunk, world: int) -> list[float]:
 def _eval_loss(model, loss_fn, batches, device, recipe) -> float:
     import torch
 
-    from .engine import autocast_for, move
+    from ftbench.harness.engine import autocast_for, move
 
     total = torch.zeros((), device=device)
     units = 0
@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     import faulthandler
 
     faulthandler.enable()  # a segfault's Python stack goes to the cell's log, hence into the record
-    from .reaper import watch_driver
+    from ftbench.harness.running.reaper import watch_driver
 
     watch_driver()
     spec_path, result_dir = Path(argv[0]), Path(argv[1])

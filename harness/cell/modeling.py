@@ -1,6 +1,6 @@
 """Models, encodings, the loss and greedy decoding, for every model kind.
 
-Model kinds (``harness.api.MODEL_KINDS``):
+Model kinds (``ftbench.harness.api.MODEL_KINDS``):
 
 * ``decoder``: causal LM; a prompt/target pair becomes
   ``<s> prompt <sep> target </s>`` with the loss on the target only;
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .api import (DECODER, ENCODER, ENCODER_DECODER, IGNORE_INDEX, Encoded, FtbenchError, ModelPreset,
+from ftbench.harness.api import (DECODER, ENCODER, ENCODER_DECODER, IGNORE_INDEX, Encoded, FtbenchError, ModelPreset,
                   Task)
 
 
@@ -98,7 +98,7 @@ def choose_kind(source: ModelSource, task: Task) -> str:
 
 def load_tokenizer(source: ModelSource, texts):
     if source.preset is not None:
-        from .tokenization import train_tokenizer
+        from ftbench.harness.cell.tokenization import train_tokenizer
 
         return train_tokenizer(texts, source.preset.vocab_size)
     from transformers import AutoTokenizer

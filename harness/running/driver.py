@@ -11,12 +11,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import launch, reaper
-from .api import FtbenchError
-from .cellproc import run_cell_process
-from .config import CellSpec
-from .record import build_record
-from .results import append_record, finished_keys, read_records
+from ftbench.harness.running import launch, reaper
+from ftbench.harness.api import FtbenchError
+from ftbench.harness.running.cellproc import run_cell_process
+from ftbench.harness.grid.config import CellSpec
+from ftbench.harness.results.record import build_record
+from ftbench.harness.results.store import append_record, finished_keys, read_records
 
 LOCK_FILE = ".ftbench.lock"
 

@@ -14,9 +14,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .api import FtbenchError
-from .environment import comparable_view
-from .results import RESULTS_FILE, append_record, read_records
+from ftbench.harness.api import FtbenchError
+from ftbench.harness.results.environment import comparable_view
+from ftbench.harness.results.store import RESULTS_FILE, append_record, read_records
 
 #: Parts of a cell's configuration that identify it in a table, besides the recipe.
 SLOT_KEYS = ("task", "backend", "model", "data", "nproc")

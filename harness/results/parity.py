@@ -2,7 +2,7 @@
 
 Cells are compared only when their ``recipe_fingerprint`` matches (same
 model, data order, global batch, optimizer, schedule, clipping, precision,
-tuning scope and seed; see :meth:`harness.config.Recipe.fingerprint`).  Each
+tuning scope and seed; see :meth:`ftbench.harness.grid.config.Recipe.fingerprint`).  Each
 such cell's per-step ``train_loss`` is compared with a *reference* cell's,
 and ``record["parity"]`` gets the largest relative deviation and a verdict
 against a tolerance that depends on the precision.
@@ -12,7 +12,7 @@ How the reference is chosen (the core never names a backend):
 1. a backend registered with ``BackendSpec(reference=True)`` (the built-in
    ``eager`` is one): the first finished cell of such a backend with the
    fingerprint is the reference; the grid runs those cells first
-   (:func:`harness.grid.reference_first`), so it exists before the others
+   (:func:`ftbench.harness.grid.expand.reference_first`), so it exists before the others
    finish;
 2. when no reference backend finished with that fingerprint (none in the
    grid, or it failed), the first finished cell of the fingerprint is the
@@ -155,7 +155,7 @@ def _setting(r: dict) -> tuple:
 def _recipe_diff(ref: dict, record: dict) -> str:
     a = (ref.get("config") or {}).get("recipe") or {}
     b = (record.get("config") or {}).get("recipe") or {}
-    from .config import FINGERPRINT_FIELDS
+    from ftbench.harness.grid.config import FINGERPRINT_FIELDS
 
     diffs = [f"{k} {_fmt(a.get(k))}→{_fmt(b.get(k))}" for k in FINGERPRINT_FIELDS if a.get(k) != b.get(k)]
     return ", ".join(diffs) or "task options differ"
@@ -175,7 +175,7 @@ def _label(r: dict) -> str:
 
 
 def _registry_lookup() -> Callable[[str], bool]:
-    from .registry import Registry
+    from ftbench.harness.registry import Registry
 
     try:
         backends = Registry.load().backends

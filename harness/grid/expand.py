@@ -18,8 +18,8 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
-from .api import FtbenchError
-from .config import RECIPE_FIELDS, CellSpec, Recipe, parse_spec
+from ftbench.harness.api import FtbenchError
+from ftbench.harness.grid.config import RECIPE_FIELDS, CellSpec, Recipe, parse_spec
 
 AXES = ("task", "backend", "model", "data")
 CELL_SETTINGS = ("nproc", "time_limit_s", "memory_limit_mb", "eval_examples", "device", "columns", "launcher")
@@ -128,7 +128,7 @@ def reference_first(cells: list[CellSpec], registry) -> list[CellSpec]:
     """Cells of reference backends (``BackendSpec.reference``) first, the rest in order.
 
     Loss parity compares each cell with the reference cell of its recipe
-    (:mod:`harness.parity`), which must have finished by then.  The sort is
+    (:mod:`ftbench.harness.results.parity`), which must have finished by then.  The sort is
     stable, so the grid's own order holds within each group.
     """
     def is_ref(cell: CellSpec) -> bool:

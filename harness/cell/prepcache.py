@@ -22,8 +22,8 @@ from typing import Callable
 
 import numpy as np
 
-from .api import Encoded
-from .tokenization import cache_dir
+from ftbench.harness.api import Encoded
+from ftbench.harness.cell.tokenization import cache_dir
 
 
 def data_identity(data: str, splits: dict | None = None) -> object:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import datetime as _dt
 
-from .cellproc import CellOutcome
-from .config import CellSpec
+from ftbench.harness.running.cellproc import CellOutcome
+from ftbench.harness.grid.config import CellSpec
 
 #: What a memory figure means, by device.
 MEMORY_KINDS = {

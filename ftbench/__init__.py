@@ -1,0 +1,81 @@
+"""ftbench: full-parameter fine-tuning benchmarks across tasks and training backends.
+
+This module is the **public plugin API**: everything a task or backend plugin
+may use is importable from ``ftbench`` itself and listed in ``__all__``, as
+``import pytest`` is for pytest plugins.  These names are stable: they change
+only with a note in the changelog and a major version.  Everything under
+``ftbench.harness`` is internal and may change in any release.
+
+A complete backend plugin::
+
+    import ftbench
+
+    class MyEngine(ftbench.StandardEngine):
+        pass  # override wrap(model) to change how the step runs
+
+    @ftbench.hookimpl
+    def register_backends(register):
+        register(ftbench.BackendSpec("mine", engine=MyEngine,
+                                     description="my way of running a step"))
+
+Install it with an entry point in the ``ftbench`` group
+(``[project.entry-points.ftbench] mine = "my_package"``); see the README.
+"""
+
+from ftbench.harness.api import (
+    DECODER,
+    ENCODER,
+    ENCODER_DECODER,
+    IGNORE_INDEX,
+    MODEL_KINDS,
+    BackendSpec,
+    DataError,
+    Encoded,
+    Engine,
+    EvalContext,
+    FtbenchError,
+    ModelPreset,
+    Task,
+    Unavailable,
+)
+from ftbench.harness.engine import (
+    EngineContext,
+    StandardEngine,
+    autocast_for,
+    build_optimizer,
+    build_scheduler,
+    move,
+)
+from ftbench.harness.grid.config import Recipe
+from ftbench.harness.hookspecs import hookimpl
+
+__all__ = [
+    # the hook marker
+    "hookimpl",
+    # what plugins implement or construct
+    "Task",
+    "EvalContext",
+    "Encoded",
+    "ModelPreset",
+    "BackendSpec",
+    "Engine",
+    "StandardEngine",
+    "EngineContext",
+    "Recipe",
+    # helpers for engines that build their own step (e.g. DeepSpeed's)
+    "build_optimizer",
+    "build_scheduler",
+    "autocast_for",
+    "move",
+    # errors
+    "FtbenchError",
+    "DataError",
+    "Unavailable",
+    # model kinds and the label of positions that carry no loss
+    "DECODER",
+    "ENCODER_DECODER",
+    "ENCODER",
+    "MODEL_KINDS",
+    "IGNORE_INDEX",
+]
+__version__ = "0.1.0"
