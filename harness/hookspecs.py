@@ -7,8 +7,7 @@ and names both plugins in the error.
 
 Example plugin module (a complete, installable backend)::
 
-    from ftbench.harness import hookimpl
-    from ftbench.harness.api import BackendSpec, StandardEngine
+    from ftbench import BackendSpec, StandardEngine, hookimpl
 
     class MyEngine(StandardEngine):
         pass
@@ -33,7 +32,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 def register_tasks(register):
     """Register task plugins by calling ``register(task)`` for each.
 
-    ``task`` is a :class:`ftbench.harness.api.Task` instance.  Example::
+    ``task`` is a :class:`ftbench.Task` instance.  Example::
 
         @hookimpl
         def register_tasks(register):
@@ -45,7 +44,7 @@ def register_tasks(register):
 def register_backends(register):
     """Register training backends by calling ``register(spec)`` for each.
 
-    ``spec`` is a :class:`ftbench.harness.api.BackendSpec`.  A preset is simply a
+    ``spec`` is a :class:`ftbench.BackendSpec`.  A preset is simply a
     second spec that reuses an engine with other default options::
 
         @hookimpl
@@ -61,7 +60,7 @@ def register_backends(register):
 def register_models(register):
     """Register model presets by calling ``register(preset)`` for each.
 
-    ``preset`` is a :class:`ftbench.harness.api.ModelPreset`; it builds a randomly
+    ``preset`` is a :class:`ftbench.ModelPreset`; it builds a randomly
     initialised model for a tokenizer, so it needs no download::
 
         @hookimpl

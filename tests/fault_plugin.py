@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 
-from ftbench.harness import hookimpl
+from ftbench import hookimpl
 from ftbench.harness.api import BackendSpec, FtbenchError
 from ftbench.harness.engine import StandardEngine
 

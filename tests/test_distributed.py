@@ -20,7 +20,7 @@ from ftbench.harness.grid.config import CellSpec
 RANK_FAULT_PLUGIN = '''
 import torch.distributed as dist
 
-from ftbench.harness import hookimpl
+from ftbench import hookimpl
 from ftbench.harness.api import BackendSpec
 from ftbench.plugins.data_parallel import DDPEngine
 

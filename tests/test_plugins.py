@@ -10,7 +10,7 @@ from pathlib import Path
 import pluggy
 import pytest
 
-from ftbench.harness import hookimpl
+from ftbench import hookimpl
 from ftbench.harness.api import BackendSpec, FtbenchError
 from ftbench.harness.engine import StandardEngine
 from ftbench.harness.plugins import DEFAULT_PLUGINS, get_plugin_manager
