@@ -71,18 +71,15 @@ class DDPEngine(StandardEngine):
 
         ctx = self.ctx
         ensure_process_group(ctx.device)
-        self._micro = 0
         kwargs = {k: v for k, v in self.options.items() if k in self.OPTIONS}
         ids = [ctx.device.index if ctx.device.index is not None else ctx.local_rank] \
             if ctx.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids, **kwargs)
 
-    def forward_backward(self, batch: dict):
-        self._micro += 1
-        last = self._micro % self.ctx.recipe.grad_accum == 0
-        # Accumulating micro-batches need no all-reduce: only the last one syncs.
-        with contextlib.nullcontext() if last else self.model.no_sync():
-            return super().forward_backward(batch)
+    def forward_backward(self, batch: dict, boundary: bool):
+        # Accumulating micro-batches need no all-reduce: only the step's last one syncs.
+        with contextlib.nullcontext() if boundary else self.model.no_sync():
+            return super().forward_backward(batch, boundary)
 
 
 def _fully_shard():

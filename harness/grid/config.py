@@ -83,8 +83,6 @@ class Recipe:
             bad("tuning", self.tuning, "choose full, freeze-embeddings or freeze-lower:N")
         if not (self.lr > 0):
             bad("lr", self.lr, "must be > 0")
-        if self.batch_size % self.grad_accum:
-            bad("grad_accum", self.grad_accum, f"must divide the global batch size {self.batch_size}")
         parse_tuning(self.tuning)
         return self
 
