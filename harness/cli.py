@@ -119,7 +119,11 @@ def list_cmd(as_json):
 @click.option("--seq-len", type=int, help="Maximum tokens per example (longer ones are truncated and counted).")
 @click.option("--lr", type=float, help="Peak learning rate of AdamW.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), help="Mixed precision (GPU).")
-@click.option("--tuning", help="full | freeze-embeddings | freeze-lower:N")
+@click.option("--tuning", help="full | freeze-embeddings | freeze-lower:N | lora[:r=8,alpha=16,dropout=0,targets=A+B]")
+@click.option("--packing/--no-packing", default=None,
+              help="Concatenate decoder examples (EOS-separated) into full --seq-len rows.")
+@click.option("--recipe-defaults", type=click.Choice(["scratch", "pretrained"]),
+              help="Defaults for unset recipe settings (default: pretrained for a checkpoint, else scratch).")
 @click.option("--grad-checkpointing/--no-grad-checkpointing", default=None, help="Activation checkpointing.")
 @click.option("--seed", type=int, help="Seed for data order and initialisation.")
 @click.option("--repeat", type=int, help="Run each cell K times, each in a fresh process.")

@@ -3,8 +3,10 @@
 The plan depends only on the recipe (global batch, steps, seed) and the
 number of training examples, so every backend and world size sees the same
 data in the same order; a rank takes its contiguous slice of each global
-batch.  Every micro-batch is collated before training starts so that the
-timed loop does no host-side data work.
+batch.  The plan holds only indices; each step's micro-batches are collated
+(and, on CUDA, page-locked) when the loop asks for them, *before* that
+step's clock starts, so the timed part does no host-side data work and
+memory does not grow with ``--steps`` (:class:`StepStream`).
 
 Example::
 
@@ -36,36 +38,70 @@ def batch_plan(n_train: int, recipe, world_size: int, rank: int, seed: int):
     return plan
 
 
-def collate_steps(plan, make_batch: Callable[[list[int]], dict], world_size: int, pin: bool):
-    """Every step's micro-batches, collated, each with its ``loss_scale``.
+class StepStream:
+    """The run's steps, collated one at a time: ``for micro, counts in stream``.
 
-    ``loss_scale`` is 1 / (loss-bearing units of the whole *global* step), so
-    that summing over micro-batches and ranks gives the global mean loss
-    however the batch is split.  Returns ``[(micro_batches, global_counts)]``.
+    Each micro-batch carries its ``loss_scale`` = 1 / (loss-bearing units of
+    the whole *global* step), so that summing over micro-batches and ranks
+    gives the global mean loss however the batch is split.  Only small
+    per-step figures are kept (``counts``: the global step's token counts;
+    ``shapes``: this rank's micro-batch shapes, for FLOPs), never a batch.
+
+    Example::
+
+        stream = StepStream(plan, lambda ix: make_batch(ix, rows), world_size=1, pin=False)
+        for micro, counts in stream: ...
+        stream.counts[5]["nonpad"]
     """
-    steps = []
-    for global_idx, micro_idx in plan:
-        micro = [make_batch(ix) for ix in micro_idx]
-        global_counts = make_batch(global_idx)["counts"] if world_size > 1 else sum_counts(micro)
+
+    def __init__(self, plan, make_batch: Callable[[list[int]], dict], world_size: int, pin: bool):
+        self.plan, self.make_batch, self.world_size, self.pin = plan, make_batch, world_size, pin
+        self.counts: list[dict] = []
+        self.shapes: list[list[tuple[int, int, int]]] = []
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __iter__(self):
+        for step in range(len(self.plan)):
+            yield self.step(step)
+
+    def step(self, step: int):
+        """Step ``step``'s ``(micro_batches, global_counts)``, collated now."""
+        global_idx, micro_idx = self.plan[step]
+        micro = [self.make_batch(ix) for ix in micro_idx]
+        global_counts = self.make_batch(global_idx)["counts"] if self.world_size > 1 else sum_counts(micro)
         for mb in micro:
             mb["loss_scale"] = 1.0 / max(1, global_counts["loss"])
             mb.pop("counts")
-        steps.append((micro, global_counts))
-    if pin:
-        _pin(steps)
-    return steps
+        if self.pin:
+            _pin(micro)
+        if step == len(self.counts):  # first visit: keep the step's figures
+            self.counts.append(global_counts)
+            self.shapes.append([_shape(mb) for mb in micro])
+        return micro, global_counts
 
 
-def _pin(steps) -> None:
-    # Page-locked batches let the per-step host-to-device copies run
-    # asynchronously instead of staging through pageable memory.
+def collate_steps(plan, make_batch: Callable[[list[int]], dict], world_size: int, pin: bool):
+    """Every step, collated up front (small runs and tests only: memory grows with the steps)."""
+    stream = StepStream(plan, make_batch, world_size, pin)
+    return [stream.step(i) for i in range(len(plan))]
+
+
+def _shape(mb: dict) -> tuple[int, int, int]:
+    return (mb["input_ids"].shape[0], mb["input_ids"].shape[1],
+            mb["labels"].shape[1] if "decoder_input_ids" in mb else 0)
+
+
+def _pin(micro) -> None:
+    # Page-locked batches let the host-to-device copies run asynchronously
+    # (``non_blocking``) instead of staging through pageable memory.
     import torch
 
-    for micro, _ in steps:
-        for mb in micro:
-            for k, v in mb.items():
-                if torch.is_tensor(v):
-                    mb[k] = v.pin_memory()
+    for mb in micro:
+        for k, v in mb.items():
+            if torch.is_tensor(v):
+                mb[k] = v.pin_memory()
 
 
 def sum_counts(micro: list[dict]) -> dict:
@@ -73,8 +109,12 @@ def sum_counts(micro: list[dict]) -> dict:
     return {k: sum(mb["counts"][k] for mb in micro) for k in keys}
 
 
-def step_flops(steps, flops_of) -> list[float]:
-    """FLOPs of this rank's micro-batches per step, from shapes known on the host."""
-    return [sum(flops_of((mb["input_ids"].shape[0], mb["input_ids"].shape[1],
-                          mb["labels"].shape[1] if "decoder_input_ids" in mb else 0)) for mb in micro)
-            for micro, _ in steps]
+def step_flops(shapes, flops_of) -> list[float]:
+    """FLOPs of this rank's micro-batches per step, from the shapes :class:`StepStream` kept."""
+    return [sum(flops_of(shape) for shape in step) for step in shapes]
+
+
+def pad_fraction(counts: list[dict]) -> float | None:
+    """Share of the training tokens that are padding, over every step of the run."""
+    padded = sum(c["padded"] for c in counts)
+    return 1.0 - sum(c["nonpad"] for c in counts) / padded if padded else None

@@ -43,6 +43,7 @@ def train(engine, steps, device, world_size: int, partial: dict | None = None) -
     pending = []  # device tensors, read back in chunks so the loop adds no host copies
     check_every = int(os.environ.get("FTBENCH_CHECK_EVERY", "10"))
     last = len(steps) - 1
+    # Iterating collates the step's batches: before its clock starts.
     for step, (micro, _) in enumerate(steps):
         t0 = now()
         step_loss = None
@@ -82,10 +83,11 @@ def global_losses(chunk, world_size: int) -> list[float]:
     return [float(v) for v in stacked.cpu().tolist()]
 
 
-def summarize(run: TrainingRun, steps, warmup: int, compiles: bool) -> dict:
+def summarize(run: TrainingRun, step_counts: list[dict], warmup: int, compiles: bool) -> dict:
     """Steady-state figures: warmup steps excluded; tokens of the measured
-    steps divided by the time of those same steps."""
-    measured, counts = run.times[warmup:], [c for _, c in steps[warmup:]]
+    steps (``step_counts``: each step's global token counts) divided by the
+    time of those same steps."""
+    measured, counts = run.times[warmup:], step_counts[warmup:]
     stats = step_stats(measured)
     return dict(
         train_loss=run.losses,

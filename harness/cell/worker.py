@@ -80,6 +80,7 @@ class Cell:
         with self.clock.phase("engine"):
             self.setup_engine()
         self.out["setup_s"] = time.time() - self.t_launch
+        self.evaluate_before()
         self.train()
         self.evaluate()
         return self.out
@@ -134,8 +135,8 @@ class Cell:
         import torch
 
         from ftbench.harness.cell.measure import current_rss_bytes
-        from ftbench.harness.cell.modeling import apply_tuning, build_model, count_params, max_positions, param_bytes
-        from ftbench.harness.grid.config import parse_tuning
+        from ftbench.harness.cell.modeling import build_model, count_params, max_positions, param_bytes
+        from ftbench.harness.cell.tuning import tune
         from ftbench.harness.grid.resolve import check_seq_len
 
         recipe = self.recipe
@@ -145,8 +146,7 @@ class Cell:
         torch.manual_seed(recipe.seed)
         model = build_model(self.source, self.tokenizer, self.task.head, self.options.get("num_labels"), self.kind)
         check_seq_len(recipe.seq_len, max_positions(model), self.spec.model)
-        mode, n_frozen = parse_tuning(recipe.tuning)
-        apply_tuning(model, mode, n_frozen)
+        model = tune(model, recipe.tuning, self.task.head, self.kind)
         if recipe.grad_checkpointing:
             model.gradient_checkpointing_enable()
             if hasattr(model.config, "use_cache"):
@@ -160,7 +160,7 @@ class Cell:
         self.model = model
 
     def encode_and_plan(self) -> None:
-        from ftbench.harness.cell.batches import batch_plan, collate_steps, step_flops
+        from ftbench.harness.cell.batches import StepStream, batch_plan
         from ftbench.harness.cell.mfu import flop_model
         from ftbench.harness.cell.modeling import collate, decoder_start_id
         from ftbench.harness.cell.prepcache import cached_encode, data_identity
@@ -181,11 +181,18 @@ class Cell:
                            recipe.padding, dstart)
 
         self.make_batch = make_batch
-        plan = batch_plan(len(self.enc["train"]), recipe, self.world, self.rank, recipe.seed)
         train_rows = self.enc["train"]
-        self.steps = collate_steps(plan, lambda ix: make_batch(ix, train_rows), self.world,
-                                   pin=self.device.type == "cuda")
-        self.step_flops = step_flops(self.steps, flop_model(self.model, self.kind))
+        if recipe.packing:
+            from ftbench.harness.cell.packing import check_can_pack, pack
+
+            check_can_pack(self.task.head, self.kind, self.cell.task_name, self.spec.model)
+            train_rows = pack(train_rows, recipe.seq_len)
+            self.out["packed_rows"] = len(train_rows)
+        plan = batch_plan(len(train_rows), recipe, self.world, self.rank, recipe.seed)
+        # Indices only: each step is collated when the loop reaches it.
+        self.steps = StepStream(plan, lambda ix: make_batch(ix, train_rows), self.world,
+                                pin=self.device.type == "cuda")
+        self.flops_of = flop_model(self.model, self.kind)
 
     def encode(self, example: dict):
         from ftbench.harness.cell.modeling import encode_example
@@ -205,6 +212,7 @@ class Cell:
         synchronize(self.device)
 
     def train(self) -> None:
+        from ftbench.harness.cell.batches import pad_fraction, step_flops
         from ftbench.harness.cell.measure import memory_snapshot
         from ftbench.harness.cell.mfu import device_peak
         from ftbench.harness.cell.training import summarize, train
@@ -212,23 +220,42 @@ class Cell:
         self.out["setup_phases"] = self.clock.seconds
         run = train(self.engine, self.steps, self.device, self.world, partial=self.out)
         warm = self.recipe.warmup
-        self.out.update(summarize(run, self.steps, warm, self.engine.compiles))
+        self.out.update(summarize(run, self.steps.counts, warm, self.engine.compiles))
+        self.out["pad_fraction"] = pad_fraction(self.steps.counts)
         self.out["memory"] = memory_snapshot(self.device)
         measured = sum(run.times[warm:])
-        self.out["flops_per_s"] = sum(self.step_flops[warm:]) / measured if measured else None
+        flops = step_flops(self.steps.shapes, self.flops_of)
+        self.out["flops_per_s"] = sum(flops[warm:]) / measured if measured else None
         self.out["peak_flops"], self.out["peak_flops_source"] = device_peak(self.device, self.recipe.precision)
 
-    def evaluate(self) -> None:
+    def evaluate_before(self) -> None:
+        """A pretrained model's quality before tuning (``metrics_before``); outside every step clock."""
+        from ftbench.harness.cell.measure import now
+
+        if self.source.preset is not None:
+            return  # a random-init preset: its "before" is chance level
+        t0 = now()
+        model = self.engine.eval_model()
+        was_training = model.training
+        self.out["metrics_before"] = self.held_out_metrics()
+        model.train(was_training)
+        self.out["eval_before_s"] = now() - t0
+
+    def held_out_metrics(self) -> dict:
         from ftbench.harness.cell.evaluation import evaluate
+
+        n = self.spec.eval_examples
+        return evaluate(self.engine.eval_model(), task=self.task, tokenizer=self.tokenizer, kind=self.kind,
+                        device=self.device, recipe=self.recipe, options=self.options,
+                        rows=self.splits["validation"][:n], encoded=self.enc["validation"][:n],
+                        loss_fn=self.ctx.loss_fn, make_batch=self.make_batch, encode=self.encode)
+
+    def evaluate(self) -> None:
         from ftbench.harness.cell.measure import memory_snapshot, now
 
         t0 = now()
-        n = self.spec.eval_examples
-        rows = self.splits["validation"][:n]
-        metrics = evaluate(self.engine.eval_model(), task=self.task, tokenizer=self.tokenizer, kind=self.kind,
-                           device=self.device, recipe=self.recipe, options=self.options, rows=rows,
-                           encoded=self.enc["validation"][:n], loss_fn=self.ctx.loss_fn,
-                           make_batch=self.make_batch, encode=self.encode)
+        rows = self.splits["validation"][:self.spec.eval_examples]
+        metrics = self.held_out_metrics()
         self.out.update(eval_loss=metrics["eval_loss"], metrics=metrics, metric=self.task.metric,
                         metric_value=metrics.get(self.task.metric), higher_is_better=self.task.higher_is_better,
                         eval_s=now() - t0, eval_examples=len(rows), backend_stats=self.engine.stats(),

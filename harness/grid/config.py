@@ -20,6 +20,9 @@ from ftbench.harness.api import FtbenchError
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULES = ("constant", "linear", "cosine")
 PADDINGS = ("max_length", "longest")
+RECIPE_DEFAULTS = ("scratch", "pretrained")
+#: Recipe fields added after results were stored, with the value every earlier run had.
+_LATER_FIELDS = {"recipe_defaults": "scratch", "packing": False}
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,12 @@ class Recipe:
     grad_checkpointing: bool = False
     tuning: str = "full"
     seed: int = 0
+    #: Which defaults filled the settings left unset: ``scratch`` (random-init
+    #: presets) or ``pretrained`` (a checkpoint: a fine-tuning recipe); see
+    #: :mod:`ftbench.harness.grid.recipes`.
+    recipe_defaults: str = "scratch"
+    #: Concatenate decoder examples into full ``seq_len`` rows (EOS-separated).
+    packing: bool = False
 
     def validate(self) -> "Recipe":
         def bad(key, value, want):
@@ -80,9 +89,13 @@ class Recipe:
         if not isinstance(self.grad_checkpointing, bool):
             bad("grad_checkpointing", self.grad_checkpointing, "must be true or false")
         if not isinstance(self.tuning, str):
-            bad("tuning", self.tuning, "choose full, freeze-embeddings or freeze-lower:N")
+            bad("tuning", self.tuning, "choose full, freeze-embeddings, freeze-lower:N or lora[:options]")
         if not (self.lr > 0):
             bad("lr", self.lr, "must be > 0")
+        if self.recipe_defaults not in RECIPE_DEFAULTS:
+            bad("recipe_defaults", self.recipe_defaults, f"choose one of {', '.join(RECIPE_DEFAULTS)}")
+        if not isinstance(self.packing, bool):
+            bad("packing", self.packing, "must be true or false")
         parse_tuning(self.tuning)
         return self
 
@@ -99,6 +112,11 @@ class Recipe:
         :data:`FINGERPRINT_FIELDS`.  ``columns`` changes which text is read.
         """
         recipe = {k: v for k, v in asdict(self).items() if k in FINGERPRINT_FIELDS}
+        # Settings added later enter the hash only when they differ from what
+        # every earlier run did, so stored baselines keep their fingerprints.
+        for key, before in _LATER_FIELDS.items():
+            if recipe.get(key) == before:
+                recipe.pop(key)
         payload = {"recipe": recipe, "task": task, "task_options": task_options,
                    "model": model, "data": data}
         if columns:
@@ -107,7 +125,15 @@ class Recipe:
 
 
 def parse_tuning(value: str) -> tuple[str, int]:
-    """``full`` | ``freeze-embeddings`` | ``freeze-lower:N`` -> (mode, N)."""
+    """``full`` | ``freeze-embeddings`` | ``freeze-lower:N`` | ``lora[:options]`` -> (mode, N).
+
+    LoRA options are checked by :func:`ftbench.harness.grid.lora.parse_lora`.
+    """
+    from ftbench.harness.grid.lora import is_lora, parse_lora
+
+    if is_lora(value):
+        parse_lora(value)
+        return "lora", 0
     if value in ("full", "freeze-embeddings"):
         return value, 0
     if value.startswith("freeze-lower:"):
@@ -117,7 +143,8 @@ def parse_tuning(value: str) -> tuple[str, int]:
             n = -1
         if n > 0:
             return "freeze-lower", n
-    raise FtbenchError(f"invalid tuning={value!r}: choose full, freeze-embeddings or freeze-lower:N (N > 0 blocks)")
+    raise FtbenchError(f"invalid tuning={value!r}: choose full, freeze-embeddings, freeze-lower:N (N > 0 blocks) "
+                       "or lora[:r=8,alpha=16,dropout=0,targets=NAME+NAME]")
 
 
 def parse_spec(text: str, what: str = "backend") -> tuple[str, dict[str, Any]]:

@@ -20,6 +20,7 @@ from typing import Any
 
 from ftbench.harness.api import FtbenchError
 from ftbench.harness.grid.config import RECIPE_FIELDS, CellSpec, Recipe, parse_spec
+from ftbench.harness.grid.recipes import defaults_for_model, is_pretrained
 
 AXES = ("task", "backend", "model", "data")
 CELL_SETTINGS = ("nproc", "time_limit_s", "memory_limit_mb", "eval_examples", "device", "columns", "launcher")
@@ -103,6 +104,7 @@ class Grid:
             if model == AUTO_MODEL:
                 model = default_model(registry, task_obj)
             cell = {"task": task, "backend": backend, "model": model, "data": data, **point}
+            cell_recipe = defaults_for_model(recipe, settings, is_pretrained(model, registry))
             if any(_matches(cell, ex) for ex in self.exclude):
                 continue
             own = dict(cell_kw)
@@ -113,7 +115,7 @@ class Grid:
                 # Multi-node launch settings, like nproc, concern data-parallel backends only.
                 own.pop("launcher", None)
             for r in range(self.repeat):
-                cells.append(CellSpec(task=task, backend=backend, model=model, data=data, recipe=recipe,
+                cells.append(CellSpec(task=task, backend=backend, model=model, data=data, recipe=cell_recipe,
                                       nproc=nproc if bspec.data_parallel else 1, repeat=r, **own))
         # Sweeping nproc over a single-process backend would repeat the same cell.
         seen, unique = set(), []

@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 
 from ftbench.harness.api import FtbenchError
+from ftbench.harness.grid.finetune_checks import check_finetuning
 from ftbench.harness.grid.resolve import check_seq_len, resolve_cell
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -30,11 +31,13 @@ def check_cells(reg, cells) -> None:
     """Raise :class:`FtbenchError` on the first cell that cannot run as configured."""
     n_train: dict = {}
     positions: dict = {}
+    skeletons: dict = {}
     for cell in cells:
         resolved = resolve_cell(reg, cell)  # names, options, ranks, batch split: the worker's own rules
         _check_settings(cell)
         recipe = resolved.recipe
         _check_model(reg, cell.model, resolved.task, positions)
+        check_finetuning(reg, cell, resolved, skeletons)  # packing fits, LoRA options and targets
         check_seq_len(recipe.seq_len, positions.get(cell.model), cell.model)
         key = (cell.task, cell.data, cell.columns, recipe.seed)
         if key not in n_train:

@@ -68,6 +68,11 @@ def build_record(spec: CellSpec, outcome: CellOutcome, environment: dict, starte
         "metric_value": main.get("metric_value"),
         "higher_is_better": main.get("higher_is_better"),
         "metrics": main.get("metrics") or {},
+        "metrics_before": main.get("metrics_before"),
+        "eval_before_s": main.get("eval_before_s"),
+        "recipe_defaults": spec.recipe.recipe_defaults,
+        "pad_fraction": main.get("pad_fraction"),
+        "packed_rows": main.get("packed_rows"),
         "trainable_params": main.get("trainable_params"),
         "total_params": main.get("total_params"),
         "model_kind": main.get("model_kind"),
@@ -92,12 +97,25 @@ def build_record(spec: CellSpec, outcome: CellOutcome, environment: dict, starte
         names = ", ".join(f"pid {p['pid']} ({' '.join(p['command'].split())[:60]})" for p in outcome.leftovers)
         record["warnings"] = [f"the cell left {len(outcome.leftovers)} process(es) running after it ended; "
                               f"ftbench killed them: {names}"]
+    worse = tuning_made_worse(record)
+    if worse:
+        record.setdefault("warnings", []).append(worse)
     if outcome.status not in ("ok", "diverged", "skipped"):
         record["stderr_tail"] = outcome.stderr_tail[-2000:]
         tb = next((r.get("traceback") for r in ranks if r.get("traceback")), None)
         if tb:
             record["traceback"] = tb
     return record
+
+
+def tuning_made_worse(record: dict) -> str | None:
+    """A warning when fine-tuning raised the held-out loss above the model's loss before tuning."""
+    before = (record.get("metrics_before") or {}).get("eval_loss")
+    after = record.get("eval_loss")
+    if record.get("status") != "ok" or before is None or after is None or not after > before:
+        return None
+    return (f"tuning made the held-out loss worse: {before:.4g} before, {after:.4g} after; the recipe may be too "
+            f"aggressive for this checkpoint (try a lower --lr)")
 
 
 def _sum_or_none(values) -> float | None:

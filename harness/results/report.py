@@ -60,6 +60,7 @@ def records_frame(rs: ResultSet):
             "peak_memory_bytes": as_float(r.get("peak_memory_bytes")), "memory_kind": r.get("memory_kind"),
             "setup_s": as_float(r.get("setup_s")), "compile_s": as_float(r.get("compile_s")),
             "metric": r.get("metric"), "metric_value": as_float(r.get("metric_value")),
+            "metric_before": as_float((r.get("metrics_before") or {}).get(r.get("metric"))),
             "higher_is_better": r.get("higher_is_better"), "eval_loss": as_float(r.get("eval_loss")),
             "parity": _parity(r.get("parity")), "recipe_fingerprint": r.get("recipe_fingerprint"),
         })
@@ -82,7 +83,8 @@ def summary_frame(df):
                "higher_is_better": first["higher_is_better"], "memory_kind": first["memory_kind"],
                "parity": next((p for p in g["parity"] if p and p != "-"), "-"),
                "error": next((e for e in g["error"] if isinstance(e, str) and e), None), "cell_id": cid}
-        for col in ("tokens_per_s", "step_time_s", "peak_memory_bytes", "setup_s", "compile_s", "metric_value"):
+        for col in ("tokens_per_s", "step_time_s", "peak_memory_bytes", "setup_s", "compile_s", "metric_value",
+                    "metric_before"):
             vals = ok[col].dropna()
             row[f"{col}_median"] = vals.median() if len(vals) else None
             row[f"{col}_min"] = vals.min() if len(vals) else None
@@ -109,6 +111,8 @@ def display_frame(summary):
     for _, s in summary.iterrows():
         arrow = "↑" if s["higher_is_better"] else "↓"
         metric = f"{s['metric']} {arrow} {_spread(s, 'metric_value', fmt_num)}" if s["metric"] else "-"
+        if s["metric"] and _spread(s, "metric_before", fmt_num) != "-":
+            metric += f" (from {_spread(s, 'metric_before', fmt_num)})"
         status = s["status"] if s["ok"] == s["repeats"] else f"{s['status']} ({s['ok']}/{s['repeats']} ok)"
         if s["error"] and s["ok"] < s["repeats"]:
             status += f": {str(s['error'])[:80]}"

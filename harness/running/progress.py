@@ -51,7 +51,8 @@ class RunView:
         s = f"[{colour}]{r['status']}[/] in {r['wall_s']:.1f} s"
         if r["status"] == "ok":
             s += (f", {fmt_num(r['tokens_per_s'])} tok/s, step {fmt_num(r['step_time_s'] * 1e3)} ms, "
-                  f"mem {fmt_bytes(r['peak_memory_bytes'])}, {r['metric']} {fmt_num(r['metric_value'])}")
+                  f"mem {fmt_bytes(r['peak_memory_bytes'])}, {r['metric']} {fmt_num(r['metric_value'])}"
+                  f"{metric_change(r)}")
         elif r.get("error"):
             s += f": {r['error']}"
         for w in r.get("warnings") or ():
@@ -83,6 +84,7 @@ class RunView:
             step = (f"{fmt_num(st['median'] * 1e3)}±{fmt_num(st['iqr'] * 1e3, 2)}"
                     if st.get("median") is not None else "-")
             metric = f"{r['metric']} {fmt_num(r['metric_value'])}" if r.get("metric_value") is not None else "-"
+            metric += metric_change(r)
             backend = r["backend"] + (f" ×{r['nproc']}" if r.get("nproc", 1) > 1 else "")
             rows.append([f"{r['task']} · {backend} · {r['model']}", r["status"], fmt_num(r.get("tokens_per_s")), step,
                          fmt_bytes(r.get("peak_memory_bytes")), fmt_num(r.get("setup_s"), 2),
@@ -96,6 +98,12 @@ class RunView:
         if summary.skipped_done:
             self.con.print(f"{summary.skipped_done} cell(s) were already in the result set and were skipped.")
         self.con.print(f"records: {self.out}/results.jsonl — report with: ftbench report {self.out}")
+
+
+def metric_change(r: dict) -> str:
+    """`` (from X)``: the primary metric before tuning, when the record has one."""
+    before = (r.get("metrics_before") or {}).get(r.get("metric"))
+    return f" (from {fmt_num(before)})" if before is not None and r.get("metric_value") is not None else ""
 
 
 def _parity(r: dict) -> str:

@@ -1,0 +1,49 @@
+"""Packing: decoder examples concatenated into full ``seq_len`` rows.
+
+What run_clm's ``group_texts`` and TRL's ``packing=True`` feed a causal LM:
+the training examples, each encoded as without packing (``<s> prompt <sep>
+target </s>``, so an EOS ends every example), are concatenated in dataset
+order and cut into rows of exactly ``seq_len`` tokens; the last, partial row
+is dropped (as ``group_texts`` does).  Labels travel with their tokens, so a
+prompt's positions still carry no loss.
+
+Attention crosses document boundaries inside a row (a plain causal mask, no
+per-document block mask), as in run_clm and TRL's default packing: the EOS
+between examples tells the model where one ends, and the throughput figures
+stay those of the backend's standard attention kernel.  Only the training
+split is packed; evaluation runs on the unpacked held-out examples, so
+quality with and without packing is judged on the same rows.
+
+Example::
+
+    rows = pack(encoded_train, seq_len=128)     # list[Encoded], every row 128 tokens
+"""
+
+from __future__ import annotations
+
+from ftbench.harness.api import DECODER, Encoded, FtbenchError
+
+
+def check_can_pack(head: str, kind: str, task: str, model: str) -> None:
+    """FtbenchError unless the task and model kind can be packed (decoder language modelling)."""
+    if head != "lm":
+        raise FtbenchError(f"packing needs a task that trains a language-model head; task {task!r} classifies "
+                           "whole examples, so there is nothing to pack. Drop --packing for this task.")
+    if kind != DECODER:
+        raise FtbenchError(f"packing concatenates examples for decoder (causal LM) models; {model!r} is an "
+                           f"{kind} model. Drop --packing for it, or pick a decoder model (e.g. --model tiny-gpt2).")
+
+
+def pack(rows: list[Encoded], seq_len: int) -> list[Encoded]:
+    """``rows`` concatenated in order and cut into full ``seq_len`` rows (the remainder dropped)."""
+    ids: list[int] = []
+    labels: list[int] = []
+    for e in rows:
+        ids.extend(e.input_ids)
+        labels.extend(e.labels)
+    n = len(ids) // seq_len
+    if n == 0:
+        raise FtbenchError(f"packing: the {len(rows)} training examples hold {len(ids)} tokens, less than one "
+                           f"row of --seq-len {seq_len}; use a shorter --seq-len or more data")
+    return [Encoded(ids[i * seq_len:(i + 1) * seq_len], labels[i * seq_len:(i + 1) * seq_len], 0)
+            for i in range(n)]
