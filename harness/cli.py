@@ -36,7 +36,10 @@ class FtbenchGroup(click.Group):
         try:
             return super().invoke(ctx)
         except FtbenchError as e:
-            _console(stderr=True).print(f"[bold red]error:[/] {e}", soft_wrap=True)
+            from rich.markup import escape
+
+            # Escaped: a fix such as pip install 'ftbench[lora]' must print as written.
+            _console(stderr=True).print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
             ctx.exit(EXIT_USAGE)
 
 
