@@ -154,3 +154,17 @@ def test_lora_without_peft_exits_2_with_the_install_hint(tmp_path):
                    "--out", tmp_path / "out", env={"PYTHONPATH": str(tmp_path / "block")})
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "pip install 'ftbench[lora]'" in " ".join(proc.stderr.split())
+
+
+def test_report_and_run_table_show_the_metric_before_tuning():
+    from types import SimpleNamespace
+
+    from ftbench.harness.results.report import display_frame, records_frame, summary_frame
+    from ftbench.harness.running.progress import metric_change
+
+    base = {"cell_id": "a", "task": "generation", "backend": "eager", "model": "m", "status": "ok",
+            "metric": "perplexity", "metric_value": 75.0, "higher_is_better": False, "config": {"recipe": {}}}
+    tuned = dict(base, metrics_before={"perplexity": 113.0, "eval_loss": 4.73})
+    shown = display_frame(summary_frame(records_frame(SimpleNamespace(records=[tuned, dict(base, cell_id="b")]))))
+    assert list(shown["metric"]) == ["perplexity ↓ 75 (from 113)", "perplexity ↓ 75"]
+    assert metric_change(tuned) == " (from 113)" and metric_change(base) == ""
