@@ -26,12 +26,12 @@ def _pretrain_module():
 
 
 @functools.cache
-def checkpoint(width: int = 64, vocab: int = 2000) -> str:
+def checkpoint(width: int = 32, vocab: int = 2000) -> str:
     """A small GPT-2 pre-trained on the built-in generation text, saved as a model directory."""
     mod = _pretrain_module()
     out = Path(tempfile.mkdtemp(prefix="ftbench-ckpt-")) / f"gpt2-{width}"
-    return mod.pretrain(mod.corpus("builtin"), str(out), "gpt2", steps=60, width=width, layers=2 if width > 16 else 1,
-                        seq_len=64, vocab=vocab)
+    return mod.pretrain(mod.corpus("builtin"), str(out), "gpt2", steps=40, width=width, layers=2 if width > 16 else 1,
+                        seq_len=64, batch=8, vocab=vocab)
 
 
 @functools.cache
