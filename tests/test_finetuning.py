@@ -168,3 +168,34 @@ def test_report_and_run_table_show_the_metric_before_tuning():
     shown = display_frame(summary_frame(records_frame(SimpleNamespace(records=[tuned, dict(base, cell_id="b")]))))
     assert list(shown["metric"]) == ["perplexity ↓ 75 (from 113)", "perplexity ↓ 75"]
     assert metric_change(tuned) == " (from 113)" and metric_change(base) == ""
+
+
+def test_step_stream_collates_each_step_once_and_keeps_no_batch():
+    import gc
+    import weakref
+
+    from ftbench.harness.api import Encoded
+    from ftbench.harness.cell.batches import StepStream, batch_plan, collate_steps
+    from ftbench.harness.cell.modeling import collate
+    from ftbench.harness.grid.config import Recipe
+
+    rows = [Encoded([1] + [5 + i % 7] * (3 + i % 5) + [2], [-100] + [5 + i % 7] * (3 + i % 5) + [2]) for i in range(50)]
+    recipe = Recipe(steps=600, warmup=1, batch_size=4, seq_len=16)
+
+    def make(ix):
+        return collate([rows[i] for i in ix], "decoder", "lm", 0, 16, "max_length")
+
+    plan = batch_plan(len(rows), recipe, 1, 0, recipe.seed)
+    stream = StepStream(plan, make, world_size=1, pin=False)
+    alive = []
+    for micro, counts in stream:
+        alive.append(weakref.ref(micro[0]["input_ids"]))
+    del micro
+    gc.collect()
+    assert sum(r() is not None for r in alive) == 0
+    assert len(stream.counts) == len(stream.shapes) == 600
+    # The same batches, in the same order, as collating everything up front.
+    upfront = collate_steps(plan[:5], make, 1, False)
+    again = StepStream(plan[:5], make, 1, False)
+    for (m1, c1), (m2, c2) in zip(upfront, again):
+        assert c1 == c2 and all((a["input_ids"] == b["input_ids"]).all() for a, b in zip(m1, m2))
