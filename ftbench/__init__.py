@@ -47,6 +47,7 @@ from ftbench.harness.engine import (
     move,
 )
 from ftbench.harness.grid.config import Recipe
+from ftbench.harness.memory_model import MemoryPlan
 from ftbench.harness.hookspecs import hookimpl
 
 __all__ = [
@@ -62,6 +63,8 @@ __all__ = [
     "StandardEngine",
     "EngineContext",
     "Recipe",
+    # how a backend shards the training state (Engine.memory_plan)
+    "MemoryPlan",
     # helpers for engines that build their own step (e.g. DeepSpeed's)
     "build_optimizer",
     "build_scheduler",
