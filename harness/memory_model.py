@@ -143,7 +143,7 @@ def model_state_bytes(counts: ParamCounts, plan: MemoryPlan, weight_bytes: int =
     host: dict[str, int] = {}
     weights = weight_bytes * P // plan.weights_shards
     (host if plan.offload_weights else dev)["weights"] = weights
-    if plan.weights_shards > 1 and plan.gathered_layers:
+    if plan.gathered_layers:
         # A gathered layer holds its full weights and, in backward, their full gradients.
         dev["gathered_layers"] = 2 * weight_bytes * counts.largest_layer * plan.gathered_layers
     moved = plan.offload_optimizer
@@ -167,29 +167,35 @@ def model_state_bytes(counts: ParamCounts, plan: MemoryPlan, weight_bytes: int =
     return {k: v for k, v in dev.items() if v}, host
 
 
-def activation_bytes(shape: ModelShape, micro_batch: int, seq_len: int, checkpointing: bool,
-                     element_bytes: int = FP32) -> int:
-    """Activations saved for backward by one micro-batch, plus the loss's transients.
+def saved_activation_bytes(shape: ModelShape, micro_batch: int, seq_len: int, checkpointing: bool,
+                           element_bytes: int = FP32) -> int:
+    """Activations one micro-batch's forward saves for backward.
 
     Per token and block, eager Hugging Face blocks save about ``14 h + 4 f``
-    elements (``h`` hidden, ``f`` feed-forward width; 30 h for GPT-2, measured
-    with saved-tensor hooks, docs/memory.md); attention through SDPA saves
-    no ``seq x seq`` scores.  With checkpointing a block keeps only its
-    input (``h``) and one block is recomputed at a time.  The language-model
-    loss holds three fp32 vocabulary-wide tensors per token (logits, their
-    log-softmax, its gradient).  Decoder blocks of an encoder-decoder
-    model (cross-attention) count 1.5 blocks.
+    elements (``h`` hidden, ``f`` feed-forward width: 30 h for GPT-2, as
+    measured with saved-tensor hooks, docs/memory.md); attention through SDPA
+    saves no ``seq x seq`` scores.  With checkpointing a block keeps only its
+    input (``h``).  Embeddings and the final norm keep about ``2 h``; the
+    language-model loss keeps the fp32 log-softmax over the vocabulary.
+    Decoder blocks of an encoder-decoder model (cross-attention) count 1.5.
     """
     tokens = micro_batch * seq_len
-    per_block = 14 * shape.hidden + 4 * shape.ffn
+    per_block = shape.hidden if checkpointing else 14 * shape.hidden + 4 * shape.ffn
     blocks = shape.layers + 1.5 * shape.decoder_layers
-    if checkpointing:
-        saved = blocks * shape.hidden + per_block
-    else:
-        saved = blocks * per_block
-    head = micro_batch * 3 * FP32 * (shape.vocab if not shape.classification else 1)
-    head_tokens = 1 if shape.classification else seq_len
-    return int(tokens * (saved + 2 * shape.hidden) * element_bytes + head * head_tokens)
+    head = micro_batch * FP32 * (1 if shape.classification else seq_len * shape.vocab)
+    return int(tokens * (blocks * per_block + 2 * shape.hidden) * element_bytes + head)
+
+
+def activation_bytes(shape: ModelShape, micro_batch: int, seq_len: int, checkpointing: bool,
+                     element_bytes: int = FP32) -> int:
+    """Saved activations plus what backward adds at its peak: the loss's gradient and
+    the logits' (two more fp32 vocabulary-wide tensors per token) and, with
+    checkpointing, the one block being recomputed."""
+    saved = saved_activation_bytes(shape, micro_batch, seq_len, checkpointing, element_bytes)
+    tokens = micro_batch * seq_len
+    head = 2 * micro_batch * FP32 * (1 if shape.classification else seq_len * shape.vocab)
+    recompute = tokens * (14 * shape.hidden + 4 * shape.ffn) * element_bytes if checkpointing else 0
+    return saved + head + recompute
 
 
 def predict(counts: ParamCounts, shape: ModelShape, recipe, plan: MemoryPlan, world_size: int,

@@ -56,27 +56,50 @@ class _VocabOnly:
 _FACTS: dict = {}
 
 
-def model_facts(reg, model_name: str, task, tuning: str) -> tuple[ParamCounts, ModelShape]:
-    """Parameter counts and shape of a model, built on the meta device (cached)."""
-    key = (model_name, task.head, tuning)
+def model_facts(reg, cell) -> tuple[ParamCounts, ModelShape]:
+    """Parameter counts and shape of a cell's model, built on the meta device (cached)."""
+    key = (cell.model, cell.task, cell.data, cell.columns, cell.recipe.seed, cell.recipe.tuning)
     if key not in _FACTS:
-        _FACTS[key] = _build_facts(reg, model_name, task, tuning)
+        _FACTS[key] = _build_facts(reg, cell)
     return _FACTS[key]
 
 
-def _build_facts(reg, model_name, task, tuning):
+def _preset_tokenizer(source, task, cell):
+    """The preset's offline tokenizer for this data (cached on disk by the cell runs), or its nominal size.
+
+    A preset's vocabulary is trained on the task's text and is often far
+    smaller than its nominal size; the embeddings and the logits follow it.
+    """
+    from ftbench.harness.cell.data import load_splits
+    from ftbench.harness.cell.modeling import load_tokenizer
+
+    tname, topts = cell.task_name_and_options()
+    options = {**dict(task.defaults), **topts}
+    try:
+        splits = load_splits(task, cell.data, options, cell.recipe.seed, dict(cell.columns))
+        options.update(task.prepare(splits, options) or {})
+        tok = load_tokenizer(source, (x for ex in splits["train"] for x in task.texts(ex, options)))
+        return tok, options.get("num_labels")
+    except Exception:  # noqa: BLE001 - hub data or a plugin's error: fall back to the nominal size
+        return _VocabOnly(source.preset.vocab_size), None
+
+
+def _build_facts(reg, cell):
     import torch
 
     from ftbench.harness.cell.modeling import apply_tuning, block_stacks, resolve_model
     from ftbench.harness.grid.config import parse_tuning
 
-    source = resolve_model(model_name, reg, task)
+    tname, _ = cell.task_name_and_options()
+    task = reg.task(tname)
+    source = resolve_model(cell.model, reg, task)
+    tokenizer, labels = _preset_tokenizer(source, task, cell) if source.preset is not None else (None, None)
     with torch.device("meta"):
         if source.preset is not None:
-            model = source.preset.build(tokenizer=_VocabOnly(source.preset.vocab_size), head=task.head,
-                                        num_labels=2)
+            model = source.preset.build(tokenizer=tokenizer, head=task.head, num_labels=labels)
         else:
             model = _from_config(source, task)
+    tuning = cell.recipe.tuning
     mode, n = parse_tuning(tuning)
     model = apply_tuning(model, mode, n) or model  # a tuning that wraps the model (LoRA) returns the wrapper
     total = sum(p.numel() for p in model.parameters())
@@ -149,13 +172,11 @@ def predict_cell(reg, cell, micro_batch: int | None = None, backend: str | None 
     """The prediction for ``cell``, optionally with another micro-batch, backend, rank count or checkpointing."""
     from ftbench.harness.grid.config import parse_spec
 
-    tname, _ = cell.task_name_and_options()
-    task = reg.task(tname)
     bname, bopts = parse_spec(backend or cell.backend, "backend")
     spec = reg.backend(bname)
     options = spec.engine.validate_options({**dict(spec.defaults), **bopts})
     world = nproc or cell.nproc
-    counts, shape = model_facts(reg, cell.model, task, cell.recipe.tuning)
+    counts, shape = model_facts(reg, cell)
     recipe = cell.recipe if checkpointing is None else dataclasses.replace(cell.recipe,
                                                                            grad_checkpointing=checkpointing)
     return predict(counts, shape, recipe, spec.engine.memory_plan(options, world), world,
