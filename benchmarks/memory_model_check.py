@@ -8,19 +8,21 @@ prints per cell: the memory model's prediction per rank
 and the part that grows with the model: ``peak - rss_before_model`` against
 the prediction less the harness's own footprint.
 
-    python benchmarks/memory_model_check.py [OUT_DIR]
+    FTBENCH_WIDTHS=256x4,768x8 python benchmarks/memory_model_check.py [OUT_DIR]
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-WIDTHS = ((256, 4), (768, 8), (1024, 12))
+#: width x layers; FTBENCH_WIDTHS=768x8,1024x12 picks others.
+WIDTHS = tuple(tuple(map(int, w.split("x"))) for w in os.environ.get("FTBENCH_WIDTHS", "256x4,768x8").split(","))
 BACKENDS = ("eager", "zero1", "zero2", "zero3", "zero2-offload", "zero3-offload", "fsdp", "ddp")
 MiB = 2**20
 
