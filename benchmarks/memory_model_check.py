@@ -9,6 +9,8 @@ and the part that grows with the model: ``peak - rss_before_model`` against
 the prediction less the harness's own footprint.
 
     FTBENCH_WIDTHS=256x4,768x8 python benchmarks/memory_model_check.py [OUT_DIR]
+    python benchmarks/memory_model_check.py save DIR 256x4     # just save such a model
+    python benchmarks/memory_model_check.py table MODELS_DIR OUT_DIR...   # recompute predictions
 """
 
 from __future__ import annotations
@@ -43,7 +45,19 @@ def run(model_dir: Path, out: Path) -> None:
     subprocess.run(args, check=True, cwd=ROOT)
 
 
-def table(out_dirs) -> str:
+def _predicted(r: dict, models: Path | None) -> int:
+    """The current memory model's prediction for a record's cell (its model moved to ``models``)."""
+    from ftbench.harness.grid.config import CellSpec
+    from ftbench.harness.grid.memplan import predict_cell
+    from ftbench.harness.registry import Registry
+
+    config = dict(r["config"])
+    if models is not None:
+        config["model"] = str(models / Path(config["model"]).name)
+    return predict_cell(Registry.load(), CellSpec.from_dict(config)).device_bytes
+
+
+def table(out_dirs, models: Path | None = None) -> str:
     from ftbench.harness.memory_model import HARNESS_CPU_BYTES
 
     lines = ["| model | params | backend | predicted per rank | measured peak | predicted / measured "
@@ -51,13 +65,13 @@ def table(out_dirs) -> str:
     for name, out in out_dirs:
         for line in (out / "results.jsonl").read_text().splitlines():
             r = json.loads(line)
+            ranks = f" ×{r['nproc']}" if r["nproc"] > 1 else ""
             if r["status"] != "ok":
-                lines.append(f"| {name} | | {r['backend']} | | {r['status']} | | | | |")
+                lines.append(f"| {name} | | {r['backend']}{ranks} | | {r['status']} | | | | |")
                 continue
-            pred, peak, before = r["memory_predicted_bytes"], r["peak_memory_bytes"], r["rss_before_model_bytes"]
+            pred, peak, before = _predicted(r, models), r["peak_memory_bytes"], r["rss_before_model_bytes"]
             grown_pred = pred - HARNESS_CPU_BYTES
             grown = peak - before
-            ranks = f" ×{r['nproc']}" if r["nproc"] > 1 else ""
             lines.append(f"| {name} | {r['total_params'] / 1e6:.1f} M | {r['backend']}{ranks} | {pred / MiB:,.0f} MiB "
                          f"| {peak / MiB:,.0f} MiB | {pred / peak:.2f} | {grown_pred / MiB:,.0f} MiB "
                          f"| {grown / MiB:,.0f} MiB | {grown_pred / grown:.2f} |")
@@ -65,6 +79,15 @@ def table(out_dirs) -> str:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["table"]:
+        # table MODELS_DIR OUT_DIR...: recompute the predictions of finished runs with the current model.
+        outs = [(Path(o).name.removeprefix("out-"), Path(o)) for o in sys.argv[3:]]
+        print(table(outs, Path(sys.argv[2])))
+        return
+    if sys.argv[1:2] == ["save"]:
+        width, layers = map(int, sys.argv[3].split("x"))
+        save_model(Path(sys.argv[2]), width, layers)
+        return
     keep = Path(sys.argv[1]) if len(sys.argv) > 1 else None
     with tempfile.TemporaryDirectory() as tmp:
         base = keep or Path(tmp)

@@ -34,10 +34,11 @@ MiB = 2**20
 FP32 = 4
 #: Bytes per element of autocast's low-precision weight copies and activations.
 LOW_PRECISION = {"fp32": 4, "bf16": 2, "fp16": 2}
-#: Resident memory of a cell process before its model exists, on CPU: Python, torch,
-#: transformers, the harness, data and tokenizer (``rss_before_model_bytes`` of the
-#: tiny default cells measured 330-360 MiB; docs/memory.md).
-HARNESS_CPU_BYTES = 360 * MiB
+#: Resident memory of a CPU cell process besides its model: Python, torch, transformers,
+#: the harness, data and tokenizer (``rss_before_model_bytes``: 255-290 MiB), plus what the
+#: first training step maps (kernels, allocator arenas, the pre-collated batches).  Measured
+#: as the peak of tiny-model cells, whose model state is about 1 MiB: 338-354 MiB (docs/memory.md).
+HARNESS_CPU_BYTES = 340 * MiB
 #: The torchrun launcher of a multi-rank cell (its own Python and torch), CPU tree only.
 LAUNCHER_CPU_BYTES = 200 * MiB
 

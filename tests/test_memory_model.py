@@ -36,6 +36,8 @@ def test_zero2_matches_deepspeeds_estimator(ds, n, offload):
     # DeepSpeed's estimator assumes 16-bit weights with an fp32 master copy: weight_bytes=2.
     cpu, gpu = ds[0](P, num_gpus_per_node=n, cpu_offload=offload, additional_buffer_factor=1.0)
     dev, host = model_state_bytes(ParamCounts(P, P, LAYER), zero(2, n, offload), weight_bytes=2)
+    # Differs: the estimator leaves out the contiguous reduction buffer (a full gradient, measured).
+    assert dev.pop("gradient_buffers") == 2 * P
     assert sum(dev.values()) == pytest.approx(gpu, abs=n * 8)
     if offload and n <= 4:
         # Per node: every rank's offloaded partition (DeepSpeed: max(4 N, 16) bytes per parameter).
@@ -68,6 +70,7 @@ def test_zero_paper_bytes_per_parameter_plus_fp32_gradients(stage):
     n, k = 4, 12
     paper = {1: 2 + 2 + k / n, 2: 2 + (2 + k) / n, 3: (2 + 2 + k) / n}[stage]
     dev, _ = model_state_bytes(ParamCounts(P, P, 0), zero(stage, n), weight_bytes=2)
+    dev.pop("gradient_buffers", None)  # DeepSpeed's reduction buffer, in neither the paper nor the estimator
     assert sum(dev.values()) / P == pytest.approx(paper + 4 / n, rel=1e-6)
 
 
@@ -78,9 +81,9 @@ def test_ftbench_policy_fp32_weights():
     eager, _ = model_state_bytes(counts, ftbench.Engine.memory_plan({}, 1))
     assert sum(eager.values()) == 16 * P
     z2, _ = model_state_bytes(counts, zero(2, 4))
-    assert sum(z2.values()) == pytest.approx(4 * P + (4 + 8 + 4) * P / 4, rel=1e-6)
+    assert sum(z2.values()) == pytest.approx(4 * P + 4 * P + (4 + 8 + 4) * P / 4, rel=1e-6)
     z2o, host = model_state_bytes(counts, zero(2, 4, offload=True))
-    assert z2o == {"weights": 4 * P} and sum(host.values()) == pytest.approx((4 + 8 + 4) * P / 4, rel=1e-6)
+    assert z2o == {"weights": 4 * P, "gradient_buffers": 4 * P} and sum(host.values()) == pytest.approx((4 + 8 + 4) * P / 4, rel=1e-6)
     bf16, _ = model_state_bytes(counts, ftbench.Engine.memory_plan({}, 1), autocast_bytes=2)
     assert bf16["autocast_copies"] == 2 * P
 
