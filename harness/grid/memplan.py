@@ -194,9 +194,7 @@ def plan_cell(reg, cell, suggest: bool = True) -> CellPlan:
     compared = "process tree" if dtype == "cpu" else "device"
     try:
         pred = predict_cell(reg, cell)
-    except FtbenchError:
-        raise
-    except Exception as e:  # noqa: BLE001 - a model that cannot be built on meta gets no prediction
+    except Exception as e:  # noqa: BLE001 - a model that cannot be built on meta (or a hub id offline): no prediction
         return CellPlan(cell, None, limit, source, None, compared, why_unknown=f"{type(e).__name__}: {e}")
     cp = CellPlan(cell, pred, limit, source, None, compared)
     cp.fits = cp.compared_bytes <= limit
