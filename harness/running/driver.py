@@ -127,6 +127,8 @@ def run_cells(cells: list[CellSpec], out: str | os.PathLike, environment: dict, 
             started = time.time()
             spec, fit = _fit(registry, spec, fits, progress, i, total) if search_micro_batch else (spec, None)
             outcome = _no_fit_outcome(fit) if fit and fit.micro_batch is None else run_cell_process(spec)
+            if fit and fit.micro_batch and outcome.status == "oom":
+                spec, outcome = _smaller(spec, fit, outcome)
             record = build_record(spec, outcome, environment, started)
             record.update(memory_fields(registry, spec, fit))
             if annotate:
@@ -154,6 +156,21 @@ def _fit(registry, spec: CellSpec, fits: dict, progress, i: int, total: int):
         fits[spec.cell_id] = search_micro_batch(registry, spec, on_probe=on_probe)
     fit = fits[spec.cell_id]
     return (with_micro_batch(spec, fit.micro_batch) if fit.micro_batch else spec), fit
+
+
+def _smaller(spec: CellSpec, fit, outcome):
+    """The full run outgrew what its probe fitted in: once more at the next smaller micro-batch."""
+    from ftbench.harness.grid.memplan import divisors
+    from ftbench.harness.grid.microbatch import per_rank_batch, with_micro_batch
+
+    below = [d for d in divisors(per_rank_batch(spec)) if d < fit.micro_batch]
+    fit.note = (f"the full run at micro-batch {fit.micro_batch} ran out of memory after its probe fitted"
+                + (f"; rerun at {below[-1]}" if below else ""))
+    if not below:
+        return spec, outcome
+    fit.micro_batch = below[-1]
+    smaller = with_micro_batch(spec, below[-1])
+    return smaller, run_cell_process(smaller)
 
 
 def _no_fit_outcome(fit):
