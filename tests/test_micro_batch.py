@@ -86,3 +86,19 @@ def test_auto_micro_batch_under_a_memory_limit(tmp_path):
 
 #: Tiny GPT-2, seq 256: ~20 KB of activations per token over a ~350 MiB process (docs/memory.md).
 LIMIT_MB = int(os.environ.get("FTBENCH_TEST_FIT_LIMIT_MB", "480"))
+
+
+def test_a_probe_that_only_just_fits_counts_as_not_fitting():
+    reg = Registry.load()
+    cell = CellSpec(task="generation", backend="eager", model="tiny-gpt2", device="cpu", memory_limit_mb=1000,
+                    recipe=Recipe(batch_size=16, seq_len=32))
+
+    def run(spec):  # every micro-batch "fits", but 8 and 16 within 2% of the limit
+        micro = spec.recipe.batch_size // spec.recipe.grad_accum
+        peak = int((980 if micro >= 8 else 500) * 2**20)
+        return CellOutcome(ranks=[], status="ok", error=None, wall_s=0.1, returncode=0, tree_peak_bytes=peak)
+
+    found = search_micro_batch(reg, cell, run=run)
+    assert found.micro_batch == 4
+    tight = next(p for p in found.probes if p["micro_batch"] == 8)
+    assert tight["status"] == "oom" and "headroom" in tight["error"]
