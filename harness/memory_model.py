@@ -4,8 +4,8 @@ The model adds up, per rank:
 
 * **model states** (the ZeRO paper's term): weights, gradients and the two
   AdamW moments, each divided over the ranks the backend shards it across,
-  plus a backend's own fp32 copy of its weight shard (DeepSpeed keeps one)
-  and extra gradient buffers (DDP's buckets).  Weights and moments are
+  plus a backend's own fp32 copy of its weight shard (ZeRO-style optimizers
+  keep one) and extra gradient buffers (data-parallel reduction buckets).  Weights and moments are
   fp32: mixed precision in ftbench is autocast over fp32 weights, so a
   lower precision adds autocast's cached low-precision copies of the
   weights instead of shrinking them;
@@ -54,7 +54,7 @@ class MemoryPlan:
     weight shards there too.  ``master_weights``: the backend keeps its own
     fp32 copy of its weight shard beside the model's weights.
     ``grad_buffers``: extra gradient-sized buffers, as a multiple of the
-    full gradients (DDP's reduction buckets: 1.0).  ``gathered_layers``: with
+    full gradients (reduction buckets as large as the gradients: 1.0).  ``gathered_layers``: with
     sharded weights, how many of the largest layers are gathered in full at
     once (weights and their gradients).  ``runtime_bytes``: what the
     backend's libraries add to each rank's host footprint (CPU only).
@@ -135,7 +135,8 @@ def model_state_bytes(counts: ParamCounts, plan: MemoryPlan, weight_bytes: int =
     """Weights, gradients, optimizer states per rank: (on the device, offloaded to host).
 
     ``weight_bytes`` is the weights' and gradients' element size: 4 under
-    ftbench's policy; 2 reproduces DeepSpeed's fp16/bf16 weight modes, where
+    ftbench's policy; 2 reproduces ZeRO's 16-bit weight modes (the published
+    estimators' inputs), where
     the optimizer also keeps fp32 master weights and fp32 gradients.
     ``autocast_bytes`` < 4 adds autocast's cached low-precision weight copies.
     """
