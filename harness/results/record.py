@@ -23,6 +23,9 @@ FROM_RANK0 = (
     "compile_s", "eval_s", "eval_loss", "metric", "metric_value", "higher_is_better", "trainable_params",
     "total_params", "model_kind", "vocab_size", "truncated_examples", "truncated_tokens",
     "metrics_before", "eval_before_s", "pad_fraction", "packed_rows",
+    # time to quality (ftbench.harness.cell.quality)
+    "eval_curve", "eval_every", "eval_during_training_s", "target", "target_reached", "steps_to_target",
+    "time_to_target_s", "stopped_at_target",
 )
 
 
