@@ -89,9 +89,13 @@ def test_tuning_that_worsens_held_out_loss_is_flagged_in_the_record():
     assert tuning_made_worse({**rec, "eval_loss": 4.0}) is None
 
 
+@pytest.mark.slow
 def test_peak_memory_does_not_grow_with_steps(tmp_path):
     """20 and 600 steps of one cell peak within 5%: batches are collated per step, not all up front
-    (pre-collated, 600 steps of 32 x 256 tokens would add ~120 MB to a ~350 MB process)."""
+    (pre-collated, 600 steps of 32 x 256 tokens would add ~120 MB to a ~400 MB process).
+
+    Slow (600 steps); the default suite checks the same property in-process with
+    test_step_stream_collates_each_step_once_and_keeps_no_batch."""
     model = checkpoint(width=8, vocab=300)  # a few ms per step even at 32 x 256 tokens
     peaks = {}
     for steps in (20, 600):
