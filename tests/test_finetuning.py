@@ -102,7 +102,7 @@ def test_peak_memory_does_not_grow_with_steps(tmp_path):
         out = tmp_path / f"s{steps}"
         ftbench("run", "--task", "generation", "--backend", "eager", "--model", model, "--steps", steps,
                 "--warmup", "2", "--batch-size", "32", "--seq-len", "256", "--eval-examples", "8", "--out", out,
-                check=True)
+                "--time-limit", "3600", timeout=3600, check=True)
         (rec,) = records(out)
         assert rec["status"] == "ok"
         peaks[steps] = rec["peak_memory_bytes"]
