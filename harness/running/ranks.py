@@ -98,11 +98,21 @@ def lead(argv: list[str], nproc: int, run_rank) -> int:
     code = first[1]
     if code < 0:
         # Die of the same signal, so the driver reads the cause as for a one-process cell.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        signal.signal(-code, signal.SIG_DFL)
-        os.kill(os.getpid(), -code)
+        _die_of(-code)
     return code if code > 0 else 1
+
+
+def _die_of(signum: int) -> None:
+    import resource
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # the rank's fault is reported, not dumped again
+    if signum not in (signal.SIGKILL, signal.SIGSTOP):
+        signal.signal(signum, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signum])
+    os.kill(os.getpid(), signum)
+    os._exit(128 + signum)  # not reached: a deliverable signal kills before kill() returns
 
 
 def _rank_main(rank: int, nproc: int, port_fd: int, argv: list[str], run_rank) -> None:
@@ -124,6 +134,10 @@ def _rank_main(rank: int, nproc: int, port_fd: int, argv: list[str], run_rank) -
 
         torch.set_num_threads(_threads(os.environ.get("OMP_NUM_THREADS", "1")))
         code = run_rank(argv)
+    except BaseException:  # noqa: BLE001 - the cell's log is the only place left to say why
+        import traceback
+
+        traceback.print_exc()
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
