@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ftbench.harness.running import launch, reaper
+from ftbench.harness.running.prepare import pin_extensions_dir, prepare_engines
 from ftbench.harness.api import FtbenchError
 from ftbench.harness.running.cellproc import run_cell_process
 from ftbench.harness.grid.config import CellSpec
@@ -28,6 +29,8 @@ class RunSummary:
     interrupted: bool = False
     #: Unreadable lines of an existing results.jsonl (their cells are rerun).
     problems: list[str] = field(default_factory=list)
+    #: One-off preparations of the grid's engines (see ftbench.harness.running.prepare), before any cell.
+    prepared: list[dict] = field(default_factory=list)
 
 
 def prepare_out_dir(out: str | os.PathLike) -> Path:
@@ -96,6 +99,7 @@ def run_cells(cells: list[CellSpec], out: str | os.PathLike, environment: dict, 
     summary = RunSummary()
     reaper.become_subreaper()
     os.environ[reaper.DRIVER_PID_ENV] = str(os.getpid())  # before the first cell (or fork server) starts
+    pin_extensions_dir()
     with OutputLock(out_dir):
         _write_atomic(out_dir / "environment.json", json.dumps(environment, indent=2, default=str))
         done = set() if force else finished_keys(out_dir)
@@ -110,7 +114,13 @@ def run_cells(cells: list[CellSpec], out: str | os.PathLike, environment: dict, 
         total = len(cells)
         if progress:
             progress("warmup", 0, total, None, None)
-        launch.warm_up([c for c in cells if (c.cell_id, c.repeat) not in done])
+        pending = [c for c in cells if (c.cell_id, c.repeat) not in done]
+        launch.warm_up(pending)
+        if pending:
+            summary.prepared = prepare_engines(pending, launch.context_for(pending), progress)
+            if summary.prepared:  # reported once per grid, not in any cell's setup_s
+                _write_atomic(out_dir / "environment.json",
+                              json.dumps({**environment, "prepared": summary.prepared}, indent=2, default=str))
         for i, spec in enumerate(cells, start=1):
             if (spec.cell_id, spec.repeat) in done:
                 summary.skipped_done += 1

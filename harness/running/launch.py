@@ -29,6 +29,9 @@ import warnings
 #: Modules the fork server imports once; cells forked from it start warm.
 PRELOAD = ("ftbench.harness.running.preload",)
 
+#: Names the backends whose ``preload`` the fork server imports (all, when unset).
+PRELOAD_BACKENDS_ENV = "FTBENCH_PRELOAD_BACKENDS"
+
 _context = None
 #: Whether the fork server has initialised CUDA (learnt from the warm-up probe; None: not yet known).
 _server_cuda = None
@@ -111,9 +114,17 @@ def warm_up(cells) -> None:
     """Start the fork server now if any cell will use it, so that its one-off
     start-up is not charged to the first cell's wall time."""
     if any(_may_fork(c) for c in cells):
+        if _context is None:  # the server, started now, preloads this grid's backends only
+            os.environ[PRELOAD_BACKENDS_ENV] = ",".join(sorted({c.backend_name_and_options()[0] for c in cells}))
         # The server imports its preload after it starts answering; the probe
         # child returns only once that is done, and says whether it touched CUDA.
         server_touched_cuda()
+
+
+def context_for(cells):
+    """The ``multiprocessing`` context for one-off work of a grid: the fork server when its
+    cells use it, else a fresh interpreter."""
+    return _fork_context() if any(_may_fork(c) for c in cells) else mp.get_context("spawn")
 
 
 def _probe_cuda() -> None:

@@ -29,6 +29,9 @@ class RunView:
             self.status = self.con.status("starting the cell launcher (imports torch and the plugins once)…")
             self.status.start()
             return
+        if kind == "prepare":
+            self._prepare(record)
+            return
         if kind not in ("skip", "start", "end"):
             return
         label = f"[{i}/{total}] {spec.task} × {spec.backend} × {spec.model}" + (
@@ -44,6 +47,20 @@ class RunView:
             if self.status:
                 self.status.stop()
             self.con.print(f"{label}: {self._one_line(record)}")
+
+    def _prepare(self, job: dict) -> None:
+        if self.status:
+            self.status.stop()
+        device = "" if job["device"] == "auto" else f" ({job['device']})"
+        what = f"preparing {', '.join(job['backends'])}{device} once for the grid"
+        if job["status"] == "running":
+            self.status = self.con.status(f"{what} (e.g. building native ops on first use)…")
+            self.status.start()
+        elif job["status"] == "ok":
+            self.con.print(f"{what}: done in {job['seconds']:.1f} s (not counted in any cell)")
+        else:
+            self.con.print(f"[yellow]warning:[/] {what} failed after {job['seconds']:.1f} s: "
+                           f"{escape(job.get('error') or '')}; its cells will try on their own", soft_wrap=True)
 
     @staticmethod
     def _one_line(r: dict) -> str:

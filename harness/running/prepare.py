@@ -1,0 +1,136 @@
+"""One-off work of a grid, done before its first cell instead of inside one.
+
+Some backends pay a cost the first time a process uses them that has
+nothing to do with the cell: DeepSpeed JIT-compiles its CPU communication
+op (and CPU Adam) with ``torch.utils.cpp_extension``, 20-50 s on a small
+CPU.  Two things keep that out of the cells' ``setup_s``:
+
+* :func:`pin_extensions_dir` gives JIT-built extensions a directory of this
+  installation's own under ftbench's cache.  Torch's default,
+  ``~/.cache/torch_extensions/py311_cpu``, is shared by every environment of
+  the user: another virtual environment (another checkout, another torch)
+  rewrites its build files with its own paths, and the next cell here
+  rebuilds from scratch, on every run;
+* :func:`prepare_engines` calls each engine's :meth:`Engine.prepare` once per
+  grid, in a process of its own, before the first cell; the time is shown
+  as a progress line and reported once, in ``environment.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+from ftbench.harness.api import Engine
+
+#: Longest a preparation may take (a cold build of a large op on a slow CPU), in seconds.
+PREPARE_TIME_LIMIT_S = 1800
+
+
+def pin_extensions_dir() -> str:
+    """Point ``TORCH_EXTENSIONS_DIR`` at this installation's own build directory (unless set)."""
+    if not os.environ.get("TORCH_EXTENSIONS_DIR"):
+        from ftbench.harness.cell.tokenization import cache_dir
+
+        try:
+            torch_version = metadata.version("torch")
+        except metadata.PackageNotFoundError:
+            torch_version = "none"
+        key = hashlib.sha256(f"{sys.prefix}|{sys.version}|{torch_version}".encode()).hexdigest()[:12]
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(cache_dir() / "torch_extensions" / key)
+    return os.environ["TORCH_EXTENSIONS_DIR"]
+
+
+def _overrides_prepare(engine: type) -> bool:
+    return getattr(engine.prepare, "__func__", None) is not Engine.prepare.__func__
+
+
+def plan(cells, registry) -> list[dict]:
+    """One job per (engine, device) whose engine has something to prepare."""
+    jobs: dict = {}
+    for c in cells:
+        name, opts = c.backend_name_and_options()
+        spec = registry.backend(name)
+        if not _overrides_prepare(spec.engine):
+            continue
+        job = jobs.setdefault((spec.engine, c.device), {"backend": name, "backends": [], "device": c.device,
+                                                        "options": []})
+        if name not in job["backends"]:
+            job["backends"].append(name)
+        options = spec.engine.validate_options({**dict(spec.defaults), **opts})
+        if options not in job["options"]:
+            job["options"].append(options)
+    return list(jobs.values())
+
+
+def prepare_engines(cells, context, progress=None) -> list[dict]:
+    """Run every needed :meth:`Engine.prepare` for ``cells``; one report dict per job.
+
+    ``context`` is a ``multiprocessing`` context (the fork server's, or spawn).
+    A failing preparation is reported, never raised: the cells then do the
+    work themselves, and fail on their own if it cannot be done.
+    """
+    from ftbench.harness.registry import Registry
+
+    reports = []
+    for job in plan(cells, Registry.load()):
+        if progress:
+            progress("prepare", 0, len(cells), None, {**job, "status": "running"})
+        with tempfile.NamedTemporaryFile(prefix="ftbench-prepare-", suffix=".log", delete=False) as log:
+            log_path = log.name
+        t0 = time.perf_counter()
+        proc = context.Process(target=_prepare_main, args=(job["backend"], job["options"], job["device"], log_path))
+        proc.start()
+        try:
+            proc.join(PREPARE_TIME_LIMIT_S)
+        finally:
+            if proc.exitcode is None:
+                proc.kill()
+                proc.join()
+        seconds = time.perf_counter() - t0
+        report = {"backends": job["backends"], "device": job["device"], "seconds": round(seconds, 3),
+                  "status": "ok" if proc.exitcode == 0 else "failed"}
+        if proc.exitcode != 0:
+            report["error"] = _last_line(log_path) or f"exit code {proc.exitcode}"
+        os.unlink(log_path)
+        reports.append(report)
+        if progress:
+            progress("prepare", 0, len(cells), None, report)
+    return reports
+
+
+def _prepare_main(backend: str, options: list[dict], device: str, log_path: str) -> None:
+    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    code = 1
+    try:
+        from ftbench.harness.registry import Registry
+
+        if device == "auto":
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        Registry.load().backend(backend).engine.prepare(options, device)
+        code = 0
+    except BaseException:  # noqa: BLE001 - reported as a warning by the driver
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _last_line(path: str) -> str:
+    try:
+        lines = [ln.strip() for ln in Path(path).read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    return lines[-1][:300] if lines else ""
