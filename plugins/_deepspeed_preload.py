@@ -29,10 +29,11 @@ if (torch.version.cuda is None and torch.version.hip is None and os.environ.get(
         for _fd in (*_saved, _null):
             os.close(_fd)
 
-    # ZeRO's optimizer check imports this module, whose top level runs torch.compile (and so
-    # imports inductor): seconds per cell when it is not warm.
+    # ZeRO's optimizer check imports the muon module, whose top level runs torch.compile (and so
+    # imports inductor): seconds per cell when it is not warm.  Loading a built op imports
+    # torch's cpp_extension (and setuptools with it).
     for _name in ("deepspeed.runtime.zero.muon.muon_optimizer", "deepspeed.runtime.zero.stage_1_and_2",
-                  "deepspeed.runtime.zero.stage3", "deepspeed.ops.adam"):
+                  "deepspeed.runtime.zero.stage3", "deepspeed.ops.adam", "torch.utils.cpp_extension"):
         try:
             importlib.import_module(_name)
         except ImportError:  # moved in another DeepSpeed release: that cell pays the import instead
