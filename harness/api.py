@@ -289,7 +289,7 @@ class Engine:
         return options
 
     @classmethod
-    def prepare(cls, options: list[dict], device: str) -> None:
+    def prepare_once(cls, options: list[dict], device: str) -> None:
         """Once per grid, before its first cell of this engine: do the one-off work
         every cell would otherwise pay on its own, such as building native ops.
 
@@ -304,7 +304,7 @@ class Engine:
         Example::
 
             @classmethod
-            def prepare(cls, options, device):
+            def prepare_once(cls, options, device):
                 if device == "cpu":
                     build_my_cpu_kernels()  # JIT-compiled once, loaded by every cell
         """

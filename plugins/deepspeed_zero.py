@@ -103,7 +103,7 @@ class DeepSpeedEngine(Engine):
         return opts
 
     @classmethod
-    def prepare(cls, options: list, device: str) -> None:
+    def prepare_once(cls, options: list, device: str) -> None:
         """Build (first run) or load DeepSpeed's CPU ops once for the grid.
 
         On the CPU accelerator every DeepSpeed process loads its shared-memory

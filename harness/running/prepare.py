@@ -11,7 +11,7 @@ CPU.  Two things keep that out of the cells' ``setup_s``:
   the user: another virtual environment (another checkout, another torch)
   rewrites its build files with its own paths, and the next cell here
   rebuilds from scratch, on every run;
-* :func:`prepare_engines` calls each engine's :meth:`Engine.prepare` once per
+* :func:`prepare_engines` calls each engine's :meth:`Engine.prepare_once` once per
   grid, in a process of its own, before the first cell; the time is shown
   as a progress line and reported once, in ``environment.json``.
 """
@@ -47,7 +47,7 @@ def pin_extensions_dir() -> str:
 
 
 def _overrides_prepare(engine: type) -> bool:
-    return getattr(engine.prepare, "__func__", None) is not Engine.prepare.__func__
+    return getattr(engine.prepare_once, "__func__", None) is not Engine.prepare_once.__func__
 
 
 def plan(cells, registry) -> list[dict]:
@@ -69,7 +69,7 @@ def plan(cells, registry) -> list[dict]:
 
 
 def prepare_engines(cells, context, progress=None) -> list[dict]:
-    """Run every needed :meth:`Engine.prepare` for ``cells``; one report dict per job.
+    """Run every needed :meth:`Engine.prepare_once` for ``cells``; one report dict per job.
 
     ``context`` is a ``multiprocessing`` context (the fork server's, or spawn).
     A failing preparation is reported, never raised: the cells then do the
@@ -116,7 +116,7 @@ def _prepare_main(backend: str, options: list[dict], device: str, log_path: str)
             import torch
 
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        Registry.load().backend(backend).engine.prepare(options, device)
+        Registry.load().backend(backend).engine.prepare_once(options, device)
         code = 0
     except BaseException:  # noqa: BLE001 - reported as a warning by the driver
         import traceback
