@@ -212,3 +212,17 @@ def test_a_second_zero2_grid_pays_no_op_build_in_its_first_cell(tmp_path):
         assert [p["status"] for p in prepared] == ["ok"]
         runs.append(rec)
     assert runs[1]["setup_phases"]["engine_s"] < 3.0, runs[1]["setup_phases"]
+
+
+def test_a_build_lock_left_by_a_killed_build_is_stale_and_a_fresh_one_is_not(tmp_path):
+    import os
+
+    from ftbench.harness.running.prepare import _stale
+
+    old, fresh = tmp_path / "cpu_adam" / "lock", tmp_path / "shm" / "lock"
+    for lock in (old, fresh):
+        lock.parent.mkdir()
+        lock.touch()
+    os.utime(old, (time.time() - 120, time.time() - 120))
+    # torch waits on such a lock forever: every later load of that op would hang.
+    assert _stale([old, fresh]) == [old]

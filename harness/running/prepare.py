@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -84,14 +85,17 @@ def prepare_engines(cells, context, progress=None) -> list[dict]:
         with tempfile.NamedTemporaryFile(prefix="ftbench-prepare-", suffix=".log", delete=False) as log:
             log_path = log.name
         t0 = time.perf_counter()
+        _remove_locks(_stale(_build_locks()))
+        locks_before = set(_build_locks())
         proc = context.Process(target=_prepare_main, args=(job["backend"], job["options"], job["device"], log_path))
         proc.start()
         try:
             proc.join(PREPARE_TIME_LIMIT_S)
         finally:
-            if proc.exitcode is None:
-                proc.kill()
+            if proc.exitcode is None:  # timed out, or Ctrl-C: the build's compilers go with it
+                _kill_session(proc.pid)
                 proc.join()
+                _remove_locks(set(_build_locks()) - locks_before)
         seconds = time.perf_counter() - t0
         report = {"backends": job["backends"], "device": job["device"], "seconds": round(seconds, 3),
                   "status": "ok" if proc.exitcode == 0 else "failed"}
@@ -104,7 +108,60 @@ def prepare_engines(cells, context, progress=None) -> list[dict]:
     return reports
 
 
+def _build_locks() -> list[Path]:
+    """torch.utils.cpp_extension's per-extension build locks (a ``lock`` file while building)."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    return list(Path(root).glob("*/lock")) if root else []
+
+
+def _stale(locks: list[Path], grace_s: float = 30.0) -> list[Path]:
+    """Locks no build holds: torch builds with ninja running inside the extension's directory,
+    so a lock older than ``grace_s`` with no process working there was left by a killed build."""
+    if not locks:
+        return []
+    import psutil
+
+    busy = set()
+    for p in psutil.process_iter():
+        try:
+            busy.add(Path(p.cwd()))
+        except (psutil.Error, OSError):
+            continue
+    now = time.time()
+    out = []
+    for lock in locks:
+        try:
+            old = now - lock.stat().st_mtime > grace_s
+        except OSError:
+            continue
+        if old and lock.parent not in busy:
+            out.append(lock)
+    return out
+
+
+def _remove_locks(paths) -> None:
+    # A build killed mid-way leaves its lock, and every later load of that op would wait on it forever.
+    for path in paths:
+        try:
+            path.unlink()
+        except OSError:
+            pass
+
+
+def _kill_session(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 def _prepare_main(backend: str, options: list[dict], device: str, log_path: str) -> None:
+    # A session of its own, as for a cell: the driver can kill the build's whole tree, and the
+    # build dies with a driver that is killed outright.
+    os.setsid()
+    from ftbench.harness.running.reaper import watch_driver
+
+    watch_driver()
     fd = os.open(log_path, os.O_WRONLY | os.O_APPEND)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
