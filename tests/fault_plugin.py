@@ -67,8 +67,8 @@ class RankFaultEngine(DDPEngine):
     def validate_options(cls, options):
         return FaultEngine.validate_options(options)
 
-    def forward_backward(self, batch):
-        loss = super().forward_backward(batch)
+    def forward_backward(self, batch, boundary):
+        loss = super().forward_backward(batch, boundary)
         step = getattr(self, "_fault_step", 0)
         if self.ctx.rank == int(self.options.get("rank", 1)) and step == int(self.options.get("at_step", 1)):
             _do_fault(self.options)
