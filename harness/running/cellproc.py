@@ -194,8 +194,12 @@ def _verdict(spec, returncode, timed_out, over_limit, ranks, stderr_tail, culpri
     if over_limit:
         return "oom", (f"cell exceeded its host memory limit of {spec.memory_limit_mb:g} MB and was killed "
                        "(raise --memory-limit-mb or shrink the batch)")
-    # Ranks that wrote a file, earliest first: the first failure is the cause.
+    # Ranks that wrote a file, earliest first: the first failure is the cause.  But a rank that
+    # died without a word (a signal) came first when its leader saw it end first: its peers'
+    # errors ("connection closed by peer") are the consequence, not the cause.
     failed = [r for r in ranks if r.get("status") != "ok"]
+    if culprit and not any(r.get("rank") == culprit["rank"] for r in failed):
+        failed, returncode = [], culprit["exitcode"]
     if failed:
         first = failed[0]
         return first.get("status", "error"), first.get("error")
@@ -224,7 +228,9 @@ def _last_line(text: str) -> str:
     # faulthandler's dump ends with a list of extension modules; the fault and its frame say more.
     if "Fatal Python error:" in text:
         dump = text[text.rindex("Fatal Python error:"):].splitlines()
-        frame = next((ln.strip() for ln in dump if ln.strip().startswith("File ")), "")
+        # With several threads, the faulting one is the "Current thread" block.
+        start = next((i for i, ln in enumerate(dump) if ln.startswith("Current thread")), 0)
+        frame = next((ln.strip() for ln in dump[start:] if ln.strip().startswith("File ")), "")
         return f"; {dump[0].strip()[:200]}" + (f" at {frame[:300]}" if frame else "")
     lines = [ln for ln in text.strip().splitlines() if ln.strip()]
     return f"; last output: {lines[-1][:300]}" if lines else ""

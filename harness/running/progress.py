@@ -70,7 +70,7 @@ class RunView:
             s += (f", {fmt_num(r['tokens_per_s'])} tok/s, step {fmt_num(r['step_time_s'] * 1e3)} ms, "
                   f"mem {fmt_bytes(r['peak_memory_bytes'])}, {r['metric']} {fmt_num(r['metric_value'])}")
         elif r.get("error"):
-            s += f": {r['error']}"
+            s += f": {escape(r['error'])}"  # library messages carry [brackets] that rich would read as markup
         for w in r.get("warnings") or ():
             s += f" [yellow](warning: {escape(w)})[/]"
         return s
