@@ -418,7 +418,8 @@ def test_forked_ranks_segfault_sigkill_and_memory_limit_fail_only_their_cell(ran
     # The rank that failed first gives the cell its status and message; its peer was killed, not blamed.
     assert segv["status"] == "error" and "rank 1 of 2 died from signal SIGSEGV" in segv["error"]
     # The faulting thread's frame, not that of another thread in the dump.
-    assert "Segmentation fault at File" in segv["error"] and "fault_plugin.py" in segv["error"]
+    assert "Segmentation fault at File" in segv["error"] and "string_at" in segv["error"]
+    assert "fault_plugin.py" in segv["stderr_tail"]
     # Rank 0 may notice its peer's death ("connection closed") and fail too: the cause is rank 1's SIGKILL.
     assert kill["status"] == "error" and "rank 1 of 2 died from signal SIGKILL" in kill["error"]
     # The limit covers the whole cell: the leader and both ranks.
