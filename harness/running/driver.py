@@ -119,13 +119,8 @@ def run_cells(cells: list[CellSpec], out: str | os.PathLike, environment: dict, 
         total = len(cells)
         if progress:
             progress("warmup", 0, total, None, None)
-        pending = [c for c in cells if (c.cell_id, c.repeat) not in done]
-        launch.warm_up(pending)
-        if pending:
-            summary.prepared = prepare_engines(pending, launch.context_for(pending), progress)
-            if summary.prepared:  # reported once per grid, not in any cell's setup_s
-                _write_atomic(out_dir / "environment.json",
-                              json.dumps({**environment, "prepared": summary.prepared}, indent=2, default=str))
+        summary.prepared = _start_grid([c for c in cells if (c.cell_id, c.repeat) not in done], out_dir,
+                                       environment, progress)
         for i, spec in enumerate(cells, start=1):
             if (spec.cell_id, spec.repeat) in done:
                 summary.skipped_done += 1
@@ -151,6 +146,18 @@ def run_cells(cells: list[CellSpec], out: str | os.PathLike, environment: dict, 
             if fail_fast and record["status"] not in ("ok", "skipped"):
                 break
     return summary
+
+
+def _start_grid(pending: list[CellSpec], out_dir: Path, environment: dict, progress) -> list[dict]:
+    """Start the fork server and do the engines' one-off work before the first cell."""
+    launch.warm_up(pending)
+    if not pending:
+        return []
+    prepared = prepare_engines(pending, launch.context_for(pending), progress)
+    if prepared:  # reported once per grid, not in any cell's setup_s
+        _write_atomic(out_dir / "environment.json",
+                      json.dumps({**environment, "prepared": prepared}, indent=2, default=str))
+    return prepared
 
 
 def _fit(registry, spec: CellSpec, fits: dict, progress, i: int, total: int):
