@@ -445,7 +445,9 @@ def test_ctrl_c_during_a_multi_rank_cell_stops_every_rank_and_resumes(tmp_path):
             "tiny-llama", *TINY, "--steps", "120", "--out", out]
     proc = _start(args)
     try:
-        _wait_for(lambda: _n_lines(out) >= 1, 240, "the first record", proc)
+        # A whole line: a record read while it is being appended would compare as changed.
+        _wait_for(lambda: _n_lines(out) >= 1 and (out / "results.jsonl").read_bytes().endswith(b"\n"), 240,
+                  "the first record", proc)
         first = (out / "results.jsonl").read_bytes()
         _wait_for(lambda: len(_descendants(proc.pid)) >= 4, 60, "the second cell's ranks", proc)
         procs = _descendants(proc.pid)
