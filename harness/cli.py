@@ -166,6 +166,9 @@ def run_cmd(grid_file, tasks, backends, models, datas, columns, out, force, fail
 
     check_cells(reg, cells)  # names, options, settings, data, seq_len, batch: before anything is written
     out = out or _default_out()
+    from ftbench.harness.results.recovery import EXIT_RESULTS_NOT_WRITTEN, ResultsNotWritten, check_free_space
+
+    check_free_space(out, cells)
     view = RunView(_console(), len(cells), out)
     _install_sigterm()
     from ftbench.harness.running.driver import run_cells
@@ -178,6 +181,11 @@ def run_cmd(grid_file, tasks, backends, models, datas, columns, out, force, fail
     except KeyboardInterrupt as e:
         view.interrupted(out)
         sys.exit(128 + getattr(e, "signum", signal.SIGINT))
+    except ResultsNotWritten as e:
+        if view.status:
+            view.status.stop()
+        _console(stderr=True).print(f"[bold red]error:[/] {e}", soft_wrap=True)
+        sys.exit(EXIT_RESULTS_NOT_WRITTEN)
     view.finish(summary)
     bad = [r for r in summary.records if r["status"] not in ("ok", "skipped")]
     sys.exit(1 if bad and fail_fast else 0)

@@ -16,6 +16,7 @@ from ftbench.harness.api import FtbenchError
 from ftbench.harness.running.cellproc import run_cell_process
 from ftbench.harness.grid.config import CellSpec
 from ftbench.harness.results.record import build_record
+from ftbench.harness.results.recovery import ResultsNotWritten, keep_record, restore_into
 from ftbench.harness.results.store import append_record, finished_keys, read_records
 
 LOCK_FILE = ".ftbench.lock"
@@ -28,6 +29,8 @@ class RunSummary:
     interrupted: bool = False
     #: Unreadable lines of an existing results.jsonl (their cells are rerun).
     problems: list[str] = field(default_factory=list)
+    #: Records put back from a recovery set (kept there when an earlier run could not write them).
+    restored: int = 0
 
 
 def prepare_out_dir(out: str | os.PathLike) -> Path:
@@ -73,8 +76,11 @@ class OutputLock:
                 raise FtbenchError(f"another 'ftbench run' is writing to {self.path.parent}; wait for it to "
                                    "finish or pass a different --out") from None
             raise
-        os.ftruncate(self.fd, 0)
-        os.write(self.fd, str(os.getpid()).encode())
+        try:
+            os.ftruncate(self.fd, 0)
+            os.write(self.fd, str(os.getpid()).encode())  # for people; the flock is what counts
+        except OSError:
+            pass
         return self
 
     def __exit__(self, *exc):
@@ -97,7 +103,19 @@ def run_cells(cells: list[CellSpec], out: str | os.PathLike, environment: dict, 
     reaper.become_subreaper()
     os.environ[reaper.DRIVER_PID_ENV] = str(os.getpid())  # before the first cell (or fork server) starts
     with OutputLock(out_dir):
-        _write_atomic(out_dir / "environment.json", json.dumps(environment, indent=2, default=str))
+        try:
+            _write_atomic(out_dir / "environment.json", json.dumps(environment, indent=2, default=str))
+        except OSError as e:
+            raise FtbenchError(f"cannot write {out_dir / 'environment.json'} ({e.strerror or e}); free space there or "
+                               "pass --out on a writable file system with room (no cell has run)") from None
+        try:
+            summary.restored, _ = restore_into(out_dir)
+        except OSError as e:
+            raise FtbenchError(f"cannot put the recovered records back into {out_dir} ({e.strerror or e}); free "
+                               "space there first (the recovered records stay where they are)") from None
+        if summary.restored and progress:
+            progress("note", 0, len(cells), None, f"put back {summary.restored} record(s) that an earlier run "
+                                                     f"could not write to {out_dir}")
         done = set() if force else finished_keys(out_dir)
         earlier = []
         if (out_dir / "results.jsonl").exists():
@@ -124,7 +142,11 @@ def run_cells(cells: list[CellSpec], out: str | os.PathLike, environment: dict, 
             record = build_record(spec, outcome, environment, started)
             if annotate:
                 annotate(record, earlier)
-            append_record(out_dir, record)
+            try:
+                append_record(out_dir, record)
+            except OSError as e:  # full disk, read-only or vanished --out: keep the record, stop cleanly
+                raise ResultsNotWritten(out_dir, e, keep_record(out_dir, record, environment),
+                                        spec.cell_id) from None
             earlier.append(record)
             summary.records.append(record)
             if progress:
