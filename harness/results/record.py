@@ -72,6 +72,8 @@ def build_record(spec: CellSpec, outcome: CellOutcome, environment: dict, starte
         "total_params": main.get("total_params"),
         "model_kind": main.get("model_kind"),
         "vocab_size": main.get("vocab_size"),
+        # rows of each split the cell read (its batches, tokenizer sample, evaluation examples; docs/data.md)
+        "rows_read": main.get("rows_read"),
         "truncated_examples": main.get("truncated_examples"),
         "truncated_tokens": main.get("truncated_tokens"),
         "backend_stats": main.get("backend_stats") or {},
