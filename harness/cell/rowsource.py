@@ -73,10 +73,7 @@ class RunData:
 
     def rows_key(self) -> str:
         """Identifies which rows were read (for the encoded-data cache key)."""
-        import hashlib
-
-        blob = f"{self.n_train}|{self.plan_indices}|{len(self.splits['validation'])}".encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        return f"{self.n_train}|{_digest(self.plan_indices, len(self.splits['validation']))}"
 
     def train_row(self, i: int) -> dict:
         return self.splits["train"][self._pos[i]]
@@ -207,7 +204,15 @@ def load_run_data(task: Task, data, options: dict, recipe, eval_examples: int, w
                                       task, options, columns)}
     return RunData(n_train=n_train, splits=splits, train_indices=wanted, plan_indices=plan,
                    sample_indices=sample,
-                   rows_read={"train": len(wanted), "validation": len(splits["validation"])})
+                   rows_read={"train": len(wanted), "validation": len(splits["validation"]),
+                              "order": _digest(wanted, len(splits["validation"]))})
+
+
+def _digest(train_indices: list[int], n_validation: int) -> str:
+    # The same digest in two records means the same rows were read in the same order.
+    import hashlib
+
+    return hashlib.sha256(f"{train_indices}|{n_validation}".encode()).hexdigest()[:16]
 
 
 def sample_texts(run: RunData, task: Task, options: dict):
