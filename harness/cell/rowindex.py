@@ -31,7 +31,7 @@ import numpy as np
 
 from ftbench.harness.api import DataError
 
-_CHUNK = 16 << 20  # bytes scanned at a time: bounds the scan's own memory
+_CHUNK = 4 << 20  # bytes scanned at a time: bounds the scan's own memory
 _INDEX_VERSION = 1
 
 
@@ -121,39 +121,38 @@ def _cached_index(path: Path, build) -> np.ndarray:
 
 
 def _jsonl_index(path: Path) -> np.ndarray:
-    """Offsets and 1-based line numbers of the non-blank lines."""
-    starts, lines = [np.zeros(1, np.int64)], [np.ones(1, np.int64)]
-    base, n_newlines = 0, 0
+    """Offsets and 1-based line numbers of the non-blank lines, scanned a chunk at a time."""
+    starts, lines, suspects = [], [], []
+    space = np.frombuffer(b" \t\r\n\x0b\x0c", np.uint8)
+    base, n_newlines, carry = 0, 0, 1  # carry: line number of a line starting at this chunk's first byte
     with open(path, "rb") as f:
-        while True:
-            chunk = f.read(_CHUNK)
-            if not chunk:
-                break
-            nl = np.flatnonzero(np.frombuffer(chunk, np.uint8) == 10)
-            starts.append(nl.astype(np.int64) + base + 1)
-            lines.append(np.arange(n_newlines + 2, n_newlines + 2 + len(nl), dtype=np.int64))
-            base += len(chunk)
+        while chunk := f.read(_CHUNK):
+            arr = np.frombuffer(chunk, np.uint8)
+            nl = np.flatnonzero(arr == 10)
+            after = nl + 1
+            inside = after < len(arr)
+            local = after[inside]
+            nums = n_newlines + 2 + np.flatnonzero(inside)
+            if carry is not None:
+                local, nums = np.concatenate([[0], local]), np.concatenate([[carry], nums])
+            # Only a line that begins with whitespace can be blank; those few are checked afterwards.
+            blank_maybe = np.isin(arr[local], space)
+            starts.append(local.astype(np.int64) + base)
+            lines.append(nums.astype(np.int64))
+            suspects.append(blank_maybe)
+            carry = n_newlines + len(nl) + 1 if len(nl) and after[-1] == len(arr) else None
+            base += len(arr)
             n_newlines += len(nl)
-    starts_a, lines_a = np.concatenate(starts), np.concatenate(lines)
-    keep = starts_a < base  # a start at the end of the file is the empty tail after the last newline
-    starts_a, lines_a = starts_a[keep], lines_a[keep]
-    return np.stack([starts_a, lines_a])[:, _non_blank(path, starts_a, base)]
-
-
-def _non_blank(path: Path, starts: np.ndarray, size: int) -> np.ndarray:
-    # Only a line that begins with whitespace can be blank; those few are checked one by one.
-    if not len(starts):
-        return np.zeros(0, bool)
-    first = np.memmap(path, np.uint8, mode="r", shape=(size,))[starts] if size else np.zeros(0, np.uint8)
-    keep = np.ones(len(starts), bool)
-    suspects = np.flatnonzero(np.isin(first, np.frombuffer(b" \t\r\n\x0b\x0c", np.uint8)))
-    if len(suspects):
-        with open(path, "rb") as f:
-            for k in suspects.tolist():
-                f.seek(int(starts[k]))
-                end = int(starts[k + 1]) if k + 1 < len(starts) else size
-                keep[k] = bool(f.read(end - int(starts[k])).strip())
-    return keep
+    if not starts:
+        return np.zeros((2, 0), np.int64)
+    index = np.stack([np.concatenate(starts), np.concatenate(lines)])
+    keep = np.ones(index.shape[1], bool)
+    with open(path, "rb") as f:
+        for k in np.flatnonzero(np.concatenate(suspects)).tolist():
+            f.seek(int(index[0, k]))
+            end = int(index[0, k + 1]) if k + 1 < index.shape[1] else base
+            keep[k] = bool(f.read(end - int(index[0, k])).strip())
+    return index[:, keep]
 
 
 def _csv_index(path: Path, delimiter: str) -> np.ndarray:
