@@ -146,3 +146,26 @@ def test_every_backend_of_a_grid_reads_the_same_rows_and_a_bad_unused_line_does_
     assert [x["status"] for x in recs] == ["ok", "ok"]
     assert recs[0]["rows_read"] == recs[1]["rows_read"]
     assert recs[0]["rows_read"]["train"] == len(used) and recs[0]["rows_read"]["validation"] == 8
+
+
+def _list_plan(n_train, r, world_size, rank, seed):
+    """The batch plan as first written (Python lists): the data order every result so far used."""
+    import numpy as np
+
+    g, micro = r.batch_size, r.batch_size // (world_size * r.grad_accum)
+    rng, order, plan = np.random.default_rng(seed), [], []
+    for _ in range(r.steps):
+        while len(order) < g:
+            order.extend(rng.permutation(n_train).tolist())
+        global_idx, order = order[:g], order[g:]
+        mine = global_idx[rank * g // world_size:(rank + 1) * g // world_size]
+        plan.append((global_idx, [mine[i * micro:(i + 1) * micro] for i in range(r.grad_accum)]))
+    return plan
+
+
+@pytest.mark.parametrize("n", [3, 8, 101, 3001])
+def test_the_numpy_plan_keeps_the_data_order(n):
+    for steps, g, accum, world in ((20, 8, 1, 1), (13, 8, 2, 2), (50, 4, 1, 4)):
+        r = recipe(steps=steps, batch_size=g, grad_accum=accum)
+        for rank in range(world):
+            assert batch_plan(n, r, world, rank, 5) == _list_plan(n, r, world, rank, 5)
