@@ -90,6 +90,20 @@ class OutputLock:
         return False
 
 
+def _open_result_set(out_dir: Path, environment: dict) -> int:
+    """Write the environment and put back records an earlier run could not write; how many came back."""
+    try:
+        _write_atomic(out_dir / "environment.json", json.dumps(environment, indent=2, default=str))
+    except OSError as e:
+        raise FtbenchError(f"cannot write {out_dir / 'environment.json'} ({e.strerror or e}); free space there or "
+                           "pass --out on a writable file system with room (no cell has run)") from None
+    try:
+        return restore_into(out_dir)[0]
+    except OSError as e:
+        raise FtbenchError(f"cannot put the recovered records back into {out_dir} ({e.strerror or e}); free "
+                           "space there first (the recovered records stay where they are)") from None
+
+
 def run_cells(cells: list[CellSpec], out: str | os.PathLike, environment: dict, *, force: bool = False,
               fail_fast: bool = False, progress=None, annotate=None) -> RunSummary:
     """Run every cell not already in ``out`` and append its record.
@@ -103,16 +117,7 @@ def run_cells(cells: list[CellSpec], out: str | os.PathLike, environment: dict, 
     reaper.become_subreaper()
     os.environ[reaper.DRIVER_PID_ENV] = str(os.getpid())  # before the first cell (or fork server) starts
     with OutputLock(out_dir):
-        try:
-            _write_atomic(out_dir / "environment.json", json.dumps(environment, indent=2, default=str))
-        except OSError as e:
-            raise FtbenchError(f"cannot write {out_dir / 'environment.json'} ({e.strerror or e}); free space there or "
-                               "pass --out on a writable file system with room (no cell has run)") from None
-        try:
-            summary.restored, _ = restore_into(out_dir)
-        except OSError as e:
-            raise FtbenchError(f"cannot put the recovered records back into {out_dir} ({e.strerror or e}); free "
-                               "space there first (the recovered records stay where they are)") from None
+        summary.restored = _open_result_set(out_dir, environment)
         if summary.restored and progress:
             progress("note", 0, len(cells), None, f"put back {summary.restored} record(s) that an earlier run "
                                                      f"could not write to {out_dir}")
