@@ -50,6 +50,11 @@ class FileRows:
             index = index[:, 1:]  # the header is record 0
         self.starts, self.lines = index[0], index[1]
         self.size = self.path.stat().st_size
+        self._file = None
+
+    def __del__(self):
+        if getattr(self, "_file", None) is not None:
+            self._file.close()
 
     def __len__(self) -> int:
         return len(self.starts)
@@ -74,9 +79,10 @@ class FileRows:
     def _text(self, i: int, where: str) -> str:
         start = int(self.starts[i])
         end = int(self.starts[i + 1]) if i + 1 < len(self.starts) else self.size
-        with open(self.path, "rb") as f:
-            f.seek(start)
-            data = f.read(end - start)
+        if self._file is None:  # one handle for all the rows a cell reads
+            self._file = open(self.path, "rb")
+        self._file.seek(start)
+        data = self._file.read(end - start)
         try:
             return data.decode("utf-8")
         except UnicodeDecodeError as e:

@@ -33,9 +33,9 @@ from ftbench.harness.api import DataError, FtbenchError, Task
 from ftbench.harness.cell.data import SPLITS, Rows, _find_split, _map_columns
 
 #: Rows the preset tokenizer is trained on, at most: a seeded sample of the training split.
-TOKENIZER_SAMPLE_ROWS = 4096
+TOKENIZER_SAMPLE_ROWS = 2048
 #: ... and at most this much text, whichever comes first.
-TOKENIZER_SAMPLE_BYTES = 4 << 20
+TOKENIZER_SAMPLE_BYTES = 2 << 20
 #: Fixed seed of the tokenizer sample: the tokenizer belongs to the data, not to a run's --seed.
 SAMPLE_SEED = 20240601
 
