@@ -10,7 +10,7 @@ import pytest
 
 from ftbench.harness.api import DataError
 from ftbench.harness.cell.batches import batch_plan
-from ftbench.harness.cell.data import load_splits, where
+from ftbench.harness.cell.data import _read_file, where
 from ftbench.harness.cell.rowindex import FileRows
 from ftbench.harness.cell.rowsource import (TOKENIZER_SAMPLE_ROWS, load_run_data, plan_indices, sample_indices,
                                             stream_sources)
@@ -43,7 +43,7 @@ def test_index_matches_the_full_reader_for_jsonl_and_csv(tmp_path):
     (tmp_path / "b.csv").write_text('text,label\ngood,1\n"multi\nline, quoted",0\n"say ""hi""",1\nbad,\n')
     (tmp_path / "c.tsv").write_text("english\tgerman\nthe cow\tdie kuh\n\"a\tb\"\tc\n")
     for name in ("a.jsonl", "b.csv", "c.tsv"):
-        full = load_splits.__globals__["_read_file"](tmp_path / name)
+        full = _read_file(tmp_path / name)
         lazy = FileRows(tmp_path / name)
         assert len(lazy) == len(full)
         assert [lazy.raw(i) for i in range(len(lazy))] == [(full[i], where(full, i)) for i in range(len(full))]
