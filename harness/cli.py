@@ -139,7 +139,10 @@ def list_cmd(as_json):
 def run_cmd(grid_file, tasks, backends, models, datas, columns, out, force, fail_fast, shard, **settings):
     """Run a grid of cells and append their records to OUT/results.jsonl.
 
-    With no arguments, runs the embedded default grid.
+    With no arguments, runs the embedded default grid.  Exit status: 0 done;
+    1 a cell failed under --fail-fast; 2 bad input, nothing run; 3 a finished
+    record could not be written to OUT (kept elsewhere, the message says
+    where); 128+N stopped by signal N.
     """
     from ftbench.harness.grid.files import build_grid
     from ftbench.harness.registry import Registry
