@@ -78,16 +78,18 @@ def main() -> None:
     ap.add_argument("--data-dir", type=Path, default=Path(tempfile.gettempdir()) / "ftbench-data-scale")
     args = ap.parse_args()
     label = str(args.tree) if args.tree else "this checkout"
-    print(f"| lines | file MB | setup s | peak RSS MiB | rows read | ({label}, {args.steps} steps)")
-    print("|---:|---:|---:|---:|---:|")
+    print(f"| lines | file MB | setup s | peak RSS MiB | rows read | data / tokenizer / encode s | ({label}, {args.steps} steps)")
+    print("|---:|---:|---:|---:|---:|---|")
     with tempfile.TemporaryDirectory(prefix="ftbench-scale-") as tmp:
         for n in args.lines:
             data = make_dataset(args.data_dir, n)
             rec = run_cell(data, args.steps, args.tree, Path(tmp))
             mb = (data / "train.jsonl").stat().st_size / 1e6
             rows = (rec.get("rows_read") or {}).get("train", "all")
-            print(f"| {n:,} | {mb:.1f} | {rec['setup_s']:.2f} | {rec['peak_memory_bytes'] / 2**20:.0f} | {rows} |",
-                  flush=True)
+            ph = rec.get("setup_phases") or {}
+            phases = " / ".join(f"{ph.get(k, float('nan')):.2f}" for k in ("data_s", "tokenizer_s", "encode_s"))
+            print(f"| {n:,} | {mb:.1f} | {rec['setup_s']:.2f} | {rec['peak_memory_bytes'] / 2**20:.0f} | {rows} "
+                  f"| {phases} |", flush=True)
 
 
 if __name__ == "__main__":
