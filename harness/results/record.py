@@ -24,6 +24,9 @@ FROM_RANK0 = (
     "total_params", "model_kind", "vocab_size", "truncated_examples", "truncated_tokens",
     # rows of each split the cell read (batches, tokenizer sample, evaluation examples; docs/data.md)
     "rows_read",
+    # time to quality (ftbench.harness.cell.quality)
+    "eval_curve", "eval_every", "eval_during_training_s", "target", "target_reached", "steps_to_target",
+    "time_to_target_s", "stopped_at_target",
 )
 
 

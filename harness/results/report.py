@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ftbench.harness.results.format import fmt_bytes, fmt_num
+from ftbench.harness.results.quality_report import plot_quality_vs_time, time_to_target_frame
 from ftbench.harness.results.resultset import ResultSet, as_float, load_result_set, repeat_of, variant_labels
 
 REPORT_DIR = "report"
@@ -38,6 +39,8 @@ class Report:
     html: Path
     plots: dict[str, Path] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    #: The time-to-target table (a DataFrame) when any cell had a target.
+    time_to_target: object = None
 
 
 # ------------------------------------------------------------------ tables
@@ -58,6 +61,8 @@ def records_frame(rs: ResultSet):
             "tokens_per_s": as_float(r.get("tokens_per_s")), "samples_per_s": as_float(r.get("samples_per_s")),
             "step_time_s": as_float(r.get("step_time_s")), "step_iqr_s": as_float(st.get("iqr")),
             "peak_memory_bytes": as_float(r.get("peak_memory_bytes")), "memory_kind": r.get("memory_kind"),
+            "memory_predicted_bytes": as_float(r.get("memory_predicted_bytes")),
+            "micro_batch": r.get("micro_batch"), "micro_batch_probes": _probes(r.get("micro_batch_search")),
             "setup_s": as_float(r.get("setup_s")), "compile_s": as_float(r.get("compile_s")),
             "metric": r.get("metric"), "metric_value": as_float(r.get("metric_value")),
             "higher_is_better": r.get("higher_is_better"), "eval_loss": as_float(r.get("eval_loss")),
@@ -81,8 +86,10 @@ def summary_frame(df):
                "status": "/".join(sorted(set(g["status"]))), "metric": first["metric"],
                "higher_is_better": first["higher_is_better"], "memory_kind": first["memory_kind"],
                "parity": next((p for p in g["parity"] if p and p != "-"), "-"),
-               "error": next((e for e in g["error"] if isinstance(e, str) and e), None), "cell_id": cid}
-        for col in ("tokens_per_s", "step_time_s", "peak_memory_bytes", "setup_s", "compile_s", "metric_value"):
+               "error": next((e for e in g["error"] if isinstance(e, str) and e), None), "cell_id": cid,
+               "micro_batch": first["micro_batch"], "micro_batch_probes": first["micro_batch_probes"]}
+        for col in ("tokens_per_s", "step_time_s", "peak_memory_bytes", "memory_predicted_bytes", "setup_s",
+                    "compile_s", "metric_value"):
             vals = ok[col].dropna()
             row[f"{col}_median"] = vals.median() if len(vals) else None
             row[f"{col}_min"] = vals.min() if len(vals) else None
@@ -117,9 +124,45 @@ def display_frame(summary):
             "status": status, "tokens/s": _spread(s, "tokens_per_s", fmt_num),
             "step ms": _spread(s, "step_time_s", lambda v: fmt_num(v * 1e3)),
             "peak memory": _spread(s, "peak_memory_bytes", fmt_bytes),
+            "predicted": _predicted(s),
             "setup s": _spread(s, "setup_s", fmt_num), "compile s": _spread(s, "compile_s", fmt_num),
             "metric": metric, "parity": s["parity"],
         })
+    out = pd.DataFrame(rows)
+    if len(out) and (out["predicted"] == "-").all():
+        out = out.drop(columns="predicted")  # result sets from before the memory model
+    return out
+
+
+def _probes(search) -> str | None:
+    if not search:
+        return None
+    return ", ".join(f"{p['micro_batch']} {p['status']}" for p in search.get("probes") or [])
+
+
+def _predicted(s) -> str:
+    """The memory model's prediction, and how far the measured peak is from it."""
+    pred, peak = s.get("memory_predicted_bytes_median"), s.get("peak_memory_bytes_median")
+    if pred is None or (isinstance(pred, float) and math.isnan(pred)):
+        return "-"
+    if peak is None or (isinstance(peak, float) and math.isnan(peak)) or not peak:
+        return fmt_bytes(pred)
+    return f"{fmt_bytes(pred)} ({(pred - peak) / peak:+.0%})"
+
+
+def micro_batch_frame(summary):
+    """Per backend (and task, model): the largest micro-batch found, the probes, and tokens/s at it."""
+    import pandas as pd
+
+    if not len(summary) or "micro_batch_probes" not in summary or not summary["micro_batch_probes"].notna().any():
+        return pd.DataFrame()
+    rows = []
+    for _, s in summary[summary["micro_batch_probes"].notna()].iterrows():
+        rows.append({"task": s["task"], "backend": s["variant"], "model": s["model"],
+                     "largest micro-batch": s["micro_batch"] if s["ok"] else "none fits",
+                     "probes (micro-batch status)": s["micro_batch_probes"],
+                     "tokens/s at it": _spread(s, "tokens_per_s", fmt_num),
+                     "peak memory": _spread(s, "peak_memory_bytes", fmt_bytes)})
     return pd.DataFrame(rows)
 
 
@@ -184,9 +227,11 @@ def plot_bars(summary, df, col: str, ylabel: str, title: str, path: Path, scale:
     return path
 
 
-def plot_loss(rs: ResultSet, summary, path: Path) -> Path:
+def plot_loss(rs: ResultSet, summary, path: Path, x: str = "step") -> Path:
     """One panel per task: the train loss per optimizer step of every cell
-    (median over repeats, band min–max); the dashed line ends the warmup."""
+    (median over repeats, band min–max); the dashed line ends the warmup.
+    ``x="time"`` puts training seconds (the median run's cumulative step
+    times) on the x-axis instead of steps."""
     import matplotlib.pyplot as plt
     import numpy as np
 
@@ -204,6 +249,10 @@ def plot_loss(rs: ResultSet, summary, path: Path) -> Path:
             n = min(len(c) for c in curves)
             arr = np.array([[np.nan if v is None else v for v in c[:n]] for c in curves], dtype=float)
             steps = np.arange(1, n + 1)
+            if x == "time":
+                times = [np.cumsum([as_float(v) or 0.0 for v in (r.get("step_times_s") or [])][:n]) for r in rs.records
+                         if r["cell_id"] == cid and r.get("status") in ("ok", "diverged") and r.get("train_loss")]
+                steps = np.median(np.array([t for t in times if len(t) == n]), axis=0) if times else steps
             lab = labels[cid]
             ax.plot(steps, np.nanmedian(arr, axis=0), color=colours[lab], label=lab, linewidth=1.4)
             if len(curves) > 1:
@@ -211,10 +260,10 @@ def plot_loss(rs: ResultSet, summary, path: Path) -> Path:
                                 alpha=0.18, linewidth=0)
             rec = next(r for r in rs.records if r["cell_id"] == cid)
             warm = ((rec.get("config") or {}).get("recipe") or {}).get("warmup", warm)
-        if warm:
+        if warm and x == "step":
             ax.axvline(warm + 0.5, color="grey", linestyle="--", linewidth=0.8, label="end of warmup")
         ax.set_title(task)
-        ax.set_xlabel("optimizer step")
+        ax.set_xlabel("optimizer step" if x == "step" else "training seconds (cumulative step time)")
         ax.set_ylabel("train loss")
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
@@ -275,10 +324,12 @@ PLOT_TITLES = {
     "memory": "Peak memory per task",
     "loss": "Loss curves per task",
     "quality": "Quality vs throughput",
+    "quality_vs_time": "Quality against training time",
 }
 
 
-def render_html(rs: ResultSet, display, plots: dict[str, Path], out: Path, problems: list[str]) -> str:
+def render_html(rs: ResultSet, display, plots: dict[str, Path], out: Path, problems: list[str],
+                time_to_target=None) -> str:
     """The report page: the summary table and every plot, embedded so the file stands alone."""
     env = next((r.get("environment") for r in rs.records if r.get("environment")), {}) or {}
     versions = ", ".join(f"{k} {v}" for k, v in (env.get("versions") or {}).items() if v)
@@ -292,7 +343,11 @@ def render_html(rs: ResultSet, display, plots: dict[str, Path], out: Path, probl
         parts.append(f"<p class='warn'>warning: {html.escape(p)}</p>")
     parts += ["<h2>Cells</h2>",
               "<p>Figures are the median over repeats, with [min–max] when there are several.</p>",
-              display.to_html(index=False, escape=True, border=0, classes="cells"), "<h2>Plots</h2>"]
+              display.to_html(index=False, escape=True, border=0, classes="cells")]
+    if time_to_target is not None:
+        parts += ["<h2>Time to target</h2>", f"<p>{html.escape(TTT_NOTE)}</p>",
+                  time_to_target.to_html(index=False, escape=True, border=0, classes="ttt")]
+    parts.append("<h2>Plots</h2>")
     for key, path in plots.items():
         data = base64.b64encode(path.read_bytes()).decode()
         rel = os.path.relpath(path, out)
@@ -305,8 +360,12 @@ def render_html(rs: ResultSet, display, plots: dict[str, Path], out: Path, probl
 
 # -------------------------------------------------------------------- main
 
+TTT_NOTE = ("Training seconds until the first evaluation that met the target (measured steps, warmup and "
+            "compilation included, evaluation excluded); median over seeds and repeats, a run that never reached "
+            "it counting as infinitely slow, so 'not reached' means half or more did not.")
 
-def write_report(result_dir, out: str | os.PathLike | None = None) -> tuple[Report, object]:
+
+def write_report(result_dir, out: str | os.PathLike | None = None, loss_x: str = "step") -> tuple[Report, object]:
     """Write the Markdown, CSV, PNG and HTML report of a result set.
 
     Returns the report's paths and the display table (for the terminal).
@@ -336,6 +395,13 @@ def write_report(result_dir, out: str | os.PathLike | None = None) -> tuple[Repo
     summary.to_csv(rep.csv, index=False)
     md = [f"# ftbench report: {result_dir}", "",
           "Median over repeats, [min–max] when there are several.", "", display.to_markdown(index=False), ""]
+    micro = micro_batch_frame(summary)
+    if len(micro):
+        md += ["## Largest micro-batch per backend (--micro-batch auto)", "", micro.to_markdown(index=False), ""]
+    ttt = time_to_target_frame(rs)
+    if len(ttt):
+        rep.time_to_target = ttt
+        md += ["## Time to target", "", TTT_NOTE, "", ttt.to_markdown(index=False), ""]
     if problems:
         md += ["## Warnings", ""] + [f"- {p}" for p in problems] + [""]
     ok = summary[summary["ok"] > 0] if len(summary) else summary
@@ -346,11 +412,14 @@ def write_report(result_dir, out: str | os.PathLike | None = None) -> tuple[Repo
         rep.plots["memory"] = plot_bars(ok, df, "peak_memory_bytes", "peak memory (MiB)",
                                         f"Peak memory per task ({kinds}; median, whiskers min–max)", plots_dir / "memory.png",
                                         scale=MiB)
-        rep.plots["loss"] = plot_loss(rs, ok, plots_dir / "loss.png")
+        rep.plots["loss"] = plot_loss(rs, ok, plots_dir / "loss.png", x=loss_x)
         rep.plots["quality"] = plot_quality(ok, plots_dir / "quality_vs_throughput.png")
+        vs_time = plot_quality_vs_time(rs, plots_dir / "quality_vs_time.png")
+        if vs_time:
+            rep.plots["quality_vs_time"] = vs_time
         md += ["## Plots", ""] + [f"![{PLOT_TITLES[k]}]({os.path.relpath(p, out)})" for k, p in rep.plots.items()]
     rep.markdown.write_text("\n".join(md) + "\n")
-    rep.html.write_text(render_html(rs, display, rep.plots, out, problems))
+    rep.html.write_text(render_html(rs, display, rep.plots, out, problems, ttt if len(ttt) else None))
     return rep, display
 
 
