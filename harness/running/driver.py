@@ -104,6 +104,13 @@ def _open_result_set(out_dir: Path, environment: dict) -> int:
                            "space there first (the recovered records stay where they are)") from None
 
 
+def _append_or_keep(out_dir: Path, record: dict, environment: dict, cell_id: str) -> None:
+    try:
+        append_record(out_dir, record)
+    except OSError as e:  # full disk, read-only or vanished --out: keep the record, stop cleanly
+        raise ResultsNotWritten(out_dir, e, keep_record(out_dir, record, environment), cell_id) from None
+
+
 def run_cells(cells: list[CellSpec], out: str | os.PathLike, environment: dict, *, force: bool = False,
               fail_fast: bool = False, progress=None, annotate=None, registry=None,
               search_micro_batch: bool = False) -> RunSummary:
@@ -123,8 +130,7 @@ def run_cells(cells: list[CellSpec], out: str | os.PathLike, environment: dict, 
     with OutputLock(out_dir):
         summary.restored = _open_result_set(out_dir, environment)
         if summary.restored and progress:
-            progress("note", 0, len(cells), None, f"put back {summary.restored} record(s) that an earlier run "
-                                                     f"could not write to {out_dir}")
+            progress("note", 0, len(cells), None, f"put back {summary.restored} record(s) an earlier run kept")
         done = set() if force else finished_keys(out_dir)
         earlier = []
         fits: dict = {}
@@ -156,11 +162,7 @@ def run_cells(cells: list[CellSpec], out: str | os.PathLike, environment: dict, 
             record.update(memory_fields(registry, spec, fit))
             if annotate:
                 annotate(record, earlier)
-            try:
-                append_record(out_dir, record)
-            except OSError as e:  # full disk, read-only or vanished --out: keep the record, stop cleanly
-                raise ResultsNotWritten(out_dir, e, keep_record(out_dir, record, environment),
-                                        spec.cell_id) from None
+            _append_or_keep(out_dir, record, environment, spec.cell_id)
             earlier.append(record)
             summary.records.append(record)
             if progress:
