@@ -130,7 +130,6 @@ def run_cells(cells: list[CellSpec], out: str | os.PathLike, environment: dict, 
     summary = RunSummary()
     reaper.become_subreaper()
     os.environ[reaper.DRIVER_PID_ENV] = str(os.getpid())  # before the first cell (or fork server) starts
-    pin_extensions_dir()
     with OutputLock(out_dir):
         summary.restored = _open_result_set(out_dir, environment)
         if summary.restored and progress:
@@ -148,8 +147,8 @@ def run_cells(cells: list[CellSpec], out: str | os.PathLike, environment: dict, 
         total = len(cells)
         if progress:
             progress("warmup", 0, total, None, None)
-        summary.prepared = _start_grid([c for c in cells if (c.cell_id, c.repeat) not in done], out_dir,
-                                       environment, progress)
+        summary.prepared = _start_grid([c for c in cells if (c.cell_id, c.repeat) not in done], out_dir, environment,
+                                       progress)
         for i, spec in enumerate(cells, start=1):
             if (spec.cell_id, spec.repeat) in done:
                 summary.skipped_done += 1
@@ -179,6 +178,7 @@ def run_cells(cells: list[CellSpec], out: str | os.PathLike, environment: dict, 
 
 def _start_grid(pending: list[CellSpec], out_dir: Path, environment: dict, progress) -> list[dict]:
     """Start the fork server and do the engines' one-off work before the first cell."""
+    pin_extensions_dir()  # inherited by the fork server and every cell
     launch.warm_up(pending)
     if not pending:
         return []
