@@ -23,10 +23,7 @@ def build_record(spec: CellSpec, outcome: CellOutcome, environment: dict, starte
         mem = r.get("memory") or {}
         per_rank.append({"rank": r.get("rank"), **mem})
     on_cuda = device.get("type") == "cuda"
-    if on_cuda:
-        peaks = [m.get("cuda_peak_allocated_bytes") for m in per_rank if m.get("cuda_peak_allocated_bytes")]
-    else:
-        peaks = [m.get("host_peak_rss_bytes") for m in per_rank if m.get("host_peak_rss_bytes")]
+    windows = memory_windows(per_rank, on_cuda)
     step = main.get("step_time") or {}
     env = dict(environment)
     env["device"] = device
@@ -49,7 +46,7 @@ def build_record(spec: CellSpec, outcome: CellOutcome, environment: dict, starte
         "step_time": step or None,
         "step_times_s": main.get("step_times_s"),
         "tokens": main.get("tokens"),
-        "peak_memory_bytes": max(peaks) if peaks else None,
+        **windows,
         "memory_kind": MEMORY_KINDS["cuda" if on_cuda else "cpu"],
         "memory_per_rank": per_rank,
         "memory_tree_peak_bytes": outcome.tree_peak_bytes or None,
@@ -71,6 +68,9 @@ def build_record(spec: CellSpec, outcome: CellOutcome, environment: dict, starte
         "trainable_params": main.get("trainable_params"),
         "total_params": main.get("total_params"),
         "model_kind": main.get("model_kind"),
+        "weights_stored_dtype": main.get("weights_stored_dtype"),
+        "weights_dtype": main.get("weights_dtype"),
+        "matmul_dtype": main.get("matmul_dtype"),
         "vocab_size": main.get("vocab_size"),
         "truncated_examples": main.get("truncated_examples"),
         "truncated_tokens": main.get("truncated_tokens"),
@@ -81,10 +81,9 @@ def build_record(spec: CellSpec, outcome: CellOutcome, environment: dict, starte
         "config": spec.to_dict(),
         "environment": env,
     }
-    if record["flops_per_s"] and record["peak_flops"] and len(ranks) == spec.nproc:
-        record["mfu"] = record["flops_per_s"] / record["peak_flops"]
-    else:
-        record["mfu"] = None
+    record["mfu"], note = _mfu(record, len(ranks) == spec.nproc)
+    if note:
+        record["mfu_note"] = note
     if outcome.leftovers:
         # The cell's own result stands (a compile worker pool that lingers is not a failed run), but
         # the user must know that its measurements may have shared the machine with these.
@@ -98,6 +97,38 @@ def build_record(spec: CellSpec, outcome: CellOutcome, environment: dict, starte
         if tb:
             record["traceback"] = tb
     return record
+
+
+def memory_windows(per_rank: list[dict], on_cuda: bool) -> dict:
+    """Headline peak (the larger window), the setup and training peaks (max over ranks) and how
+    the windows were separated (see ``ftbench.harness.cell.memwindows``)."""
+    key = "cuda_peak_allocated_bytes" if on_cuda else "host_peak_rss_bytes"
+
+    def peak(values):
+        values = [v for v in values if v]
+        return max(values) if values else None
+
+    out = {"peak_memory_bytes": peak(m.get(key) for m in per_rank),
+           "setup_peak_memory_bytes": peak((m.get("setup") or {}).get(key) for m in per_rank),
+           "train_peak_memory_bytes": peak((m.get("train") or {}).get(key) for m in per_rank),
+           "memory_window_reset": next((m["reset"] for m in per_rank if m.get("reset")), None)}
+    if on_cuda:
+        out["peak_reserved_bytes"] = peak(m.get("cuda_peak_reserved_bytes") for m in per_rank)
+        out["driver_used_bytes"] = peak(m.get("cuda_driver_used_bytes") for m in per_rank)
+    return out
+
+
+def _mfu(record: dict, all_ranks: bool) -> tuple[float | None, str | None]:
+    """Model FLOPs utilisation, never above 1: a figure above the peak means the peak is wrong for
+    this run (e.g. matmuls in another dtype than the table's), so it is withheld with the reason."""
+    flops, peak = record["flops_per_s"], record["peak_flops"]
+    if not (flops and peak and all_ranks):
+        return None, None
+    mfu = flops / peak
+    if mfu > 1:
+        return None, (f"withheld: {flops:.3g} FLOP/s exceeds the {record.get('matmul_dtype')} peak "
+                      f"{peak:.3g} ({record.get('peak_flops_source')}), so that peak does not apply to this run")
+    return mfu, None
 
 
 def _sum_or_none(values) -> float | None:
