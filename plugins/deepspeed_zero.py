@@ -34,6 +34,8 @@ from ftbench import hookimpl, BackendSpec, Engine, EngineContext, FtbenchError, 
 from ftbench.plugins._distributed import ensure_process_group
 
 INSTALL_HINT = "needs deepspeed: pip install 'ftbench[deepspeed]' (or pip install deepspeed)"
+#: Releases before this have ZeRO bf16 and tied-parameter bugs that change results.
+MIN_VERSION = (0, 17, 6)
 OFFLOAD = ("none", "cpu")
 
 #: DeepSpeed keys the recipe owns, and the flag that sets each instead.
@@ -74,6 +76,13 @@ class DeepSpeedEngine(Engine):
             found = False
         if not found:
             raise Unavailable(INSTALL_HINT)
+        from ftbench.harness.results.environment import version_tuple
+
+        version = _installed_version()
+        if version and version_tuple(version) < MIN_VERSION:
+            floor = ".".join(map(str, MIN_VERSION))
+            raise Unavailable(f"needs deepspeed>={floor} (installed: {version}; older releases have ZeRO bf16 and "
+                              f"tied-parameter bugs): pip install -U 'deepspeed>={floor}'")
 
     @classmethod
     def validate_options(cls, options: dict) -> dict:
@@ -200,6 +209,12 @@ class DeepSpeedEngine(Engine):
                 "optimizer": type(self.optimizer.optimizer if hasattr(self.optimizer, "optimizer")
                                   else self.optimizer).__name__,
                 "deepspeed_config": self.config}
+
+
+def _installed_version() -> str | None:
+    from ftbench.harness.results.environment import package_version
+
+    return package_version("deepspeed")
 
 
 def _meta_copy(model):
