@@ -51,7 +51,7 @@ class DDPEngine(StandardEngine):
     def check_available(cls, options: dict) -> None:
         # Metadata, not an import, so 'ftbench list' stays fast; a torch build
         # without torch.distributed fails the cell with torch's own message.
-        from ftbench.harness.results.environment import package_version
+        from ftbench import package_version
 
         if package_version("torch") is None:
             raise Unavailable("needs torch: pip install torch")
@@ -109,7 +109,7 @@ class FSDPEngine(StandardEngine):
 
     @classmethod
     def check_available(cls, options: dict) -> None:
-        from ftbench.harness.results.environment import package_version, version_tuple
+        from ftbench import package_version, version_tuple
 
         version = package_version("torch")
         if version_tuple(version) < (2, 4):
@@ -139,7 +139,7 @@ class FSDPEngine(StandardEngine):
         self.skeleton = meta_copy(model)
         mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
         reshard = bool(self.options.get("reshard_after_forward", True))
-        from ftbench.harness.cell.modeling import block_stacks
+        from ftbench import block_stacks
 
         for stack in block_stacks(model):
             for block in stack:

@@ -76,7 +76,7 @@ class DeepSpeedEngine(Engine):
             found = False
         if not found:
             raise Unavailable(INSTALL_HINT)
-        from ftbench.harness.results.environment import version_tuple
+        from ftbench import version_tuple
 
         version = _installed_version()
         if version and version_tuple(version) < MIN_VERSION:
@@ -236,7 +236,7 @@ def _partition_from_host(model, config: dict, device) -> None:
 
 
 def _installed_version() -> str | None:
-    from ftbench.harness.results.environment import package_version
+    from ftbench import package_version
 
     return package_version("deepspeed")
 
