@@ -123,6 +123,8 @@ def list_cmd(as_json):
 @click.option("--grad-checkpointing/--no-grad-checkpointing", default=None, help="Activation checkpointing.")
 @click.option("--seed", type=int, help="Seed for data order and initialisation.")
 @click.option("--repeat", type=int, help="Run each cell K times, each in a fresh process.")
+@click.option("--order", type=click.Choice(["interleaved", "sequential"]),
+              help="Repeats round-robin over the cells (interleaved, default) or back to back (sequential).")
 @click.option("--nproc", type=int, help="Ranks for data-parallel backends (others use 1).")
 @click.option("--nnodes", type=int, help="Nodes for multi-node runs (passed to torchrun).")
 @click.option("--node-rank", type=int, help="This node's rank (multi-node).")
@@ -174,7 +176,7 @@ def run_cmd(grid_file, tasks, backends, models, datas, columns, out, force, fail
 
     try:
         summary = run_cells(cells, out, collect(reg.pm), force=force, fail_fast=fail_fast, progress=view.event,
-                            annotate=annotate_parity)
+                            annotate=annotate_parity, order=grid.order)
     except KeyboardInterrupt as e:
         view.interrupted(out)
         sys.exit(128 + getattr(e, "signum", signal.SIGINT))

@@ -15,6 +15,7 @@ from ftbench.harness.running import launch, reaper
 from ftbench.harness.api import FtbenchError
 from ftbench.harness.running.cellproc import run_cell_process
 from ftbench.harness.grid.config import CellSpec
+from ftbench.harness.grid.expand import INTERLEAVED, order_repeats
 from ftbench.harness.results.record import build_record
 from ftbench.harness.results.store import append_record, finished_keys, read_records
 
@@ -85,13 +86,18 @@ class OutputLock:
 
 
 def run_cells(cells: list[CellSpec], out: str | os.PathLike, environment: dict, *, force: bool = False,
-              fail_fast: bool = False, progress=None, annotate=None) -> RunSummary:
+              fail_fast: bool = False, progress=None, annotate=None, order: str = INTERLEAVED) -> RunSummary:
     """Run every cell not already in ``out`` and append its record.
+
+    ``order`` arranges the repeats (:func:`~ftbench.harness.grid.expand.order_repeats`):
+    round-robin by default.  Each record keeps its place in that order
+    (``run_order``) next to its ``started_at``.
 
     ``progress`` receives events ``("start"|"end"|"skip", index, total, spec, record)``;
     ``annotate(record, earlier_records)`` may add fields (e.g. loss parity)
     before the record is written.
     """
+    cells = order_repeats(cells, order)
     out_dir = prepare_out_dir(out)
     summary = RunSummary()
     reaper.become_subreaper()
@@ -122,6 +128,7 @@ def run_cells(cells: list[CellSpec], out: str | os.PathLike, environment: dict, 
             started = time.time()
             outcome = run_cell_process(spec)
             record = build_record(spec, outcome, environment, started)
+            record["run_order"] = {"order": order, "position": i, "of": total}
             if annotate:
                 annotate(record, earlier)
             append_record(out_dir, record)
