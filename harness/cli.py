@@ -245,24 +245,54 @@ def report_cmd(result_dir, out, quiet):
 @click.argument("base_dir", type=click.Path(file_okay=False))
 @click.argument("new_dir", type=click.Path(file_okay=False))
 @click.option("--threshold", "thresholds", multiple=True, metavar="FIGURE=VALUE",
-              help="Smallest relative change that counts, per figure (tokens_per_s, step_time_s, "
-                   "peak_memory_bytes, metric), e.g. tokens_per_s=5% (repeatable).")
-@click.option("--alpha", type=float, default=None, help="Significance level of the rank test on step times "
-                                                        "(with repeats; default 0.01).")
+              help="Smallest relative change that counts, per figure (speed, peak_memory_bytes, metric), "
+                   "e.g. speed=5% (repeatable; tokens_per_s and step_time_s mean speed).")
+@click.option("--thresholds-from", "calibration", type=click.Path(dir_okay=False),
+              help="Thresholds from a calibration file written by --calibrate on this machine.")
+@click.option("--calibrate", is_flag=True,
+              help="BASE and NEW are an A/A pair (the same grid run twice): write noise thresholds to -o FILE.")
+@click.option("-o", "--output", "output", type=click.Path(dir_okay=False), help="Calibration file to write.")
+@click.option("--alpha", type=float, default=None, help="Significance level of the rank test on repeats "
+                                                        "(used when enough repeats make it meaningful; default 0.01).")
 @click.option("--markdown", "markdown_file", type=click.Path(dir_okay=False), help="Also write Markdown here.")
-def compare_cmd(base_dir, new_dir, thresholds, alpha, markdown_file):
-    """Regressions between two result sets; exit status 1 when something regressed."""
+def compare_cmd(base_dir, new_dir, thresholds, calibration, calibrate, output, alpha, markdown_file):
+    """Regressions between two result sets; exit status 1 when something regressed.
+
+    With --calibrate, BASE and NEW are the same grid run twice on one machine,
+    and the noise they show becomes per-figure thresholds written to -o FILE.
+    """
     from ftbench.harness.results.compare import DEFAULT_ALPHA, compare_sets, parse_threshold, print_comparison
 
+    if calibrate:
+        _calibrate(base_dir, new_dir, output)
+        return
+    if output:
+        raise FtbenchError("-o/--output writes a calibration file and needs --calibrate; for a report of the "
+                           "comparison use --markdown FILE")
     th = dict(parse_threshold(t) for t in thresholds)
     if alpha is not None and not 0 < alpha < 1:
         raise FtbenchError(f"invalid --alpha {alpha}: must be between 0 and 1, e.g. 0.01")
-    cmp = compare_sets(base_dir, new_dir, th, DEFAULT_ALPHA if alpha is None else alpha)
+    cmp = compare_sets(base_dir, new_dir, th, DEFAULT_ALPHA if alpha is None else alpha, calibration)
     print_comparison(cmp, _console(), base_dir, new_dir)
     if markdown_file:
         with open(markdown_file, "a" if markdown_file == os.environ.get("GITHUB_STEP_SUMMARY") else "w") as f:
             f.write(cmp.markdown(base_dir, new_dir))
     sys.exit(EXIT_REGRESSION if cmp.regressions else 0)
+
+
+def _calibrate(a1, a2, output):
+    from ftbench.harness.results.calibrate import calibrate, write_calibration
+
+    if not output:
+        raise FtbenchError("--calibrate needs -o FILE, the calibration file to write "
+                           "(e.g. ftbench compare --calibrate A1 A2 -o thresholds.json)")
+    data = calibrate(a1, a2)
+    write_calibration(output, data)
+    con = _console()
+    for k, v in data["thresholds"].items():
+        con.print(f"{k}: largest A/A change {data['largest_aa_change'][k]:.1%} -> threshold {v:.1%}")
+    con.print(f"wrote {output} (machine: {data['machine'].get('cpu')}); use it with "
+              f"ftbench compare BASE NEW --thresholds-from {output}")
 
 
 # ----------------------------------------------------------------- merge
