@@ -295,6 +295,46 @@ def _calibrate(a1, a2, output):
               f"ftbench compare BASE NEW --thresholds-from {output}")
 
 
+# --------------------------------------------------------------- history
+
+
+@main.command("history")
+@click.argument("sets", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--out", default=None, help="Where to write Markdown, plots, HTML and history.sqlite (default history/).")
+@click.option("--threshold", "thresholds", multiple=True, metavar="FIGURE=VALUE",
+              help="Smallest level shift that counts, per figure, as for compare (repeatable).")
+@click.option("--thresholds-from", "calibration", type=click.Path(dir_okay=False),
+              help="Thresholds from a calibration file written by 'compare --calibrate'.")
+@click.option("--quiet", is_flag=True, help="Write the files without printing the table.")
+def history_cmd(sets, out, thresholds, calibration, quiet):
+    """Series of result sets over time, their change points and the commits where each began.
+
+    SETS are result set directories, or directories holding them. Exit status 1
+    when the newest point of a series is a regression.
+    """
+    from ftbench.harness.results.compare import parse_threshold
+    from ftbench.harness.results.historyreport import print_history, write_history
+
+    th = {}
+    if calibration:
+        from ftbench.harness.results.calibrate import read_calibration
+        from ftbench.harness.results.history import find_sets
+        from ftbench.harness.results.resultset import load_result_set
+
+        th = read_calibration(calibration, [load_result_set(p) for p in find_sets(sets)])
+    th.update(dict(parse_threshold(t) for t in thresholds))
+    h, files = write_history(sets, out, th)
+    con = _console()
+    if not quiet:
+        print_history(h, con)
+    con.print(f"wrote {files.markdown}, {files.html}, {files.db}")
+    for p in files.plots.values():
+        con.print(f"wrote {p}")
+    if h.regressions:
+        con.print(f"[bold red]the newest point regressed in {len(h.regressions)} series[/]")
+    sys.exit(EXIT_REGRESSION if h.regressions else 0)
+
+
 # ----------------------------------------------------------------- merge
 
 
