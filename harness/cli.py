@@ -134,6 +134,9 @@ def list_cmd(as_json):
 @click.option("--memory-limit-mb", type=float, help="Host memory per cell before it is killed (status oom).")
 @click.option("--eval-examples", type=int, help="Held-out examples evaluated per cell.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where to train (default auto).")
+@click.option("--profile", "profile_steps", flag_value=3, default=None, type=int,
+              help="After each cell's training and evaluation, trace 3 more steps with torch.profiler: a Chrome "
+                   "trace per rank in OUT/traces and a per-phase breakdown in the record.")
 @click.option("--shard", help="Run shard i of N of the cells: i/N (1-based).")
 @click.option("--out", default=None, help="Result set directory (default runs/<timestamp>).")
 @click.option("--force", is_flag=True, help="Rerun cells already in the result set.")

@@ -86,6 +86,7 @@ def run_cell(spec_dict: dict, result_dir: Path, t_launch: float | None = None) -
                            decoder_start_id, encode_example, greedy_generate, load_tokenizer, make_loss_fn,
                            max_positions, param_bytes, resolve_model)
     from ftbench.harness.cell.prepcache import cached_encode, data_identity
+    from ftbench.harness.cell.profile import profile_after_training
     from ftbench.harness.registry import Registry
 
     t_imports = time.time()
@@ -283,6 +284,7 @@ def run_cell(spec_dict: dict, result_dir: Path, t_launch: float | None = None) -
                higher_is_better=task.higher_is_better, eval_s=now() - t, eval_examples=len(val_rows),
                backend_stats=engine.stats(), status="ok", error=None)
     out["memory_after_eval"] = memory_snapshot(device)
+    out.update(profile_after_training(spec, engine, steps_data, device, rank))  # after everything measured
     return out
 
 

@@ -22,11 +22,12 @@ from ftbench.harness.api import FtbenchError
 from ftbench.harness.grid.config import RECIPE_FIELDS, CellSpec, Recipe, parse_spec
 
 AXES = ("task", "backend", "model", "data")
-CELL_SETTINGS = ("nproc", "time_limit_s", "memory_limit_mb", "eval_examples", "device", "columns", "launcher")
+CELL_SETTINGS = ("nproc", "time_limit_s", "memory_limit_mb", "eval_examples", "device", "columns", "launcher",
+                 "profile_steps")
 #: Settings a grid may sweep as extra axes: the recipe, and the rank count.
 SWEEPABLE = tuple(RECIPE_FIELDS) + ("nproc", "eval_examples")
 #: Settings a ``per_cell`` rule may set: how a cell runs, never what it computes.
-PER_CELL_SETTINGS = ("time_limit_s", "memory_limit_mb", "eval_examples", "device", "launcher")
+PER_CELL_SETTINGS = ("time_limit_s", "memory_limit_mb", "eval_examples", "device", "launcher", "profile_steps")
 AUTO_MODEL = "auto"
 
 

@@ -37,7 +37,8 @@ DEFAULT_GRID = "default_grid.yaml"
 TOP_KEYS = set(AXES) | {"settings", "exclude", "repeat", "sweep", "time_limit", "per_cell", "order"}
 SETTING_KEYS = set(RECIPE_FIELDS) | set(CELL_SETTINGS)
 _RECIPE_TYPES = typing.get_type_hints(Recipe)
-_CELL_TYPES = {"nproc": int, "time_limit_s": float, "memory_limit_mb": float, "eval_examples": int, "device": str}
+_CELL_TYPES = {"nproc": int, "time_limit_s": float, "memory_limit_mb": float, "eval_examples": int, "device": str,
+               "profile_steps": int}
 
 
 def load_grid_text(text: str, name: str) -> dict:

@@ -3,9 +3,9 @@
 :mod:`ruptures` proposes the breakpoints (PELT with a least-squares cost on
 the log of the per-set medians, so a shift is a ratio).  Its penalty is
 ``PENALTY * sigma**2 * log(n)``, a BIC-like cost per breakpoint, where
-``sigma`` is the series' noise: the spread between the repeats of a set
-(interleaved repeats sample the machine over the whole run), or, where sets
-hold one repeat, a robust estimate from consecutive differences.  A proposal
+``sigma`` is the series' noise: the larger of the spread between the repeats
+of a set and a robust estimate of the spread between sets (from consecutive
+differences), since runs minutes apart differ more than the repeats of one.  A proposal
 is kept only when the levels on its two sides differ by at least the
 figure's threshold *and* by ``Z`` standard errors of the difference of the
 two segment means; weaker ones are merged away, weakest first.
@@ -27,12 +27,16 @@ MIN_POINTS = 3
 
 def noise(levels: list[float], per_set: list[list[float]]) -> float:
     """The series' noise in level units (log ratio for positive figures)."""
+    within = 0.0
     groups = [v for v in per_set if len(v) >= 2]
     if groups:  # pooled standard deviation of the repeats around their set's mean
         ss = sum(sum((x - statistics.mean(v)) ** 2 for x in v) for v in groups)
-        return max(math.sqrt(ss / sum(len(v) - 1 for v in groups)), 1e-6)
+        within = math.sqrt(ss / sum(len(v) - 1 for v in groups))
+    # Runs minutes apart differ more than the repeats of one run: a robust estimate from
+    # consecutive differences (a step moves one of them; their median ignores it).
     diffs = [abs(b - a) for a, b in zip(levels, levels[1:])]
-    return max(statistics.median(diffs) / (0.6745 * math.sqrt(2)) if diffs else 0.0, 1e-6)
+    between = statistics.median(diffs) / (0.6745 * math.sqrt(2)) if diffs else 0.0
+    return max(within, between, 1e-6)
 
 
 def _segments(bkps: list[int], n: int) -> list[tuple[int, int]]:

@@ -139,7 +139,7 @@ class Comparison:
                  f"- verdict: **{c[REGRESSION]} regression(s)**, {c[IMPROVEMENT]} improvement(s), "
                  f"{c[UNCHANGED]} unchanged, {c[REFUSED]} refused",
                  f"- thresholds ({self.threshold_source}): "
-                 + ", ".join(f"{k} {v:.0%}" for k, v in self.thresholds.items())
+                 + ", ".join(f"{k} {v:.1%}" for k, v in self.thresholds.items())
                  + f"; {CONFIDENCE:.0%} bootstrap interval of the ratio of medians must lie beyond the threshold;"
                  f" rank test on repeats (alpha {self.alpha}) where enough repeats allow it", ""]
         if self.warnings or self.refused or self.only_base or self.only_new:

@@ -20,6 +20,8 @@ from ftbench.harness.results.record import build_record
 from ftbench.harness.results.store import append_record, finished_keys, read_records
 
 LOCK_FILE = ".ftbench.lock"
+#: Where ``--profile`` traces go inside a result set.
+TRACES_DIR = "traces"
 
 
 @dataclass
@@ -125,6 +127,8 @@ def run_cells(cells: list[CellSpec], out: str | os.PathLike, environment: dict, 
                 continue
             if progress:
                 progress("start", i, total, spec, None)
+            if spec.profile_steps:
+                spec = spec.with_(profile_dir=str((out_dir / TRACES_DIR).resolve()))
             started = time.time()
             outcome = run_cell_process(spec)
             record = build_record(spec, outcome, environment, started)
