@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ftbench.harness.results.format import fmt_bytes, fmt_num
+from ftbench.harness.results.profiles import profile_html, profile_markdown, profile_rows
 from ftbench.harness.results.resultset import ResultSet, as_float, load_result_set, repeat_of, variant_labels
 
 REPORT_DIR = "report"
@@ -278,7 +279,8 @@ PLOT_TITLES = {
 }
 
 
-def render_html(rs: ResultSet, display, plots: dict[str, Path], out: Path, problems: list[str]) -> str:
+def render_html(rs: ResultSet, display, plots: dict[str, Path], out: Path, problems: list[str],
+                extra: str = "") -> str:
     """The report page: the summary table and every plot, embedded so the file stands alone."""
     env = next((r.get("environment") for r in rs.records if r.get("environment")), {}) or {}
     versions = ", ".join(f"{k} {v}" for k, v in (env.get("versions") or {}).items() if v)
@@ -292,7 +294,7 @@ def render_html(rs: ResultSet, display, plots: dict[str, Path], out: Path, probl
         parts.append(f"<p class='warn'>warning: {html.escape(p)}</p>")
     parts += ["<h2>Cells</h2>",
               "<p>Figures are the median over repeats, with [min–max] when there are several.</p>",
-              display.to_html(index=False, escape=True, border=0, classes="cells"), "<h2>Plots</h2>"]
+              display.to_html(index=False, escape=True, border=0, classes="cells"), extra, "<h2>Plots</h2>"]
     for key, path in plots.items():
         data = base64.b64encode(path.read_bytes()).decode()
         rel = os.path.relpath(path, out)
@@ -338,6 +340,8 @@ def write_report(result_dir, out: str | os.PathLike | None = None) -> tuple[Repo
           "Median over repeats, [min–max] when there are several.", "", display.to_markdown(index=False), ""]
     if problems:
         md += ["## Warnings", ""] + [f"- {p}" for p in problems] + [""]
+    profiled = profile_rows(rs, out)
+    md += profile_markdown(profiled)
     ok = summary[summary["ok"] > 0] if len(summary) else summary
     if len(ok):
         rep.plots["throughput"] = plot_bars(ok, df, "tokens_per_s", "tokens/s (non-pad, global)",
@@ -350,7 +354,7 @@ def write_report(result_dir, out: str | os.PathLike | None = None) -> tuple[Repo
         rep.plots["quality"] = plot_quality(ok, plots_dir / "quality_vs_throughput.png")
         md += ["## Plots", ""] + [f"![{PLOT_TITLES[k]}]({os.path.relpath(p, out)})" for k, p in rep.plots.items()]
     rep.markdown.write_text("\n".join(md) + "\n")
-    rep.html.write_text(render_html(rs, display, rep.plots, out, problems))
+    rep.html.write_text(render_html(rs, display, rep.plots, out, problems, profile_html(profiled)))
     return rep, display
 
 
