@@ -241,13 +241,19 @@ class BackendSpec:
 class Engine:
     """How a training step runs.  The runner drives it like this::
 
-        engine = spec.engine(options, ctx)          # ctx: ftbench.harness.cell.worker.EngineContext
+        engine = spec.engine(options, ctx)          # ctx: an ftbench.EngineContext
         engine.setup(model)                         # wrap, shard, build optimizer
         for step in range(steps):
-            for micro_batch in micro_batches:
-                engine.forward_backward(micro_batch)   # returns detached loss
+            for i, micro_batch in enumerate(micro_batches):
+                # boundary: this micro-batch ends the optimizer step (the last of
+                # the accumulation), e.g. where DDP must all-reduce gradients
+                engine.forward_backward(micro_batch, boundary=i == len(micro_batches) - 1)
             engine.step()                           # clip, optimizer, schedule
         model = engine.eval_model()                 # for evaluation
+
+    Each micro-batch carries ``loss_scale`` = 1 / (loss-bearing units of the
+    whole global step): the engine multiplies its summed loss by it, so that
+    micro-batches and ranks add up to the global mean loss.
 
     :class:`ftbench.harness.engine.StandardEngine` implements all of this for plain
     PyTorch; most backends subclass it and override ``wrap`` only.
@@ -283,7 +289,11 @@ class Engine:
     def setup(self, model: Any) -> None:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def forward_backward(self, batch: dict) -> Any:  # pragma: no cover - interface
+    def forward_backward(self, batch: dict, boundary: bool) -> Any:  # pragma: no cover - interface
+        """Forward and backward of one micro-batch; the detached loss.
+
+        ``boundary`` is True for the micro-batch that ends the optimizer step.
+        """
         raise NotImplementedError
 
     def step(self) -> None:  # pragma: no cover - interface

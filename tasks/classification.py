@@ -93,7 +93,7 @@ class ClassificationTask(Task):
                             f"got {example['label']!r}")
 
     def prepare(self, splits, options):
-        from ftbench.harness.cell.data import where
+        from ftbench import where
 
         declared = options.get("labels")
         if declared is not None:

@@ -86,7 +86,7 @@ class TranslationTask(Task):
                 raise DataError(f"{where}: field 'translation.{lang}' must be a string, got {type(text).__name__}")
 
     def prepare(self, splits, options):
-        from ftbench.harness.cell.data import where
+        from ftbench import where
 
         train = splits["train"]
         langs = list(train[0]["translation"])

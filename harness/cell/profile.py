@@ -43,7 +43,7 @@ def profile_after_training(spec, engine, steps_data, device, rank: int) -> dict:
 
     Example (the worker's hook, after evaluation)::
 
-        out.update(profile_after_training(spec, engine, steps_data, device, rank))
+        out.update(profile_after_training(spec, engine, steps, device, rank))
     """
     n = int(getattr(spec, "profile_steps", 0) or 0)
     if n <= 0 or not spec.profile_dir:
@@ -82,8 +82,8 @@ def _one_step(engine, micro, device, synchronize, record_function=None) -> None:
 
     label = record_function or (lambda _name: contextlib.nullcontext())
     with label("ftbench::forward_backward"):
-        for mb in micro:
-            engine.forward_backward(mb)
+        for i, mb in enumerate(micro):
+            engine.forward_backward(mb, boundary=i == len(micro) - 1)
     with label("ftbench::optimizer"):
         engine.step()
     synchronize(device)

@@ -120,6 +120,23 @@ def grid_from_dict(data: dict, name: str) -> Grid:
     Example: ``grid_from_dict({"task": ["generation"], "backend": ["eager"]}, "g.yaml")``.
     """
     _unknown(name, "", data, TOP_KEYS)
+    axes = _axes(data, name)
+    settings = _settings(data, name)
+    sweep = _sweep(data, name, settings)
+    match_keys = set(AXES) | set(sweep)
+    exclude = _exclude(data, name, sweep, match_keys)
+    rules = _per_cell(data, name, match_keys)
+    repeat = data.get("repeat", 1)
+    if not isinstance(repeat, int) or isinstance(repeat, bool) or repeat < 1:
+        raise FtbenchError(f"grid file {name}: repeat must be an integer >= 1, got {repeat!r}")
+    order = data.get("order", INTERLEAVED)
+    if order not in ORDERS:
+        raise FtbenchError(f"grid file {name}: order must be one of {', '.join(ORDERS)}, got {order!r}")
+    return Grid(axes=axes, settings=settings, exclude=exclude, repeat=repeat, sweep=sweep, per_cell=rules,
+                order=order, source=f"grid file {name}")
+
+
+def _axes(data: dict, name: str) -> dict:
     axes = {}
     for a in AXES:
         v = data.get(a)
@@ -132,6 +149,10 @@ def grid_from_dict(data: dict, name: str) -> Grid:
         if not v:
             raise FtbenchError(f"grid file {name}: {a} is an empty list; list at least one {a}")
         axes[a] = v
+    return axes
+
+
+def _settings(data: dict, name: str) -> dict:
     settings = data.get("settings") or {}
     if not isinstance(settings, dict):
         raise FtbenchError(f"grid file {name}: settings must be a mapping, got {settings!r}")
@@ -139,7 +160,10 @@ def grid_from_dict(data: dict, name: str) -> Grid:
     settings = {k: coerce_setting(k, v, f"grid file {name}: settings.") for k, v in settings.items()}
     if "time_limit" in data:
         settings["time_limit_s"] = parse_duration(data["time_limit"], f"grid file {name}: time_limit")
+    return settings
 
+
+def _sweep(data: dict, name: str, settings: dict) -> dict:
     sweep = data.get("sweep") or {}
     if not isinstance(sweep, dict):
         raise FtbenchError(f"grid file {name}: sweep must be a mapping of setting -> list of values, "
@@ -151,8 +175,10 @@ def grid_from_dict(data: dict, name: str) -> Grid:
         sweep[k] = [coerce_setting(k, v, f"grid file {name}: sweep.") for v in values]
         if k in settings:
             raise FtbenchError(f"grid file {name}: {k} is both in settings and in sweep; keep one")
+    return sweep
 
-    match_keys = set(AXES) | set(sweep)
+
+def _exclude(data: dict, name: str, sweep: dict, match_keys: set) -> list:
     exclude = data.get("exclude") or []
     if not isinstance(exclude, list) or not all(isinstance(e, dict) and e for e in exclude):
         raise FtbenchError(f"grid file {name}: exclude must be a list of mappings like {{task: X, backend: Y}}")
@@ -162,7 +188,10 @@ def grid_from_dict(data: dict, name: str) -> Grid:
             if k in sweep:
                 ex[k] = [coerce_setting(k, v, f"grid file {name}: exclude.") for v in
                          (ex[k] if isinstance(ex[k], list) else [ex[k]])]
+    return exclude
 
+
+def _per_cell(data: dict, name: str, match_keys: set) -> list:
     per_cell = data.get("per_cell") or []
     if not isinstance(per_cell, list) or not all(isinstance(r, dict) for r in per_cell):
         raise FtbenchError(f"grid file {name}: per_cell must be a list of mappings like "
@@ -181,15 +210,7 @@ def grid_from_dict(data: dict, name: str) -> Grid:
             elif k != "match":
                 out[k] = coerce_setting(k, v, f"grid file {name}: per_cell.")
         rules.append(out)
-
-    repeat = data.get("repeat", 1)
-    if not isinstance(repeat, int) or isinstance(repeat, bool) or repeat < 1:
-        raise FtbenchError(f"grid file {name}: repeat must be an integer >= 1, got {repeat!r}")
-    order = data.get("order", INTERLEAVED)
-    if order not in ORDERS:
-        raise FtbenchError(f"grid file {name}: order must be one of {', '.join(ORDERS)}, got {order!r}")
-    return Grid(axes=axes, settings=settings, exclude=exclude, repeat=repeat, sweep=sweep, per_cell=rules,
-                order=order, source=f"grid file {name}")
+    return rules
 
 
 def build_grid(grid_file: str | None, cli_axes: dict, overrides: dict) -> Grid:
@@ -201,7 +222,7 @@ def build_grid(grid_file: str | None, cli_axes: dict, overrides: dict) -> Grid:
             raise FtbenchError(f"grid file {grid_file} does not exist")
         grid = grid_from_dict(load_grid_text(path.read_text(), str(path)), str(path))
     elif not given_axes.get("task") and not given_axes.get("backend"):
-        text = resources.files("harness").joinpath(DEFAULT_GRID).read_text()
+        text = resources.files("ftbench.harness.grid").joinpath(DEFAULT_GRID).read_text()
         grid = grid_from_dict(load_grid_text(text, DEFAULT_GRID), DEFAULT_GRID)
     else:
         grid = Grid(axes={"task": ["generation"], "backend": ["eager"]})

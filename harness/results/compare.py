@@ -189,9 +189,12 @@ def median_ratio_interval(base: list[float], new: list[float],
         with np.errstate(divide="ignore", invalid="ignore"):
             return np.median(y, axis=axis) / np.median(x, axis=axis)
 
-    res = bootstrap((np.asarray(base, float), np.asarray(new, float)), ratio, n_resamples=RESAMPLES,
-                    method="percentile", vectorized=True, confidence_level=confidence,
-                    rng=np.random.default_rng(0))
+    kw = dict(n_resamples=RESAMPLES, method="percentile", vectorized=True, confidence_level=confidence)
+    try:
+        res = bootstrap((np.asarray(base, float), np.asarray(new, float)), ratio, rng=np.random.default_rng(0), **kw)
+    except TypeError:  # scipy < 1.15 names the generator random_state
+        res = bootstrap((np.asarray(base, float), np.asarray(new, float)), ratio,
+                        random_state=np.random.default_rng(0), **kw)
     lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
     return lo - 1, hi - 1
 
