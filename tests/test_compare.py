@@ -99,6 +99,7 @@ def test_a_real_slowdown_is_a_regression(real_sets, tmp_path):
     row = next(line for line in md.splitlines() if "| speed" in line and "eager" in line)
     # the evidence is stated: two repeats per side, no rank test possible, the interval beyond the threshold
     assert "regression" in row and "n=2/2: threshold and interval only" in row and "95% CI -" in row, row
+    assert "shift of the whole run" not in out  # one cell only
     assert "step time)" in row and "step_time_s" not in md, row
     # and the other way round it is an improvement, not a regression
     code, out = compare(slow, base)
@@ -266,6 +267,10 @@ def test_calibration_writes_noise_thresholds_that_compare_reads(tmp_path):
     assert data["thresholds"]["peak_memory_bytes"] == 0.01
     code, out = compare(a1, a2, "--thresholds-from", tmp_path / "t.json")
     assert code == 0 and "calibrated by" in out, out
+    # every cell slower alike: a regression, with a note that the whole run moved
+    slow = write_set(tmp_path / "slow", modified(read(a2), tokens_per_s=lambda r: r["tokens_per_s"] / 2))
+    code, out = compare(a1, slow)
+    assert code == 1 and "shift of the whole run" in " ".join(out.split()), out
     # a set from another machine refuses the file, saying why
     b1, _ = _aa_pair(tmp_path / "other", env=dict(ENV, cpu="Other CPU"))
     res = CliRunner().invoke(main, ["compare", str(a1), str(b1), "--thresholds-from", str(tmp_path / "t.json")])

@@ -355,6 +355,9 @@ def compare_result_sets(base: ResultSet, new: ResultSet, thresholds: dict | None
             continue
         note = config_diff(rb[0], rn[0]) if cb != cn else []
         cmp.rows += _compare_cell(label, task, cb, rb, rn, th, alpha, note)
+    shift = whole_run_shift(cmp.rows, th["speed"])
+    if shift:
+        cmp.warnings.append(shift)
     if pairs and all(r.verdict == REFUSED for r in cmp.rows):
         raise FtbenchError("nothing to compare: " + " | ".join(cmp.refused))
     if not pairs:
@@ -362,6 +365,22 @@ def compare_result_sets(base: ResultSet, new: ResultSet, thresholds: dict | None
                            f"{', '.join(sorted({_describe(r[0]) for r in b.values()}))}; {new.path} holds "
                            f"{', '.join(sorted({_describe(r[0]) for r in n.values()}))}")
     return cmp
+
+
+def whole_run_shift(rows: list[Row], threshold: float) -> str | None:
+    """A note when every cell's speed moved the same way beyond the threshold.
+
+    Two runs minutes apart can meet different machines (load from other
+    users); no statistic of one pair of runs can tell that from a change that
+    slows every cell alike, but the user should know to look.
+    """
+    changes = [r.change for r in rows if r.figure == "speed" and r.change is not None and math.isfinite(r.change)]
+    if len(changes) < 2 or not (all(c <= -threshold for c in changes) or all(c >= threshold for c in changes)):
+        return None
+    return (f"the speed of all {len(changes)} cells moved the same way ({min(changes):+.0%} to {max(changes):+.0%}): "
+            "a shift of the whole run, from a change that affects every cell or from the machine (other load, "
+            "clock, thermal state); an A/A calibration on this machine (compare --calibrate) tells how large "
+            "such shifts get by themselves")
 
 
 def _compare_cell(label, task, cid, rb, rn, th, alpha, note) -> list[Row]:
