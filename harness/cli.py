@@ -318,15 +318,8 @@ def history_cmd(sets, out, thresholds, calibration, quiet):
     from ftbench.harness.results.compare import parse_threshold
     from ftbench.harness.results.historyreport import print_history, write_history
 
-    th = {}
-    if calibration:
-        from ftbench.harness.results.calibrate import read_calibration
-        from ftbench.harness.results.history import find_sets
-        from ftbench.harness.results.resultset import load_result_set
-
-        th = read_calibration(calibration, [load_result_set(p) for p in find_sets(sets)])
-    th.update(dict(parse_threshold(t) for t in thresholds))
-    h, files = write_history(sets, out, th)
+    th = dict(parse_threshold(t) for t in thresholds)
+    h, files = write_history(sets, out, th, calibration)
     con = _console()
     if not quiet:
         print_history(h, con)

@@ -141,6 +141,17 @@ def test_sets_of_other_machines_and_grids_are_named_and_the_rest_still_shown(tmp
     speed = {s.task: s for s in h.series if s.figure == "speed"}
     assert len(speed["generation"].points) == 5 and len(speed["classification"].points) == 4
     assert all([e.set_name for e in s.events] == ["s4"] for s in speed.values())
+    # a calibration of the main machine applies to the sets of that machine; one of another is refused
+    res = CliRunner().invoke(main, ["compare", "--calibrate", str(root / "s0"), str(root / "s3"), "-o",
+                                    str(tmp_path / "cal.json")])
+    assert res.exit_code == 0, res.output
+    code, out = history(root, "--out", tmp_path / "h2", "--thresholds-from", tmp_path / "cal.json")
+    assert code == 1 and "s4" in out, out
+    res = CliRunner().invoke(main, ["compare", "--calibrate", str(root / "s2"), str(root / "s2"), "-o",
+                                    str(tmp_path / "other.json")])
+    assert res.exit_code == 0, res.output
+    code, out = history(root, "--out", tmp_path / "h3", "--thresholds-from", tmp_path / "other.json")
+    assert code == 2 and "another machine" in out, out
 
 
 def test_history_bad_input(tmp_path):

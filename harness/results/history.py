@@ -221,16 +221,21 @@ def build_series(sets: list[SetInfo]) -> list[Series]:
     return list(series.values())
 
 
-def build_history(paths, thresholds: dict | None = None) -> History:
+def build_history(paths, thresholds: dict | None = None, calibration: str | None = None) -> History:
     """Load, order and analyse the result sets under ``paths``.
+
+    ``calibration`` (a ``compare --calibrate`` file) must come from the machine
+    of the included sets; ``thresholds`` override single figures.
 
     Example: ``build_history(["runs/nightly"], {"speed": 0.15}).regressions``.
     """
+    from ftbench.harness.results.calibrate import read_calibration
     from ftbench.harness.results.changepoints import detect
 
-    th = {**DEFAULT_THRESHOLDS, **(thresholds or {})}
     sets, warnings = load_sets(paths)
     included = [s for s in sets if s.included]
+    calibrated = read_calibration(calibration, included) if calibration else {}
+    th = {**DEFAULT_THRESHOLDS, **calibrated, **(thresholds or {})}
     labels = variant_labels([r for s in included for r in s.records])
     warnings += _grid_warnings(included, labels)
     series = build_series(included)

@@ -132,8 +132,8 @@ def render_html(h: History, files: HistoryFiles) -> str:
     return "\n".join(parts)
 
 
-def write_history(paths, out: str | os.PathLike | None = None,
-                  thresholds: dict | None = None) -> tuple[History, HistoryFiles]:
+def write_history(paths, out: str | os.PathLike | None = None, thresholds: dict | None = None,
+                  calibration: str | None = None) -> tuple[History, HistoryFiles]:
     """Analyse the sets and write every output.
 
     Example: ``h, files = write_history(["runs/nightly"], "runs/nightly-history")``.
@@ -141,7 +141,7 @@ def write_history(paths, out: str | os.PathLike | None = None,
     import matplotlib
 
     matplotlib.use("Agg")
-    h = build_history(paths, thresholds)
+    h = build_history(paths, thresholds, calibration)
     out = Path(out or "history")
     (out / "plots").mkdir(parents=True, exist_ok=True)
     files = HistoryFiles(out=out, markdown=out / "history.md", html=out / "history.html", db=out / "history.sqlite")
