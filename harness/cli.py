@@ -132,7 +132,13 @@ def list_cmd(as_json):
 @click.option("--master-port", type=int, help="Rendezvous port (multi-node).")
 @click.option("--time-limit", "time_limit_s", type=float, help="Seconds before a cell is killed (status timeout).")
 @click.option("--memory-limit-mb", type=float, help="Host memory per cell before it is killed (status oom).")
-@click.option("--eval-examples", type=int, help="Held-out examples evaluated per cell.")
+@click.option("--eval-examples", type=int, help="Held-out examples evaluated per cell (and per evaluation).")
+@click.option("--eval-every", type=int, help="Evaluate every N optimizer steps during training (time to quality).")
+@click.option("--target", "targets", multiple=True,
+              help="Quality target [TASK:]METRIC=VALUE, e.g. perplexity=20 or accuracy>=0.85 (repeatable).")
+@click.option("--stop-at-target", is_flag=True, default=None, help="End a cell once its target is reached.")
+@click.option("--seeds", callback=lambda ctx, p, v: _parse_seeds(v),
+              help="Run every cell under each seed: 1,2,3 (time to quality varies with the seed).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where to train (default auto).")
 @click.option("--profile", "profile_steps", flag_value=3, default=None, type=int,
               help="After each cell's training and evaluation, trace 3 more steps with torch.profiler: a Chrome "
@@ -155,7 +161,7 @@ def run_cmd(grid_file, tasks, backends, models, datas, columns, out, force, fail
                 if settings.get(k) is not None}
     for k in ("nnodes", "node_rank", "master_addr", "master_port"):
         settings.pop(k, None)
-    overrides = {k: v for k, v in settings.items() if v is not None}
+    overrides = {k: v for k, v in settings.items() if v is not None and v != ()}
     if columns:
         overrides["columns"] = _parse_columns(columns)
     if launcher:
@@ -186,6 +192,18 @@ def run_cmd(grid_file, tasks, backends, models, datas, columns, out, force, fail
     view.finish(summary)
     bad = [r for r in summary.records if r["status"] not in ("ok", "skipped")]
     sys.exit(1 if bad and fail_fast else 0)
+
+
+def _parse_seeds(text):
+    if not text:
+        return None
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: write comma-separated integers, e.g. --seeds 1,2,3") from None
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise click.BadParameter(f"{text!r}: give distinct seeds >= 0, e.g. --seeds 1,2,3")
+    return seeds
 
 
 def _parse_columns(items) -> dict:
@@ -224,11 +242,13 @@ def _install_sigterm():
 @click.argument("result_dir", type=click.Path(file_okay=False))
 @click.option("--out", default=None, help="Where to write the report (default RESULT_DIR/report).")
 @click.option("--quiet", is_flag=True, help="Write the files without printing the table.")
-def report_cmd(result_dir, out, quiet):
+@click.option("--loss-x", type=click.Choice(["step", "time"]), default="step", show_default=True,
+              help="x-axis of the loss plot: optimizer steps or training seconds.")
+def report_cmd(result_dir, out, quiet, loss_x):
     """Tables (terminal, Markdown, CSV), PNG plots and an HTML page for a result set."""
     from ftbench.harness.results.report import print_table, write_report
 
-    rep, display = write_report(result_dir, out)
+    rep, display = write_report(result_dir, out, loss_x=loss_x)
     con = _console()
     from rich.markup import escape
 
@@ -236,6 +256,8 @@ def report_cmd(result_dir, out, quiet):
         _console(stderr=True).print(f"[yellow]warning:[/] {escape(p)}", soft_wrap=True)
     if not quiet:
         print_table(display, con, f"ftbench report: {result_dir}")
+        if rep.time_to_target is not None:
+            print_table(rep.time_to_target, con, "time to target (median over seeds; not reached = infinitely slow)")
     con.print(f"wrote {rep.markdown}, {rep.csv}, {rep.records_csv}, {rep.html}")
     for path in rep.plots.values():
         con.print(f"wrote {path}")

@@ -76,6 +76,7 @@ class ClassificationTask(Task):
     description = "text -> label; accuracy, macro-F1 and (binary) ROC-AUC"
     metric = "accuracy"
     higher_is_better = True
+    other_metrics = {"macro_f1": True, "roc_auc": True}
     model_kinds = (DECODER, ENCODER)
     head = "classification"
     fields = ("text", "label")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
+from typing import Callable
 
 from ftbench.harness.cell.measure import now, step_stats, synchronize, throughput
 
@@ -37,8 +38,13 @@ class TrainingRun:
     losses: list[float] = field(default_factory=list)
 
 
-def train(engine, steps, device, world_size: int, partial: dict | None = None) -> TrainingRun:
-    """Run every step of ``steps`` (``[(micro_batches, global_counts)]``) through ``engine``."""
+def train(engine, steps, device, world_size: int, partial: dict | None = None,
+          after_step: Callable[[int, list[float]], bool] | None = None) -> TrainingRun:
+    """Run every step of ``steps`` (``[(micro_batches, global_counts)]``) through ``engine``.
+
+    ``after_step(n, times)`` runs after optimizer step ``n`` (1-based),
+    outside the step's clock (evaluation during training); True ends training.
+    """
     run = TrainingRun()
     pending = []  # device tensors, read back in chunks so the loop adds no host copies
     check_every = int(os.environ.get("FTBENCH_CHECK_EVERY", "10"))
@@ -53,9 +59,12 @@ def train(engine, steps, device, world_size: int, partial: dict | None = None) -
         synchronize(device)
         run.times.append(now() - t0)
         pending.append(step_loss)
-        if (step + 1) % check_every == 0 or step == last:
+        stop = after_step is not None and after_step(step + 1, run.times)
+        if (step + 1) % check_every == 0 or step == last or stop:
             _check_finite(run, pending, world_size, partial or {})
             pending = []
+        if stop:
+            break
     return run
 
 
@@ -84,8 +93,9 @@ def global_losses(chunk, world_size: int) -> list[float]:
 
 def summarize(run: TrainingRun, steps, warmup: int, compiles: bool) -> dict:
     """Steady-state figures: warmup steps excluded; tokens of the measured
-    steps divided by the time of those same steps."""
-    measured, counts = run.times[warmup:], [c for _, c in steps[warmup:]]
+    steps divided by the time of those same steps (the steps that ran, when
+    training ended early at its target)."""
+    measured, counts = run.times[warmup:], [c for _, c in steps[warmup:len(run.times)]]
     stats = step_stats(measured)
     return dict(
         train_loss=run.losses,

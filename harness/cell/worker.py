@@ -211,31 +211,70 @@ class Cell:
         from ftbench.harness.cell.training import summarize, train
 
         self.out["setup_phases"] = self.clock.seconds
-        run = train(self.engine, self.steps, self.device, self.world, partial=self.out)
+        self.quality = self.quality_tracker()
+        run = train(self.engine, self.steps, self.device, self.world, partial=self.out,
+                    after_step=self.quality.after_step if self.quality else None)
+        self.run_times = run.times
         warm = self.recipe.warmup
         self.out.update(summarize(run, self.steps, warm, self.engine.compiles))
         self.out["memory"] = memory_snapshot(self.device)
         measured = sum(run.times[warm:])
-        self.out["flops_per_s"] = sum(self.step_flops[warm:]) / measured if measured else None
+        self.out["flops_per_s"] = sum(self.step_flops[warm:len(run.times)]) / measured if measured else None
         self.out["peak_flops"], self.out["peak_flops_source"] = device_peak(self.device, self.recipe.precision)
 
-    def evaluate(self) -> None:
+    def quality_tracker(self):
+        """Evaluation during training and the target, when the cell asks for either."""
+        from ftbench.harness.cell.quality import QualityTracker, evaluation_interval
+
+        every = evaluation_interval(self.spec.eval_every, self.spec.target, self.recipe.steps)
+        if not every and not self.spec.target:
+            return None
+
+        def evaluate_and_resume():
+            metrics = self.held_out_metrics()
+            self.engine.eval_model().train()  # back to training mode (dropout, batch statistics)
+            return metrics
+
+        return QualityTracker(every, self.spec.target, self.task.metric_directions(), evaluate_and_resume,
+                              stop_at_target=self.spec.stop_at_target, warmup=self.recipe.warmup,
+                              agree=self.rank0_decides)
+
+    def rank0_decides(self, decision: bool) -> bool:
+        """Every rank ends training together, on rank 0's word."""
+        if self.world == 1:
+            return decision
+        import torch
+
+        flag = torch.tensor([1 if decision else 0], device=self.device if self.device.type == "cuda" else "cpu")
+        torch.distributed.broadcast(flag, src=0)
+        return bool(flag.item())
+
+    def held_out_metrics(self) -> dict:
         from ftbench.harness.cell.evaluation import evaluate
+
+        n = self.spec.eval_examples
+        return evaluate(self.engine.eval_model(), task=self.task, tokenizer=self.tokenizer, kind=self.kind,
+                        device=self.device, recipe=self.recipe, options=self.options,
+                        rows=self.splits["validation"][:n], encoded=self.enc["validation"][:n],
+                        loss_fn=self.ctx.loss_fn, make_batch=self.make_batch, encode=self.encode)
+
+    def evaluate(self) -> None:
         from ftbench.harness.cell.measure import memory_snapshot, now
 
         t0 = now()
-        n = self.spec.eval_examples
-        rows = self.splits["validation"][:n]
-        metrics = evaluate(self.engine.eval_model(), task=self.task, tokenizer=self.tokenizer, kind=self.kind,
-                           device=self.device, recipe=self.recipe, options=self.options, rows=rows,
-                           encoded=self.enc["validation"][:n], loss_fn=self.ctx.loss_fn,
-                           make_batch=self.make_batch, encode=self.encode)
+        steps_run = len(self.run_times)
+        last = self.quality.curve[-1] if self.quality and self.quality.curve else None
+        # The last step was just evaluated during training: the same model on the same rows.
+        metrics = last["metrics"] if last and last["step"] == steps_run else self.held_out_metrics()
+        eval_s = now() - t0
+        if self.quality:
+            self.quality.final(steps_run, self.run_times, metrics, eval_s)
+            self.out.update(self.quality.figures(), stopped_at_target=steps_run < len(self.steps))
         self.out.update(eval_loss=metrics["eval_loss"], metrics=metrics, metric=self.task.metric,
                         metric_value=metrics.get(self.task.metric), higher_is_better=self.task.higher_is_better,
-                        eval_s=now() - t0, eval_examples=len(rows), backend_stats=self.engine.stats(),
-                        status="ok", error=None)
+                        eval_s=eval_s, eval_examples=min(self.spec.eval_examples, len(self.splits["validation"])),
+                        backend_stats=self.engine.stats(), status="ok", error=None)
         self.out["memory_after_eval"] = memory_snapshot(self.device)
-
 
     def profile(self) -> None:
         """``--profile``: a traced run of extra steps, after everything measured (no-op otherwise)."""

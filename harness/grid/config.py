@@ -193,6 +193,12 @@ class CellSpec:
     #: traces go (the result set's ``traces/``, set by the driver).
     profile_steps: int = 0
     profile_dir: str | None = None
+    #: Evaluate the held-out split every N optimizer steps (0: only after training).
+    eval_every: int = 0
+    #: Quality target, e.g. "perplexity=20" (see ftbench.harness.grid.targets).
+    target: str | None = None
+    #: End the cell once its target is reached.
+    stop_at_target: bool = False
 
     def task_name_and_options(self) -> tuple[str, dict]:
         return parse_spec(self.task, "task")
@@ -239,7 +245,7 @@ class CellSpec:
 #: not change the id of every existing cell (committed baselines and earlier
 #: result sets keep pairing with new runs).  A new field of Recipe or CellSpec
 #: belongs here; ``tests/test_grid.py`` checks the committed baseline's ids.
-ADDED_LATER: frozenset[str] = frozenset()
+ADDED_LATER: frozenset[str] = frozenset({"eval_every", "target", "stop_at_target"})
 
 
 def _without_later_defaults(d: dict, cls) -> dict:

@@ -34,11 +34,11 @@ from ftbench.harness.grid.expand import (AXES, CELL_SETTINGS, INTERLEAVED, ORDER
                                         Grid)
 
 DEFAULT_GRID = "default_grid.yaml"
-TOP_KEYS = set(AXES) | {"settings", "exclude", "repeat", "sweep", "time_limit", "per_cell", "order"}
+TOP_KEYS = set(AXES) | {"settings", "exclude", "repeat", "sweep", "time_limit", "per_cell", "target", "order"}
 SETTING_KEYS = set(RECIPE_FIELDS) | set(CELL_SETTINGS)
 _RECIPE_TYPES = typing.get_type_hints(Recipe)
 _CELL_TYPES = {"nproc": int, "time_limit_s": float, "memory_limit_mb": float, "eval_examples": int, "device": str,
-               "profile_steps": int}
+               "eval_every": int, "stop_at_target": bool, "profile_steps": int}
 
 
 def load_grid_text(text: str, name: str) -> dict:
@@ -133,7 +133,22 @@ def grid_from_dict(data: dict, name: str) -> Grid:
     if order not in ORDERS:
         raise FtbenchError(f"grid file {name}: order must be one of {', '.join(ORDERS)}, got {order!r}")
     return Grid(axes=axes, settings=settings, exclude=exclude, repeat=repeat, sweep=sweep, per_cell=rules,
-                order=order, source=f"grid file {name}")
+                order=order, source=f"grid file {name}", targets=_targets(data, name))
+
+
+def _targets(data: dict, name: str) -> list[str]:
+    """``target:`` as one string, a list, or a mapping task -> target (e.g. {generation: perplexity=20})."""
+    v = data.get("target")
+    if v is None:
+        return []
+    if isinstance(v, str):
+        return [v]
+    if isinstance(v, list) and all(isinstance(x, str) for x in v):
+        return list(v)
+    if isinstance(v, dict) and all(isinstance(k, str) and isinstance(x, str) for k, x in v.items()):
+        return [f"{task}:{target}" for task, target in v.items()]
+    raise FtbenchError(f"grid file {name}: target must be a string like perplexity=20, a list of them, or a "
+                       f"mapping of task to target like {{generation: perplexity=20}}, got {v!r}")
 
 
 def _axes(data: dict, name: str) -> dict:
@@ -227,6 +242,13 @@ def build_grid(grid_file: str | None, cli_axes: dict, overrides: dict) -> Grid:
     else:
         grid = Grid(axes={"task": ["generation"], "backend": ["eager"]})
     grid.axes.update(given_axes)
+    targets = overrides.pop("targets", None)
+    if targets:
+        grid.targets = list(targets)  # the command line replaces the file's targets
+    seeds = overrides.pop("seeds", None)
+    if seeds:
+        grid.sweep["seed"] = list(seeds)
+        grid.settings.pop("seed", None)
     repeat = overrides.pop("repeat", None)
     if repeat is not None:
         if repeat < 1:

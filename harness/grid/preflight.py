@@ -55,6 +55,11 @@ def _check_settings(cell) -> None:
             bad(key, v, "must be a number > 0, or left out for no limit")
     if not _is_int(cell.eval_examples) or cell.eval_examples < 1:
         bad("eval_examples", cell.eval_examples, "must be an integer >= 1")
+    if not _is_int(cell.eval_every) or cell.eval_every < 0:
+        bad("eval_every", cell.eval_every, "must be an integer >= 0 (0: evaluate only after training)")
+    if cell.stop_at_target and not cell.target:
+        bad("stop_at_target", cell.stop_at_target, f"needs a target for task {cell.task!r}: add "
+            "--target METRIC=VALUE (e.g. --target perplexity=20)")
     if not _is_int(cell.nproc) or cell.nproc < 1:
         bad("nproc", cell.nproc, "must be an integer >= 1")
     if cell.device not in DEVICES:

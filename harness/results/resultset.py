@@ -103,10 +103,11 @@ def config_diff(a: dict, b: dict) -> list[str]:
     return out
 
 
-def variant_labels(records: list[dict]) -> dict[str, str]:
+def variant_labels(records: list[dict], without: tuple[str, ...] = ()) -> dict[str, str]:
     """A short label per cell_id naming what sets it apart from the other cells
     of its task: the backend, then the model, data, ranks and recipe settings
-    only where they vary.
+    only where they vary (``without`` leaves settings out, e.g. the seed, to
+    group a cell's seeds under one label).
 
     Example: ``{"1c66…": "eager · tiny-llama · lr=0.003"}``.
     """
@@ -119,7 +120,7 @@ def variant_labels(records: list[dict]) -> dict[str, str]:
             varying.append(("slot", k))
     recipes = [recipe_of(r) for r in cfgs.values()]
     for k in sorted({k for rc in recipes for k in rc}):
-        if len({json.dumps(rc.get(k), default=str) for rc in recipes}) > 1:
+        if k not in without and len({json.dumps(rc.get(k), default=str) for rc in recipes}) > 1:
             varying.append(("recipe", k))
     labels = {}
     for cid, r in cfgs.items():
