@@ -43,6 +43,9 @@ def check_cells(reg, cells) -> None:
         if n is not None and recipe.batch_size > n:
             raise FtbenchError(f"batch size {recipe.batch_size} is larger than the {n} training examples of "
                                f"--data {cell.data}; pass --batch-size {n} or less, or add training data")
+    from ftbench.harness.grid.memplan import check_memory_limits
+
+    check_memory_limits(reg, cells)
 
 
 def _check_settings(cell) -> None:

@@ -88,16 +88,20 @@ class OutputLock:
 
 
 def run_cells(cells: list[CellSpec], out: str | os.PathLike, environment: dict, *, force: bool = False,
-              fail_fast: bool = False, progress=None, annotate=None, order: str = INTERLEAVED) -> RunSummary:
+              fail_fast: bool = False, progress=None, annotate=None, registry=None,
+              search_micro_batch: bool = False, order: str = INTERLEAVED) -> RunSummary:
     """Run every cell not already in ``out`` and append its record.
 
     ``order`` arranges the repeats (:func:`~ftbench.harness.grid.expand.order_repeats`):
     round-robin by default.  Each record keeps its place in that order
     (``run_order``) next to its ``started_at``.
 
-    ``progress`` receives events ``("start"|"end"|"skip", index, total, spec, record)``;
+    ``progress`` receives events ``("start"|"end"|"skip"|"probe", index, total, spec, record)``;
     ``annotate(record, earlier_records)`` may add fields (e.g. loss parity)
-    before the record is written.
+    before the record is written.  With a ``registry`` every record gets the
+    memory model's ``memory_predicted_bytes``; ``search_micro_batch`` first
+    finds each cell's largest fitting micro-batch with probe cells
+    (:mod:`ftbench.harness.running.fit`), once per cell for all its repeats.
     """
     cells = order_repeats(cells, order)
     out_dir = prepare_out_dir(out)
@@ -108,6 +112,7 @@ def run_cells(cells: list[CellSpec], out: str | os.PathLike, environment: dict, 
         _write_atomic(out_dir / "environment.json", json.dumps(environment, indent=2, default=str))
         done = set() if force else finished_keys(out_dir)
         earlier = []
+        fits: dict = {}
         if (out_dir / "results.jsonl").exists():
             existing = read_records(out_dir)
             earlier = existing.records
@@ -130,8 +135,12 @@ def run_cells(cells: list[CellSpec], out: str | os.PathLike, environment: dict, 
             if spec.profile_steps:
                 spec = spec.with_(profile_dir=str((out_dir / TRACES_DIR).resolve()))
             started = time.time()
-            outcome = run_cell_process(spec)
+            spec, fit = _fit(registry, spec, fits, progress, i, total) if search_micro_batch else (spec, None)
+            outcome = _no_fit_outcome(fit) if fit and fit.micro_batch is None else run_cell_process(spec)
+            if fit and fit.micro_batch and outcome.status == "oom":
+                spec, outcome = _smaller(spec, fit, outcome)
             record = build_record(spec, outcome, environment, started)
+            record.update(memory_fields(registry, spec, fit))
             record["run_order"] = {"order": order, "position": i, "of": total}
             if annotate:
                 annotate(record, earlier)
@@ -143,3 +152,63 @@ def run_cells(cells: list[CellSpec], out: str | os.PathLike, environment: dict, 
             if fail_fast and record["status"] not in ("ok", "skipped"):
                 break
     return summary
+
+
+def _fit(registry, spec: CellSpec, fits: dict, progress, i: int, total: int):
+    """``spec`` at its largest fitting micro-batch (searched once per cell, shared by repeats)."""
+    from ftbench.harness.grid.microbatch import with_micro_batch
+    from ftbench.harness.running.fit import search_micro_batch
+
+    if spec.cell_id not in fits:
+        def on_probe(probe):
+            if progress:
+                progress("probe", i, total, spec, probe)
+
+        fits[spec.cell_id] = search_micro_batch(registry, spec, on_probe=on_probe)
+    fit = fits[spec.cell_id]
+    return (with_micro_batch(spec, fit.micro_batch) if fit.micro_batch else spec), fit
+
+
+def _smaller(spec: CellSpec, fit, outcome):
+    """The full run outgrew what its probe fitted in: once more at the next smaller micro-batch."""
+    from ftbench.harness.grid.memplan import divisors
+    from ftbench.harness.grid.microbatch import per_rank_batch, with_micro_batch
+
+    below = [d for d in divisors(per_rank_batch(spec)) if d < fit.micro_batch]
+    fit.note = (f"the full run at micro-batch {fit.micro_batch} ran out of memory after its probe fitted"
+                + (f"; rerun at {below[-1]}" if below else ""))
+    if not below:
+        return spec, outcome
+    fit.micro_batch = below[-1]
+    smaller = with_micro_batch(spec, below[-1])
+    return smaller, run_cell_process(smaller)
+
+
+def _no_fit_outcome(fit):
+    from ftbench.harness.running.cellproc import CellOutcome
+
+    tried = ", ".join(f"{p['micro_batch']}: {p['status']}" for p in fit.probes)
+    return CellOutcome(ranks=[], status="oom", error=f"no micro-batch fits under the memory limit ({fit.note}; "
+                       f"probes {tried}); use a backend that shards or offloads, or --grad-checkpointing",
+                       wall_s=0.0, returncode=None, tree_peak_bytes=0)
+
+
+def memory_fields(registry, spec: CellSpec, fit=None) -> dict:
+    """The record's memory-model keys: the prediction for the cell as run, and the micro-batch search."""
+    r = spec.recipe
+    fields = {"micro_batch": r.batch_size // (spec.nproc * r.grad_accum), "memory_predicted_bytes": None}
+    if fit is not None:
+        fields["micro_batch_search"] = fit.to_dict()
+    if registry is None:
+        return fields
+    from ftbench.harness.grid.memplan import predict_cell
+
+    try:
+        pred = predict_cell(registry, spec)
+    except Exception as e:  # noqa: BLE001 - a model the meta device cannot build still runs, unpredicted
+        fields["memory_predicted"] = {"error": f"{type(e).__name__}: {e}"}
+        return fields
+    fields["memory_predicted_bytes"] = pred.device_bytes
+    fields["memory_predicted"] = {"breakdown": pred.breakdown, "tree_bytes": pred.tree_bytes,
+                                  "state_bytes": pred.state_bytes, "activation_bytes": pred.activation_bytes}
+    return fields

@@ -29,6 +29,11 @@ class RunView:
             self.status = self.con.status("starting the cell launcher (imports torch and the plugins once)…")
             self.status.start()
             return
+        if kind == "probe":
+            peak = fmt_bytes(record.get("memory_tree_peak_bytes")) if record.get("memory_tree_peak_bytes") else "-"
+            self.con.print(f"[{i}/{total}] {spec.task} × {spec.backend}: probe micro-batch "
+                           f"{record['micro_batch']}: {record['status']} (tree peak {peak})")
+            return
         if kind not in ("skip", "start", "end"):
             return
         label = f"[{i}/{total}] {spec.task} × {spec.backend} × {spec.model}" + (
