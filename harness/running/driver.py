@@ -114,12 +114,7 @@ def run_cells(cells: list[CellSpec], out: str | os.PathLike, environment: dict, 
         earlier = []
         fits: dict = {}
         if (out_dir / "results.jsonl").exists():
-            existing = read_records(out_dir)
-            earlier = existing.records
-            summary.problems = existing.problems
-            if progress:
-                for problem in existing.problems:
-                    progress("problem", 0, len(cells), None, problem)
+            earlier = _existing(out_dir, summary, progress, len(cells))
         total = len(cells)
         if progress:
             progress("warmup", 0, total, None, None)
@@ -152,6 +147,16 @@ def run_cells(cells: list[CellSpec], out: str | os.PathLike, environment: dict, 
             if fail_fast and record["status"] not in ("ok", "skipped"):
                 break
     return summary
+
+
+def _existing(out_dir: Path, summary: RunSummary, progress, total: int) -> list[dict]:
+    """The records already in ``out_dir``; unreadable lines become the summary's problems."""
+    existing = read_records(out_dir)
+    summary.problems = existing.problems
+    if progress:
+        for problem in existing.problems:
+            progress("problem", 0, total, None, problem)
+    return existing.records
 
 
 def _fit(registry, spec: CellSpec, fits: dict, progress, i: int, total: int):
