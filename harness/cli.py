@@ -195,7 +195,10 @@ def run_cmd(grid_file, tasks, backends, models, datas, columns, out, force, fail
             **settings):
     """Run a grid of cells and append their records to OUT/results.jsonl.
 
-    With no arguments, runs the embedded default grid.
+    With no arguments, runs the embedded default grid.  Exit status: 0 done;
+    1 a cell failed under --fail-fast; 2 bad input, nothing run; 3 a finished
+    record could not be written to OUT (kept elsewhere, the message says
+    where); 128+N stopped by signal N.
     """
     from ftbench.harness.registry import Registry
     from ftbench.harness.running.progress import RunView
@@ -204,6 +207,9 @@ def run_cmd(grid_file, tasks, backends, models, datas, columns, out, force, fail
     cells, search, grid = _cells_from_options(reg, grid_file, tasks, backends, models, datas, columns, shard,
                                               micro_batch, settings)
     out = out or _default_out()
+    from ftbench.harness.results.recovery import EXIT_RESULTS_NOT_WRITTEN, ResultsNotWritten, check_free_space
+
+    check_free_space(out, cells)
     view = RunView(_console(), len(cells), out)
     _install_sigterm()
     from ftbench.harness.running.driver import run_cells
@@ -216,6 +222,11 @@ def run_cmd(grid_file, tasks, backends, models, datas, columns, out, force, fail
     except KeyboardInterrupt as e:
         view.interrupted(out)
         sys.exit(128 + getattr(e, "signum", signal.SIGINT))
+    except ResultsNotWritten as e:
+        if view.status:
+            view.status.stop()
+        _console(stderr=True).print(f"[bold red]error:[/] {e}", soft_wrap=True)
+        sys.exit(EXIT_RESULTS_NOT_WRITTEN)
     view.finish(summary)
     bad = [r for r in summary.records if r["status"] not in ("ok", "skipped")]
     sys.exit(1 if bad and fail_fast else 0)

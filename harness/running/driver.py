@@ -17,6 +17,7 @@ from ftbench.harness.running.cellproc import run_cell_process
 from ftbench.harness.grid.config import CellSpec
 from ftbench.harness.grid.expand import INTERLEAVED, order_repeats
 from ftbench.harness.results.record import build_record
+from ftbench.harness.results.recovery import ResultsNotWritten, keep_record, restore_into
 from ftbench.harness.results.store import append_record, finished_keys, read_records
 
 LOCK_FILE = ".ftbench.lock"
@@ -31,6 +32,8 @@ class RunSummary:
     interrupted: bool = False
     #: Unreadable lines of an existing results.jsonl (their cells are rerun).
     problems: list[str] = field(default_factory=list)
+    #: Records put back from a recovery set (kept there when an earlier run could not write them).
+    restored: int = 0
 
 
 def prepare_out_dir(out: str | os.PathLike) -> Path:
@@ -76,8 +79,11 @@ class OutputLock:
                 raise FtbenchError(f"another 'ftbench run' is writing to {self.path.parent}; wait for it to "
                                    "finish or pass a different --out") from None
             raise
-        os.ftruncate(self.fd, 0)
-        os.write(self.fd, str(os.getpid()).encode())
+        try:
+            os.ftruncate(self.fd, 0)
+            os.write(self.fd, str(os.getpid()).encode())  # for people; the flock is what counts
+        except OSError:
+            pass
         return self
 
     def __exit__(self, *exc):
@@ -85,6 +91,27 @@ class OutputLock:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
         return False
+
+
+def _open_result_set(out_dir: Path, environment: dict) -> int:
+    """Write the environment and put back records an earlier run could not write; how many came back."""
+    try:
+        _write_atomic(out_dir / "environment.json", json.dumps(environment, indent=2, default=str))
+    except OSError as e:
+        raise FtbenchError(f"cannot write {out_dir / 'environment.json'} ({e.strerror or e}); free space there or "
+                           "pass --out on a writable file system with room (no cell has run)") from None
+    try:
+        return restore_into(out_dir)[0]
+    except OSError as e:
+        raise FtbenchError(f"cannot put the recovered records back into {out_dir} ({e.strerror or e}); free "
+                           "space there first (the recovered records stay where they are)") from None
+
+
+def _append_or_keep(out_dir: Path, record: dict, environment: dict, cell_id: str) -> None:
+    try:
+        append_record(out_dir, record)
+    except OSError as e:  # full disk, read-only or vanished --out: keep the record, stop cleanly
+        raise ResultsNotWritten(out_dir, e, keep_record(out_dir, record, environment), cell_id) from None
 
 
 def run_cells(cells: list[CellSpec], out: str | os.PathLike, environment: dict, *, force: bool = False,
@@ -109,7 +136,9 @@ def run_cells(cells: list[CellSpec], out: str | os.PathLike, environment: dict, 
     reaper.become_subreaper()
     os.environ[reaper.DRIVER_PID_ENV] = str(os.getpid())  # before the first cell (or fork server) starts
     with OutputLock(out_dir):
-        _write_atomic(out_dir / "environment.json", json.dumps(environment, indent=2, default=str))
+        summary.restored = _open_result_set(out_dir, environment)
+        if summary.restored and progress:
+            progress("note", 0, len(cells), None, f"put back {summary.restored} record(s) an earlier run kept")
         done = set() if force else finished_keys(out_dir)
         earlier = []
         fits: dict = {}
@@ -139,7 +168,7 @@ def run_cells(cells: list[CellSpec], out: str | os.PathLike, environment: dict, 
             record["run_order"] = {"order": order, "position": i, "of": total}
             if annotate:
                 annotate(record, earlier)
-            append_record(out_dir, record)
+            _append_or_keep(out_dir, record, environment, spec.cell_id)
             earlier.append(record)
             summary.records.append(record)
             if progress:

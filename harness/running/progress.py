@@ -25,6 +25,9 @@ class RunView:
             self.con.print(f"[yellow]warning:[/] {escape(record)} (a cell without a readable record runs again)",
                            soft_wrap=True)
             return
+        if kind == "note":
+            self.con.print(escape(record), soft_wrap=True)
+            return
         if kind == "warmup":
             self.status = self.con.status("starting the cell launcher (imports torch and the plugins once)…")
             self.status.start()
