@@ -156,15 +156,8 @@ def run_cells(cells: list[CellSpec], out: str | os.PathLike, environment: dict, 
                 continue
             if progress:
                 progress("start", i, total, spec, None)
-            if spec.profile_steps:
-                spec = spec.with_(profile_dir=str((out_dir / TRACES_DIR).resolve()))
-            started = time.time()
-            spec, fit = _fit(registry, spec, fits, progress, i, total) if search_micro_batch else (spec, None)
-            outcome = _no_fit_outcome(fit) if fit and fit.micro_batch is None else run_cell_process(spec)
-            if fit and fit.micro_batch and outcome.status == "oom":
-                spec, outcome = _smaller(spec, fit, outcome)
-            record = build_record(spec, outcome, environment, started)
-            record.update(memory_fields(registry, spec, fit))
+            spec, record = _measure(spec, out_dir, environment, registry, fits if search_micro_batch else None,
+                                    progress, i, total)
             record["run_order"] = {"order": order, "position": i, "of": total}
             if annotate:
                 annotate(record, earlier)
@@ -176,6 +169,21 @@ def run_cells(cells: list[CellSpec], out: str | os.PathLike, environment: dict, 
             if fail_fast and record["status"] not in ("ok", "skipped"):
                 break
     return summary
+
+
+def _measure(spec: CellSpec, out_dir: Path, environment: dict, registry, fits: dict | None, progress, i: int,
+             total: int) -> tuple[CellSpec, dict]:
+    """Run one cell (at its fitting micro-batch when ``fits`` searches them) and build its record."""
+    if spec.profile_steps:
+        spec = spec.with_(profile_dir=str((out_dir / TRACES_DIR).resolve()))
+    started = time.time()
+    spec, fit = _fit(registry, spec, fits, progress, i, total) if fits is not None else (spec, None)
+    outcome = _no_fit_outcome(fit) if fit and fit.micro_batch is None else run_cell_process(spec)
+    if fit and fit.micro_batch and outcome.status == "oom":
+        spec, outcome = _smaller(spec, fit, outcome)
+    record = build_record(spec, outcome, environment, started)
+    record.update(memory_fields(registry, spec, fit))
+    return spec, record
 
 
 def _existing(out_dir: Path, summary: RunSummary, progress, total: int) -> list[dict]:
