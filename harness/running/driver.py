@@ -16,11 +16,14 @@ from ftbench.harness.running.prepare import pin_extensions_dir, prepare_engines
 from ftbench.harness.api import FtbenchError
 from ftbench.harness.running.cellproc import run_cell_process
 from ftbench.harness.grid.config import CellSpec
+from ftbench.harness.grid.expand import INTERLEAVED, order_repeats
 from ftbench.harness.results.record import build_record
 from ftbench.harness.results.recovery import ResultsNotWritten, keep_record, restore_into
 from ftbench.harness.results.store import append_record, finished_keys, read_records
 
 LOCK_FILE = ".ftbench.lock"
+#: Where ``--profile`` traces go inside a result set.
+TRACES_DIR = "traces"
 
 
 @dataclass
@@ -116,8 +119,12 @@ def _append_or_keep(out_dir: Path, record: dict, environment: dict, cell_id: str
 
 def run_cells(cells: list[CellSpec], out: str | os.PathLike, environment: dict, *, force: bool = False,
               fail_fast: bool = False, progress=None, annotate=None, registry=None,
-              search_micro_batch: bool = False) -> RunSummary:
+              search_micro_batch: bool = False, order: str = INTERLEAVED) -> RunSummary:
     """Run every cell not already in ``out`` and append its record.
+
+    ``order`` arranges the repeats (:func:`~ftbench.harness.grid.expand.order_repeats`):
+    round-robin by default.  Each record keeps its place in that order
+    (``run_order``) next to its ``started_at``.
 
     ``progress`` receives events ``("start"|"end"|"skip"|"probe", index, total, spec, record)``;
     ``annotate(record, earlier_records)`` may add fields (e.g. loss parity)
@@ -126,6 +133,7 @@ def run_cells(cells: list[CellSpec], out: str | os.PathLike, environment: dict, 
     finds each cell's largest fitting micro-batch with probe cells
     (:mod:`ftbench.harness.running.fit`), once per cell for all its repeats.
     """
+    cells = order_repeats(cells, order)
     out_dir = prepare_out_dir(out)
     summary = RunSummary()
     reaper.become_subreaper()
@@ -138,12 +146,7 @@ def run_cells(cells: list[CellSpec], out: str | os.PathLike, environment: dict, 
         earlier = []
         fits: dict = {}
         if (out_dir / "results.jsonl").exists():
-            existing = read_records(out_dir)
-            earlier = existing.records
-            summary.problems = existing.problems
-            if progress:
-                for problem in existing.problems:
-                    progress("problem", 0, len(cells), None, problem)
+            earlier = _existing(out_dir, summary, progress, len(cells))
         total = len(cells)
         if progress:
             progress("warmup", 0, total, None, None)
@@ -157,13 +160,9 @@ def run_cells(cells: list[CellSpec], out: str | os.PathLike, environment: dict, 
                 continue
             if progress:
                 progress("start", i, total, spec, None)
-            started = time.time()
-            spec, fit = _fit(registry, spec, fits, progress, i, total) if search_micro_batch else (spec, None)
-            outcome = _no_fit_outcome(fit) if fit and fit.micro_batch is None else run_cell_process(spec)
-            if fit and fit.micro_batch and outcome.status == "oom":
-                spec, outcome = _smaller(spec, fit, outcome)
-            record = build_record(spec, outcome, environment, started)
-            record.update(memory_fields(registry, spec, fit))
+            spec, record = _measure(spec, out_dir, environment, registry, fits if search_micro_batch else None,
+                                    progress, i, total)
+            record["run_order"] = {"order": order, "position": i, "of": total}
             if annotate:
                 annotate(record, earlier)
             _append_or_keep(out_dir, record, environment, spec.cell_id)
@@ -190,6 +189,31 @@ def _start_grid(pending: list[CellSpec], out_dir: Path, environment: dict, progr
         except OSError:
             pass  # the report is informational; the progress line already showed it
     return prepared
+
+
+def _measure(spec: CellSpec, out_dir: Path, environment: dict, registry, fits: dict | None, progress, i: int,
+             total: int) -> tuple[CellSpec, dict]:
+    """Run one cell (at its fitting micro-batch when ``fits`` searches them) and build its record."""
+    if spec.profile_steps:
+        spec = spec.with_(profile_dir=str((out_dir / TRACES_DIR).resolve()))
+    started = time.time()
+    spec, fit = _fit(registry, spec, fits, progress, i, total) if fits is not None else (spec, None)
+    outcome = _no_fit_outcome(fit) if fit and fit.micro_batch is None else run_cell_process(spec)
+    if fit and fit.micro_batch and outcome.status == "oom":
+        spec, outcome = _smaller(spec, fit, outcome)
+    record = build_record(spec, outcome, environment, started)
+    record.update(memory_fields(registry, spec, fit))
+    return spec, record
+
+
+def _existing(out_dir: Path, summary: RunSummary, progress, total: int) -> list[dict]:
+    """The records already in ``out_dir``; unreadable lines become the summary's problems."""
+    existing = read_records(out_dir)
+    summary.problems = existing.problems
+    if progress:
+        for problem in existing.problems:
+            progress("problem", 0, total, None, problem)
+    return existing.records
 
 
 def _fit(registry, spec: CellSpec, fits: dict, progress, i: int, total: int):
