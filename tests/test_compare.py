@@ -260,7 +260,7 @@ def test_calibration_writes_noise_thresholds_that_compare_reads(tmp_path):
     res = CliRunner().invoke(main, ["compare", "--calibrate", str(a1), str(a2), "-o", str(tmp_path / "t.json")])
     assert res.exit_code == 0, res.output
     data = json.loads((tmp_path / "t.json").read_text())
-    assert data["machine"]["cpu"] == "Test CPU" and set(data["thresholds"]) == {"speed", "peak_memory_bytes",
+    assert data["machine"]["cpu"] == "Test CPU" and set(data["thresholds"]) == {"speed", "peak_memory_bytes", "time_to_target",
                                                                                    "metric"}
     # the speed threshold covers the largest A/A move with a margin; memory and metric did not move
     assert data["thresholds"]["speed"] >= 1.5 * data["largest_aa_change"]["speed"] > 0

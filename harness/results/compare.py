@@ -42,11 +42,11 @@ from ftbench.harness.results.resultset import (ResultSet, as_float, config_diff,
 
 #: Relative change below which a figure is "unchanged", per figure.  Speed is
 #: one figure (throughput; step time is its reciprocal).
-DEFAULT_THRESHOLDS = {"speed": 0.10, "peak_memory_bytes": 0.10, "metric": 0.02}
+DEFAULT_THRESHOLDS = {"speed": 0.10, "peak_memory_bytes": 0.10, "metric": 0.02, "time_to_target": 0.15}
 ALIASES = {"tokens_per_s": "speed", "step_time_s": "speed", "throughput": "speed", "tokens": "speed",
            "tok/s": "speed", "step_time": "speed", "step": "speed", "memory": "peak_memory_bytes",
            "peak_memory": "peak_memory_bytes", "mem": "peak_memory_bytes", "quality": "metric",
-           "accuracy": "metric"}
+           "accuracy": "metric", "time_to_target_s": "time_to_target", "ttt": "time_to_target"}
 DEFAULT_ALPHA = 0.01
 #: Confidence level of the interval of the ratio of medians.
 CONFIDENCE = 0.95
@@ -423,7 +423,38 @@ def _compare_cell(label, task, cid, rb, rn, th, alpha, note) -> list[Row]:
             j = judge(vb, vn, bool(hib), th["metric"], alpha)
             rows.append(Row(label, task, f"{metric_b} {arrow}", vb, vn, j.change, j.verdict, j.evidence + extra,
                             cid, "", j.interval, j.p_value))
+    rows += _time_to_target_rows(label, task, cid, ok_b, ok_n, th, alpha, extra)
     return rows
+
+
+def _time_to_target_rows(label, task, cid, ok_b, ok_n, th, alpha, extra) -> list[Row]:
+    """Time to the quality target (docs/time-to-quality.md): reaching it is the first fact, its time the second.
+
+    A side "reached" its target when more than half its runs did (the report's
+    median rule); reaching it before and not now is a regression whatever the times.
+    """
+    tb = next((r["target"] for r in ok_b if r.get("target")), None)
+    tn = next((r["target"] for r in ok_n if r.get("target")), None)
+    if not tb and not tn:
+        return []
+    if (tb or {}).get("text") != (tn or {}).get("text"):
+        return [Row(label, task, "time_to_target", [], [], None, REFUSED,
+                    f"targets differ ({(tb or {}).get('text')} -> {(tn or {}).get('text')})", cid)]
+    hit_b = [r for r in ok_b if r.get("target_reached")]
+    hit_n = [r for r in ok_n if r.get("target_reached")]
+    reached_b, reached_n = 2 * len(hit_b) > len(ok_b), 2 * len(hit_n) > len(ok_n)
+    counts = f"reached in {len(hit_b)}/{len(ok_b)} -> {len(hit_n)}/{len(ok_n)} runs"
+    vb, vn = _clean(hit_b, "time_to_target_s"), _clean(hit_n, "time_to_target_s")
+    if reached_b != reached_n:
+        verdict = REGRESSION if reached_b else IMPROVEMENT
+        why = f"target {tb['text']} {'no longer' if reached_b else 'now'} reached ({counts}){extra}"
+        return [Row(label, task, "time_to_target", vb, vn, None, verdict, why, cid, "sec")]
+    if not reached_b:
+        return [Row(label, task, "time_to_target", vb, vn, None, UNCHANGED,
+                    f"target {tb['text']} reached on neither side ({counts}){extra}", cid, "sec")]
+    j = judge(vb, vn, False, th["time_to_target"], alpha)
+    return [Row(label, task, "time_to_target", vb, vn, j.change, j.verdict, f"{counts}; {j.evidence}{extra}", cid,
+                "sec", j.interval, j.p_value)]
 
 
 def _clean(recs, key) -> list[float]:
@@ -435,6 +466,8 @@ def _fmt_one(v: float, unit: str) -> str:
         return fmt_bytes(v)
     if unit == "s":
         return f"{fmt_num(v * 1e3)} ms"
+    if unit == "sec":
+        return f"{fmt_num(v)} s"
     return fmt_num(v)
 
 
