@@ -79,10 +79,12 @@ class Cell:
             self.encode_and_plan()
         with self.clock.phase("engine"):
             self.setup_engine()
+        self.memory.end_setup()
         self.out["setup_s"] = time.time() - self.t_launch
         self.evaluate_before()
         self.train()
         self.evaluate()
+        self.profile()
         return self.out
 
     # ------------------------------------------------------------------ phases
@@ -108,6 +110,9 @@ class Cell:
             return False
         self.device = _pick_device(self.spec.device, self.local_rank)
         self.out["device"] = _describe(self.device)
+        from ftbench.harness.cell.memwindows import MemoryWindows
+
+        self.memory = MemoryWindows(self.device)
         if self.world > 1 and not torch.distributed.is_initialized():
             torch.distributed.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
         if self.recipe.precision != "fp32" and self.device.type != "cuda":
@@ -117,10 +122,13 @@ class Cell:
         return True
 
     def load_data(self) -> None:
-        from ftbench.harness.cell.data import load_splits
+        from ftbench.harness.cell.rowsource import load_run_data
 
-        self.splits = load_splits(self.task, self.spec.data, self.options, self.recipe.seed,
-                                  dict(self.spec.columns))
+        # Only the rows this run uses (its batches, the tokenizer sample, the evaluation examples).
+        self.data = load_run_data(self.task, self.spec.data, self.options, self.recipe, self.spec.eval_examples,
+                                  self.world, dict(self.spec.columns))
+        self.splits = self.data.splits
+        self.out["rows_read"] = self.data.rows_read
         self.options.update(self.task.prepare(self.splits, self.options) or {})
 
     def load_tokenizer(self) -> None:
@@ -128,8 +136,9 @@ class Cell:
 
         self.source = resolve_model(self.spec.model, self.reg, self.task)
         self.kind = choose_kind(self.source, self.task)
-        texts = (x for ex in self.splits["train"] for x in self.task.texts(ex, self.options))
-        self.tokenizer = load_tokenizer(self.source, texts)
+        from ftbench.harness.cell.rowsource import sample_texts
+
+        self.tokenizer = load_tokenizer(self.source, sample_texts(self.data, self.task, self.options))
 
     def build_model(self) -> None:
         import torch
@@ -137,6 +146,7 @@ class Cell:
         from ftbench.harness.cell.measure import current_rss_bytes
         from ftbench.harness.cell.modeling import build_model, count_params, max_positions, param_bytes
         from ftbench.harness.cell.tuning import tune
+        from ftbench.harness.cell.weights import weight_dtypes
         from ftbench.harness.grid.resolve import check_seq_len
 
         recipe = self.recipe
@@ -156,7 +166,7 @@ class Cell:
         # training state needs before activations.
         self.out.update(state_bytes_theory=4 * (total + 3 * trainable), trainable_params=trainable,
                         total_params=total, param_bytes=param_bytes(model), model_kind=self.kind,
-                        vocab_size=len(self.tokenizer))
+                        vocab_size=len(self.tokenizer), **weight_dtypes(self.source, model, recipe, self.device))
         self.model = model
 
     def encode_and_plan(self) -> None:
@@ -168,10 +178,12 @@ class Cell:
         recipe, tok = self.recipe, self.tokenizer
         key = {"v": 1, "task": self.cell.task_name, "options": self.options,
                "data": data_identity(self.spec.data, self.splits), "seed": recipe.seed,
+               "rows": self.data.rows_key(),
                "columns": list(self.spec.columns), "kind": self.kind, "seq_len": recipe.seq_len,
                "tokenizer": getattr(tok, "ftbench_identity", None) or [getattr(tok, "name_or_path", None), len(tok)]}
-        self.enc = cached_encode(key, lambda: {s: [self.encode(ex) for ex in rows]
-                                               for s, rows in self.splits.items() if s in ("train", "validation")})
+        used = self.data.plan_indices
+        self.enc = cached_encode(key, lambda: {"train": [self.encode(self.data.train_row(i)) for i in used],
+                                               "validation": [self.encode(ex) for ex in self.splits["validation"]]})
         self.out["truncated_examples"] = {s: sum(1 for e in v if e.truncated) for s, v in self.enc.items()}
         self.out["truncated_tokens"] = {s: sum(e.truncated for e in v) for s, v in self.enc.items()}
         pad_id, dstart = tok.pad_token_id, decoder_start_id(self.model)
@@ -181,14 +193,16 @@ class Cell:
                            recipe.padding, dstart)
 
         self.make_batch = make_batch
-        train_rows = self.enc["train"]
+        train_rows = dict(zip(used, self.enc["train"]))  # split index -> encoded row
+        n_rows = self.data.n_train
         if recipe.packing:
             from ftbench.harness.cell.packing import check_can_pack, pack
 
             check_can_pack(self.task.head, self.kind, self.cell.task_name, self.spec.model)
-            train_rows = pack(train_rows, recipe.seq_len)
-            self.out["packed_rows"] = len(train_rows)
-        plan = batch_plan(len(train_rows), recipe, self.world, self.rank, recipe.seed)
+            packed = pack([train_rows[i] for i in sorted(train_rows)], recipe.seq_len)
+            train_rows, n_rows = dict(enumerate(packed)), len(packed)
+            self.out["packed_rows"] = n_rows
+        plan = batch_plan(n_rows, recipe, self.world, self.rank, recipe.seed)
         # Indices only: each step is collated when the loop reaches it.
         self.steps = StepStream(plan, lambda ix: make_batch(ix, train_rows), self.world,
                                 pin=self.device.type == "cuda")
@@ -213,7 +227,6 @@ class Cell:
 
     def train(self) -> None:
         from ftbench.harness.cell.batches import pad_fraction, step_flops
-        from ftbench.harness.cell.measure import memory_snapshot
         from ftbench.harness.cell.mfu import device_peak
         from ftbench.harness.cell.training import summarize, train
 
@@ -225,11 +238,11 @@ class Cell:
         warm = self.recipe.warmup
         self.out.update(summarize(run, self.steps.counts, warm, self.engine.compiles))
         self.out["pad_fraction"] = pad_fraction(self.steps.counts)
-        self.out["memory"] = memory_snapshot(self.device)
+        self.out["memory"] = self.memory.end_training()
         measured = sum(run.times[warm:])
         flops = step_flops(self.steps.shapes, self.flops_of)
         self.out["flops_per_s"] = sum(flops[warm:len(run.times)]) / measured if measured else None
-        self.out["peak_flops"], self.out["peak_flops_source"] = device_peak(self.device, self.recipe.precision)
+        self.out["peak_flops"], self.out["peak_flops_source"] = device_peak(self.device, self.out["matmul_dtype"])
 
     def quality_tracker(self):
         """Evaluation during training and the target, when the cell asks for either."""
@@ -297,6 +310,12 @@ class Cell:
                         eval_s=eval_s, eval_examples=min(self.spec.eval_examples, len(self.splits["validation"])),
                         backend_stats=self.engine.stats(), status="ok", error=None)
         self.out["memory_after_eval"] = memory_snapshot(self.device)
+
+    def profile(self) -> None:
+        """``--profile``: a traced run of extra steps, after everything measured (no-op otherwise)."""
+        from ftbench.harness.cell.profile import profile_after_training
+
+        self.out.update(profile_after_training(self.spec, self.engine, self.steps, self.device, self.rank))
 
 
 def run_cell(spec_dict: dict, result_dir: Path, t_launch: float | None = None) -> dict:

@@ -70,15 +70,17 @@ def _preset_tokenizer(source, task, cell):
     A preset's vocabulary is trained on the task's text and is often far
     smaller than its nominal size; the embeddings and the logits follow it.
     """
-    from ftbench.harness.cell.data import load_splits
     from ftbench.harness.cell.modeling import load_tokenizer
+    from ftbench.harness.cell.rowsource import load_run_data, sample_texts
 
     tname, topts = cell.task_name_and_options()
     options = {**dict(task.defaults), **topts}
     try:
-        splits = load_splits(task, cell.data, options, cell.recipe.seed, dict(cell.columns))
-        options.update(task.prepare(splits, options) or {})
-        tok = load_tokenizer(source, (x for ex in splits["train"] for x in task.texts(ex, options)))
+        # The rows and tokenizer sample the cell itself reads: the same (cached) tokenizer, never the whole file.
+        run = load_run_data(task, cell.data, options, cell.recipe.validate(), cell.eval_examples, 1,
+                            dict(cell.columns))
+        options.update(task.prepare(run.splits, options) or {})
+        tok = load_tokenizer(source, sample_texts(run, task, options))
         return tok, options.get("num_labels")
     except Exception:  # noqa: BLE001 - hub data or a plugin's error: fall back to the nominal size
         return _VocabOnly(source.preset.vocab_size), None

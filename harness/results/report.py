@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ftbench.harness.results.format import fmt_bytes, fmt_num
+from ftbench.harness.results.profiles import profile_html, profile_markdown, profile_rows
 from ftbench.harness.results.quality_report import plot_quality_vs_time, time_to_target_frame
 from ftbench.harness.results.resultset import ResultSet, as_float, load_result_set, repeat_of, variant_labels
 
@@ -61,6 +62,8 @@ def records_frame(rs: ResultSet):
             "tokens_per_s": as_float(r.get("tokens_per_s")), "samples_per_s": as_float(r.get("samples_per_s")),
             "step_time_s": as_float(r.get("step_time_s")), "step_iqr_s": as_float(st.get("iqr")),
             "peak_memory_bytes": as_float(r.get("peak_memory_bytes")), "memory_kind": r.get("memory_kind"),
+            "setup_peak_memory_bytes": as_float(r.get("setup_peak_memory_bytes")),
+            "train_peak_memory_bytes": as_float(r.get("train_peak_memory_bytes")),
             "memory_predicted_bytes": as_float(r.get("memory_predicted_bytes")),
             "micro_batch": r.get("micro_batch"), "micro_batch_probes": _probes(r.get("micro_batch_search")),
             "setup_s": as_float(r.get("setup_s")), "compile_s": as_float(r.get("compile_s")),
@@ -89,8 +92,9 @@ def summary_frame(df):
                "parity": next((p for p in g["parity"] if p and p != "-"), "-"),
                "error": next((e for e in g["error"] if isinstance(e, str) and e), None), "cell_id": cid,
                "micro_batch": first["micro_batch"], "micro_batch_probes": first["micro_batch_probes"]}
-        for col in ("tokens_per_s", "step_time_s", "peak_memory_bytes", "memory_predicted_bytes", "setup_s",
-                    "compile_s", "metric_value", "metric_before"):
+        for col in ("tokens_per_s", "step_time_s", "peak_memory_bytes", "setup_peak_memory_bytes",
+                    "train_peak_memory_bytes", "memory_predicted_bytes", "setup_s", "compile_s", "metric_value",
+                    "metric_before"):
             vals = ok[col].dropna()
             row[f"{col}_median"] = vals.median() if len(vals) else None
             row[f"{col}_min"] = vals.min() if len(vals) else None
@@ -127,6 +131,9 @@ def display_frame(summary):
             "status": status, "tokens/s": _spread(s, "tokens_per_s", fmt_num),
             "step ms": _spread(s, "step_time_s", lambda v: fmt_num(v * 1e3)),
             "peak memory": _spread(s, "peak_memory_bytes", fmt_bytes),
+            # The two windows the headline peak is the larger of (setup: start to engine ready).
+            "setup peak": _spread(s, "setup_peak_memory_bytes", fmt_bytes),
+            "train peak": _spread(s, "train_peak_memory_bytes", fmt_bytes),
             "predicted": _predicted(s),
             "setup s": _spread(s, "setup_s", fmt_num), "compile s": _spread(s, "compile_s", fmt_num),
             "metric": metric, "parity": s["parity"],
@@ -332,7 +339,7 @@ PLOT_TITLES = {
 
 
 def render_html(rs: ResultSet, display, plots: dict[str, Path], out: Path, problems: list[str],
-                time_to_target=None) -> str:
+                time_to_target=None, extra: str = "") -> str:
     """The report page: the summary table and every plot, embedded so the file stands alone."""
     env = next((r.get("environment") for r in rs.records if r.get("environment")), {}) or {}
     versions = ", ".join(f"{k} {v}" for k, v in (env.get("versions") or {}).items() if v)
@@ -350,7 +357,7 @@ def render_html(rs: ResultSet, display, plots: dict[str, Path], out: Path, probl
     if time_to_target is not None:
         parts += ["<h2>Time to target</h2>", f"<p>{html.escape(TTT_NOTE)}</p>",
                   time_to_target.to_html(index=False, escape=True, border=0, classes="ttt")]
-    parts.append("<h2>Plots</h2>")
+    parts += [extra, "<h2>Plots</h2>"]
     for key, path in plots.items():
         data = base64.b64encode(path.read_bytes()).decode()
         rel = os.path.relpath(path, out)
@@ -407,6 +414,8 @@ def write_report(result_dir, out: str | os.PathLike | None = None, loss_x: str =
         md += ["## Time to target", "", TTT_NOTE, "", ttt.to_markdown(index=False), ""]
     if problems:
         md += ["## Warnings", ""] + [f"- {p}" for p in problems] + [""]
+    profiled = profile_rows(rs, out)
+    md += profile_markdown(profiled)
     ok = summary[summary["ok"] > 0] if len(summary) else summary
     if len(ok):
         rep.plots["throughput"] = plot_bars(ok, df, "tokens_per_s", "tokens/s (non-pad, global)",
@@ -422,7 +431,8 @@ def write_report(result_dir, out: str | os.PathLike | None = None, loss_x: str =
             rep.plots["quality_vs_time"] = vs_time
         md += ["## Plots", ""] + [f"![{PLOT_TITLES[k]}]({os.path.relpath(p, out)})" for k, p in rep.plots.items()]
     rep.markdown.write_text("\n".join(md) + "\n")
-    rep.html.write_text(render_html(rs, display, rep.plots, out, problems, ttt if len(ttt) else None))
+    rep.html.write_text(render_html(rs, display, rep.plots, out, problems, ttt if len(ttt) else None,
+                                    profile_html(profiled)))
     return rep, display
 
 

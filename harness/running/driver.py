@@ -12,13 +12,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ftbench.harness.running import launch, reaper
+from ftbench.harness.running.prepare import pin_extensions_dir, prepare_engines
 from ftbench.harness.api import FtbenchError
 from ftbench.harness.running.cellproc import run_cell_process
 from ftbench.harness.grid.config import CellSpec
+from ftbench.harness.grid.expand import INTERLEAVED, order_repeats
 from ftbench.harness.results.record import build_record
+from ftbench.harness.results.recovery import ResultsNotWritten, keep_record, restore_into
 from ftbench.harness.results.store import append_record, finished_keys, read_records
 
 LOCK_FILE = ".ftbench.lock"
+#: Where ``--profile`` traces go inside a result set.
+TRACES_DIR = "traces"
 
 
 @dataclass
@@ -28,6 +33,10 @@ class RunSummary:
     interrupted: bool = False
     #: Unreadable lines of an existing results.jsonl (their cells are rerun).
     problems: list[str] = field(default_factory=list)
+    #: One-off preparations of the grid's engines (see ftbench.harness.running.prepare), before any cell.
+    prepared: list[dict] = field(default_factory=list)
+    #: Records put back from a recovery set (kept there when an earlier run could not write them).
+    restored: int = 0
 
 
 def prepare_out_dir(out: str | os.PathLike) -> Path:
@@ -73,8 +82,11 @@ class OutputLock:
                 raise FtbenchError(f"another 'ftbench run' is writing to {self.path.parent}; wait for it to "
                                    "finish or pass a different --out") from None
             raise
-        os.ftruncate(self.fd, 0)
-        os.write(self.fd, str(os.getpid()).encode())
+        try:
+            os.ftruncate(self.fd, 0)
+            os.write(self.fd, str(os.getpid()).encode())  # for people; the flock is what counts
+        except OSError:
+            pass
         return self
 
     def __exit__(self, *exc):
@@ -84,10 +96,35 @@ class OutputLock:
         return False
 
 
+def _open_result_set(out_dir: Path, environment: dict) -> int:
+    """Write the environment and put back records an earlier run could not write; how many came back."""
+    try:
+        _write_atomic(out_dir / "environment.json", json.dumps(environment, indent=2, default=str))
+    except OSError as e:
+        raise FtbenchError(f"cannot write {out_dir / 'environment.json'} ({e.strerror or e}); free space there or "
+                           "pass --out on a writable file system with room (no cell has run)") from None
+    try:
+        return restore_into(out_dir)[0]
+    except OSError as e:
+        raise FtbenchError(f"cannot put the recovered records back into {out_dir} ({e.strerror or e}); free "
+                           "space there first (the recovered records stay where they are)") from None
+
+
+def _append_or_keep(out_dir: Path, record: dict, environment: dict, cell_id: str) -> None:
+    try:
+        append_record(out_dir, record)
+    except OSError as e:  # full disk, read-only or vanished --out: keep the record, stop cleanly
+        raise ResultsNotWritten(out_dir, e, keep_record(out_dir, record, environment), cell_id) from None
+
+
 def run_cells(cells: list[CellSpec], out: str | os.PathLike, environment: dict, *, force: bool = False,
               fail_fast: bool = False, progress=None, annotate=None, registry=None,
-              search_micro_batch: bool = False) -> RunSummary:
+              search_micro_batch: bool = False, order: str = INTERLEAVED) -> RunSummary:
     """Run every cell not already in ``out`` and append its record.
+
+    ``order`` arranges the repeats (:func:`~ftbench.harness.grid.expand.order_repeats`):
+    round-robin by default.  Each record keeps its place in that order
+    (``run_order``) next to its ``started_at``.
 
     ``progress`` receives events ``("start"|"end"|"skip"|"probe", index, total, spec, record)``;
     ``annotate(record, earlier_records)`` may add fields (e.g. loss parity)
@@ -96,26 +133,25 @@ def run_cells(cells: list[CellSpec], out: str | os.PathLike, environment: dict, 
     finds each cell's largest fitting micro-batch with probe cells
     (:mod:`ftbench.harness.running.fit`), once per cell for all its repeats.
     """
+    cells = order_repeats(cells, order)
     out_dir = prepare_out_dir(out)
     summary = RunSummary()
     reaper.become_subreaper()
     os.environ[reaper.DRIVER_PID_ENV] = str(os.getpid())  # before the first cell (or fork server) starts
     with OutputLock(out_dir):
-        _write_atomic(out_dir / "environment.json", json.dumps(environment, indent=2, default=str))
+        summary.restored = _open_result_set(out_dir, environment)
+        if summary.restored and progress:
+            progress("note", 0, len(cells), None, f"put back {summary.restored} record(s) an earlier run kept")
         done = set() if force else finished_keys(out_dir)
         earlier = []
         fits: dict = {}
         if (out_dir / "results.jsonl").exists():
-            existing = read_records(out_dir)
-            earlier = existing.records
-            summary.problems = existing.problems
-            if progress:
-                for problem in existing.problems:
-                    progress("problem", 0, len(cells), None, problem)
+            earlier = _existing(out_dir, summary, progress, len(cells))
         total = len(cells)
         if progress:
             progress("warmup", 0, total, None, None)
-        launch.warm_up([c for c in cells if (c.cell_id, c.repeat) not in done])
+        summary.prepared = _start_grid([c for c in cells if (c.cell_id, c.repeat) not in done], out_dir, environment,
+                                       progress)
         for i, spec in enumerate(cells, start=1):
             if (spec.cell_id, spec.repeat) in done:
                 summary.skipped_done += 1
@@ -124,16 +160,12 @@ def run_cells(cells: list[CellSpec], out: str | os.PathLike, environment: dict, 
                 continue
             if progress:
                 progress("start", i, total, spec, None)
-            started = time.time()
-            spec, fit = _fit(registry, spec, fits, progress, i, total) if search_micro_batch else (spec, None)
-            outcome = _no_fit_outcome(fit) if fit and fit.micro_batch is None else run_cell_process(spec)
-            if fit and fit.micro_batch and outcome.status == "oom":
-                spec, outcome = _smaller(spec, fit, outcome)
-            record = build_record(spec, outcome, environment, started)
-            record.update(memory_fields(registry, spec, fit))
+            spec, record = _measure(spec, out_dir, environment, registry, fits if search_micro_batch else None,
+                                    progress, i, total)
+            record["run_order"] = {"order": order, "position": i, "of": total}
             if annotate:
                 annotate(record, earlier)
-            append_record(out_dir, record)
+            _append_or_keep(out_dir, record, environment, spec.cell_id)
             earlier.append(record)
             summary.records.append(record)
             if progress:
@@ -141,6 +173,47 @@ def run_cells(cells: list[CellSpec], out: str | os.PathLike, environment: dict, 
             if fail_fast and record["status"] not in ("ok", "skipped"):
                 break
     return summary
+
+
+def _start_grid(pending: list[CellSpec], out_dir: Path, environment: dict, progress) -> list[dict]:
+    """Start the fork server and do the engines' one-off work before the first cell."""
+    pin_extensions_dir()  # inherited by the fork server and every cell
+    launch.warm_up(pending)
+    if not pending:
+        return []
+    prepared = prepare_engines(pending, launch.context_for(pending), progress)
+    if prepared:  # reported once per grid, not in any cell's setup_s
+        try:
+            _write_atomic(out_dir / "environment.json",
+                          json.dumps({**environment, "prepared": prepared}, indent=2, default=str))
+        except OSError:
+            pass  # the report is informational; the progress line already showed it
+    return prepared
+
+
+def _measure(spec: CellSpec, out_dir: Path, environment: dict, registry, fits: dict | None, progress, i: int,
+             total: int) -> tuple[CellSpec, dict]:
+    """Run one cell (at its fitting micro-batch when ``fits`` searches them) and build its record."""
+    if spec.profile_steps:
+        spec = spec.with_(profile_dir=str((out_dir / TRACES_DIR).resolve()))
+    started = time.time()
+    spec, fit = _fit(registry, spec, fits, progress, i, total) if fits is not None else (spec, None)
+    outcome = _no_fit_outcome(fit) if fit and fit.micro_batch is None else run_cell_process(spec)
+    if fit and fit.micro_batch and outcome.status == "oom":
+        spec, outcome = _smaller(spec, fit, outcome)
+    record = build_record(spec, outcome, environment, started)
+    record.update(memory_fields(registry, spec, fit))
+    return spec, record
+
+
+def _existing(out_dir: Path, summary: RunSummary, progress, total: int) -> list[dict]:
+    """The records already in ``out_dir``; unreadable lines become the summary's problems."""
+    existing = read_records(out_dir)
+    summary.problems = existing.problems
+    if progress:
+        for problem in existing.problems:
+            progress("problem", 0, total, None, problem)
+    return existing.records
 
 
 def _fit(registry, spec: CellSpec, fits: dict, progress, i: int, total: int):

@@ -25,9 +25,15 @@ class RunView:
             self.con.print(f"[yellow]warning:[/] {escape(record)} (a cell without a readable record runs again)",
                            soft_wrap=True)
             return
+        if kind == "note":
+            self.con.print(escape(record), soft_wrap=True)
+            return
         if kind == "warmup":
             self.status = self.con.status("starting the cell launcher (imports torch and the plugins once)…")
             self.status.start()
+            return
+        if kind == "prepare":
+            self._prepare(record)
             return
         if kind == "probe":
             peak = fmt_bytes(record.get("memory_tree_peak_bytes")) if record.get("memory_tree_peak_bytes") else "-"
@@ -50,6 +56,20 @@ class RunView:
                 self.status.stop()
             self.con.print(f"{label}: {self._one_line(record)}")
 
+    def _prepare(self, job: dict) -> None:
+        if self.status:
+            self.status.stop()
+        device = "" if job["device"] == "auto" else f" ({job['device']})"
+        what = f"preparing {', '.join(job['backends'])}{device} once for the grid"
+        if job["status"] == "running":
+            self.status = self.con.status(f"{what} (e.g. building native ops on first use)…")
+            self.status.start()
+        elif job["status"] == "ok":
+            self.con.print(f"{what}: done in {job['seconds']:.1f} s (not counted in any cell)")
+        else:
+            self.con.print(f"[yellow]warning:[/] {what} failed after {job['seconds']:.1f} s: "
+                           f"{escape(job.get('error') or '')}; its cells will try on their own", soft_wrap=True)
+
     @staticmethod
     def _one_line(r: dict) -> str:
         colour = {"ok": "green", "skipped": "yellow"}.get(r["status"], "red")
@@ -59,7 +79,7 @@ class RunView:
                   f"mem {fmt_bytes(r['peak_memory_bytes'])}, {r['metric']} {fmt_num(r['metric_value'])}"
                   f"{metric_change(r)}")
         elif r.get("error"):
-            s += f": {r['error']}"
+            s += f": {escape(r['error'])}"  # library messages carry [brackets] that rich would read as markup
         for w in r.get("warnings") or ():
             s += f" [yellow](warning: {escape(w)})[/]"
         return s
