@@ -165,19 +165,25 @@ def run_cmd(grid_file, tasks, backends, models, datas, columns, out, force, fail
     from ftbench.harness.grid.preflight import check_cells
 
     check_cells(reg, cells)  # names, options, settings, data, seq_len, batch: before anything is written
+    nodes = grid.settings.get("launcher") or {}
+    follower = int(nodes.get("nnodes", 1) or 1) > 1 and int(nodes.get("node_rank", 0) or 0) > 0
     out = out or _default_out()
-    view = RunView(_console(), len(cells), out)
+    view = RunView(_console(), len(cells), out, follower=follower)
     _install_sigterm()
     from ftbench.harness.running.driver import run_cells
+    from ftbench.harness.running.nodes import NodeLost
     from ftbench.harness.results.environment import collect
     from ftbench.harness.results.parity import annotate_parity
 
     try:
         summary = run_cells(cells, out, collect(reg.pm), force=force, fail_fast=fail_fast, progress=view.event,
-                            annotate=annotate_parity)
+                            annotate=annotate_parity, nodes=nodes)
     except KeyboardInterrupt as e:
         view.interrupted(out)
         sys.exit(128 + getattr(e, "signum", signal.SIGINT))
+    except NodeLost as e:
+        _console(stderr=True).print(f"[bold red]error:[/] {e}", soft_wrap=True)
+        sys.exit(1)
     view.finish(summary)
     bad = [r for r in summary.records if r["status"] not in ("ok", "skipped")]
     sys.exit(1 if bad and fail_fast else 0)

@@ -38,6 +38,10 @@ def build_record(spec: CellSpec, outcome: CellOutcome, environment: dict, starte
         "model": spec.model,
         "data": spec.data,
         "nproc": spec.nproc,
+        # Ranks per node x nodes: a multi-node cell's records come from node 0, which sees its own ranks
+        # in memory_per_rank; throughput, losses and metrics are global.
+        "nnodes": spec.nnodes,
+        "world_size": main.get("world_size") or spec.nproc * spec.nnodes,
         "repeat": spec.repeat,
         "status": outcome.status,
         "error": outcome.error,

@@ -14,6 +14,7 @@ from pathlib import Path
 from ftbench.harness.running import launch, reaper
 from ftbench.harness.api import FtbenchError
 from ftbench.harness.running.cellproc import run_cell_process
+from ftbench.harness.running.nodes import NodeGroup, NodeLost, multi_node
 from ftbench.harness.grid.config import CellSpec
 from ftbench.harness.results.record import build_record
 from ftbench.harness.results.store import append_record, finished_keys, read_records
@@ -85,50 +86,108 @@ class OutputLock:
 
 
 def run_cells(cells: list[CellSpec], out: str | os.PathLike, environment: dict, *, force: bool = False,
-              fail_fast: bool = False, progress=None, annotate=None) -> RunSummary:
+              fail_fast: bool = False, progress=None, annotate=None, nodes: dict | None = None) -> RunSummary:
     """Run every cell not already in ``out`` and append its record.
 
     ``progress`` receives events ``("start"|"end"|"skip", index, total, spec, record)``;
     ``annotate(record, earlier_records)`` may add fields (e.g. loss parity)
-    before the record is written.
+    before the record is written.  ``nodes`` holds the multi-node settings
+    (``nnodes``, ``node_rank``, ``master_addr``, ``master_port``): with
+    ``nnodes`` > 1 this driver is one node of the grid (:mod:`.nodes`), and
+    a node other than 0 writes nothing to ``out``.
     """
-    out_dir = prepare_out_dir(out)
-    summary = RunSummary()
+    group = NodeGroup.from_launcher(nodes or {})
     reaper.become_subreaper()
     os.environ[reaper.DRIVER_PID_ENV] = str(os.getpid())  # before the first cell (or fork server) starts
+    if group is not None and not group.leader:
+        return _follow(cells, group, progress)
+    out_dir = prepare_out_dir(out)
+    summary = RunSummary()
     with OutputLock(out_dir):
-        _write_atomic(out_dir / "environment.json", json.dumps(environment, indent=2, default=str))
-        done = set() if force else finished_keys(out_dir)
-        earlier = []
-        if (out_dir / "results.jsonl").exists():
-            existing = read_records(out_dir)
-            earlier = existing.records
-            summary.problems = existing.problems
-            if progress:
-                for problem in existing.problems:
-                    progress("problem", 0, len(cells), None, problem)
-        total = len(cells)
+        if group is not None:
+            group.rendezvous(cells)  # before anything is written: a mismatched grid leaves no trace
+        try:
+            _lead(cells, out_dir, environment, summary, force, fail_fast, progress, annotate, group)
+        finally:
+            if group is not None:
+                group.stop_all()
+                group.farewell()
+    return summary
+
+
+def _lead(cells, out_dir, environment, summary, force, fail_fast, progress, annotate, group) -> None:
+    _write_atomic(out_dir / "environment.json", json.dumps(environment, indent=2, default=str))
+    done = set() if force else finished_keys(out_dir)
+    earlier = []
+    if (out_dir / "results.jsonl").exists():
+        existing = read_records(out_dir)
+        earlier = existing.records
+        summary.problems = existing.problems
         if progress:
-            progress("warmup", 0, total, None, None)
-        launch.warm_up([c for c in cells if (c.cell_id, c.repeat) not in done])
-        for i, spec in enumerate(cells, start=1):
-            if (spec.cell_id, spec.repeat) in done:
+            for problem in existing.problems:
+                progress("problem", 0, len(cells), None, problem)
+    total = len(cells)
+    if progress:
+        progress("warmup", 0, total, None, None)
+    launch.warm_up([c for c in cells if (c.cell_id, c.repeat) not in done])
+    k = -1  # index among the multi-node cells, which every node counts alike
+    for i, spec in enumerate(cells, start=1):
+        spread = group is not None and multi_node(spec)
+        k += spread
+        if (spec.cell_id, spec.repeat) in done:
+            if spread:
+                group.announce(k, spec, run=False)
+            summary.skipped_done += 1
+            if progress:
+                progress("skip", i, total, spec, None)
+            continue
+        if progress:
+            progress("start", i, total, spec, None)
+        started = time.time()
+        if spread:
+            outcome = run_cell_process(group.announce(k, spec, run=True), env_extra=group.cell_env(spec),
+                                       abort_if=group.leader_watch(k))
+            group.finished(k, outcome.status)
+        else:
+            outcome = run_cell_process(spec)
+        record = build_record(spec, outcome, environment, started)
+        if annotate:
+            annotate(record, earlier)
+        append_record(out_dir, record)
+        earlier.append(record)
+        summary.records.append(record)
+        if progress:
+            progress("end", i, total, spec, record)
+        if fail_fast and record["status"] not in ("ok", "skipped"):
+            break
+
+
+def _follow(cells, group, progress) -> RunSummary:
+    """A node other than 0: run this node's share of each multi-node cell node 0 starts; record nothing."""
+    summary = RunSummary()
+    group.rendezvous(cells)
+    shared = [c for c in cells if multi_node(c)]
+    try:
+        for k, spec in enumerate(shared):
+            try:
+                mine = group.next_cell(k, spec)
+            except FtbenchError:
+                raise
+            except Exception as e:  # noqa: BLE001 - the store's connection to node 0 broke
+                raise NodeLost(f"node 0 is gone ({str(e).splitlines()[0][:120]}); this node stops too") from None
+            if mine is None:
+                break
+            if mine is False:
                 summary.skipped_done += 1
                 if progress:
-                    progress("skip", i, total, spec, None)
+                    progress("follow-skip", k + 1, len(shared), spec, None)
                 continue
             if progress:
-                progress("start", i, total, spec, None)
-            started = time.time()
-            outcome = run_cell_process(spec)
-            record = build_record(spec, outcome, environment, started)
-            if annotate:
-                annotate(record, earlier)
-            append_record(out_dir, record)
-            earlier.append(record)
-            summary.records.append(record)
+                progress("follow-start", k + 1, len(shared), spec, None)
+            outcome = run_cell_process(mine, env_extra=group.cell_env(spec), abort_if=group.follower_watch(k))
             if progress:
-                progress("end", i, total, spec, record)
-            if fail_fast and record["status"] not in ("ok", "skipped"):
-                break
+                progress("follow-end", k + 1, len(shared), spec, outcome)
+    finally:
+        group.close()
+        group.say_bye()
     return summary

@@ -27,8 +27,9 @@ _context = None
 
 
 def use_fork_server(spec) -> bool:
+    # A multi-node cell goes through torchrun even with one rank per node: the nodes meet there.
     return (os.environ.get("FTBENCH_LAUNCH", "fork") != "exec" and spec.nproc <= 1
-            and sys.platform.startswith("linux"))
+            and int((spec.launcher or {}).get("nnodes", 1) or 1) <= 1 and sys.platform.startswith("linux"))
 
 
 def _fork_context():

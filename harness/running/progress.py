@@ -12,15 +12,23 @@ from ftbench.harness.results.format import fmt_bytes, fmt_num
 class RunView:
     """Progress events from :func:`ftbench.harness.running.driver.run_cells`, rendered with rich."""
 
-    def __init__(self, console, total: int, out: str):
+    def __init__(self, console, total: int, out: str, follower: bool = False):
         self.con = console
         self.total = total
         self.out = out
         self.status = None
+        self.follower = follower
         self.t0 = time.perf_counter()
-        self.con.print(f"ftbench: {total} cell(s) -> {out}/results.jsonl")
+        if follower:
+            self.con.print(f"ftbench: {total} cell(s); this node runs its share of the multi-node ones, "
+                           "node 0 writes the records")
+        else:
+            self.con.print(f"ftbench: {total} cell(s) -> {out}/results.jsonl")
 
     def event(self, kind, i, total, spec, record):
+        if kind.startswith("follow-"):
+            self._follow_event(kind, i, total, spec, record)
+            return
         if kind == "problem":
             self.con.print(f"[yellow]warning:[/] {escape(record)} (a cell without a readable record runs again)",
                            soft_wrap=True)
@@ -45,6 +53,15 @@ class RunView:
                 self.status.stop()
             self.con.print(f"{label}: {self._one_line(record)}")
 
+    def _follow_event(self, kind, i, total, spec, outcome):
+        label = f"[{i}/{total}] {spec.task} × {spec.backend} × {spec.model} ({spec.nnodes} nodes)"
+        if kind == "follow-skip":
+            self.con.print(f"{label}: already in node 0's result set, skipped")
+        elif kind == "follow-start":
+            self.con.print(f"{label}: running this node's ranks…")
+        else:
+            self.con.print(f"{label}: this node's share ended ({outcome.status}); node 0 records the cell")
+
     @staticmethod
     def _one_line(r: dict) -> str:
         colour = {"ok": "green", "skipped": "yellow"}.get(r["status"], "red")
@@ -65,6 +82,9 @@ class RunView:
                        f"was stopped and not recorded. Resume with the same command and --out {out}.")
 
     def finish(self, summary):
+        if self.follower:
+            self.con.print(f"done in {time.perf_counter() - self.t0:.0f} s; records are in node 0's result set")
+            return
         from rich import box
         from rich.table import Table
 
