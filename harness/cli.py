@@ -36,7 +36,10 @@ class FtbenchGroup(click.Group):
         try:
             return super().invoke(ctx)
         except FtbenchError as e:
-            _console(stderr=True).print(f"[bold red]error:[/] {e}", soft_wrap=True)
+            from rich.markup import escape
+
+            # Escaped: a fix such as pip install 'ftbench[slurm]' must print as written.
+            _console(stderr=True).print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
             ctx.exit(EXIT_USAGE)
 
 
@@ -128,6 +131,14 @@ def list_cmd(as_json):
 @click.option("--node-rank", type=int, help="This node's rank (multi-node).")
 @click.option("--master-addr", help="Rendezvous address (multi-node).")
 @click.option("--master-port", type=int, help="Rendezvous port (multi-node).")
+@click.option("--launcher", "launcher_kind", type=click.Choice(["local", "slurm"]), default=None,
+              help="Where cells run: here (local, default) or as Slurm jobs (slurm).")
+@click.option("--slurm-partition", help="Slurm partition for the jobs (--launcher slurm).")
+@click.option("--slurm-time", help="Slurm time limit per job: 30m, 2h or seconds (default: the cell's limit + 5 min).")
+@click.option("--slurm-gpus-per-node", type=int, help="GPUs per node of each job (--launcher slurm).")
+@click.option("--slurm-nodes", type=int, help="Nodes per data-parallel cell, each running --nproc ranks.")
+@click.option("--slurm-option", "slurm_flags", multiple=True, metavar="NAME=VALUE",
+              help="Any other sbatch option, long name without dashes (repeatable), e.g. account=perf.")
 @click.option("--time-limit", "time_limit_s", type=float, help="Seconds before a cell is killed (status timeout).")
 @click.option("--memory-limit-mb", type=float, help="Host memory per cell before it is killed (status oom).")
 @click.option("--eval-examples", type=int, help="Held-out examples evaluated per cell.")
@@ -146,6 +157,8 @@ def run_cmd(grid_file, tasks, backends, models, datas, columns, out, force, fail
     from ftbench.harness.running.progress import RunView
 
     reg = Registry.load()
+    slurm_cli = {k: settings.pop(k) for k in ("launcher_kind", "slurm_partition", "slurm_time",
+                                               "slurm_gpus_per_node", "slurm_nodes", "slurm_flags")}
     launcher = {k: settings.pop(k) for k in ("nnodes", "node_rank", "master_addr", "master_port")
                 if settings.get(k) is not None}
     for k in ("nnodes", "node_rank", "master_addr", "master_port"):
@@ -157,6 +170,7 @@ def run_cmd(grid_file, tasks, backends, models, datas, columns, out, force, fail
         overrides["launcher"] = launcher
     axes = {"task": list(tasks), "backend": list(backends), "model": list(models), "data": list(datas)}
     grid = build_grid(grid_file, axes, overrides)
+    slurm = _slurm_options(grid, slurm_cli)
     cells = grid.cells(reg)
     if shard:
         from ftbench.harness.grid.files import select_shard
@@ -165,6 +179,10 @@ def run_cmd(grid_file, tasks, backends, models, datas, columns, out, force, fail
     from ftbench.harness.grid.preflight import check_cells
 
     check_cells(reg, cells)  # names, options, settings, data, seq_len, batch: before anything is written
+    if slurm is not None:
+        from ftbench.harness.running.slurm import check_slurm
+
+        check_slurm(slurm)
     nodes = grid.settings.get("launcher") or {}
     follower = int(nodes.get("nnodes", 1) or 1) > 1 and int(nodes.get("node_rank", 0) or 0) > 0
     out = out or _default_out()
@@ -176,17 +194,58 @@ def run_cmd(grid_file, tasks, backends, models, datas, columns, out, force, fail
     from ftbench.harness.results.parity import annotate_parity
 
     try:
-        summary = run_cells(cells, out, collect(reg.pm), force=force, fail_fast=fail_fast, progress=view.event,
-                            annotate=annotate_parity, nodes=nodes)
+        if slurm is not None:
+            from ftbench.harness.running.slurm import run_cells_slurm
+
+            summary = run_cells_slurm(cells, out, collect(reg.pm), slurm, force=force, fail_fast=fail_fast,
+                                      progress=view.event, annotate=annotate_parity)
+        else:
+            summary = run_cells(cells, out, collect(reg.pm), force=force, fail_fast=fail_fast, progress=view.event,
+                                annotate=annotate_parity, nodes=nodes)
     except KeyboardInterrupt as e:
         view.interrupted(out)
         sys.exit(128 + getattr(e, "signum", signal.SIGINT))
     except NodeLost as e:
-        _console(stderr=True).print(f"[bold red]error:[/] {e}", soft_wrap=True)
+        from rich.markup import escape
+
+        _console(stderr=True).print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
         sys.exit(1)
     view.finish(summary)
     bad = [r for r in summary.records if r["status"] not in ("ok", "skipped")]
     sys.exit(1 if bad and fail_fast else 0)
+
+
+def _slurm_options(grid, cli: dict):
+    """The Slurm settings (grid file's ``slurm:``, then the flags), or None for the local launcher."""
+    kind = cli["launcher_kind"] or grid.launcher or "local"
+    flags = {k: v for k, v in cli.items() if k != "launcher_kind" and v not in (None, ())}
+    if kind != "slurm":
+        if flags:
+            names = ", ".join("--" + k.replace("_", "-").replace("flags", "option") for k in sorted(flags))
+            raise FtbenchError(f"{names} only apply with --launcher slurm; add --launcher slurm, or drop them to "
+                               "run here")
+        return None
+    from ftbench.harness.grid.files import parse_duration
+    from ftbench.harness.running.slurm import options_from, parse_option_flags
+
+    opts = options_from(grid.slurm or {}, grid.source or "grid")
+    if cli["slurm_partition"]:
+        opts.partition = cli["slurm_partition"]
+    if cli["slurm_time"]:
+        opts.time_s = parse_duration(cli["slurm_time"], "--slurm-time")
+    if cli["slurm_gpus_per_node"] is not None:
+        opts.gpus_per_node = cli["slurm_gpus_per_node"]
+    if cli["slurm_nodes"] is not None:
+        opts.nodes = cli["slurm_nodes"]
+    opts.options.update(parse_option_flags(cli["slurm_flags"] or ()))
+    if (grid.settings.get("launcher") or {}).get("node_rank") is not None:
+        raise FtbenchError("--node-rank starts one node of a grid by hand; with --launcher slurm, Slurm starts "
+                           "the nodes: drop --nnodes/--node-rank/--master-addr/--master-port and pass "
+                           "--slurm-nodes N instead")
+    if isinstance(opts.nodes, int) and opts.nodes > 1:
+        # Data-parallel cells span the job's nodes; single-process cells still run on one.
+        grid.settings["launcher"] = {"nnodes": opts.nodes}
+    return opts
 
 
 def _parse_columns(items) -> dict:

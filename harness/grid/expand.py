@@ -47,6 +47,9 @@ class Grid:
     sweep: dict[str, list] = field(default_factory=dict)
     per_cell: list[dict] = field(default_factory=list)
     source: str | None = None
+    #: Where the cells run: ``local`` (default) or ``slurm``, and the grid file's ``slurm:`` mapping.
+    launcher: str | None = None
+    slurm: dict | None = None
 
     def cells(self, registry) -> list[CellSpec]:
         """Every cell of the grid, repeats included, in axis order.

@@ -32,7 +32,8 @@ from ftbench.harness.grid.config import RECIPE_FIELDS, Recipe
 from ftbench.harness.grid.expand import AXES, CELL_SETTINGS, PER_CELL_SETTINGS, SWEEPABLE, Grid
 
 DEFAULT_GRID = "default_grid.yaml"
-TOP_KEYS = set(AXES) | {"settings", "exclude", "repeat", "sweep", "time_limit", "per_cell"}
+TOP_KEYS = set(AXES) | {"settings", "exclude", "repeat", "sweep", "time_limit", "per_cell", "launcher", "slurm"}
+LAUNCHERS = ("local", "slurm")
 SETTING_KEYS = set(RECIPE_FIELDS) | set(CELL_SETTINGS)
 _RECIPE_TYPES = typing.get_type_hints(Recipe)
 _CELL_TYPES = {"nproc": int, "time_limit_s": float, "memory_limit_mb": float, "eval_examples": int, "device": str}
@@ -182,8 +183,17 @@ def grid_from_dict(data: dict, name: str) -> Grid:
     repeat = data.get("repeat", 1)
     if not isinstance(repeat, int) or isinstance(repeat, bool) or repeat < 1:
         raise FtbenchError(f"grid file {name}: repeat must be an integer >= 1, got {repeat!r}")
+    launcher = data.get("launcher")
+    if launcher is not None and launcher not in LAUNCHERS:
+        raise FtbenchError(f"grid file {name}: launcher must be one of {', '.join(LAUNCHERS)}, got {launcher!r} "
+                           "(multi-node settings such as nnodes go under settings.launcher)")
+    slurm = data.get("slurm")
+    if slurm is not None:
+        from ftbench.harness.running.slurm import options_from
+
+        options_from(slurm, f"grid file {name}")  # checked now, used when the launcher is slurm
     return Grid(axes=axes, settings=settings, exclude=exclude, repeat=repeat, sweep=sweep, per_cell=rules,
-                source=f"grid file {name}")
+                source=f"grid file {name}", launcher=launcher, slurm=slurm)
 
 
 def build_grid(grid_file: str | None, cli_axes: dict, overrides: dict) -> Grid:

@@ -206,8 +206,7 @@ class NodeGroup:
     def next_cell(self, k: int, spec) -> object | None:
         """A follower: wait for node 0's word on multi-node cell ``k``; None when it is skipped or the grid ends."""
         while True:
-            if self.store.check(["stop"]):
-                return None
+            # The cell's word first: node 0 may have announced it and stopped right after.
             if self.store.check([f"cell/{k}"]):
                 word = self.store.get(f"cell/{k}").decode()
                 if word == "skip":
@@ -217,6 +216,8 @@ class NodeGroup:
                     raise FtbenchError(f"node 0 started cell {msg['cell_id']} where this node expected "
                                        f"{spec.cell_id}; start every node with the same command")
                 return self.with_port(spec, msg["port"])
+            if self.store.check(["stop"]):
+                return None
             time.sleep(0.2)
 
     def leader_watch(self, k: int):

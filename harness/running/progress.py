@@ -33,6 +33,10 @@ class RunView:
             self.con.print(f"[yellow]warning:[/] {escape(record)} (a cell without a readable record runs again)",
                            soft_wrap=True)
             return
+        if kind == "submitted":
+            self.con.print(f"submitted {i} cell(s) to Slurm as job array {', '.join(record)} (logs in "
+                           f"{self.out}/slurm/); records are written as jobs end. Ctrl-C cancels them.")
+            return
         if kind == "warmup":
             self.status = self.con.status("starting the cell launcher (imports torch and the plugins once)…")
             self.status.start()
