@@ -105,7 +105,7 @@ def test_scancel_of_a_job_becomes_a_cancelled_record(slurm, tmp_path):
     try:
         _wait_running(array_id)
         time.sleep(3)
-        subprocess.run(["scancel", f"{array_id}_0"], check=True)
+        subprocess.run(["scancel", array_id], check=True)
         rest, _ = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
@@ -113,7 +113,7 @@ def test_scancel_of_a_job_becomes_a_cancelled_record(slurm, tmp_path):
     assert proc.returncode == 0, rest
     (rec,) = records(tmp_path / "out")
     assert rec["status"] == "cancelled", rec
-    assert f"Slurm job {array_id}_0 was cancelled" in rec["error"]
+    assert f"Slurm job {array_id} was cancelled" in rec["error"]
     assert rec["slurm"]["state"] == "CANCELLED"
 
 

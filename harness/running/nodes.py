@@ -216,7 +216,7 @@ class NodeGroup:
                     raise FtbenchError(f"node 0 started cell {msg['cell_id']} where this node expected "
                                        f"{spec.cell_id}; start every node with the same command")
                 return self.with_port(spec, msg["port"])
-            if self.store.check(["stop"]):
+            if self.store.check(["stop"]) and not self.store.check([f"cell/{k}"]):
                 return None
             time.sleep(0.2)
 

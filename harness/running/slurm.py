@@ -317,29 +317,46 @@ class _FailFast(Exception):
 
 
 def _finished(p: _Pending, state: str, environment: dict, started: float | None, build_record):
-    """The record of a job that has ended, else None."""
+    """The record of a job that has ended, else None.
+
+    Slurm's word wins over a failed cell's: a cancelled or timed-out job
+    kills its cell, which then reports some signal or a broken pipe.
+    """
     job = p.job
+    base = state.split()[0] if state else "UNKNOWN"
+    active = base in _ACTIVE or base == "UNKNOWN"
+    outcome, node, failure = None, {}, None
     if job.paths.result_pickle.exists():
         try:
-            result = job.result()
+            outcome, node = job.result()
         except Exception as e:  # noqa: BLE001 - the job's own exception (e.g. ftbench not importable there)
-            return _record_without_outcome(p, "error", f"Slurm job {job.job_id} failed: "
-                                           f"{str(e).strip().splitlines()[-1][:300]}", environment, state), p.spec
-        outcome, node = result
-        record = build_record(p.spec, outcome, environment, started or time.time() - outcome.wall_s)
-        record["slurm"] = {"job_id": job.job_id, "state": "COMPLETED", "host": node.get("host")}
-        return record, p.spec
-    base = state.split()[0] if state else "UNKNOWN"
-    if base in _ACTIVE or base == "UNKNOWN":
+            failure = f"Slurm job {job.job_id} failed: {str(e).strip().splitlines()[-1][:300]}"
+        if outcome is not None and outcome.status == "ok":
+            return _from_outcome(p, outcome, node, environment, started, build_record), p.spec
+    elif active:
         return None
-    # The result file of a job that just ended may need a moment to appear on a shared file system.
+    # Ended without a good outcome: give Slurm a moment to settle the job's final state (and a shared file
+    # system to show a result file that is on its way).
     now = time.monotonic()
     if p.first_seen_ended is None:
         p.first_seen_ended = now
-    if now - p.first_seen_ended < 5:
+    if (active or base not in _ENDED) and now - p.first_seen_ended < (30 if active else 5):
         return None
+    if base in _ENDED and base not in ("COMPLETED", "FAILED"):
+        status, what = _ENDED[base]
+        return _record_without_outcome(p, status, f"Slurm job {job.job_id} {what}", environment, base), p.spec
+    if outcome is not None:
+        return _from_outcome(p, outcome, node, environment, started, build_record), p.spec
+    if failure:
+        return _record_without_outcome(p, "error", failure, environment, base), p.spec
     status, what = _ENDED.get(base, ("error", f"ended in state {base}"))
     return _record_without_outcome(p, status, f"Slurm job {job.job_id} {what}", environment, base), p.spec
+
+
+def _from_outcome(p: _Pending, outcome, node: dict, environment: dict, started, build_record) -> dict:
+    record = build_record(p.spec, outcome, environment, started or time.time() - outcome.wall_s)
+    record["slurm"] = {"job_id": p.job.job_id, "state": "COMPLETED", "host": node.get("host")}
+    return record
 
 
 def _record_without_outcome(p: _Pending, status: str, message: str, environment: dict, state: str) -> dict:
@@ -383,6 +400,8 @@ def job_states(array_ids: list[str]) -> dict[str, str]:
             task, state = fields.get("ArrayTaskId"), fields.get("JobState")
             if fields.get("ArrayJobId") == aid and state and task and task.isdigit():
                 states[f"{aid}_{task}"] = state
+            elif fields.get("JobId") == aid and state:
+                states[aid] = state  # submitit submits a single cell as a plain job
         if not text.strip():
             states.update(_sacct_states(aid))
     return states
@@ -397,7 +416,7 @@ def _sacct_states(aid: str) -> dict[str, str]:
     out = {}
     for line in text.splitlines():
         job_id, _, state = line.partition("|")
-        if "_" in job_id and job_id.split("_")[1].isdigit():
+        if job_id == aid or ("_" in job_id and job_id.split("_")[1].isdigit()):
             out[job_id] = state.split()[0] if state else "UNKNOWN"
     return out
 
