@@ -126,3 +126,21 @@ def test_a_dead_node_ends_the_cell_as_error_on_node_0_and_leaves_nothing(tmp_pat
         time.sleep(0.3)
     left = _marked(mark)
     assert not left, f"processes left behind: {[(p.pid, p.cmdline()) for p in left]}"
+
+
+def test_nodes_on_one_machine_split_its_cores_and_use_loopback(monkeypatch):
+    from ftbench.harness.grid.config import CellSpec
+    from ftbench.harness.running.nodes import NodeGroup
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    spec = CellSpec(task="generation", backend="ddp", model="tiny-gpt2", nproc=1, launcher={"nnodes": 2})
+    group = NodeGroup(2, 1, "127.0.0.1", 29500)
+    group.peers = {0: {"host": "a/boot", "cpus": 8}, 1: {"host": "a/boot", "cpus": 8}}
+    assert group.cell_env(spec) == {"OMP_NUM_THREADS": "4", "GLOO_SOCKET_IFNAME": "lo"}
+    # Separate machines keep torchrun's own choice (every core for a lone rank).
+    remote = NodeGroup(2, 1, "10.0.0.7", 29500)
+    remote.peers = {0: {"host": "a/boot", "cpus": 8}, 1: {"host": "b/boot", "cpus": 8}}
+    assert remote.cell_env(spec) == {}
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice wins
+    assert "OMP_NUM_THREADS" not in group.cell_env(spec)

@@ -205,7 +205,7 @@ def build_grid(grid_file: str | None, cli_axes: dict, overrides: dict) -> Grid:
             raise FtbenchError(f"grid file {grid_file} does not exist")
         grid = grid_from_dict(load_grid_text(path.read_text(), str(path)), str(path))
     elif not given_axes.get("task") and not given_axes.get("backend"):
-        text = resources.files("harness").joinpath(DEFAULT_GRID).read_text()
+        text = resources.files("ftbench.harness.grid").joinpath(DEFAULT_GRID).read_text()
         grid = grid_from_dict(load_grid_text(text, DEFAULT_GRID), DEFAULT_GRID)
     else:
         grid = Grid(axes={"task": ["generation"], "backend": ["eager"]})
