@@ -181,9 +181,9 @@ def run_cell_process(spec: CellSpec, env_extra: dict | None = None, abort_if=Non
                        stderr_tail=stderr_tail, leftovers=leftovers if ended_by_itself else [])
 
 
-def _wait(proc, limit_s, watch) -> tuple[bool, str | None]:
-    """Wait for the cell: (timed out, reason ``watch`` gave to stop it)."""
-    if watch is None:
+def _wait(proc, limit_s, abort_if) -> tuple[bool, str | None]:
+    """Wait for the cell: (timed out, the reason ``abort_if`` gave to stop it)."""
+    if abort_if is None:
         try:
             proc.wait(timeout=limit_s)
             return False, None
@@ -198,7 +198,7 @@ def _wait(proc, limit_s, watch) -> tuple[bool, str | None]:
             proc.wait(timeout=0.5 if left is None else min(0.5, left))
             return False, None
         except subprocess.TimeoutExpired:
-            reason = watch()
+            reason = abort_if()
             if reason:
                 return False, reason
 
