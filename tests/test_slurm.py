@@ -117,6 +117,7 @@ def test_scancel_of_a_job_becomes_a_cancelled_record(slurm, tmp_path):
     assert rec["slurm"]["state"] == "CANCELLED"
 
 
+@pytest.mark.slow
 def test_ctrl_c_cancels_every_job_it_submitted(slurm, tmp_path):
     proc, array_id = _start_long_cell(tmp_path)
     try:
