@@ -28,7 +28,7 @@ def same_batches(args) -> list:
     from ftbench.harness.cell.modeling import collate, encode_example
     from ftbench.harness.registry import Registry
     from ftbench.harness.cell.tokenization import train_tokenizer
-    from ftbench.harness.cell.worker import batch_plan
+    from ftbench.harness.cell.batches import batch_plan
 
     task = Registry.load().task("generation")
     recipe = Recipe(steps=args.steps, warmup=args.warmup, batch_size=args.batch, seq_len=args.seq)

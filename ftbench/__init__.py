@@ -46,8 +46,26 @@ from ftbench.harness.engine import (
     build_scheduler,
     move,
 )
+from ftbench.harness.cell.data import where
 from ftbench.harness.grid.config import Recipe
 from ftbench.harness.hookspecs import hookimpl
+from ftbench.harness.results.environment import package_version, version_tuple
+
+
+def block_stacks(model):
+    """The model's stacks of transformer blocks, outermost only (e.g. GPT-2's ``h``).
+
+    For backends that shard or wrap per block.  Example::
+
+        for stack in ftbench.block_stacks(model):
+            for block in stack:
+                fully_shard(block)
+    """
+    # Imported here: the modelling module imports torch, which 'ftbench list' must not pay for.
+    from ftbench.harness.cell.modeling import block_stacks as _block_stacks
+
+    return _block_stacks(model)
+
 
 __all__ = [
     # the hook marker
@@ -67,6 +85,11 @@ __all__ = [
     "build_scheduler",
     "autocast_for",
     "move",
+    "block_stacks",
+    # availability checks without importing the library; data error locations
+    "package_version",
+    "version_tuple",
+    "where",
     # errors
     "FtbenchError",
     "DataError",

@@ -126,6 +126,9 @@ class Task:
     #: Primary metric in the result record, and its direction.
     metric: str = "eval_loss"
     higher_is_better: bool = False
+    #: The other metrics :meth:`evaluate` reports, name -> higher is better;
+    #: ``--target`` may name any of them (see :meth:`metric_directions`).
+    other_metrics: Mapping[str, bool] = {}
     #: Model kinds this task can train; the first is the default.
     model_kinds: tuple[str, ...] = (DECODER,)
     #: ``"lm"`` (token targets) or ``"classification"`` (one label per example).
@@ -144,7 +147,7 @@ class Task:
         for f in self.fields:
             if f not in example:
                 raise DataError(f"{where}: missing field {f!r} (task {self.name!r} needs {list(self.fields)}); "
-                                "rename it in the data or map it with --column NAME=FIELD")
+                                "rename it in the data or map it with --column FIELD=COLUMN")
 
     def prepare(self, splits: dict[str, list[dict]], options: dict) -> dict:
         """Inspect the loaded data once (e.g. collect the label set); return
@@ -163,6 +166,16 @@ class Task:
         """Texts used to train the offline tokenizer of a preset model."""
         prompt, target = self.prompt_and_target(example, options)
         return [t for t in (prompt, target) if t]
+
+    def metric_directions(self) -> dict[str, bool]:
+        """Every metric this task reports, name -> higher is better.
+
+        Example: ``{"accuracy": True, "macro_f1": True, "eval_loss": False}``.
+        """
+        out = {"eval_loss": False, **dict(self.other_metrics), self.metric: self.higher_is_better}
+        if type(self).evaluate is Task.evaluate:
+            out["perplexity"] = False
+        return out
 
     def evaluate(self, ctx: EvalContext) -> dict[str, float]:
         """All task metrics by name; must include :attr:`metric`.
@@ -241,13 +254,19 @@ class BackendSpec:
 class Engine:
     """How a training step runs.  The runner drives it like this::
 
-        engine = spec.engine(options, ctx)          # ctx: ftbench.harness.cell.worker.EngineContext
+        engine = spec.engine(options, ctx)          # ctx: an ftbench.EngineContext
         engine.setup(model)                         # wrap, shard, build optimizer
         for step in range(steps):
-            for micro_batch in micro_batches:
-                engine.forward_backward(micro_batch)   # returns detached loss
+            for i, micro_batch in enumerate(micro_batches):
+                # boundary: this micro-batch ends the optimizer step (the last of
+                # the accumulation), e.g. where DDP must all-reduce gradients
+                engine.forward_backward(micro_batch, boundary=i == len(micro_batches) - 1)
             engine.step()                           # clip, optimizer, schedule
         model = engine.eval_model()                 # for evaluation
+
+    Each micro-batch carries ``loss_scale`` = 1 / (loss-bearing units of the
+    whole global step): the engine multiplies its summed loss by it, so that
+    micro-batches and ranks add up to the global mean loss.
 
     :class:`ftbench.harness.engine.StandardEngine` implements all of this for plain
     PyTorch; most backends subclass it and override ``wrap`` only.
@@ -283,7 +302,11 @@ class Engine:
     def setup(self, model: Any) -> None:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def forward_backward(self, batch: dict) -> Any:  # pragma: no cover - interface
+    def forward_backward(self, batch: dict, boundary: bool) -> Any:  # pragma: no cover - interface
+        """Forward and backward of one micro-batch; the detached loss.
+
+        ``boundary`` is True for the micro-batch that ends the optimizer step.
+        """
         raise NotImplementedError
 
     def step(self) -> None:  # pragma: no cover - interface

@@ -141,7 +141,13 @@ def list_cmd(as_json):
               help="Any other sbatch option, long name without dashes (repeatable), e.g. account=perf.")
 @click.option("--time-limit", "time_limit_s", type=float, help="Seconds before a cell is killed (status timeout).")
 @click.option("--memory-limit-mb", type=float, help="Host memory per cell before it is killed (status oom).")
-@click.option("--eval-examples", type=int, help="Held-out examples evaluated per cell.")
+@click.option("--eval-examples", type=int, help="Held-out examples evaluated per cell (and per evaluation).")
+@click.option("--eval-every", type=int, help="Evaluate every N optimizer steps during training (time to quality).")
+@click.option("--target", "targets", multiple=True,
+              help="Quality target [TASK:]METRIC=VALUE, e.g. perplexity=20 or accuracy>=0.85 (repeatable).")
+@click.option("--stop-at-target", is_flag=True, default=None, help="End a cell once its target is reached.")
+@click.option("--seeds", callback=lambda ctx, p, v: _parse_seeds(v),
+              help="Run every cell under each seed: 1,2,3 (time to quality varies with the seed).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where to train (default auto).")
 @click.option("--shard", help="Run shard i of N of the cells: i/N (1-based).")
 @click.option("--out", default=None, help="Result set directory (default runs/<timestamp>).")
@@ -163,7 +169,7 @@ def run_cmd(grid_file, tasks, backends, models, datas, columns, out, force, fail
                 if settings.get(k) is not None}
     for k in ("nnodes", "node_rank", "master_addr", "master_port"):
         settings.pop(k, None)
-    overrides = {k: v for k, v in settings.items() if v is not None}
+    overrides = {k: v for k, v in settings.items() if v is not None and v != ()}
     if columns:
         overrides["columns"] = _parse_columns(columns)
     if launcher:
@@ -188,6 +194,14 @@ def run_cmd(grid_file, tasks, backends, models, datas, columns, out, force, fail
     out = out or _default_out()
     view = RunView(_console(), len(cells), out, follower=follower)
     _install_sigterm()
+    summary = _execute(reg, cells, out, view, slurm, nodes, force, fail_fast)
+    view.finish(summary)
+    bad = [r for r in summary.records if r["status"] not in ("ok", "skipped")]
+    sys.exit(1 if bad and fail_fast else 0)
+
+
+def _execute(reg, cells, out, view, slurm, nodes, force, fail_fast):
+    """Run the checked cells here (one node of several, maybe) or through Slurm; exit on an interruption."""
     from ftbench.harness.running.driver import run_cells
     from ftbench.harness.running.nodes import NodeLost
     from ftbench.harness.results.environment import collect
@@ -197,11 +211,10 @@ def run_cmd(grid_file, tasks, backends, models, datas, columns, out, force, fail
         if slurm is not None:
             from ftbench.harness.running.slurm import run_cells_slurm
 
-            summary = run_cells_slurm(cells, out, collect(reg.pm), slurm, force=force, fail_fast=fail_fast,
-                                      progress=view.event, annotate=annotate_parity)
-        else:
-            summary = run_cells(cells, out, collect(reg.pm), force=force, fail_fast=fail_fast, progress=view.event,
-                                annotate=annotate_parity, nodes=nodes)
+            return run_cells_slurm(cells, out, collect(reg.pm), slurm, force=force, fail_fast=fail_fast,
+                                   progress=view.event, annotate=annotate_parity)
+        return run_cells(cells, out, collect(reg.pm), force=force, fail_fast=fail_fast, progress=view.event,
+                         annotate=annotate_parity, nodes=nodes)
     except KeyboardInterrupt as e:
         view.interrupted(out)
         sys.exit(128 + getattr(e, "signum", signal.SIGINT))
@@ -210,9 +223,6 @@ def run_cmd(grid_file, tasks, backends, models, datas, columns, out, force, fail
 
         _console(stderr=True).print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
         sys.exit(1)
-    view.finish(summary)
-    bad = [r for r in summary.records if r["status"] not in ("ok", "skipped")]
-    sys.exit(1 if bad and fail_fast else 0)
 
 
 def _slurm_options(grid, cli: dict):
@@ -246,6 +256,18 @@ def _slurm_options(grid, cli: dict):
         # Data-parallel cells span the job's nodes; single-process cells still run on one.
         grid.settings["launcher"] = {"nnodes": opts.nodes}
     return opts
+
+
+def _parse_seeds(text):
+    if not text:
+        return None
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: write comma-separated integers, e.g. --seeds 1,2,3") from None
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise click.BadParameter(f"{text!r}: give distinct seeds >= 0, e.g. --seeds 1,2,3")
+    return seeds
 
 
 def _parse_columns(items) -> dict:
@@ -284,11 +306,13 @@ def _install_sigterm():
 @click.argument("result_dir", type=click.Path(file_okay=False))
 @click.option("--out", default=None, help="Where to write the report (default RESULT_DIR/report).")
 @click.option("--quiet", is_flag=True, help="Write the files without printing the table.")
-def report_cmd(result_dir, out, quiet):
+@click.option("--loss-x", type=click.Choice(["step", "time"]), default="step", show_default=True,
+              help="x-axis of the loss plot: optimizer steps or training seconds.")
+def report_cmd(result_dir, out, quiet, loss_x):
     """Tables (terminal, Markdown, CSV), PNG plots and an HTML page for a result set."""
     from ftbench.harness.results.report import print_table, write_report
 
-    rep, display = write_report(result_dir, out)
+    rep, display = write_report(result_dir, out, loss_x=loss_x)
     con = _console()
     from rich.markup import escape
 
@@ -296,6 +320,8 @@ def report_cmd(result_dir, out, quiet):
         _console(stderr=True).print(f"[yellow]warning:[/] {escape(p)}", soft_wrap=True)
     if not quiet:
         print_table(display, con, f"ftbench report: {result_dir}")
+        if rep.time_to_target is not None:
+            print_table(rep.time_to_target, con, "time to target (median over seeds; not reached = infinitely slow)")
     con.print(f"wrote {rep.markdown}, {rep.csv}, {rep.records_csv}, {rep.html}")
     for path in rep.plots.values():
         con.print(f"wrote {path}")

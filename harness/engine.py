@@ -129,7 +129,7 @@ class StandardEngine(Engine):
         self.scaler = torch.amp.GradScaler(ctx.device.type) if ctx.recipe.precision == "fp16" else None
         self.loss_multiplier = float(ctx.world_size) if self.grad_average_world else 1.0
 
-    def forward_backward(self, batch: dict) -> torch.Tensor:
+    def forward_backward(self, batch: dict, boundary: bool) -> torch.Tensor:
         ctx: EngineContext = self.ctx
         batch = move(batch, ctx.device)
         with autocast_for(ctx.recipe, ctx.device):

@@ -53,6 +53,7 @@ class Registry:
             # Call each implementation separately so we know who registered what.
             for impl in hook.get_hookimpls():
                 plugin = pm.get_name(impl.plugin) or repr(impl.plugin)
+                _refuse_wrapper(impl, hook_name, plugin)
                 impl.function(register=_registrar(table, kind, plugin))
         return reg
 
@@ -75,6 +76,17 @@ class Registry:
         except Unavailable as e:
             return str(e)
         return None
+
+
+def _refuse_wrapper(impl, hook_name: str, plugin: str) -> None:
+    # A wrapper's function is a generator: called directly it would do nothing,
+    # silently.  Registration hooks are called per plugin (to name who
+    # registered what), so there is nothing for a wrapper to wrap.
+    if getattr(impl, "hookwrapper", False) or getattr(impl, "wrapper", False):
+        raise FtbenchError(f"plugin {plugin!r} implements {hook_name} as a hook wrapper; registration hooks "
+                           "cannot be wrapped (each plugin's is called on its own so that ftbench knows who "
+                           f"registered what): declare it with a plain @hookimpl. Wrappers work for "
+                           "collect_environment.")
 
 
 def _registrar(table: dict, kind: type, plugin: str):

@@ -33,7 +33,7 @@ class CompiledEngine(StandardEngine):
         # Package metadata, not an import: 'ftbench list' checks every backend and
         # importing torch alone costs seconds. A platform dynamo rejects still
         # fails the cell with dynamo's own message.
-        from ftbench.harness.results.environment import package_version, version_tuple
+        from ftbench import package_version, version_tuple
 
         version = package_version("torch")
         if version_tuple(version) < (2, 0):

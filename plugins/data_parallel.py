@@ -51,7 +51,7 @@ class DDPEngine(StandardEngine):
     def check_available(cls, options: dict) -> None:
         # Metadata, not an import, so 'ftbench list' stays fast; a torch build
         # without torch.distributed fails the cell with torch's own message.
-        from ftbench.harness.results.environment import package_version
+        from ftbench import package_version
 
         if package_version("torch") is None:
             raise Unavailable("needs torch: pip install torch")
@@ -71,18 +71,15 @@ class DDPEngine(StandardEngine):
 
         ctx = self.ctx
         ensure_process_group(ctx.device)
-        self._micro = 0
         kwargs = {k: v for k, v in self.options.items() if k in self.OPTIONS}
         ids = [ctx.device.index if ctx.device.index is not None else ctx.local_rank] \
             if ctx.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids, **kwargs)
 
-    def forward_backward(self, batch: dict):
-        self._micro += 1
-        last = self._micro % self.ctx.recipe.grad_accum == 0
-        # Accumulating micro-batches need no all-reduce: only the last one syncs.
-        with contextlib.nullcontext() if last else self.model.no_sync():
-            return super().forward_backward(batch)
+    def forward_backward(self, batch: dict, boundary: bool):
+        # Accumulating micro-batches need no all-reduce: only the step's last one syncs.
+        with contextlib.nullcontext() if boundary else self.model.no_sync():
+            return super().forward_backward(batch, boundary)
 
 
 def _fully_shard():
@@ -112,7 +109,7 @@ class FSDPEngine(StandardEngine):
 
     @classmethod
     def check_available(cls, options: dict) -> None:
-        from ftbench.harness.results.environment import package_version, version_tuple
+        from ftbench import package_version, version_tuple
 
         version = package_version("torch")
         if version_tuple(version) < (2, 4):
@@ -142,7 +139,7 @@ class FSDPEngine(StandardEngine):
         self.skeleton = meta_copy(model)
         mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
         reshard = bool(self.options.get("reshard_after_forward", True))
-        from ftbench.harness.cell.modeling import block_stacks
+        from ftbench import block_stacks
 
         for stack in block_stacks(model):
             for block in stack:

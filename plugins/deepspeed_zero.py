@@ -167,14 +167,14 @@ class DeepSpeedEngine(Engine):
             lr_scheduler=lambda opt: build_scheduler(opt, recipe))
         self.loss_multiplier = float(recipe.grad_accum * ctx.world_size)
 
-    def forward_backward(self, batch: dict):
+    def forward_backward(self, batch: dict, boundary: bool):
         ctx: EngineContext = self.ctx
         batch = move(batch, ctx.device)
         with autocast_for(ctx.recipe, ctx.device):
             loss = ctx.loss_fn(self.ds, batch) * batch["loss_scale"]
         self.ds.backward(loss * self.loss_multiplier)
         # DeepSpeed counts micro-steps through step(); off the boundary it only advances the counter.
-        if not self.ds.is_gradient_accumulation_boundary():
+        if not boundary:
             self.ds.step()
         return loss.detach()
 

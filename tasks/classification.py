@@ -76,6 +76,7 @@ class ClassificationTask(Task):
     description = "text -> label; accuracy, macro-F1 and (binary) ROC-AUC"
     metric = "accuracy"
     higher_is_better = True
+    other_metrics = {"macro_f1": True, "roc_auc": True}
     model_kinds = (DECODER, ENCODER)
     head = "classification"
     fields = ("text", "label")
@@ -93,7 +94,7 @@ class ClassificationTask(Task):
                             f"got {example['label']!r}")
 
     def prepare(self, splits, options):
-        from ftbench.harness.cell.data import where
+        from ftbench import where
 
         declared = options.get("labels")
         if declared is not None:

@@ -66,6 +66,7 @@ class DialogueTask(Task):
     description = "multi-turn context -> next response; response perplexity and chrF"
     metric = "perplexity"
     higher_is_better = False
+    other_metrics = {"chrf": True}
     model_kinds = (DECODER, ENCODER_DECODER)
     fields = ("dialogue",)
     defaults = {"max_new_tokens": 16, "turn_sep": "\n"}

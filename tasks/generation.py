@@ -48,7 +48,7 @@ class GenerationTask(Task):
     def validate(self, example, where, options):
         super().validate(example, where, options)
         if not isinstance(example["text"], str):
-            from ftbench.harness.api import DataError
+            from ftbench import DataError
 
             raise DataError(f"{where}: field 'text' must be a string, got {type(example['text']).__name__}")
 

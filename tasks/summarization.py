@@ -52,6 +52,7 @@ class SummarizationTask(Task):
     description = "document -> summary; ROUGE-1/2/L (rouge-score) of greedy summaries"
     metric = "rougeL"
     higher_is_better = True
+    other_metrics = {"rouge1": True, "rouge2": True}
     # Encoder-decoder first: in the default 50 steps a tiny T5 beats the lead
     # sentence on the built-in data, a tiny GPT-2 does not yet (ROUGE-L ~0.34 vs ~0.14).
     model_kinds = (ENCODER_DECODER, DECODER)

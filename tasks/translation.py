@@ -61,6 +61,7 @@ class TranslationTask(Task):
     description = "source -> target sentence; BLEU and chrF (sacrebleu) of greedy translations"
     metric = "bleu"
     higher_is_better = True
+    other_metrics = {"chrf": True, "perplexity": False}
     # Encoder-decoder first: in the default 50 steps a tiny T5 learns the built-in
     # dictionary, a tiny GPT-2 barely gets past word frequencies (BLEU ~2 vs ~20).
     model_kinds = (ENCODER_DECODER, DECODER)
@@ -86,7 +87,7 @@ class TranslationTask(Task):
                 raise DataError(f"{where}: field 'translation.{lang}' must be a string, got {type(text).__name__}")
 
     def prepare(self, splits, options):
-        from ftbench.harness.cell.data import where
+        from ftbench import where
 
         train = splits["train"]
         langs = list(train[0]["translation"])

@@ -41,8 +41,8 @@ class FaultEngine(StandardEngine):
             raise FtbenchError(f"fault backend: kind must be one of {', '.join(KINDS)}")
         return options
 
-    def forward_backward(self, batch):
-        loss = super().forward_backward(batch)
+    def forward_backward(self, batch, boundary):
+        loss = super().forward_backward(batch, boundary)
         step = getattr(self, "_fault_step", 0)
         if step == int(self.options.get("at_step", 1)):
             self._fault_step = -1  # fire once

@@ -51,8 +51,9 @@ def test_compile_reports_compile_time_and_dynamo_counters(run):
     assert rec["compile_s"] is not None and rec["compile_s"] > 0
     stats = rec["backend_stats"]
     assert stats["unique_graphs"] >= 1
-    assert stats["graph_breaks"] >= 0 and stats["recompiles"] >= 0
-    # Every micro-batch has the same padded shape: nothing to recompile for.
+    # The tiny GPT-2 compiles whole, and every micro-batch has the same padded
+    # shape: no graph break and nothing to recompile for.
+    assert stats["graph_breaks"] == 0
     assert stats["recompiles"] == 0
     assert by_backend(recs)["eager"]["compile_s"] is None
 

@@ -30,11 +30,11 @@ class RankFaultEngine(DDPEngine):
 
     calls = 0
 
-    def forward_backward(self, batch):
+    def forward_backward(self, batch, boundary):
         self.calls += 1
         if dist.get_rank() == 1 and self.calls == 3:
             raise RuntimeError("injected fault on rank 1 at step 2")
-        return super().forward_backward(batch)
+        return super().forward_backward(batch, boundary)
 
 
 @hookimpl

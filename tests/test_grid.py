@@ -203,3 +203,17 @@ def test_default_grid_is_every_task_on_every_available_backend():
     for c in cells:
         assert c.nproc == (2 if reg.backend(c.backend).data_parallel else 1)
         assert reg.model(c.model).kind == reg.task(c.task).model_kinds[0]
+
+
+def test_the_committed_baseline_keeps_its_cell_ids_and_fingerprints():
+    """New settings at their defaults must not change existing ids (see config.ADDED_LATER)."""
+    import json
+
+    from ftbench.harness.grid.files import build_grid
+    from ftbench.harness.registry import Registry
+
+    root = Path(__file__).resolve().parent.parent
+    base = [json.loads(line) for line in (root / "results/baseline-cpu/results.jsonl").read_text().splitlines()]
+    cells = build_grid(str(root / "grids/cpu-smoke.yaml"), {"task": [], "backend": [], "model": [], "data": []},
+                       {}).cells(Registry.load())
+    assert {(c.cell_id, c.fingerprint()) for c in cells} == {(r["cell_id"], r["recipe_fingerprint"]) for r in base}

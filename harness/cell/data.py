@@ -45,7 +45,11 @@ class Rows(list):
 
 
 def where(rows: list, i: int) -> str:
-    """Where row ``i`` of a split came from, for error messages."""
+    """Where row ``i`` of a split came from, for error messages.
+
+    Example: ``raise DataError(f"{where(rows, i)}: field 'label' is missing")``
+    gives ``.../train.jsonl line 12: field 'label' is missing``.
+    """
     return rows.where(i) if isinstance(rows, Rows) else f"example {i + 1}"
 
 

@@ -16,7 +16,6 @@ import time
 _T_IMPORTED = time.time()
 
 import json  # noqa: E402
-import math  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
 import sys  # noqa: E402
@@ -24,13 +23,7 @@ import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 
-class Diverged(Exception):
-    """A non-finite loss; ``partial`` keeps what the cell measured until then."""
-
-    def __init__(self, step: int, value: float, partial: dict):
-        super().__init__(f"loss became {value} at step {step}")
-        self.step = step
-        self.partial = partial
+from ftbench.harness.cell.training import Diverged  # noqa: E402  (re-exported: main() catches it)
 
 
 def _seed_all(seed: int) -> None:
@@ -53,237 +46,239 @@ def _pick_device(spec_device: str, local_rank: int):
     return torch.device(spec_device)
 
 
-def batch_plan(n_train: int, recipe, world_size: int, rank: int, seed: int):
-    """For each optimizer step: the example indices of the global batch and of
-    this rank's micro-batches.  Identical for every backend and world size."""
-    import numpy as np
+class Cell:
+    """One cell's run in the phases a reader can follow.
 
-    g = recipe.batch_size
-    micro = g // (world_size * recipe.grad_accum)
-    rng = np.random.default_rng(seed)
-    order: list[int] = []
-    plan = []
-    for _ in range(recipe.steps):
-        while len(order) < g:
-            order.extend(rng.permutation(n_train).tolist())
-        global_idx, order = order[:g], order[g:]
-        mine = global_idx[rank * g // world_size:(rank + 1) * g // world_size]
-        plan.append((global_idx, [mine[i * micro:(i + 1) * micro] for i in range(recipe.grad_accum)]))
-    return plan
+    ``run()`` goes: resolve -> load data -> build the model -> encode and
+    plan batches -> set up the engine -> train -> evaluate.  Each phase adds
+    its figures to ``self.out`` (this rank's part of the record); setup
+    phases are timed by one :class:`PhaseClock`.
+    """
+
+    def __init__(self, spec_dict: dict, t_launch: float):
+        from ftbench.harness.cell.timing import PhaseClock
+
+        self.spec_dict = spec_dict
+        self.t_launch = t_launch
+        self.rank = int(os.environ.get("RANK", 0))
+        self.world = int(os.environ.get("WORLD_SIZE", 1))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.out: dict = {"rank": self.rank, "world_size": self.world, "pid": os.getpid()}
+        self.clock = PhaseClock(start_and_imports=time.time() - t_launch)
+
+    def run(self) -> dict:
+        if not self.resolve():
+            return self.out
+        with self.clock.phase("data"):
+            self.load_data()
+        with self.clock.phase("tokenizer"):
+            self.load_tokenizer()
+        with self.clock.phase("model"):
+            self.build_model()
+        with self.clock.phase("encode"):
+            self.encode_and_plan()
+        with self.clock.phase("engine"):
+            self.setup_engine()
+        self.out["setup_s"] = time.time() - self.t_launch
+        self.train()
+        self.evaluate()
+        return self.out
+
+    # ------------------------------------------------------------------ phases
+
+    def resolve(self) -> bool:
+        """Plugins, options and device; False when the backend cannot run here (a skipped cell)."""
+        import torch
+
+        from ftbench.harness.api import Unavailable
+        from ftbench.harness.grid.config import CellSpec
+        from ftbench.harness.grid.resolve import resolve_cell
+        from ftbench.harness.registry import Registry
+
+        self.spec = CellSpec.from_dict(self.spec_dict)
+        self.reg = Registry.load()
+        self.cell = resolve_cell(self.reg, self.spec, self.world)
+        self.recipe, self.task = self.cell.recipe, self.cell.task
+        self.options = dict(self.cell.task_options)
+        try:
+            self.cell.backend.engine.check_available(self.cell.backend_options)
+        except Unavailable as e:
+            self.out.update(status="skipped", error=f"backend {self.cell.backend_name!r} is unavailable: {e}")
+            return False
+        self.device = _pick_device(self.spec.device, self.local_rank)
+        self.out["device"] = _describe(self.device)
+        if self.world > 1 and not torch.distributed.is_initialized():
+            torch.distributed.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
+        if self.recipe.precision != "fp32" and self.device.type != "cuda":
+            print(f"ftbench: warning: {self.recipe.precision} on CPU is very slow; fp32 is the CPU default",
+                  file=sys.stderr)
+        _seed_all(self.recipe.seed)
+        return True
+
+    def load_data(self) -> None:
+        from ftbench.harness.cell.data import load_splits
+
+        self.splits = load_splits(self.task, self.spec.data, self.options, self.recipe.seed,
+                                  dict(self.spec.columns))
+        self.options.update(self.task.prepare(self.splits, self.options) or {})
+
+    def load_tokenizer(self) -> None:
+        from ftbench.harness.cell.modeling import choose_kind, load_tokenizer, resolve_model
+
+        self.source = resolve_model(self.spec.model, self.reg, self.task)
+        self.kind = choose_kind(self.source, self.task)
+        texts = (x for ex in self.splits["train"] for x in self.task.texts(ex, self.options))
+        self.tokenizer = load_tokenizer(self.source, texts)
+
+    def build_model(self) -> None:
+        import torch
+
+        from ftbench.harness.cell.measure import current_rss_bytes
+        from ftbench.harness.cell.modeling import apply_tuning, build_model, count_params, max_positions, param_bytes
+        from ftbench.harness.grid.config import parse_tuning
+        from ftbench.harness.grid.resolve import check_seq_len
+
+        recipe = self.recipe
+        # Everything resident before the model exists is the harness's own
+        # footprint plus libraries and data: the baseline the model's share sits on.
+        self.out["rss_before_model_bytes"] = current_rss_bytes()
+        torch.manual_seed(recipe.seed)
+        model = build_model(self.source, self.tokenizer, self.task.head, self.options.get("num_labels"), self.kind)
+        check_seq_len(recipe.seq_len, max_positions(model), self.spec.model)
+        mode, n_frozen = parse_tuning(recipe.tuning)
+        apply_tuning(model, mode, n_frozen)
+        if recipe.grad_checkpointing:
+            model.gradient_checkpointing_enable()
+            if hasattr(model.config, "use_cache"):
+                model.config.use_cache = False
+        trainable, total = count_params(model)
+        # Weights + gradients + two AdamW moments, in fp32: what theory says the
+        # training state needs before activations.
+        self.out.update(state_bytes_theory=4 * (total + 3 * trainable), trainable_params=trainable,
+                        total_params=total, param_bytes=param_bytes(model), model_kind=self.kind,
+                        vocab_size=len(self.tokenizer))
+        self.model = model
+
+    def encode_and_plan(self) -> None:
+        from ftbench.harness.cell.batches import batch_plan, collate_steps, step_flops
+        from ftbench.harness.cell.mfu import flop_model
+        from ftbench.harness.cell.modeling import collate, decoder_start_id
+        from ftbench.harness.cell.prepcache import cached_encode, data_identity
+
+        recipe, tok = self.recipe, self.tokenizer
+        key = {"v": 1, "task": self.cell.task_name, "options": self.options,
+               "data": data_identity(self.spec.data, self.splits), "seed": recipe.seed,
+               "columns": list(self.spec.columns), "kind": self.kind, "seq_len": recipe.seq_len,
+               "tokenizer": getattr(tok, "ftbench_identity", None) or [getattr(tok, "name_or_path", None), len(tok)]}
+        self.enc = cached_encode(key, lambda: {s: [self.encode(ex) for ex in rows]
+                                               for s, rows in self.splits.items() if s in ("train", "validation")})
+        self.out["truncated_examples"] = {s: sum(1 for e in v if e.truncated) for s, v in self.enc.items()}
+        self.out["truncated_tokens"] = {s: sum(e.truncated for e in v) for s, v in self.enc.items()}
+        pad_id, dstart = tok.pad_token_id, decoder_start_id(self.model)
+
+        def make_batch(indices, rows):
+            return collate([rows[i] for i in indices], self.kind, self.task.head, pad_id, recipe.seq_len,
+                           recipe.padding, dstart)
+
+        self.make_batch = make_batch
+        plan = batch_plan(len(self.enc["train"]), recipe, self.world, self.rank, recipe.seed)
+        train_rows = self.enc["train"]
+        self.steps = collate_steps(plan, lambda ix: make_batch(ix, train_rows), self.world,
+                                   pin=self.device.type == "cuda")
+        self.step_flops = step_flops(self.steps, flop_model(self.model, self.kind))
+
+    def encode(self, example: dict):
+        from ftbench.harness.cell.modeling import encode_example
+
+        return encode_example(self.task, example, self.tokenizer, self.kind, self.recipe.seq_len, self.options)
+
+    def setup_engine(self) -> None:
+        from ftbench.harness.cell.measure import synchronize
+        from ftbench.harness.cell.modeling import make_loss_fn
+        from ftbench.harness.engine import EngineContext
+
+        self.ctx = EngineContext(recipe=self.recipe, device=self.device,
+                                 loss_fn=make_loss_fn(self.kind, self.task.head), rank=self.rank,
+                                 world_size=self.world, local_rank=self.local_rank)
+        self.engine = self.cell.backend.engine(self.cell.backend_options, self.ctx)
+        self.engine.setup(self.model)
+        synchronize(self.device)
+
+    def train(self) -> None:
+        from ftbench.harness.cell.measure import memory_snapshot
+        from ftbench.harness.cell.mfu import device_peak
+        from ftbench.harness.cell.training import summarize, train
+
+        self.out["setup_phases"] = self.clock.seconds
+        self.quality = self.quality_tracker()
+        run = train(self.engine, self.steps, self.device, self.world, partial=self.out,
+                    after_step=self.quality.after_step if self.quality else None)
+        self.run_times = run.times
+        warm = self.recipe.warmup
+        self.out.update(summarize(run, self.steps, warm, self.engine.compiles))
+        self.out["memory"] = memory_snapshot(self.device)
+        measured = sum(run.times[warm:])
+        self.out["flops_per_s"] = sum(self.step_flops[warm:len(run.times)]) / measured if measured else None
+        self.out["peak_flops"], self.out["peak_flops_source"] = device_peak(self.device, self.recipe.precision)
+
+    def quality_tracker(self):
+        """Evaluation during training and the target, when the cell asks for either."""
+        from ftbench.harness.cell.quality import QualityTracker, evaluation_interval
+
+        every = evaluation_interval(self.spec.eval_every, self.spec.target, self.recipe.steps)
+        if not every and not self.spec.target:
+            return None
+
+        def evaluate_and_resume():
+            metrics = self.held_out_metrics()
+            self.engine.eval_model().train()  # back to training mode (dropout, batch statistics)
+            return metrics
+
+        return QualityTracker(every, self.spec.target, self.task.metric_directions(), evaluate_and_resume,
+                              stop_at_target=self.spec.stop_at_target, warmup=self.recipe.warmup,
+                              agree=self.rank0_decides)
+
+    def rank0_decides(self, decision: bool) -> bool:
+        """Every rank ends training together, on rank 0's word."""
+        if self.world == 1:
+            return decision
+        import torch
+
+        flag = torch.tensor([1 if decision else 0], device=self.device if self.device.type == "cuda" else "cpu")
+        torch.distributed.broadcast(flag, src=0)
+        return bool(flag.item())
+
+    def held_out_metrics(self) -> dict:
+        from ftbench.harness.cell.evaluation import evaluate
+
+        n = self.spec.eval_examples
+        return evaluate(self.engine.eval_model(), task=self.task, tokenizer=self.tokenizer, kind=self.kind,
+                        device=self.device, recipe=self.recipe, options=self.options,
+                        rows=self.splits["validation"][:n], encoded=self.enc["validation"][:n],
+                        loss_fn=self.ctx.loss_fn, make_batch=self.make_batch, encode=self.encode)
+
+    def evaluate(self) -> None:
+        from ftbench.harness.cell.measure import memory_snapshot, now
+
+        t0 = now()
+        steps_run = len(self.run_times)
+        last = self.quality.curve[-1] if self.quality and self.quality.curve else None
+        # The last step was just evaluated during training: the same model on the same rows.
+        metrics = last["metrics"] if last and last["step"] == steps_run else self.held_out_metrics()
+        eval_s = now() - t0
+        if self.quality:
+            self.quality.final(steps_run, self.run_times, metrics, eval_s)
+            self.out.update(self.quality.figures(), stopped_at_target=steps_run < len(self.steps))
+        self.out.update(eval_loss=metrics["eval_loss"], metrics=metrics, metric=self.task.metric,
+                        metric_value=metrics.get(self.task.metric), higher_is_better=self.task.higher_is_better,
+                        eval_s=eval_s, eval_examples=min(self.spec.eval_examples, len(self.splits["validation"])),
+                        backend_stats=self.engine.stats(), status="ok", error=None)
+        self.out["memory_after_eval"] = memory_snapshot(self.device)
 
 
 def run_cell(spec_dict: dict, result_dir: Path, t_launch: float | None = None) -> dict:
-    t_launch = t_launch or _T_IMPORTED
-    import torch
-
-    from ftbench.harness.api import EvalContext, FtbenchError, Unavailable
-    from ftbench.harness.grid.config import CellSpec, parse_tuning
-    from ftbench.harness.cell.data import load_splits
-    from ftbench.harness.engine import EngineContext, autocast_for
-    from ftbench.harness.cell.measure import current_rss_bytes, memory_snapshot, now, step_stats, synchronize, throughput
-    from ftbench.harness.cell.mfu import device_peak, flop_model
-    from ftbench.harness.cell.modeling import (apply_tuning, build_model, choose_kind, class_probabilities, collate, count_params,
-                           decoder_start_id, encode_example, greedy_generate, load_tokenizer, make_loss_fn,
-                           max_positions, param_bytes, resolve_model)
-    from ftbench.harness.cell.prepcache import cached_encode, data_identity
-    from ftbench.harness.registry import Registry
-
-    t_imports = time.time()
-    spec = CellSpec.from_dict(spec_dict)
-    recipe = spec.recipe.validate()
-    rank = int(os.environ.get("RANK", 0))
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    out: dict = {"rank": rank, "world_size": world, "pid": os.getpid()}
-    phases: dict = {"start_and_imports_s": t_imports - t_launch}
-
-    reg = Registry.load()
-    task_name, task_opts = spec.task_name_and_options()
-    backend_name, backend_opts = spec.backend_name_and_options()
-    task = reg.task(task_name)
-    bspec = reg.backend(backend_name)
-    options = {**dict(task.defaults), **task_opts}
-    bopts = bspec.engine.validate_options({**dict(bspec.defaults), **backend_opts})
-    try:
-        bspec.engine.check_available(bopts)
-    except Unavailable as e:
-        return {**out, "status": "skipped", "error": f"backend {backend_name!r} is unavailable: {e}"}
-    if world > 1 and not bspec.data_parallel:
-        raise FtbenchError(f"backend {backend_name!r} runs in one process; use --nproc 1 "
-                           "(or a data-parallel backend such as ddp, fsdp or deepspeed)")
-    if recipe.batch_size % (world * recipe.grad_accum):
-        raise FtbenchError(f"global batch {recipe.batch_size} is not divisible by nproc {world} x grad_accum "
-                           f"{recipe.grad_accum}; pick a batch size that is")
-
-    device = _pick_device(spec.device, local_rank)
-    out["device"] = _describe(device)
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    if recipe.precision != "fp32" and device.type != "cuda":
-        print(f"ftbench: warning: {recipe.precision} on CPU is very slow; fp32 is the CPU default",
-              file=sys.stderr)
-    _seed_all(recipe.seed)
-
-    t = now()
-    splits = load_splits(task, spec.data, options, recipe.seed, dict(spec.columns))
-    options.update(task.prepare(splits, options) or {})
-    phases["data_s"] = now() - t
-
-    t = now()
-    source = resolve_model(spec.model, reg, task)
-    kind = choose_kind(source, task)
-    tokenizer = load_tokenizer(source, (x for ex in splits["train"] for x in task.texts(ex, options)))
-    phases["tokenizer_s"] = now() - t
-
-    t = now()
-    # Everything resident before the model exists is the harness's own
-    # footprint plus libraries and data: the baseline the model's share sits on.
-    out["rss_before_model_bytes"] = current_rss_bytes()
-    torch.manual_seed(recipe.seed)
-    model = build_model(source, tokenizer, task.head, options.get("num_labels"), kind)
-    limit = max_positions(model)
-    if limit is not None and recipe.seq_len > limit:
-        raise FtbenchError(f"seq_len {recipe.seq_len} exceeds the model's {limit} positions; pass "
-                           f"--seq-len {limit} or less")
-    mode, n_frozen = parse_tuning(recipe.tuning)
-    apply_tuning(model, mode, n_frozen)
-    if recipe.grad_checkpointing:
-        model.gradient_checkpointing_enable()
-        if hasattr(model.config, "use_cache"):
-            model.config.use_cache = False
-    trainable, total = count_params(model)
-    # Weights + gradients + two AdamW moments, in fp32: what theory says the
-    # training state needs before activations.
-    out["state_bytes_theory"] = 4 * (total + 3 * trainable)
-    out.update(trainable_params=trainable, total_params=total, param_bytes=param_bytes(model), model_kind=kind,
-               vocab_size=len(tokenizer))
-    phases["model_s"] = now() - t
-
-    t = now()
-    cache_key = {"v": 1, "task": task_name, "options": options, "data": data_identity(spec.data, splits),
-                 "seed": recipe.seed, "columns": list(spec.columns), "kind": kind, "seq_len": recipe.seq_len,
-                 "tokenizer": getattr(tokenizer, "ftbench_identity", None) or
-                 [getattr(tokenizer, "name_or_path", None), len(tokenizer)]}
-    enc = cached_encode(cache_key, lambda: {
-        s: [encode_example(task, ex, tokenizer, kind, recipe.seq_len, options) for ex in rows]
-        for s, rows in splits.items() if s in ("train", "validation")})
-    out["truncated_examples"] = {s: sum(1 for e in v if e.truncated) for s, v in enc.items()}
-    out["truncated_tokens"] = {s: sum(e.truncated for e in v) for s, v in enc.items()}
-    pad_id = tokenizer.pad_token_id
-    dstart = decoder_start_id(model)
-
-    def make_batch(indices, rows):
-        return collate([rows[i] for i in indices], kind, task.head, pad_id, recipe.seq_len, recipe.padding, dstart)
-
-    plan = batch_plan(len(enc["train"]), recipe, world, rank, recipe.seed)
-    # Pre-collate every micro-batch so the timed loop does no host-side data work.
-    steps_data = []
-    for global_idx, micro_idx in plan:
-        micro = [make_batch(ix, enc["train"]) for ix in micro_idx]
-        global_counts = make_batch(global_idx, enc["train"])["counts"] if world > 1 else _sum_counts(micro)
-        for mb in micro:
-            mb["loss_scale"] = 1.0 / max(1, global_counts["loss"])
-            mb.pop("counts")
-        steps_data.append((micro, global_counts))
-    if device.type == "cuda":
-        # Page-locked batches let the per-step host-to-device copies run
-        # asynchronously instead of staging through pageable memory.
-        for micro, _ in steps_data:
-            for mb in micro:
-                for k, v in mb.items():
-                    if torch.is_tensor(v):
-                        mb[k] = v.pin_memory()
-    phases["encode_s"] = now() - t
-
-    flops_of = flop_model(model, kind)
-    # FLOPs of this rank's micro-batches per step, from shapes known on the host.
-    step_flops = [sum(flops_of((mb["input_ids"].shape[0], mb["input_ids"].shape[1],
-                                mb["labels"].shape[1] if "decoder_input_ids" in mb else 0)) for mb in micro)
-                  for micro, _ in steps_data]
-
-    t = now()
-    ctx = EngineContext(recipe=recipe, device=device, loss_fn=make_loss_fn(kind, task.head), rank=rank,
-                        world_size=world, local_rank=local_rank)
-    engine = bspec.engine(bopts, ctx)
-    engine.setup(model)
-    synchronize(device)
-    phases["engine_s"] = now() - t
-    setup_s = time.time() - t_launch
-
-    # ------------------------------------------------------------- training
-    times: list[float] = []
-    losses = []  # device tensors; read back in chunks so the loop adds no host copies
-    check_every = int(os.environ.get("FTBENCH_CHECK_EVERY", "10"))
-    history: list[float] = []
-    for step, (micro, _) in enumerate(steps_data):
-        t0 = now()
-        step_loss = None
-        for mb in micro:
-            loss = engine.forward_backward(mb)
-            step_loss = loss if step_loss is None else step_loss + loss
-        engine.step()
-        synchronize(device)
-        times.append(now() - t0)
-        losses.append(step_loss)
-        if (step + 1) % check_every == 0 or step + 1 == len(steps_data):
-            checked = len(history)
-            history.extend(_global_losses(losses[checked:], world))
-            bad = next((i for i in range(checked, len(history)) if not math.isfinite(history[i])), None)
-            if bad is not None:
-                raise Diverged(bad, history[bad], {**out, "train_loss": history[: bad + 1],
-                                                   "step_times_s": times, "setup_s": setup_s})
-
-    warm = recipe.warmup
-    measured, counts = times[warm:], [c for _, c in steps_data[warm:]]
-    stats = step_stats(measured)
-    out.update(
-        train_loss=history,
-        step_times_s=times,
-        step_time=stats,
-        tokens_per_s=throughput(counts, measured, "nonpad"),
-        padded_tokens_per_s=throughput(counts, measured, "padded"),
-        loss_tokens_per_s=throughput(counts, measured, "loss"),
-        samples_per_s=throughput(counts, measured, "samples"),
-        tokens={k: sum(c[k] for c in counts) for k in ("padded", "nonpad", "loss", "samples")},
-        setup_s=setup_s,
-        setup_phases=phases,
-        compile_s=(sum(times[:warm]) - warm * stats["median"]) if engine.compiles and warm else None,
-    )
-    out["memory"] = memory_snapshot(device)
-    out["flops_per_s"] = sum(step_flops[warm:]) / sum(measured) if measured else None
-    out["peak_flops"], out["peak_flops_source"] = device_peak(device, recipe.precision)
-
-    # ------------------------------------------------------------ evaluation
-    t = now()
-    eval_model = engine.eval_model()
-    eval_model.eval()
-    val_rows = splits["validation"][: spec.eval_examples]
-    val_enc = enc["validation"][: spec.eval_examples]
-    eval_loss = _eval_loss(eval_model, ctx.loss_fn, [make_batch(list(range(i, min(i + 16, len(val_enc)))), val_enc)
-                                                     for i in range(0, len(val_enc), 16)], device, recipe)
-
-    def generate(prompts: list[str]) -> list[str]:
-        with autocast_for(recipe, device):
-            return greedy_generate(eval_model, tokenizer, kind, prompts, device, recipe.seq_len,
-                                   options.get("max_new_tokens", 32))
-
-    def classify(rows: list[dict]) -> list[list[float]]:
-        encoded = [encode_example(task, ex, tokenizer, kind, recipe.seq_len, options) for ex in rows]
-        with autocast_for(recipe, device):
-            return class_probabilities(eval_model, [make_batch(list(range(i, min(i + 16, len(encoded)))), encoded)
-                                                    for i in range(0, len(encoded), 16)], device)
-
-    ectx = EvalContext(model=eval_model, tokenizer=tokenizer, model_kind=kind, device=device, examples=val_rows,
-                       eval_loss=eval_loss, options=options, generate=generate,
-                       max_new_tokens=options.get("max_new_tokens", 32),
-                       classify=classify if task.head == "classification" else None)
-    metrics = task.evaluate(ectx)
-    metrics.setdefault("eval_loss", eval_loss)
-    out.update(eval_loss=eval_loss, metrics=metrics, metric=task.metric, metric_value=metrics.get(task.metric),
-               higher_is_better=task.higher_is_better, eval_s=now() - t, eval_examples=len(val_rows),
-               backend_stats=engine.stats(), status="ok", error=None)
-    out["memory_after_eval"] = memory_snapshot(device)
-    return out
+    """Run one cell in this process (this rank of it); this rank's part of the record."""
+    return Cell(spec_dict, t_launch or _T_IMPORTED).run()
 
 
 def _describe(device) -> dict:
@@ -299,41 +294,6 @@ def _describe(device) -> dict:
     else:
         info["name"] = info["cpu"]
     return info
-
-
-def _sum_counts(micro: list[dict]) -> dict:
-    keys = ("padded", "nonpad", "loss", "samples")
-    return {k: sum(mb["counts"][k] for mb in micro) for k in keys}
-
-
-def _global_losses(chunk, world: int) -> list[float]:
-    """Per-step global losses: this rank's contributions summed over ranks."""
-    import torch
-
-    if not chunk:
-        return []
-    stacked = torch.stack([c.float() for c in chunk])
-    if world > 1:
-        if stacked.device.type == "cpu" and torch.distributed.get_backend() == "nccl":
-            stacked = stacked.cuda()
-        torch.distributed.all_reduce(stacked)
-    return [float(v) for v in stacked.cpu().tolist()]
-
-
-def _eval_loss(model, loss_fn, batches, device, recipe) -> float:
-    import torch
-
-    from ftbench.harness.engine import autocast_for, move
-
-    total = torch.zeros((), device=device)
-    units = 0
-    with torch.no_grad():
-        for b in batches:
-            units += b["counts"]["loss"]
-            b = move({k: v for k, v in b.items() if k != "counts"}, device)
-            with autocast_for(recipe, device):
-                total += loss_fn(model, b).float()
-    return float(total) / max(1, units)
 
 
 def _classify(exc: BaseException) -> str:

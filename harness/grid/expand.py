@@ -20,13 +20,15 @@ from typing import Any
 
 from ftbench.harness.api import FtbenchError
 from ftbench.harness.grid.config import RECIPE_FIELDS, CellSpec, Recipe, parse_spec
+from ftbench.harness.grid.targets import check_grid_targets, target_for_task
 
 AXES = ("task", "backend", "model", "data")
-CELL_SETTINGS = ("nproc", "time_limit_s", "memory_limit_mb", "eval_examples", "device", "columns", "launcher")
+CELL_SETTINGS = ("nproc", "time_limit_s", "memory_limit_mb", "eval_examples", "device", "columns", "launcher",
+                 "eval_every", "stop_at_target")
 #: Settings a grid may sweep as extra axes: the recipe, and the rank count.
 SWEEPABLE = tuple(RECIPE_FIELDS) + ("nproc", "eval_examples")
 #: Settings a ``per_cell`` rule may set: how a cell runs, never what it computes.
-PER_CELL_SETTINGS = ("time_limit_s", "memory_limit_mb", "eval_examples", "device", "launcher")
+PER_CELL_SETTINGS = ("time_limit_s", "memory_limit_mb", "eval_examples", "device", "launcher", "eval_every")
 AUTO_MODEL = "auto"
 
 
@@ -50,6 +52,8 @@ class Grid:
     #: Where the cells run: ``local`` (default) or ``slurm``, and the grid file's ``slurm:`` mapping.
     launcher: str | None = None
     slurm: dict | None = None
+    #: Quality targets, ``[TASK:]METRIC=VALUE`` (see :mod:`ftbench.harness.grid.targets`).
+    targets: list[str] = field(default_factory=list)
 
     def cells(self, registry) -> list[CellSpec]:
         """Every cell of the grid, repeats included, in axis order.
@@ -58,6 +62,10 @@ class Grid:
         sweep={"lr": [1e-3, 3e-3]}, repeat=2).cells(reg)`` gives 4 cells.
         """
         where = f"{self.source}: " if self.source else ""
+        if self.targets:
+            tasks = {parse_spec(t, "task")[0] for t in _expand_all(list(self.axes.get("task") or []),
+                                                                  lambda: list(registry.tasks))}
+            check_grid_targets(self.targets, [registry.task(n) for n in sorted(tasks)])
         base_settings = {k: v for k, v in self.settings.items() if k not in self.sweep}
         sweep_keys = list(self.sweep)
         cells = []
@@ -105,6 +113,7 @@ class Grid:
             bspec = registry.backend(bname)
             if model == AUTO_MODEL:
                 model = default_model(registry, task_obj)
+            target = target_for_task(self.targets, task_obj)
             cell = {"task": task, "backend": backend, "model": model, "data": data, **point}
             if any(_matches(cell, ex) for ex in self.exclude):
                 continue
@@ -117,7 +126,7 @@ class Grid:
                 own.pop("launcher", None)
             for r in range(self.repeat):
                 cells.append(CellSpec(task=task, backend=backend, model=model, data=data, recipe=recipe,
-                                      nproc=nproc if bspec.data_parallel else 1, repeat=r, **own))
+                                      nproc=nproc if bspec.data_parallel else 1, repeat=r, target=target, **own))
         # Sweeping nproc over a single-process backend would repeat the same cell.
         seen, unique = set(), []
         for c in cells:

@@ -32,11 +32,13 @@ from ftbench.harness.grid.config import RECIPE_FIELDS, Recipe
 from ftbench.harness.grid.expand import AXES, CELL_SETTINGS, PER_CELL_SETTINGS, SWEEPABLE, Grid
 
 DEFAULT_GRID = "default_grid.yaml"
-TOP_KEYS = set(AXES) | {"settings", "exclude", "repeat", "sweep", "time_limit", "per_cell", "launcher", "slurm"}
+TOP_KEYS = set(AXES) | {"settings", "exclude", "repeat", "sweep", "time_limit", "per_cell", "target", "launcher",
+                        "slurm"}
 LAUNCHERS = ("local", "slurm")
 SETTING_KEYS = set(RECIPE_FIELDS) | set(CELL_SETTINGS)
 _RECIPE_TYPES = typing.get_type_hints(Recipe)
-_CELL_TYPES = {"nproc": int, "time_limit_s": float, "memory_limit_mb": float, "eval_examples": int, "device": str}
+_CELL_TYPES = {"nproc": int, "time_limit_s": float, "memory_limit_mb": float, "eval_examples": int, "device": str,
+               "eval_every": int, "stop_at_target": bool}
 
 
 def load_grid_text(text: str, name: str) -> dict:
@@ -118,6 +120,36 @@ def grid_from_dict(data: dict, name: str) -> Grid:
     Example: ``grid_from_dict({"task": ["generation"], "backend": ["eager"]}, "g.yaml")``.
     """
     _unknown(name, "", data, TOP_KEYS)
+    axes = _axes(data, name)
+    settings = _settings(data, name)
+    sweep = _sweep(data, name, settings)
+    match_keys = set(AXES) | set(sweep)
+    exclude = _exclude(data, name, sweep, match_keys)
+    rules = _per_cell(data, name, match_keys)
+    repeat = data.get("repeat", 1)
+    if not isinstance(repeat, int) or isinstance(repeat, bool) or repeat < 1:
+        raise FtbenchError(f"grid file {name}: repeat must be an integer >= 1, got {repeat!r}")
+    launcher, slurm = _launcher(data, name)
+    return Grid(axes=axes, settings=settings, exclude=exclude, repeat=repeat, sweep=sweep, per_cell=rules,
+                source=f"grid file {name}", targets=_targets(data, name), launcher=launcher, slurm=slurm)
+
+
+def _targets(data: dict, name: str) -> list[str]:
+    """``target:`` as one string, a list, or a mapping task -> target (e.g. {generation: perplexity=20})."""
+    v = data.get("target")
+    if v is None:
+        return []
+    if isinstance(v, str):
+        return [v]
+    if isinstance(v, list) and all(isinstance(x, str) for x in v):
+        return list(v)
+    if isinstance(v, dict) and all(isinstance(k, str) and isinstance(x, str) for k, x in v.items()):
+        return [f"{task}:{target}" for task, target in v.items()]
+    raise FtbenchError(f"grid file {name}: target must be a string like perplexity=20, a list of them, or a "
+                       f"mapping of task to target like {{generation: perplexity=20}}, got {v!r}")
+
+
+def _axes(data: dict, name: str) -> dict:
     axes = {}
     for a in AXES:
         v = data.get(a)
@@ -130,6 +162,10 @@ def grid_from_dict(data: dict, name: str) -> Grid:
         if not v:
             raise FtbenchError(f"grid file {name}: {a} is an empty list; list at least one {a}")
         axes[a] = v
+    return axes
+
+
+def _settings(data: dict, name: str) -> dict:
     settings = data.get("settings") or {}
     if not isinstance(settings, dict):
         raise FtbenchError(f"grid file {name}: settings must be a mapping, got {settings!r}")
@@ -137,7 +173,10 @@ def grid_from_dict(data: dict, name: str) -> Grid:
     settings = {k: coerce_setting(k, v, f"grid file {name}: settings.") for k, v in settings.items()}
     if "time_limit" in data:
         settings["time_limit_s"] = parse_duration(data["time_limit"], f"grid file {name}: time_limit")
+    return settings
 
+
+def _sweep(data: dict, name: str, settings: dict) -> dict:
     sweep = data.get("sweep") or {}
     if not isinstance(sweep, dict):
         raise FtbenchError(f"grid file {name}: sweep must be a mapping of setting -> list of values, "
@@ -149,8 +188,10 @@ def grid_from_dict(data: dict, name: str) -> Grid:
         sweep[k] = [coerce_setting(k, v, f"grid file {name}: sweep.") for v in values]
         if k in settings:
             raise FtbenchError(f"grid file {name}: {k} is both in settings and in sweep; keep one")
+    return sweep
 
-    match_keys = set(AXES) | set(sweep)
+
+def _exclude(data: dict, name: str, sweep: dict, match_keys: set) -> list:
     exclude = data.get("exclude") or []
     if not isinstance(exclude, list) or not all(isinstance(e, dict) and e for e in exclude):
         raise FtbenchError(f"grid file {name}: exclude must be a list of mappings like {{task: X, backend: Y}}")
@@ -160,7 +201,10 @@ def grid_from_dict(data: dict, name: str) -> Grid:
             if k in sweep:
                 ex[k] = [coerce_setting(k, v, f"grid file {name}: exclude.") for v in
                          (ex[k] if isinstance(ex[k], list) else [ex[k]])]
+    return exclude
 
+
+def _per_cell(data: dict, name: str, match_keys: set) -> list:
     per_cell = data.get("per_cell") or []
     if not isinstance(per_cell, list) or not all(isinstance(r, dict) for r in per_cell):
         raise FtbenchError(f"grid file {name}: per_cell must be a list of mappings like "
@@ -179,10 +223,11 @@ def grid_from_dict(data: dict, name: str) -> Grid:
             elif k != "match":
                 out[k] = coerce_setting(k, v, f"grid file {name}: per_cell.")
         rules.append(out)
+    return rules
 
-    repeat = data.get("repeat", 1)
-    if not isinstance(repeat, int) or isinstance(repeat, bool) or repeat < 1:
-        raise FtbenchError(f"grid file {name}: repeat must be an integer >= 1, got {repeat!r}")
+
+def _launcher(data: dict, name: str) -> tuple[str | None, dict | None]:
+    """``launcher: local|slurm`` and the ``slurm:`` mapping (checked now, used with the slurm launcher)."""
     launcher = data.get("launcher")
     if launcher is not None and launcher not in LAUNCHERS:
         raise FtbenchError(f"grid file {name}: launcher must be one of {', '.join(LAUNCHERS)}, got {launcher!r} "
@@ -191,9 +236,8 @@ def grid_from_dict(data: dict, name: str) -> Grid:
     if slurm is not None:
         from ftbench.harness.running.slurm import options_from
 
-        options_from(slurm, f"grid file {name}")  # checked now, used when the launcher is slurm
-    return Grid(axes=axes, settings=settings, exclude=exclude, repeat=repeat, sweep=sweep, per_cell=rules,
-                source=f"grid file {name}", launcher=launcher, slurm=slurm)
+        options_from(slurm, f"grid file {name}")
+    return launcher, slurm
 
 
 def build_grid(grid_file: str | None, cli_axes: dict, overrides: dict) -> Grid:
@@ -210,6 +254,13 @@ def build_grid(grid_file: str | None, cli_axes: dict, overrides: dict) -> Grid:
     else:
         grid = Grid(axes={"task": ["generation"], "backend": ["eager"]})
     grid.axes.update(given_axes)
+    targets = overrides.pop("targets", None)
+    if targets:
+        grid.targets = list(targets)  # the command line replaces the file's targets
+    seeds = overrides.pop("seeds", None)
+    if seeds:
+        grid.sweep["seed"] = list(seeds)
+        grid.settings.pop("seed", None)
     repeat = overrides.pop("repeat", None)
     if repeat is not None:
         if repeat < 1:

@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 
 from ftbench.harness.api import FtbenchError
+from ftbench.harness.grid.resolve import check_seq_len, resolve_cell
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -30,24 +31,14 @@ def check_cells(reg, cells) -> None:
     n_train: dict = {}
     positions: dict = {}
     for cell in cells:
-        tname, topts = cell.task_name_and_options()
-        task = reg.task(tname)
-        _check_backend(reg, cell)
+        resolved = resolve_cell(reg, cell)  # names, options, ranks, batch split: the worker's own rules
         _check_settings(cell)
-        recipe = cell.recipe
-        _check_model(reg, cell.model, task, positions)
-        limit = positions.get(cell.model)
-        if limit is not None and recipe.seq_len > limit:
-            raise FtbenchError(f"seq_len {recipe.seq_len} is too long for model {cell.model!r}, which holds at "
-                               f"most {limit} positions; pass --seq-len {limit} or less (or pick a model with "
-                               "longer positions)")
-        if recipe.batch_size % (cell.nproc * recipe.grad_accum):
-            raise FtbenchError(f"global batch {recipe.batch_size} cannot be split over nproc {cell.nproc} x "
-                               f"grad_accum {recipe.grad_accum}; pick a --batch-size that is a multiple of "
-                               f"{cell.nproc * recipe.grad_accum}")
+        recipe = resolved.recipe
+        _check_model(reg, cell.model, resolved.task, positions)
+        check_seq_len(recipe.seq_len, positions.get(cell.model), cell.model)
         key = (cell.task, cell.data, cell.columns, recipe.seed)
         if key not in n_train:
-            n_train[key] = _check_data(task, topts, cell)
+            n_train[key] = _check_data(resolved.task, resolved.task_options, cell)
         n = n_train[key]
         if n is not None and recipe.batch_size > n:
             raise FtbenchError(f"batch size {recipe.batch_size} is larger than the {n} training examples of "
@@ -64,6 +55,11 @@ def _check_settings(cell) -> None:
             bad(key, v, "must be a number > 0, or left out for no limit")
     if not _is_int(cell.eval_examples) or cell.eval_examples < 1:
         bad("eval_examples", cell.eval_examples, "must be an integer >= 1")
+    if not _is_int(cell.eval_every) or cell.eval_every < 0:
+        bad("eval_every", cell.eval_every, "must be an integer >= 0 (0: evaluate only after training)")
+    if cell.stop_at_target and not cell.target:
+        bad("stop_at_target", cell.stop_at_target, f"needs a target for task {cell.task!r}: add "
+            "--target METRIC=VALUE (e.g. --target perplexity=20)")
     if not _is_int(cell.nproc) or cell.nproc < 1:
         bad("nproc", cell.nproc, "must be an integer >= 1")
     if cell.device not in DEVICES:
@@ -78,15 +74,6 @@ def _is_number(v) -> bool:
 
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _check_backend(reg, cell) -> None:
-    bname, bopts = cell.backend_name_and_options()
-    spec = reg.backend(bname)
-    try:
-        spec.engine.validate_options({**dict(spec.defaults), **bopts})
-    except FtbenchError as e:
-        raise FtbenchError(f"backend {cell.backend!r}: {e}") from None
 
 
 def _check_model(reg, name: str, task, positions: dict) -> None:
@@ -124,13 +111,13 @@ def _config_positions(path: Path) -> int | None:
     return None
 
 
-def _check_data(task, task_options: dict, cell) -> int | None:
+def _check_data(task, options: dict, cell) -> int | None:
     """Load and validate the cell's data as the cell will; the number of training examples."""
     if isinstance(cell.data, str) and cell.data.startswith("hf:"):
         return None
     from ftbench.harness.cell.data import load_splits
 
-    options = {**dict(task.defaults), **task_options}
+    options = dict(options)
     try:
         splits = load_splits(task, cell.data, options, cell.recipe.seed, dict(cell.columns))
         task.prepare(splits, options)  # e.g. a label outside the label set

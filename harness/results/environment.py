@@ -18,6 +18,10 @@ PACKAGES = ("torch", "transformers", "tokenizers", "deepspeed", "pluggy", "sacre
 
 
 def package_version(name: str) -> str | None:
+    """The installed version of distribution ``name``, or None; reads metadata, imports nothing.
+
+    Example: ``if package_version("deepspeed") is None: raise Unavailable("pip install deepspeed")``.
+    """
     try:
         return metadata.version(name)
     except metadata.PackageNotFoundError:

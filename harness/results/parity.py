@@ -110,21 +110,26 @@ def _compare(record: dict, ref: dict) -> dict:
     worst_step = max(range(n), key=devs.__getitem__) if n else None
     worst = devs[worst_step] if n else 0.0
     window = max(devs[:WINDOW], default=0.0)
-    passed = window <= tol and math.isfinite(worst) and len(mine) == len(theirs)
+    # A run that ended at its quality target is shorter by design: compare the steps both ran.
+    same_length = len(mine) == len(theirs) or record.get("stopped_at_target") or ref.get("stopped_at_target")
+    passed = window <= tol and math.isfinite(worst) and bool(same_length)
     out = {"status": COMPARED, "reference": _label(ref), "reference_cell_id": ref.get("cell_id"),
            "max_rel_dev": worst, "worst_step": worst_step, "window_max_rel_dev": window,
            "window_steps": min(WINDOW, n), "steps_compared": n, "tolerance": tol, "precision": precision,
            "passed": passed}
-    if len(mine) != len(theirs):
+    # Where the curve left the tolerance, if it did (after the window: drift; in it: a failure).
+    left = next((i for i, d in enumerate(devs) if d > tol or not math.isfinite(d)), None)
+    out["left_tolerance_at_step"] = left
+    if not same_length:
         out["reason"] = f"loss curve has {len(mine)} steps, the reference {len(theirs)}"
     elif not passed:
-        step = next((i for i, d in enumerate(devs) if d > tol or not math.isfinite(d)), worst_step)
+        step = worst_step if left is None else left
         out["reason"] = f"deviates {devs[step]:.1e} > {tol:.0e} at step {step}"
     return out
 
 
 def parity_label(p: dict | None) -> str:
-    """Short table text: ``reference``, ``✓ 1.2e-07``, ``✓ 1.2e-07, drift 2.2e-04`` or the reason."""
+    """Short table text: ``reference``, ``✓ 1.2e-07``, ``✓ 1.2e-07, drift 2.2e-04 from step 37`` or the reason."""
     if not p:
         return "-"
     if p.get("status") == REFERENCE:
@@ -135,6 +140,8 @@ def parity_label(p: dict | None) -> str:
     text = f"{'✓' if p.get('passed') else '✗'} {judged:.1e}"
     if p["max_rel_dev"] > p.get("tolerance", math.inf):
         text += f", drift {p['max_rel_dev']:.1e}"
+        if p.get("left_tolerance_at_step") is not None:
+            text += f" from step {p['left_tolerance_at_step']}"
     return text
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ftbench.harness.results.format import fmt_bytes, fmt_num
+from ftbench.harness.results.quality_report import plot_quality_vs_time, time_to_target_frame
 from ftbench.harness.results.resultset import ResultSet, as_float, load_result_set, repeat_of, variant_labels
 
 REPORT_DIR = "report"
@@ -38,6 +39,8 @@ class Report:
     html: Path
     plots: dict[str, Path] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    #: The time-to-target table (a DataFrame) when any cell had a target.
+    time_to_target: object = None
 
 
 # ------------------------------------------------------------------ tables
@@ -184,9 +187,11 @@ def plot_bars(summary, df, col: str, ylabel: str, title: str, path: Path, scale:
     return path
 
 
-def plot_loss(rs: ResultSet, summary, path: Path) -> Path:
+def plot_loss(rs: ResultSet, summary, path: Path, x: str = "step") -> Path:
     """One panel per task: the train loss per optimizer step of every cell
-    (median over repeats, band min–max); the dashed line ends the warmup."""
+    (median over repeats, band min–max); the dashed line ends the warmup.
+    ``x="time"`` puts training seconds (the median run's cumulative step
+    times) on the x-axis instead of steps."""
     import matplotlib.pyplot as plt
     import numpy as np
 
@@ -204,6 +209,10 @@ def plot_loss(rs: ResultSet, summary, path: Path) -> Path:
             n = min(len(c) for c in curves)
             arr = np.array([[np.nan if v is None else v for v in c[:n]] for c in curves], dtype=float)
             steps = np.arange(1, n + 1)
+            if x == "time":
+                times = [np.cumsum([as_float(v) or 0.0 for v in (r.get("step_times_s") or [])][:n]) for r in rs.records
+                         if r["cell_id"] == cid and r.get("status") in ("ok", "diverged") and r.get("train_loss")]
+                steps = np.median(np.array([t for t in times if len(t) == n]), axis=0) if times else steps
             lab = labels[cid]
             ax.plot(steps, np.nanmedian(arr, axis=0), color=colours[lab], label=lab, linewidth=1.4)
             if len(curves) > 1:
@@ -211,10 +220,10 @@ def plot_loss(rs: ResultSet, summary, path: Path) -> Path:
                                 alpha=0.18, linewidth=0)
             rec = next(r for r in rs.records if r["cell_id"] == cid)
             warm = ((rec.get("config") or {}).get("recipe") or {}).get("warmup", warm)
-        if warm:
+        if warm and x == "step":
             ax.axvline(warm + 0.5, color="grey", linestyle="--", linewidth=0.8, label="end of warmup")
         ax.set_title(task)
-        ax.set_xlabel("optimizer step")
+        ax.set_xlabel("optimizer step" if x == "step" else "training seconds (cumulative step time)")
         ax.set_ylabel("train loss")
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
@@ -275,10 +284,12 @@ PLOT_TITLES = {
     "memory": "Peak memory per task",
     "loss": "Loss curves per task",
     "quality": "Quality vs throughput",
+    "quality_vs_time": "Quality against training time",
 }
 
 
-def render_html(rs: ResultSet, display, plots: dict[str, Path], out: Path, problems: list[str]) -> str:
+def render_html(rs: ResultSet, display, plots: dict[str, Path], out: Path, problems: list[str],
+                time_to_target=None) -> str:
     """The report page: the summary table and every plot, embedded so the file stands alone."""
     env = next((r.get("environment") for r in rs.records if r.get("environment")), {}) or {}
     versions = ", ".join(f"{k} {v}" for k, v in (env.get("versions") or {}).items() if v)
@@ -292,7 +303,11 @@ def render_html(rs: ResultSet, display, plots: dict[str, Path], out: Path, probl
         parts.append(f"<p class='warn'>warning: {html.escape(p)}</p>")
     parts += ["<h2>Cells</h2>",
               "<p>Figures are the median over repeats, with [min–max] when there are several.</p>",
-              display.to_html(index=False, escape=True, border=0, classes="cells"), "<h2>Plots</h2>"]
+              display.to_html(index=False, escape=True, border=0, classes="cells")]
+    if time_to_target is not None:
+        parts += ["<h2>Time to target</h2>", f"<p>{html.escape(TTT_NOTE)}</p>",
+                  time_to_target.to_html(index=False, escape=True, border=0, classes="ttt")]
+    parts.append("<h2>Plots</h2>")
     for key, path in plots.items():
         data = base64.b64encode(path.read_bytes()).decode()
         rel = os.path.relpath(path, out)
@@ -305,8 +320,12 @@ def render_html(rs: ResultSet, display, plots: dict[str, Path], out: Path, probl
 
 # -------------------------------------------------------------------- main
 
+TTT_NOTE = ("Training seconds until the first evaluation that met the target (measured steps, warmup and "
+            "compilation included, evaluation excluded); median over seeds and repeats, a run that never reached "
+            "it counting as infinitely slow, so 'not reached' means half or more did not.")
 
-def write_report(result_dir, out: str | os.PathLike | None = None) -> tuple[Report, object]:
+
+def write_report(result_dir, out: str | os.PathLike | None = None, loss_x: str = "step") -> tuple[Report, object]:
     """Write the Markdown, CSV, PNG and HTML report of a result set.
 
     Returns the report's paths and the display table (for the terminal).
@@ -336,6 +355,10 @@ def write_report(result_dir, out: str | os.PathLike | None = None) -> tuple[Repo
     summary.to_csv(rep.csv, index=False)
     md = [f"# ftbench report: {result_dir}", "",
           "Median over repeats, [min–max] when there are several.", "", display.to_markdown(index=False), ""]
+    ttt = time_to_target_frame(rs)
+    if len(ttt):
+        rep.time_to_target = ttt
+        md += ["## Time to target", "", TTT_NOTE, "", ttt.to_markdown(index=False), ""]
     if problems:
         md += ["## Warnings", ""] + [f"- {p}" for p in problems] + [""]
     ok = summary[summary["ok"] > 0] if len(summary) else summary
@@ -346,11 +369,14 @@ def write_report(result_dir, out: str | os.PathLike | None = None) -> tuple[Repo
         rep.plots["memory"] = plot_bars(ok, df, "peak_memory_bytes", "peak memory (MiB)",
                                         f"Peak memory per task ({kinds}; median, whiskers min–max)", plots_dir / "memory.png",
                                         scale=MiB)
-        rep.plots["loss"] = plot_loss(rs, ok, plots_dir / "loss.png")
+        rep.plots["loss"] = plot_loss(rs, ok, plots_dir / "loss.png", x=loss_x)
         rep.plots["quality"] = plot_quality(ok, plots_dir / "quality_vs_throughput.png")
+        vs_time = plot_quality_vs_time(rs, plots_dir / "quality_vs_time.png")
+        if vs_time:
+            rep.plots["quality_vs_time"] = vs_time
         md += ["## Plots", ""] + [f"![{PLOT_TITLES[k]}]({os.path.relpath(p, out)})" for k, p in rep.plots.items()]
     rep.markdown.write_text("\n".join(md) + "\n")
-    rep.html.write_text(render_html(rs, display, rep.plots, out, problems))
+    rep.html.write_text(render_html(rs, display, rep.plots, out, problems, ttt if len(ttt) else None))
     return rep, display
 
 

@@ -103,10 +103,11 @@ def config_diff(a: dict, b: dict) -> list[str]:
     return out
 
 
-def variant_labels(records: list[dict]) -> dict[str, str]:
+def variant_labels(records: list[dict], without: tuple[str, ...] = ()) -> dict[str, str]:
     """A short label per cell_id naming what sets it apart from the other cells
     of its task: the backend, then the model, data, ranks and recipe settings
-    only where they vary.
+    only where they vary (``without`` leaves settings out, e.g. the seed, to
+    group a cell's seeds under one label).
 
     Example: ``{"1c66…": "eager · tiny-llama · lr=0.003"}``.
     """
@@ -119,7 +120,7 @@ def variant_labels(records: list[dict]) -> dict[str, str]:
             varying.append(("slot", k))
     recipes = [recipe_of(r) for r in cfgs.values()]
     for k in sorted({k for rc in recipes for k in rc}):
-        if len({json.dumps(rc.get(k), default=str) for rc in recipes}) > 1:
+        if k not in without and len({json.dumps(rc.get(k), default=str) for rc in recipes}) > 1:
             varying.append(("recipe", k))
     labels = {}
     for cid, r in cfgs.items():
@@ -174,6 +175,22 @@ def merge_result_sets(out: str | os.PathLike, sources: list[str | os.PathLike], 
             summary.warnings.append(f"{src}: no readable records")
         sets.append(rs)
 
+    _check_environments(sets, summary, allow_mixed_environments)
+    keep = _unique_records(sets, summary)
+    out.mkdir(parents=True, exist_ok=True)
+    for r in keep:
+        append_record(out, r)
+    summary.written = len(keep)
+    first_env = next((Path(rs.path) / "environment.json" for rs in sets
+                      if (Path(rs.path) / "environment.json").exists()), None)
+    if first_env:
+        (out / "environment.json").write_text(first_env.read_text())
+    (out / "merge.json").write_text(json.dumps({"sources": summary.sources, "duplicates": summary.duplicates,
+                                                "warnings": summary.warnings}, indent=2))
+    return summary
+
+
+def _check_environments(sets, summary: MergeSummary, allow_mixed: bool) -> None:
     envs = {}
     for rs in sets:
         for env in rs.environments():
@@ -182,11 +199,14 @@ def merge_result_sets(out: str | os.PathLike, sources: list[str | os.PathLike], 
         (pa, ea), (pb, eb) = list(envs.values())[:2]
         diff = "; ".join(environment_diff(ea, eb))
         msg = f"the result sets ran in different environments ({pa} vs {pb}: {diff})"
-        if not allow_mixed_environments:
+        if not allow_mixed:
             raise FtbenchError(msg + "; their figures are not comparable in one table. Merge shards of one machine "
                                "type, or pass --allow-mixed-environments to merge anyway")
         summary.warnings.append(msg)
 
+
+def _unique_records(sets, summary: MergeSummary) -> list[dict]:
+    """Every record once; refuses the same cell measured twice differently or under two recipes."""
     seen: dict[tuple, tuple[str, str]] = {}
     fingerprints: dict[str, tuple[str, str]] = {}
     keep = []
@@ -213,18 +233,7 @@ def merge_result_sets(out: str | os.PathLike, sources: list[str | os.PathLike], 
             keep.append(r)
             n += 1
         summary.sources[str(rs.path)] = n
-
-    out.mkdir(parents=True, exist_ok=True)
-    for r in keep:
-        append_record(out, r)
-    summary.written = len(keep)
-    first_env = next((Path(rs.path) / "environment.json" for rs in sets
-                      if (Path(rs.path) / "environment.json").exists()), None)
-    if first_env:
-        (out / "environment.json").write_text(first_env.read_text())
-    (out / "merge.json").write_text(json.dumps({"sources": summary.sources, "duplicates": summary.duplicates,
-                                                "warnings": summary.warnings}, indent=2))
-    return summary
+    return keep
 
 
 def environment_diff(a: dict, b: dict, prefix: str = "") -> list[str]:

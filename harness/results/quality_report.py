@@ -1,0 +1,110 @@
+"""Time to quality in reports: the time-to-target table and quality against training time.
+
+Seeds: time to a target varies with the seed far more than step time does,
+so the cells of one configuration that differ only in their seed are one
+row.  The row's time is the **median over all its seeds, a seed that never
+reached the target counting as infinitely slow**: the median is a number
+only when more than half the seeds reached the target, and the row always
+says how many did (``2/3``).  MLPerf Training drops the fastest and slowest
+of its runs and averages the rest; with the three to five seeds a benchmark
+grid can afford, the median keeps the same robustness to one lucky or
+unlucky seed without discarding a third of the data.
+
+Example::
+
+    table = time_to_target_frame(load_result_set("runs/ttq"))
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+
+from ftbench.harness.results.format import fmt_num
+from ftbench.harness.results.resultset import ResultSet, variant_labels
+
+
+def _groups(rs: ResultSet) -> dict[tuple, list[dict]]:
+    labels = variant_labels(rs.records, without=("seed",))
+    groups: dict[tuple, list[dict]] = {}
+    for r in rs.records:
+        if r.get("target"):
+            groups.setdefault((r.get("task"), labels[r["cell_id"]], r.get("model")), []).append(r)
+    return groups
+
+
+def median_time_to_target(records: list[dict]) -> float | None:
+    """Median over records, not-reached as +inf; None when half or more never reached it."""
+    times = [r["time_to_target_s"] if r.get("target_reached") else math.inf
+             for r in records if r.get("status") == "ok"]
+    if not times:
+        return None
+    m = statistics.median(times)
+    return m if math.isfinite(m) else None
+
+
+def time_to_target_frame(rs: ResultSet):
+    """One row per configuration (its seeds and repeats together)."""
+    import pandas as pd
+
+    rows = []
+    for (task, label, model), recs in _groups(rs).items():
+        ok = [r for r in recs if r.get("status") == "ok"]
+        reached = [r for r in ok if r.get("target_reached")]
+        med = median_time_to_target(recs)
+        times = [r["time_to_target_s"] for r in reached]
+        steps = [r["steps_to_target"] for r in reached]
+        rows.append({
+            "task": task, "cell": label, "model": model, "target": recs[0]["target"].get("text"),
+            "seeds": len({(r.get("config") or {}).get("recipe", {}).get("seed") for r in recs}),
+            "runs": len(recs), "reached": f"{len(reached)}/{len(ok)}",
+            "time to target s (median)": fmt_num(med) if med is not None else "not reached",
+            "range s": f"{fmt_num(min(times))}–{fmt_num(max(times))}" if len(times) > 1 else "-",
+            "steps to target (median)": fmt_num(statistics.median(steps)) if steps else "-",
+            "tokens/s (median)": fmt_num(statistics.median([r["tokens_per_s"] for r in ok if r.get("tokens_per_s")]))
+            if any(r.get("tokens_per_s") for r in ok) else "-",
+        })
+    return pd.DataFrame(rows)
+
+
+def plot_quality_vs_time(rs: ResultSet, path: Path) -> Path | None:
+    """One panel per task: the target metric against training seconds, a line per run, a colour per cell."""
+    import matplotlib.pyplot as plt
+
+    from ftbench.harness.results.report import _colours, _grid_axes
+
+    runs = [r for r in rs.records if r.get("eval_curve") and r.get("status") in ("ok", "diverged")]
+    if not runs:
+        return None
+    labels = variant_labels(rs.records, without=("seed",))
+    tasks = list(dict.fromkeys(r.get("task") for r in runs))
+    colours = _colours(list(dict.fromkeys(labels[r["cell_id"]] for r in runs)))
+    fig, axes = _grid_axes(plt, len(tasks), height=3.8)
+    for ax, task in zip(axes, tasks):
+        mine = [r for r in runs if r.get("task") == task]
+        metric = (mine[0].get("target") or {}).get("metric") or mine[0].get("metric")
+        shown = set()
+        for r in mine:
+            pts = [(p["train_s"], (p.get("metrics") or {}).get(metric)) for p in r["eval_curve"]]
+            pts = [(x, y) for x, y in pts if y is not None and math.isfinite(y)]
+            if not pts:
+                continue
+            lab = labels[r["cell_id"]]
+            ax.plot(*zip(*pts), marker="o", ms=3, linewidth=1.2, color=colours[lab],
+                    label=None if lab in shown else lab, alpha=0.85)
+            shown.add(lab)
+        target = next((r["target"] for r in mine if r.get("target")), None)
+        if target:
+            ax.axhline(target["value"], color="grey", linestyle="--", linewidth=0.9, label=f"target {target['text']}")
+        hib = (target or {}).get("higher_is_better", mine[0].get("higher_is_better"))
+        ax.set_title(task)
+        ax.set_xlabel("training seconds (measured steps, warmup and compile included)")
+        ax.set_ylabel(f"{metric} ({'higher' if hib else 'lower'} is better)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("Quality against training time (one line per run; evaluation time excluded)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
