@@ -71,6 +71,7 @@ def test_nodes_that_expanded_different_grids_refuse_to_start(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)  # three cells across two nodes, then a resume, on a shared 2-core machine
 def test_two_nodes_run_ddp_and_deepspeed_as_one_world_with_parity_and_resume(tmp_path):
     args = ["--task", "generation", "--backend", "eager", "--backend", "ddp", "--backend", "zero2", "--nproc", "1",
             *TINY]
