@@ -48,6 +48,7 @@ from ftbench.harness.engine import (
 )
 from ftbench.harness.cell.data import where
 from ftbench.harness.grid.config import Recipe
+from ftbench.harness.memory_model import MemoryPlan
 from ftbench.harness.hookspecs import hookimpl
 from ftbench.harness.results.environment import package_version, version_tuple
 
@@ -80,6 +81,8 @@ __all__ = [
     "StandardEngine",
     "EngineContext",
     "Recipe",
+    # how a backend shards the training state (Engine.memory_plan)
+    "MemoryPlan",
     # helpers for engines that build their own step (e.g. DeepSpeed's)
     "build_optimizer",
     "build_scheduler",

@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
+
+if TYPE_CHECKING:
+    from ftbench.harness.memory_model import MemoryPlan
 
 #: Model kinds a task may accept.
 DECODER = "decoder"
@@ -298,6 +301,23 @@ class Engine:
                 allowed = ", ".join(sorted(cls.OPTIONS)) or "none"
                 raise FtbenchError(f"unknown option(s) {unknown} for this backend; allowed: {allowed}")
         return options
+
+    @classmethod
+    def memory_plan(cls, options: dict, world_size: int) -> "MemoryPlan":
+        """How this engine holds weights, gradients and optimizer states on each rank.
+
+        ``ftbench plan``, ``memory_predicted_bytes`` and ``--micro-batch auto``
+        build their prediction from it (:mod:`ftbench.harness.memory_model`).
+        The default is plain PyTorch: everything replicated on every rank.
+        A sharding backend overrides it::
+
+            @classmethod
+            def memory_plan(cls, options, world_size):
+                return MemoryPlan(grads_shards=world_size, optimizer_shards=world_size)
+        """
+        from ftbench.harness.memory_model import MemoryPlan
+
+        return MemoryPlan()
 
     def setup(self, model: Any) -> None:  # pragma: no cover - interface
         raise NotImplementedError

@@ -108,63 +108,62 @@ def list_cmd(as_json):
 # ------------------------------------------------------------------- run
 
 
-@main.command("run")
-@click.option("--grid", "grid_file", type=click.Path(dir_okay=False), help="Grid file (YAML or TOML).")
-@click.option("--task", "tasks", multiple=True, help="Task, NAME or NAME:key=value (repeatable).")
-@click.option("--backend", "backends", multiple=True, help="Backend, NAME or NAME:key=value (repeatable).")
-@click.option("--model", "models", multiple=True, help="Preset name, local model dir or hub id (repeatable).")
-@click.option("--data", "datas", multiple=True, help="'builtin', a directory, or hf:NAME[/CONFIG] (repeatable).")
-@click.option("--column", "columns", multiple=True, help="Map a data column onto a task field: FIELD=COLUMN.")
-@click.option("--steps", type=int, help="Optimizer steps per cell (warmup included).")
-@click.option("--warmup", type=int, help="First steps excluded from timing.")
-@click.option("--batch-size", type=int, help="Global batch: examples per optimizer step over all ranks.")
-@click.option("--grad-accum", type=int, help="Micro-batches accumulated per optimizer step.")
-@click.option("--seq-len", type=int, help="Maximum tokens per example (longer ones are truncated and counted).")
-@click.option("--lr", type=float, help="Peak learning rate of AdamW.")
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), help="Mixed precision (GPU).")
-@click.option("--tuning", help="full | freeze-embeddings | freeze-lower:N")
-@click.option("--grad-checkpointing/--no-grad-checkpointing", default=None, help="Activation checkpointing.")
-@click.option("--seed", type=int, help="Seed for data order and initialisation.")
-@click.option("--repeat", type=int, help="Run each cell K times, each in a fresh process.")
-@click.option("--nproc", type=int, help="Ranks for data-parallel backends (others use 1).")
-@click.option("--nnodes", type=int, help="Nodes for multi-node runs (passed to torchrun).")
-@click.option("--node-rank", type=int, help="This node's rank (multi-node).")
-@click.option("--master-addr", help="Rendezvous address (multi-node).")
-@click.option("--master-port", type=int, help="Rendezvous port (multi-node).")
-@click.option("--launcher", "launcher_kind", type=click.Choice(["local", "slurm"]), default=None,
-              help="Where cells run: here (local, default) or as Slurm jobs (slurm).")
-@click.option("--slurm-partition", help="Slurm partition for the jobs (--launcher slurm).")
-@click.option("--slurm-time", help="Slurm time limit per job: 30m, 2h or seconds (default: the cell's limit + 5 min).")
-@click.option("--slurm-gpus-per-node", type=int, help="GPUs per node of each job (--launcher slurm).")
-@click.option("--slurm-nodes", type=int, help="Nodes per data-parallel cell, each running --nproc ranks.")
-@click.option("--slurm-option", "slurm_flags", multiple=True, metavar="NAME=VALUE",
-              help="Any other sbatch option, long name without dashes (repeatable), e.g. account=perf.")
-@click.option("--time-limit", "time_limit_s", type=float, help="Seconds before a cell is killed (status timeout).")
-@click.option("--memory-limit-mb", type=float, help="Host memory per cell before it is killed (status oom).")
-@click.option("--eval-examples", type=int, help="Held-out examples evaluated per cell (and per evaluation).")
-@click.option("--eval-every", type=int, help="Evaluate every N optimizer steps during training (time to quality).")
-@click.option("--target", "targets", multiple=True,
-              help="Quality target [TASK:]METRIC=VALUE, e.g. perplexity=20 or accuracy>=0.85 (repeatable).")
-@click.option("--stop-at-target", is_flag=True, default=None, help="End a cell once its target is reached.")
-@click.option("--seeds", callback=lambda ctx, p, v: _parse_seeds(v),
-              help="Run every cell under each seed: 1,2,3 (time to quality varies with the seed).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where to train (default auto).")
-@click.option("--shard", help="Run shard i of N of the cells: i/N (1-based).")
-@click.option("--out", default=None, help="Result set directory (default runs/<timestamp>).")
-@click.option("--force", is_flag=True, help="Rerun cells already in the result set.")
-@click.option("--fail-fast", is_flag=True, help="Stop at the first failed cell.")
-def run_cmd(grid_file, tasks, backends, models, datas, columns, out, force, fail_fast, shard, **settings):
-    """Run a grid of cells and append their records to OUT/results.jsonl.
+_CELL_OPTIONS = (
+    click.option("--grid", "grid_file", type=click.Path(dir_okay=False), help="Grid file (YAML or TOML)."),
+    click.option("--task", "tasks", multiple=True, help="Task, NAME or NAME:key=value (repeatable)."),
+    click.option("--backend", "backends", multiple=True, help="Backend, NAME or NAME:key=value (repeatable)."),
+    click.option("--model", "models", multiple=True, help="Preset name, local model dir or hub id (repeatable)."),
+    click.option("--data", "datas", multiple=True, help="'builtin', a directory, or hf:NAME[/CONFIG] (repeatable)."),
+    click.option("--column", "columns", multiple=True, help="Map a data column onto a task field: FIELD=COLUMN."),
+    click.option("--steps", type=int, help="Optimizer steps per cell (warmup included)."),
+    click.option("--warmup", type=int, help="First steps excluded from timing."),
+    click.option("--batch-size", type=int, help="Global batch: examples per optimizer step over all ranks."),
+    click.option("--grad-accum", type=int, help="Micro-batches accumulated per optimizer step."),
+    click.option("--micro-batch", "micro_batch", default=None, metavar="N|auto",
+                 help="Examples per rank per forward pass (sets --grad-accum; the global batch stays); "
+                      "'auto': the largest that fits, per backend, found by probe cells."),
+    click.option("--seq-len", type=int, help="Maximum tokens per example (longer ones are truncated and counted)."),
+    click.option("--lr", type=float, help="Peak learning rate of AdamW."),
+    click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), help="Mixed precision (GPU)."),
+    click.option("--tuning", help="full | freeze-embeddings | freeze-lower:N"),
+    click.option("--grad-checkpointing/--no-grad-checkpointing", default=None, help="Activation checkpointing."),
+    click.option("--seed", type=int, help="Seed for data order and initialisation."),
+    click.option("--repeat", type=int, help="Run each cell K times, each in a fresh process."),
+    click.option("--nproc", type=int, help="Ranks for data-parallel backends (others use 1)."),
+    click.option("--nnodes", type=int, help="Nodes for multi-node runs (passed to torchrun)."),
+    click.option("--node-rank", type=int, help="This node's rank (multi-node)."),
+    click.option("--master-addr", help="Rendezvous address (multi-node)."),
+    click.option("--master-port", type=int, help="Rendezvous port (multi-node)."),
+    click.option("--time-limit", "time_limit_s", type=float, help="Seconds before a cell is killed (status timeout)."),
+    click.option("--memory-limit-mb", type=float, help="Host memory per cell before it is killed (status oom)."),
+    click.option("--eval-examples", type=int, help="Held-out examples evaluated per cell (and per evaluation)."),
+    click.option("--eval-every", type=int, help="Evaluate every N optimizer steps during training (time to quality)."),
+    click.option("--target", "targets", multiple=True,
+                 help="Quality target [TASK:]METRIC=VALUE, e.g. perplexity=20 or accuracy>=0.85 (repeatable)."),
+    click.option("--stop-at-target", is_flag=True, default=None, help="End a cell once its target is reached."),
+    click.option("--seeds", callback=lambda ctx, p, v: _parse_seeds(v),
+                 help="Run every cell under each seed: 1,2,3 (time to quality varies with the seed)."),
+    click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where to train (default auto)."),
+    click.option("--shard", help="Run shard i of N of the cells: i/N (1-based)."),
+)
 
-    With no arguments, runs the embedded default grid.
+
+def cell_options(f):
+    """The options that define a grid's cells, shared by ``run`` and ``plan``."""
+    for option in reversed(_CELL_OPTIONS):
+        f = option(f)
+    return f
+
+
+def _cells_from_options(reg, grid_file, tasks, backends, models, datas, columns, shard, micro_batch, settings,
+                        on_grid=None):
+    """The checked cells of the grid the options describe, and whether micro-batches are searched.
+
+    ``on_grid(grid)`` may adjust the grid before its cells are expanded (``run``'s launcher settings).
     """
     from ftbench.harness.grid.files import build_grid
-    from ftbench.harness.registry import Registry
-    from ftbench.harness.running.progress import RunView
+    from ftbench.harness.grid.microbatch import apply_micro_batch, parse_micro_batch
 
-    reg = Registry.load()
-    slurm_cli = {k: settings.pop(k) for k in ("launcher_kind", "slurm_partition", "slurm_time",
-                                               "slurm_gpus_per_node", "slurm_nodes", "slurm_flags")}
     launcher = {k: settings.pop(k) for k in ("nnodes", "node_rank", "master_addr", "master_port")
                 if settings.get(k) is not None}
     for k in ("nnodes", "node_rank", "master_addr", "master_port"):
@@ -174,33 +173,72 @@ def run_cmd(grid_file, tasks, backends, models, datas, columns, out, force, fail
         overrides["columns"] = _parse_columns(columns)
     if launcher:
         overrides["launcher"] = launcher
+    micro = parse_micro_batch(micro_batch, overrides)
     axes = {"task": list(tasks), "backend": list(backends), "model": list(models), "data": list(datas)}
     grid = build_grid(grid_file, axes, overrides)
-    slurm = _slurm_options(grid, slurm_cli)
+    if on_grid:
+        on_grid(grid)
     cells = grid.cells(reg)
     if shard:
         from ftbench.harness.grid.files import select_shard
 
         cells = select_shard(cells, shard)
+    cells = apply_micro_batch(cells, micro)
     from ftbench.harness.grid.preflight import check_cells
 
     check_cells(reg, cells)  # names, options, settings, data, seq_len, batch: before anything is written
+    return cells, micro == "auto"
+
+
+@main.command("run")
+@cell_options
+@click.option("--launcher", "launcher_kind", type=click.Choice(["local", "slurm"]), default=None,
+              help="Where cells run: here (local, default) or as Slurm jobs (slurm).")
+@click.option("--slurm-partition", help="Slurm partition for the jobs (--launcher slurm).")
+@click.option("--slurm-time", help="Slurm time limit per job: 30m, 2h or seconds (default: the cell's limit + 5 min).")
+@click.option("--slurm-gpus-per-node", type=int, help="GPUs per node of each job (--launcher slurm).")
+@click.option("--slurm-nodes", type=int, help="Nodes per data-parallel cell, each running --nproc ranks.")
+@click.option("--slurm-option", "slurm_flags", multiple=True, metavar="NAME=VALUE",
+              help="Any other sbatch option, long name without dashes (repeatable), e.g. account=perf.")
+@click.option("--out", default=None, help="Result set directory (default runs/<timestamp>).")
+@click.option("--force", is_flag=True, help="Rerun cells already in the result set.")
+@click.option("--fail-fast", is_flag=True, help="Stop at the first failed cell.")
+def run_cmd(grid_file, tasks, backends, models, datas, columns, out, force, fail_fast, shard, micro_batch,
+            **settings):
+    """Run a grid of cells and append their records to OUT/results.jsonl.
+
+    With no arguments, runs the embedded default grid.
+    """
+    from ftbench.harness.registry import Registry
+    from ftbench.harness.running.progress import RunView
+
+    reg = Registry.load()
+    slurm_cli = {k: settings.pop(k) for k in ("launcher_kind", "slurm_partition", "slurm_time",
+                                               "slurm_gpus_per_node", "slurm_nodes", "slurm_flags")}
+    where: dict = {}
+
+    def on_grid(grid):
+        where["slurm"] = _slurm_options(grid, slurm_cli)
+        where["nodes"] = grid.settings.get("launcher") or {}
+
+    cells, search = _cells_from_options(reg, grid_file, tasks, backends, models, datas, columns, shard,
+                                        micro_batch, settings, on_grid)
+    slurm, nodes = where["slurm"], where["nodes"]
     if slurm is not None:
         from ftbench.harness.running.slurm import check_slurm
 
         check_slurm(slurm)
-    nodes = grid.settings.get("launcher") or {}
     follower = int(nodes.get("nnodes", 1) or 1) > 1 and int(nodes.get("node_rank", 0) or 0) > 0
     out = out or _default_out()
     view = RunView(_console(), len(cells), out, follower=follower)
     _install_sigterm()
-    summary = _execute(reg, cells, out, view, slurm, nodes, force, fail_fast)
+    summary = _execute(reg, cells, out, view, slurm, nodes, force, fail_fast, search)
     view.finish(summary)
     bad = [r for r in summary.records if r["status"] not in ("ok", "skipped")]
     sys.exit(1 if bad and fail_fast else 0)
 
 
-def _execute(reg, cells, out, view, slurm, nodes, force, fail_fast):
+def _execute(reg, cells, out, view, slurm, nodes, force, fail_fast, search):
     """Run the checked cells here (one node of several, maybe) or through Slurm; exit on an interruption."""
     from ftbench.harness.running.driver import run_cells
     from ftbench.harness.running.nodes import NodeLost
@@ -214,7 +252,7 @@ def _execute(reg, cells, out, view, slurm, nodes, force, fail_fast):
             return run_cells_slurm(cells, out, collect(reg.pm), slurm, force=force, fail_fast=fail_fast,
                                    progress=view.event, annotate=annotate_parity)
         return run_cells(cells, out, collect(reg.pm), force=force, fail_fast=fail_fast, progress=view.event,
-                         annotate=annotate_parity, nodes=nodes)
+                         annotate=annotate_parity, registry=reg, search_micro_batch=search, nodes=nodes)
     except KeyboardInterrupt as e:
         view.interrupted(out)
         sys.exit(128 + getattr(e, "signum", signal.SIGINT))
@@ -223,6 +261,39 @@ def _execute(reg, cells, out, view, slurm, nodes, force, fail_fast):
 
         _console(stderr=True).print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
         sys.exit(1)
+
+
+# ------------------------------------------------------------------ plan
+
+
+@main.command("plan")
+@cell_options
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def plan_cmd(grid_file, tasks, backends, models, datas, columns, shard, micro_batch, as_json, **settings):
+    """Predicted peak memory per rank of every cell, and whether it fits; trains nothing.
+
+    Takes the same cell arguments as run. A cell that does not fit lists what
+    would: a smaller micro-batch, checkpointing, another backend (a ZeRO stage,
+    offload) or more ranks.
+    """
+    from ftbench.harness.grid.memplan import plan_cell
+    from ftbench.harness.registry import Registry
+    from ftbench.harness.results.plan_view import plan_json, print_plans
+
+    reg = Registry.load()
+    cells, search = _cells_from_options(reg, grid_file, tasks, backends, models, datas, columns, shard,
+                                        micro_batch, settings)
+    seen, plans = set(), []
+    for cell in cells:
+        if (cell.cell_id) in seen:
+            continue  # repeats share one prediction
+        seen.add(cell.cell_id)
+        plans.append(plan_cell(reg, cell))
+    if as_json:
+        click.echo(json.dumps(plan_json(reg, plans, search), indent=2))
+    else:
+        print_plans(reg, plans, _console(), search)
+    sys.exit(0)
 
 
 def _slurm_options(grid, cli: dict):

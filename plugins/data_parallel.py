@@ -17,9 +17,13 @@ import contextlib
 import copy
 import itertools
 
-from ftbench import hookimpl, BackendSpec, FtbenchError, StandardEngine, Unavailable
+from ftbench import hookimpl, BackendSpec, FtbenchError, MemoryPlan, StandardEngine, Unavailable
 
 from ftbench.plugins._distributed import ensure_process_group
+
+
+#: Host memory torch.distributed and gloo add to a rank on CPU (measured, docs/memory.md).
+RUNTIME_BYTES = 60 * 2**20
 
 
 def _check_bool(options: dict, key: str, backend: str) -> None:
@@ -65,6 +69,14 @@ class DDPEngine(StandardEngine):
                                                and options["bucket_cap_mb"] > 0):
             raise FtbenchError(f"invalid ddp bucket_cap_mb={options['bucket_cap_mb']!r}; must be a number > 0")
         return options
+
+    @classmethod
+    def memory_plan(cls, options: dict, world_size: int) -> MemoryPlan:
+        # Every rank holds the whole state; the reduction buckets are a second copy of the
+        # gradients unless they are views into the buckets.
+        buckets = 0.0 if options.get("gradient_as_bucket_view") else 1.0
+        return MemoryPlan(grad_buffers=buckets, runtime_bytes=RUNTIME_BYTES,
+                          note="replicated; gradient buckets" if buckets else "replicated")
 
     def wrap(self, model):
         from torch.nn.parallel import DistributedDataParallel
@@ -121,6 +133,16 @@ class FSDPEngine(StandardEngine):
         _check_known(options, cls.OPTIONS, "fsdp", "fsdp:reshard_after_forward=false")
         _check_bool(options, "reshard_after_forward", "fsdp")
         return options
+
+    @classmethod
+    def memory_plan(cls, options: dict, world_size: int) -> MemoryPlan:
+        if options.get("reshard_after_forward", True):
+            # One block gathered at a time, the next one prefetched.
+            return MemoryPlan(weights_shards=world_size, grads_shards=world_size, optimizer_shards=world_size,
+                              gathered_layers=2, runtime_bytes=RUNTIME_BYTES, note="fully sharded")
+        # Gathered weights stay until backward: the full weights are resident on top of the shards.
+        return MemoryPlan(weights_shards=1, grads_shards=world_size, optimizer_shards=world_size,
+                          runtime_bytes=RUNTIME_BYTES, note="sharded, weights kept gathered after forward")
 
     def setup(self, model) -> None:
         super().setup(model)

@@ -119,8 +119,8 @@ class ClassificationTask(Task):
                 v = label_value(row["label"])
                 if v not in ids or ids[v] >= n:
                     raise DataError(f"{where(rows, i)}: field 'label': {row['label']!r} is not in the label set "
-                                    f"{label_set} (read from the train split, or set with "
-                                    "--task classification:labels=A|B|...)")
+                                    f"{label_set} (read from the training rows the run reads, or "
+                                    "set with --task classification:labels=A|B|...)")
         return {"num_labels": n, "label_ids": {str(k): v for k, v in ids.items()},
                 "label_names": [str(x) for x in label_set]}
 

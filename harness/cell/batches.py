@@ -25,12 +25,14 @@ def batch_plan(n_train: int, recipe, world_size: int, rank: int, seed: int):
     g = recipe.batch_size
     micro = g // (world_size * recipe.grad_accum)
     rng = np.random.default_rng(seed)
-    order: list[int] = []
+    # A numpy buffer sliced by views: memory and time stay O(n_train) int64s,
+    # not a Python list of n_train ints copied at every step.
+    order = np.empty(0, dtype=np.int64)
     plan = []
     for _ in range(recipe.steps):
         while len(order) < g:
-            order.extend(rng.permutation(n_train).tolist())
-        global_idx, order = order[:g], order[g:]
+            order = np.concatenate([order, rng.permutation(n_train)])
+        global_idx, order = order[:g].tolist(), order[g:]
         mine = global_idx[rank * g // world_size:(rank + 1) * g // world_size]
         plan.append((global_idx, [mine[i * micro:(i + 1) * micro] for i in range(recipe.grad_accum)]))
     return plan

@@ -7,6 +7,10 @@ loads through ``datasets`` (needs network).  ``--column FIELD=COLUMN`` maps a
 column of the files onto a field the task expects; a dotted field nests, so
 ``--column translation.en=english`` builds ``{"translation": {"en": ...}}``.
 
+:func:`load_splits` reads whole splits (tests and tools use it); a cell reads
+only the rows its run uses through :mod:`ftbench.harness.cell.rowsource`,
+which shares the column mapping and the file-name rules defined here.
+
 Every bad line is reported with its file, line number and field.  The loaded
 splits are :class:`Rows`, which remember where each row came from, so a task
 that checks the data as a whole (``Task.prepare``) can still name the line.

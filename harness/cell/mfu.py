@@ -23,6 +23,7 @@ guess.
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import torch
@@ -119,7 +120,7 @@ def measured_cpu_peak(seconds: float = 0.5) -> float:
         torch.mm(a, b)
         best = max(best, 2 * n**3 / (time.perf_counter() - t))
     cache[key] = best
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # one per process: ranks measure at the same moment
     tmp.write_text(json.dumps(cache))
     tmp.replace(path)
     return best

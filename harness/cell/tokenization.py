@@ -17,10 +17,14 @@ from typing import Iterable
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<sep>", "<cls>", "<mask>"]
 
 
+def cache_root() -> Path:
+    """``$FTBENCH_CACHE`` (default ``~/.cache/ftbench``), not created."""
+    return Path(os.environ.get("FTBENCH_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "ftbench"))
+
+
 def cache_dir() -> Path:
-    root = os.environ.get("FTBENCH_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "ftbench")
-    path = Path(root)
+    path = cache_root()
     path.mkdir(parents=True, exist_ok=True)
     return path
 

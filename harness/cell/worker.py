@@ -116,10 +116,13 @@ class Cell:
         return True
 
     def load_data(self) -> None:
-        from ftbench.harness.cell.data import load_splits
+        from ftbench.harness.cell.rowsource import load_run_data
 
-        self.splits = load_splits(self.task, self.spec.data, self.options, self.recipe.seed,
-                                  dict(self.spec.columns))
+        # Only the rows this run uses (its batches, the tokenizer sample, the evaluation examples).
+        self.data = load_run_data(self.task, self.spec.data, self.options, self.recipe, self.spec.eval_examples,
+                                  self.world, dict(self.spec.columns))
+        self.splits = self.data.splits
+        self.out["rows_read"] = self.data.rows_read
         self.options.update(self.task.prepare(self.splits, self.options) or {})
 
     def load_tokenizer(self) -> None:
@@ -127,8 +130,9 @@ class Cell:
 
         self.source = resolve_model(self.spec.model, self.reg, self.task)
         self.kind = choose_kind(self.source, self.task)
-        texts = (x for ex in self.splits["train"] for x in self.task.texts(ex, self.options))
-        self.tokenizer = load_tokenizer(self.source, texts)
+        from ftbench.harness.cell.rowsource import sample_texts
+
+        self.tokenizer = load_tokenizer(self.source, sample_texts(self.data, self.task, self.options))
 
     def build_model(self) -> None:
         import torch
@@ -168,10 +172,12 @@ class Cell:
         recipe, tok = self.recipe, self.tokenizer
         key = {"v": 1, "task": self.cell.task_name, "options": self.options,
                "data": data_identity(self.spec.data, self.splits), "seed": recipe.seed,
+               "rows": self.data.rows_key(),
                "columns": list(self.spec.columns), "kind": self.kind, "seq_len": recipe.seq_len,
                "tokenizer": getattr(tok, "ftbench_identity", None) or [getattr(tok, "name_or_path", None), len(tok)]}
-        self.enc = cached_encode(key, lambda: {s: [self.encode(ex) for ex in rows]
-                                               for s, rows in self.splits.items() if s in ("train", "validation")})
+        used = self.data.plan_indices
+        self.enc = cached_encode(key, lambda: {"train": [self.encode(self.data.train_row(i)) for i in used],
+                                               "validation": [self.encode(ex) for ex in self.splits["validation"]]})
         self.out["truncated_examples"] = {s: sum(1 for e in v if e.truncated) for s, v in self.enc.items()}
         self.out["truncated_tokens"] = {s: sum(e.truncated for e in v) for s, v in self.enc.items()}
         pad_id, dstart = tok.pad_token_id, decoder_start_id(self.model)
@@ -181,8 +187,8 @@ class Cell:
                            recipe.padding, dstart)
 
         self.make_batch = make_batch
-        plan = batch_plan(len(self.enc["train"]), recipe, self.world, self.rank, recipe.seed)
-        train_rows = self.enc["train"]
+        plan = batch_plan(self.data.n_train, recipe, self.world, self.rank, recipe.seed)
+        train_rows = dict(zip(used, self.enc["train"]))  # split index -> encoded row
         self.steps = collate_steps(plan, lambda ix: make_batch(ix, train_rows), self.world,
                                    pin=self.device.type == "cuda")
         self.step_flops = step_flops(self.steps, flop_model(self.model, self.kind))

@@ -1,9 +1,9 @@
 """Checks of a whole grid before its first cell runs.
 
 A typo must cost the user seconds, not a grid of failed cells: whatever can
-be known without training (settings of the right type, data that parses and
-fits the task, a sequence length the model can hold, a batch the data can
-fill) is checked here, in the driver, and reported as one
+be known without training (settings of the right type, splits present, the
+rows the cells will read parsing and fitting the task, a sequence length the
+model can hold, a batch the data can fill) is checked here, in the driver, and reported as one
 :class:`~ftbench.harness.api.FtbenchError` (exit status 2, nothing written).  The
 cell repeats its own checks as a backstop; hub data (``hf:``) is left to the
 cell, as loading it needs the network.
@@ -36,13 +36,16 @@ def check_cells(reg, cells) -> None:
         recipe = resolved.recipe
         _check_model(reg, cell.model, resolved.task, positions)
         check_seq_len(recipe.seq_len, positions.get(cell.model), cell.model)
-        key = (cell.task, cell.data, cell.columns, recipe.seed)
+        key = (cell.task, cell.data, cell.columns, recipe.seed, recipe.steps, recipe.batch_size, cell.eval_examples)
         if key not in n_train:
             n_train[key] = _check_data(resolved.task, resolved.task_options, cell)
         n = n_train[key]
         if n is not None and recipe.batch_size > n:
             raise FtbenchError(f"batch size {recipe.batch_size} is larger than the {n} training examples of "
                                f"--data {cell.data}; pass --batch-size {n} or less, or add training data")
+    from ftbench.harness.grid.memplan import check_memory_limits
+
+    check_memory_limits(reg, cells)
 
 
 def _check_settings(cell) -> None:
@@ -112,17 +115,19 @@ def _config_positions(path: Path) -> int | None:
 
 
 def _check_data(task, options: dict, cell) -> int | None:
-    """Load and validate the cell's data as the cell will; the number of training examples."""
+    """Read and validate the rows the cell will read (its batches, tokenizer sample and evaluation
+    examples, found through a cached line index, never the whole file); the number of training rows."""
     if isinstance(cell.data, str) and cell.data.startswith("hf:"):
         return None
-    from ftbench.harness.cell.data import load_splits
+    from ftbench.harness.cell.rowsource import load_run_data
 
     options = dict(options)
     try:
-        splits = load_splits(task, cell.data, options, cell.recipe.seed, dict(cell.columns))
-        task.prepare(splits, options)  # e.g. a label outside the label set
+        run = load_run_data(task, cell.data, options, cell.recipe.validate(), cell.eval_examples, 1,
+                            dict(cell.columns))
+        task.prepare(run.splits, options)  # e.g. a label outside the label set
     except FtbenchError:
         raise
     except Exception:  # noqa: BLE001 - a plugin's own bug is that cell's recorded error, not a bad grid
         return None
-    return len(splits["train"])
+    return run.n_train

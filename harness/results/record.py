@@ -22,6 +22,8 @@ FROM_RANK0 = (
     "rss_before_model_bytes", "state_bytes_theory", "peak_flops_source", "setup_s", "setup_phases",
     "compile_s", "eval_s", "eval_loss", "metric", "metric_value", "higher_is_better", "trainable_params",
     "total_params", "model_kind", "vocab_size", "truncated_examples", "truncated_tokens",
+    # rows of each split the cell read (batches, tokenizer sample, evaluation examples; docs/data.md)
+    "rows_read",
     # time to quality (ftbench.harness.cell.quality)
     "eval_curve", "eval_every", "eval_during_training_s", "target", "target_reached", "steps_to_target",
     "time_to_target_s", "stopped_at_target",

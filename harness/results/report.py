@@ -61,6 +61,8 @@ def records_frame(rs: ResultSet):
             "tokens_per_s": as_float(r.get("tokens_per_s")), "samples_per_s": as_float(r.get("samples_per_s")),
             "step_time_s": as_float(r.get("step_time_s")), "step_iqr_s": as_float(st.get("iqr")),
             "peak_memory_bytes": as_float(r.get("peak_memory_bytes")), "memory_kind": r.get("memory_kind"),
+            "memory_predicted_bytes": as_float(r.get("memory_predicted_bytes")),
+            "micro_batch": r.get("micro_batch"), "micro_batch_probes": _probes(r.get("micro_batch_search")),
             "setup_s": as_float(r.get("setup_s")), "compile_s": as_float(r.get("compile_s")),
             "metric": r.get("metric"), "metric_value": as_float(r.get("metric_value")),
             "higher_is_better": r.get("higher_is_better"), "eval_loss": as_float(r.get("eval_loss")),
@@ -84,8 +86,10 @@ def summary_frame(df):
                "status": "/".join(sorted(set(g["status"]))), "metric": first["metric"],
                "higher_is_better": first["higher_is_better"], "memory_kind": first["memory_kind"],
                "parity": next((p for p in g["parity"] if p and p != "-"), "-"),
-               "error": next((e for e in g["error"] if isinstance(e, str) and e), None), "cell_id": cid}
-        for col in ("tokens_per_s", "step_time_s", "peak_memory_bytes", "setup_s", "compile_s", "metric_value"):
+               "error": next((e for e in g["error"] if isinstance(e, str) and e), None), "cell_id": cid,
+               "micro_batch": first["micro_batch"], "micro_batch_probes": first["micro_batch_probes"]}
+        for col in ("tokens_per_s", "step_time_s", "peak_memory_bytes", "memory_predicted_bytes", "setup_s",
+                    "compile_s", "metric_value"):
             vals = ok[col].dropna()
             row[f"{col}_median"] = vals.median() if len(vals) else None
             row[f"{col}_min"] = vals.min() if len(vals) else None
@@ -120,9 +124,45 @@ def display_frame(summary):
             "status": status, "tokens/s": _spread(s, "tokens_per_s", fmt_num),
             "step ms": _spread(s, "step_time_s", lambda v: fmt_num(v * 1e3)),
             "peak memory": _spread(s, "peak_memory_bytes", fmt_bytes),
+            "predicted": _predicted(s),
             "setup s": _spread(s, "setup_s", fmt_num), "compile s": _spread(s, "compile_s", fmt_num),
             "metric": metric, "parity": s["parity"],
         })
+    out = pd.DataFrame(rows)
+    if len(out) and (out["predicted"] == "-").all():
+        out = out.drop(columns="predicted")  # result sets from before the memory model
+    return out
+
+
+def _probes(search) -> str | None:
+    if not search:
+        return None
+    return ", ".join(f"{p['micro_batch']} {p['status']}" for p in search.get("probes") or [])
+
+
+def _predicted(s) -> str:
+    """The memory model's prediction, and how far the measured peak is from it."""
+    pred, peak = s.get("memory_predicted_bytes_median"), s.get("peak_memory_bytes_median")
+    if pred is None or (isinstance(pred, float) and math.isnan(pred)):
+        return "-"
+    if peak is None or (isinstance(peak, float) and math.isnan(peak)) or not peak:
+        return fmt_bytes(pred)
+    return f"{fmt_bytes(pred)} ({(pred - peak) / peak:+.0%})"
+
+
+def micro_batch_frame(summary):
+    """Per backend (and task, model): the largest micro-batch found, the probes, and tokens/s at it."""
+    import pandas as pd
+
+    if not len(summary) or "micro_batch_probes" not in summary or not summary["micro_batch_probes"].notna().any():
+        return pd.DataFrame()
+    rows = []
+    for _, s in summary[summary["micro_batch_probes"].notna()].iterrows():
+        rows.append({"task": s["task"], "backend": s["variant"], "model": s["model"],
+                     "largest micro-batch": s["micro_batch"] if s["ok"] else "none fits",
+                     "probes (micro-batch status)": s["micro_batch_probes"],
+                     "tokens/s at it": _spread(s, "tokens_per_s", fmt_num),
+                     "peak memory": _spread(s, "peak_memory_bytes", fmt_bytes)})
     return pd.DataFrame(rows)
 
 
@@ -355,6 +395,9 @@ def write_report(result_dir, out: str | os.PathLike | None = None, loss_x: str =
     summary.to_csv(rep.csv, index=False)
     md = [f"# ftbench report: {result_dir}", "",
           "Median over repeats, [min–max] when there are several.", "", display.to_markdown(index=False), ""]
+    micro = micro_batch_frame(summary)
+    if len(micro):
+        md += ["## Largest micro-batch per backend (--micro-batch auto)", "", micro.to_markdown(index=False), ""]
     ttt = time_to_target_frame(rs)
     if len(ttt):
         rep.time_to_target = ttt

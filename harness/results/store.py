@@ -48,16 +48,25 @@ def append_record(out_dir: str | os.PathLike, record: dict) -> None:
     path = Path(out_dir) / RESULTS_FILE
     created = not path.exists()
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    size = os.fstat(fd).st_size
     try:
         # If an earlier writer was killed mid-line, start on a fresh line so
         # the torn fragment stays one bad line instead of corrupting this one.
-        if os.fstat(fd).st_size and not _ends_with_newline(path):
+        if size and not _ends_with_newline(path):
             line = b"\n" + line
         view = memoryview(line)
         while view:
             n = os.write(fd, view)
             view = view[n:]
         os.fsync(fd)
+    except OSError:
+        # A full disk can take half a line: cut it off again, so the file
+        # stays whole records only (the caller keeps the record elsewhere).
+        try:
+            os.ftruncate(fd, size)
+        except OSError:
+            pass
+        raise
     finally:
         os.close(fd)
     if created:

@@ -86,12 +86,17 @@ class OutputLock:
 
 
 def run_cells(cells: list[CellSpec], out: str | os.PathLike, environment: dict, *, force: bool = False,
-              fail_fast: bool = False, progress=None, annotate=None, nodes: dict | None = None) -> RunSummary:
+              fail_fast: bool = False, progress=None, annotate=None, registry=None,
+              search_micro_batch: bool = False, nodes: dict | None = None) -> RunSummary:
     """Run every cell not already in ``out`` and append its record.
 
-    ``progress`` receives events ``("start"|"end"|"skip", index, total, spec, record)``;
+    ``progress`` receives events ``("start"|"end"|"skip"|"probe", index, total, spec, record)``;
     ``annotate(record, earlier_records)`` may add fields (e.g. loss parity)
-    before the record is written.  ``nodes`` holds the multi-node settings
+    before the record is written.  With a ``registry`` every record gets the
+    memory model's ``memory_predicted_bytes``; ``search_micro_batch`` first
+    finds each cell's largest fitting micro-batch with probe cells
+    (:mod:`ftbench.harness.running.fit`), once per cell for all its repeats
+    (single-node cells).  ``nodes`` holds the multi-node settings
     (``nnodes``, ``node_rank``, ``master_addr``, ``master_port``): with
     ``nnodes`` > 1 this driver is one node of the grid (:mod:`.nodes`), and
     a node other than 0 writes nothing to ``out``.
@@ -107,7 +112,8 @@ def run_cells(cells: list[CellSpec], out: str | os.PathLike, environment: dict, 
         if group is not None:
             group.rendezvous(cells)  # before anything is written: a mismatched grid leaves no trace
         try:
-            _lead(cells, out_dir, environment, summary, force, fail_fast, progress, annotate, group)
+            search = (registry, {}) if search_micro_batch else None
+            _lead(cells, out_dir, environment, summary, force, fail_fast, progress, annotate, group, search)
         finally:
             if group is not None:
                 group.stop_all()
@@ -115,7 +121,7 @@ def run_cells(cells: list[CellSpec], out: str | os.PathLike, environment: dict, 
     return summary
 
 
-def _lead(cells, out_dir, environment, summary, force, fail_fast, progress, annotate, group) -> None:
+def _lead(cells, out_dir, environment, summary, force, fail_fast, progress, annotate, group, search) -> None:
     _write_atomic(out_dir / "environment.json", json.dumps(environment, indent=2, default=str))
     done = set() if force else finished_keys(out_dir)
     earlier = []
@@ -148,9 +154,11 @@ def _lead(cells, out_dir, environment, summary, force, fail_fast, progress, anno
             outcome = run_cell_process(group.announce(k, spec, run=True), env_extra=group.cell_env(spec),
                                        abort_if=group.leader_watch(k))
             group.finished(k, outcome.status)
+            fit = None
         else:
-            outcome = run_cell_process(spec)
+            spec, outcome, fit = _run_fitted(spec, search, progress, i, total)
         record = build_record(spec, outcome, environment, started)
+        record.update(memory_fields(search[0] if search else None, spec, fit))
         if annotate:
             annotate(record, earlier)
         append_record(out_dir, record)
@@ -191,3 +199,75 @@ def _follow(cells, group, progress) -> RunSummary:
         group.close()
         group.say_bye()
     return summary
+
+
+def _run_fitted(spec, search, progress, i: int, total: int):
+    """A single-node cell, at its largest fitting micro-batch when ``search`` (registry, fits) is given."""
+    if search is None:
+        return spec, run_cell_process(spec), None
+    registry, fits = search
+    spec, fit = _fit(registry, spec, fits, progress, i, total)
+    outcome = _no_fit_outcome(fit) if fit.micro_batch is None else run_cell_process(spec)
+    if fit.micro_batch and outcome.status == "oom":
+        spec, outcome = _smaller(spec, fit, outcome)
+    return spec, outcome, fit
+
+
+def _fit(registry, spec: CellSpec, fits: dict, progress, i: int, total: int):
+    """``spec`` at its largest fitting micro-batch (searched once per cell, shared by repeats)."""
+    from ftbench.harness.grid.microbatch import with_micro_batch
+    from ftbench.harness.running.fit import search_micro_batch
+
+    if spec.cell_id not in fits:
+        def on_probe(probe):
+            if progress:
+                progress("probe", i, total, spec, probe)
+
+        fits[spec.cell_id] = search_micro_batch(registry, spec, on_probe=on_probe)
+    fit = fits[spec.cell_id]
+    return (with_micro_batch(spec, fit.micro_batch) if fit.micro_batch else spec), fit
+
+
+def _smaller(spec: CellSpec, fit, outcome):
+    """The full run outgrew what its probe fitted in: once more at the next smaller micro-batch."""
+    from ftbench.harness.grid.memplan import divisors
+    from ftbench.harness.grid.microbatch import per_rank_batch, with_micro_batch
+
+    below = [d for d in divisors(per_rank_batch(spec)) if d < fit.micro_batch]
+    fit.note = (f"the full run at micro-batch {fit.micro_batch} ran out of memory after its probe fitted"
+                + (f"; rerun at {below[-1]}" if below else ""))
+    if not below:
+        return spec, outcome
+    fit.micro_batch = below[-1]
+    smaller = with_micro_batch(spec, below[-1])
+    return smaller, run_cell_process(smaller)
+
+
+def _no_fit_outcome(fit):
+    from ftbench.harness.running.cellproc import CellOutcome
+
+    tried = ", ".join(f"{p['micro_batch']}: {p['status']}" for p in fit.probes)
+    return CellOutcome(ranks=[], status="oom", error=f"no micro-batch fits under the memory limit ({fit.note}; "
+                       f"probes {tried}); use a backend that shards or offloads, or --grad-checkpointing",
+                       wall_s=0.0, returncode=None, tree_peak_bytes=0)
+
+
+def memory_fields(registry, spec: CellSpec, fit=None) -> dict:
+    """The record's memory-model keys: the prediction for the cell as run, and the micro-batch search."""
+    r = spec.recipe
+    fields = {"micro_batch": r.batch_size // (spec.nproc * r.grad_accum), "memory_predicted_bytes": None}
+    if fit is not None:
+        fields["micro_batch_search"] = fit.to_dict()
+    if registry is None:
+        return fields
+    from ftbench.harness.grid.memplan import predict_cell
+
+    try:
+        pred = predict_cell(registry, spec)
+    except Exception as e:  # noqa: BLE001 - a model the meta device cannot build still runs, unpredicted
+        fields["memory_predicted"] = {"error": f"{type(e).__name__}: {e}"}
+        return fields
+    fields["memory_predicted_bytes"] = pred.device_bytes
+    fields["memory_predicted"] = {"breakdown": pred.breakdown, "tree_bytes": pred.tree_bytes,
+                                  "state_bytes": pred.state_bytes, "activation_bytes": pred.activation_bytes}
+    return fields

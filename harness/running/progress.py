@@ -37,9 +37,17 @@ class RunView:
             self.con.print(f"submitted {i} cell(s) to Slurm as job array {', '.join(record)} (logs in "
                            f"{self.out}/slurm/); records are written as jobs end. Ctrl-C cancels them.")
             return
+        if kind == "note":
+            self.con.print(escape(record), soft_wrap=True)
+            return
         if kind == "warmup":
             self.status = self.con.status("starting the cell launcher (imports torch and the plugins once)…")
             self.status.start()
+            return
+        if kind == "probe":
+            peak = fmt_bytes(record.get("memory_tree_peak_bytes")) if record.get("memory_tree_peak_bytes") else "-"
+            self.con.print(f"[{i}/{total}] {spec.task} × {spec.backend}: probe micro-batch "
+                           f"{record['micro_batch']}: {record['status']} (tree peak {peak})")
             return
         if kind not in ("skip", "start", "end"):
             return

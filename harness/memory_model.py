@@ -1,0 +1,234 @@
+"""What a training cell needs in memory, per rank, before it runs.
+
+The model adds up, per rank:
+
+* **model states** (the ZeRO paper's term): weights, gradients and the two
+  AdamW moments, each divided over the ranks the backend shards it across,
+  plus a backend's own fp32 copy of its weight shard (ZeRO-style optimizers
+  keep one) and extra gradient buffers (data-parallel reduction buckets).  Weights and moments are
+  fp32: mixed precision in ftbench is autocast over fp32 weights, so a
+  lower precision adds autocast's cached low-precision copies of the
+  weights instead of shrinking them;
+* **activations** saved for backward, per model kind, per token of the
+  micro-batch, with or without activation checkpointing (an estimate fitted
+  to GPT-2, see docs/memory.md);
+* on CPU, the **harness's own footprint** (Python, torch, transformers, the
+  data) and what the backend's runtime adds.
+
+A backend says how it shards through :meth:`ftbench.Engine.memory_plan`,
+which returns a :class:`MemoryPlan`; the core never names a backend.
+
+Example::
+
+    counts = ParamCounts(total=124_000_000, trainable=124_000_000, largest_layer=38_000_000)
+    pred = predict(counts, shape, recipe, MemoryPlan(optimizer_shards=2, grads_shards=2,
+                                                     master_weights=True), world_size=2, micro_batch=4)
+    pred.device_bytes, pred.breakdown["optimizer"]
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+MiB = 2**20
+FP32 = 4
+#: Bytes per element of autocast's low-precision weight copies and activations.
+LOW_PRECISION = {"fp32": 4, "bf16": 2, "fp16": 2}
+#: Resident memory of a CPU cell process besides its model: Python, torch, transformers,
+#: the harness, data and tokenizer (``rss_before_model_bytes``: 255-290 MiB), plus what the
+#: first training step maps (kernels, allocator arenas, the pre-collated batches).  Measured
+#: as the peak of tiny-model cells, whose model state is about 1 MiB: 338-354 MiB (docs/memory.md).
+HARNESS_CPU_BYTES = 340 * MiB
+#: The torchrun launcher of a multi-rank cell (its own Python and torch), CPU tree only.
+LAUNCHER_CPU_BYTES = 200 * MiB
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """How a backend holds the training state on each rank.
+
+    Each ``*_shards`` is the number of ranks a component is split across
+    (1: every rank holds all of it).  ``offload_optimizer`` moves the AdamW
+    moments, the fp32 master copy and the fp32 gradient partition to host
+    memory (the optimizer steps on the CPU); ``offload_weights`` moves the
+    weight shards there too.  ``master_weights``: the backend keeps its own
+    fp32 copy of its weight shard beside the model's weights.
+    ``grad_buffers``: extra gradient-sized buffers, as a multiple of the
+    full gradients (reduction buckets as large as the gradients: 1.0).  ``gathered_layers``: with
+    sharded weights, how many of the largest layers are gathered in full at
+    once (weights and their gradients).  ``runtime_bytes``: what the
+    backend's libraries add to each rank's host footprint (CPU only).
+
+    Example (ZeRO-2 over 2 ranks, from a backend plugin)::
+
+        @classmethod
+        def memory_plan(cls, options, world_size):
+            return MemoryPlan(grads_shards=world_size, optimizer_shards=world_size,
+                              master_weights=True)
+    """
+
+    weights_shards: int = 1
+    grads_shards: int = 1
+    optimizer_shards: int = 1
+    offload_optimizer: bool = False
+    offload_weights: bool = False
+    master_weights: bool = False
+    grad_buffers: float = 0.0
+    gathered_layers: int = 0
+    runtime_bytes: int = 0
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    """Parameters of a model: all, trainable (LoRA or frozen layers: fewer), largest layer."""
+
+    total: int
+    trainable: int
+    largest_layer: int = 0
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the activation estimate needs: kind, widths, depths and vocabulary.
+
+    ``layers`` counts encoder (or decoder-only) blocks, ``decoder_layers``
+    the decoder blocks of an encoder-decoder model.
+    """
+
+    kind: str
+    hidden: int
+    layers: int
+    ffn: int
+    vocab: int
+    heads: int = 1
+    decoder_layers: int = 0
+    classification: bool = False
+
+
+@dataclass
+class Prediction:
+    """Predicted peak memory of one rank, by component (bytes).
+
+    ``device_bytes`` is what one rank needs where it trains (GPU memory, or
+    the process's resident memory on CPU, harness included); ``host_bytes``
+    what it offloads to host memory; ``tree_bytes`` the whole cell's
+    process tree on CPU (what ``--memory-limit-mb`` limits there).
+    """
+
+    breakdown: dict[str, int]
+    host_breakdown: dict[str, int]
+    device_bytes: int
+    host_bytes: int
+    tree_bytes: int
+    state_bytes: int
+    activation_bytes: int
+    micro_batch: int
+    plan: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def model_state_bytes(counts: ParamCounts, plan: MemoryPlan, weight_bytes: int = FP32,
+                      autocast_bytes: int = FP32) -> tuple[dict[str, int], dict[str, int]]:
+    """Weights, gradients, optimizer states per rank: (on the device, offloaded to host).
+
+    ``weight_bytes`` is the weights' and gradients' element size: 4 under
+    ftbench's policy; 2 reproduces ZeRO's 16-bit weight modes (the published
+    estimators' inputs), where
+    the optimizer also keeps fp32 master weights and fp32 gradients.
+    ``autocast_bytes`` < 4 adds autocast's cached low-precision weight copies.
+    """
+    P, T = counts.total, counts.trainable
+    dev: dict[str, int] = {}
+    host: dict[str, int] = {}
+    weights = weight_bytes * P // plan.weights_shards
+    (host if plan.offload_weights else dev)["weights"] = weights
+    if plan.gathered_layers:
+        # A gathered layer holds its full weights and, in backward, their full gradients.
+        dev["gathered_layers"] = 2 * weight_bytes * counts.largest_layer * plan.gathered_layers
+    moved = plan.offload_optimizer
+    grads = weight_bytes * T // plan.grads_shards
+    if not moved:
+        dev["gradients"] = grads
+    elif weight_bytes == FP32:
+        # The gradient partition is copied out as it is produced and accumulated where the optimizer steps.
+        host["gradients"] = grads
+    # else: low-precision gradients stream into the host's fp32 master gradients (counted below).
+    if plan.grad_buffers:
+        dev["gradient_buffers"] = int(plan.grad_buffers * weight_bytes * T)
+    opt = host if moved else dev
+    opt["optimizer"] = 2 * FP32 * T // plan.optimizer_shards
+    if plan.master_weights or weight_bytes != FP32:
+        opt["master_weights"] = FP32 * T // plan.optimizer_shards
+    if weight_bytes != FP32:
+        opt["master_gradients"] = FP32 * T // plan.optimizer_shards
+    if autocast_bytes < FP32:
+        dev["autocast_copies"] = autocast_bytes * P // plan.weights_shards
+    return {k: v for k, v in dev.items() if v}, host
+
+
+def saved_activation_bytes(shape: ModelShape, micro_batch: int, seq_len: int, checkpointing: bool,
+                           element_bytes: int = FP32) -> int:
+    """Activations one micro-batch's forward saves for backward.
+
+    Per token and block, eager Hugging Face blocks save about ``14 h + 4 f``
+    elements (``h`` hidden, ``f`` feed-forward width: 30 h for GPT-2, as
+    measured with saved-tensor hooks, docs/memory.md); attention through SDPA
+    saves no ``seq x seq`` scores.  With checkpointing a block keeps only its
+    input (``h``).  Embeddings and the final norm keep about ``2 h``; the
+    language-model loss keeps the fp32 log-softmax over the vocabulary.
+    Decoder blocks of an encoder-decoder model (cross-attention) count 1.5.
+    """
+    tokens = micro_batch * seq_len
+    per_block = shape.hidden if checkpointing else 14 * shape.hidden + 4 * shape.ffn
+    blocks = shape.layers + 1.5 * shape.decoder_layers
+    head = micro_batch * FP32 * (1 if shape.classification else seq_len * shape.vocab)
+    return int(tokens * (blocks * per_block + 2 * shape.hidden) * element_bytes + head)
+
+
+def activation_bytes(shape: ModelShape, micro_batch: int, seq_len: int, checkpointing: bool,
+                     element_bytes: int = FP32) -> int:
+    """Saved activations plus what backward adds at its peak: the loss's gradient and
+    the logits' (two more fp32 vocabulary-wide tensors per token) and, with
+    checkpointing, the one block being recomputed."""
+    saved = saved_activation_bytes(shape, micro_batch, seq_len, checkpointing, element_bytes)
+    tokens = micro_batch * seq_len
+    head = 2 * micro_batch * FP32 * (1 if shape.classification else seq_len * shape.vocab)
+    recompute = tokens * (14 * shape.hidden + 4 * shape.ffn) * element_bytes if checkpointing else 0
+    return saved + head + recompute
+
+
+def predict(counts: ParamCounts, shape: ModelShape, recipe, plan: MemoryPlan, world_size: int,
+            micro_batch: int, device_type: str = "cpu") -> Prediction:
+    """Peak memory of one rank of a cell training ``micro_batch`` examples at a time.
+
+    The peak is reached in backward after the first optimizer step: every
+    model state exists and the micro-batch's activations are saved.
+    """
+    low = LOW_PRECISION.get(recipe.precision, FP32)
+    dev, host = model_state_bytes(counts, plan, FP32, low)
+    acts = activation_bytes(shape, micro_batch, recipe.seq_len, recipe.grad_checkpointing, low)
+    breakdown = dict(dev)
+    breakdown["activations"] = acts
+    state = sum(dev.values()) + sum(host.values())
+    if device_type == "cpu":
+        # On CPU the offloaded states live in the same process's resident memory.
+        breakdown.update({f"{k} (offloaded)": v for k, v in host.items()})
+        breakdown["harness"] = HARNESS_CPU_BYTES
+        if plan.runtime_bytes:
+            breakdown["backend runtime"] = plan.runtime_bytes
+    device = sum(breakdown.values())
+    host_total = sum(host.values())
+    tree = device * world_size + (LAUNCHER_CPU_BYTES if world_size > 1 else 0) \
+        if device_type == "cpu" else host_total * world_size
+    return Prediction(breakdown=breakdown, host_breakdown=host, device_bytes=device, host_bytes=host_total,
+                      tree_bytes=tree, state_bytes=state, activation_bytes=acts, micro_batch=micro_batch,
+                      plan=asdict(plan))
+
+
+def harness_floor_bytes(world_size: int, plan: MemoryPlan | None = None) -> int:
+    """What a CPU cell's process tree holds before any model exists (the limit's floor)."""
+    per_rank = HARNESS_CPU_BYTES + (plan.runtime_bytes if plan else 0)
+    return per_rank * world_size + (LAUNCHER_CPU_BYTES if world_size > 1 else 0)
