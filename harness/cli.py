@@ -227,6 +227,9 @@ def run_cmd(grid_file, tasks, backends, models, datas, columns, out, force, fail
     if slurm is not None:
         from ftbench.harness.running.slurm import check_slurm
 
+        if search:
+            raise FtbenchError("--micro-batch auto searches with probe cells on this machine, which --launcher "
+                               "slurm does not run; pass a number (--micro-batch 4), or run the search locally")
         check_slurm(slurm)
     follower = int(nodes.get("nnodes", 1) or 1) > 1 and int(nodes.get("node_rank", 0) or 0) > 0
     out = out or _default_out()
