@@ -146,12 +146,18 @@ class StandardEngine(Engine):
             self.scaler.unscale_(self.optimizer)
         if recipe.max_grad_norm and recipe.max_grad_norm > 0:
             self.clip(recipe.max_grad_norm)
+        stepped = True
         if self.scaler is not None:
+            scale = self.scaler.get_scale()
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            # The scaler skips the optimizer step on inf/nan gradients and then lowers its scale;
+            # the schedule must not advance over a step that did not happen.
+            stepped = self.scaler.get_scale() >= scale
         else:
             self.optimizer.step()
-        self.scheduler.step()
+        if stepped:
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
     def clip(self, max_norm: float) -> None:

@@ -34,6 +34,8 @@ from ftbench import hookimpl, BackendSpec, Engine, EngineContext, FtbenchError, 
 from ftbench.plugins._distributed import ensure_process_group
 
 INSTALL_HINT = "needs deepspeed: pip install 'ftbench[deepspeed]' (or pip install deepspeed)"
+#: Releases before this have ZeRO bf16 and tied-parameter bugs that change results.
+MIN_VERSION = (0, 17, 6)
 OFFLOAD = ("none", "cpu")
 #: Host memory DeepSpeed's import, CPU accelerator and shared-memory communication add to a
 #: rank on CPU: measured on a 3.3M-parameter GPT-2, whose model state is ~50 MiB (docs/memory.md).
@@ -77,6 +79,13 @@ class DeepSpeedEngine(Engine):
             found = False
         if not found:
             raise Unavailable(INSTALL_HINT)
+        from ftbench import version_tuple
+
+        version = _installed_version()
+        if version and version_tuple(version) < MIN_VERSION:
+            floor = ".".join(map(str, MIN_VERSION))
+            raise Unavailable(f"needs deepspeed>={floor} (installed: {version}; older releases have ZeRO bf16 and "
+                              f"tied-parameter bugs): pip install -U 'deepspeed>={floor}'")
 
     @classmethod
     def validate_options(cls, options: dict) -> dict:
@@ -170,8 +179,11 @@ class DeepSpeedEngine(Engine):
         zero = self.config.get("zero_optimization") or {}
         self.stage = int(zero.get("stage", 0))
         self.offload = (zero.get("offload_optimizer") or {}).get("device", "none") in ("cpu", "nvme")
-        model = model.to(ctx.device)
         self.skeleton = _meta_copy(model) if self.stage == 3 else None
+        if self.stage == 3:
+            _partition_from_host(model, self.config, ctx.device)
+        else:
+            model = model.to(ctx.device)
         params = [p for p in model.parameters() if p.requires_grad]
         recipe = ctx.recipe
         if self.offload:
@@ -221,6 +233,33 @@ class DeepSpeedEngine(Engine):
                 "optimizer": type(self.optimizer.optimizer if hasattr(self.optimizer, "optimizer")
                                   else self.optimizer).__name__,
                 "deepspeed_config": self.config}
+
+
+def _partition_from_host(model, config: dict, device) -> None:
+    """ZeRO-3: partition the host-built model one parameter at a time (``zero.Init`` over the
+    module), so the whole model never sits on one GPU; with ``offload_param`` the shards stay on
+    the CPU.  Without this, ``deepspeed.initialize`` would move the unsharded model to the GPU
+    before partitioning it, and a model larger than one GPU could not train."""
+    import deepspeed
+    import torch
+
+    offload = (config.get("zero_optimization", {}).get("offload_param") or {}).get("device", "none")
+    # zero.Init reads the world size from DeepSpeed's communication layer: attach it to the process group.
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    deepspeed.zero.Init(module=model, config_dict_or_path=config, dtype=torch.float32,
+                        remote_device=offload if offload != "none" else None,
+                        pin_memory=device.type == "cuda")
+    # zero.Init converts parameters only; buffers (position ids, masks) go to the device whole.
+    for module in model.modules():
+        for name, buf in module._buffers.items():
+            if buf is not None:
+                module._buffers[name] = buf.to(device)
+
+
+def _installed_version() -> str | None:
+    from ftbench import package_version
+
+    return package_version("deepspeed")
 
 
 def _meta_copy(model):

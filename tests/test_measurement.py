@@ -39,7 +39,8 @@ def test_flop_model_matches_hand_count_for_gpt2():
 
 
 def test_no_peak_means_no_mfu_guess():
-    peak, why = device_peak(torch.device("cpu"), "bf16")
+    # TF32 is a CUDA tensor-core mode: a CPU has no such peak, and MFU stays None rather than a guess.
+    peak, why = device_peak(torch.device("cpu"), "tf32")
     assert peak is None and "no peak" in why
 
 

@@ -14,10 +14,12 @@ computes (PaLM appendix B / nanoGPT ``estimate_mfu``):
 Encoder-decoder models apply encoder weights to source tokens and decoder
 weights (and the LM head) to target tokens.
 
-The peak comes from a table of known GPUs for the precision in use, or on
-CPU from a short fp32 matmul measurement, cached per CPU model, torch
-version and thread count.  Where no peak is known, MFU is ``None``: never a
-guess.
+The peak is that of the dtype the matmuls actually ran in (autocast's, else
+the weights'; TF32 when CUDA allows it for fp32): a datasheet table of known
+GPUs matched by exact model name, or on CPU a short matmul measurement in
+that dtype, cached per CPU model, torch version and thread count.  Where no
+peak is known, MFU is ``None``: never a guess; nor is a figure above 1 (the
+record drops it and says why, see ``ftbench.harness.results.record``).
 """
 
 from __future__ import annotations
@@ -28,16 +30,71 @@ import time
 
 import torch
 
-#: Dense peak FLOP/s by (GPU name fragment, precision): vendor datasheets,
-#: without sparsity.  fp32 means TF32 off (plain FP32 CUDA cores).
-GPU_PEAKS = {
-    ("H200", "bf16"): 989e12, ("H200", "fp16"): 989e12, ("H200", "fp32"): 67e12,
-    ("H100", "bf16"): 989e12, ("H100", "fp16"): 989e12, ("H100", "fp32"): 67e12,
-    ("A100", "bf16"): 312e12, ("A100", "fp16"): 312e12, ("A100", "fp32"): 19.5e12,
-    ("L4", "bf16"): 121e12, ("L4", "fp16"): 121e12, ("L4", "fp32"): 30.3e12,
-    ("A10G", "bf16"): 70e12, ("A10G", "fp16"): 70e12, ("A10G", "fp32"): 31.2e12,
-    ("V100", "fp16"): 125e12, ("V100", "fp32"): 15.7e12,
+#: Dense peak FLOP/s (no sparsity) by GPU model and matmul dtype, from the
+#: vendor datasheets.  ``fp32`` is plain FP32 on CUDA cores; ``tf32`` is fp32
+#: matmuls on tensor cores (TF32 allowed).  Keys are exact model names as
+#: :func:`gpu_model` derives them from ``torch.cuda.get_device_name``.
+GPU_PEAKS: dict[str, dict[str, float]] = {
+    "H200": {"bf16": 989e12, "fp16": 989e12, "tf32": 494.5e12, "fp32": 67e12},          # SXM
+    "H200 NVL": {"bf16": 835.5e12, "fp16": 835.5e12, "tf32": 417.5e12, "fp32": 60e12},
+    "H100 SXM": {"bf16": 989e12, "fp16": 989e12, "tf32": 494.5e12, "fp32": 67e12},
+    "H100 PCIe": {"bf16": 756e12, "fp16": 756e12, "tf32": 378e12, "fp32": 51e12},
+    "H100 NVL": {"bf16": 835.5e12, "fp16": 835.5e12, "tf32": 417.5e12, "fp32": 60e12},
+    "A100": {"bf16": 312e12, "fp16": 312e12, "tf32": 156e12, "fp32": 19.5e12},
+    "L40S": {"bf16": 362e12, "fp16": 362e12, "tf32": 183e12, "fp32": 91.6e12},
+    "L40": {"bf16": 181e12, "fp16": 181e12, "tf32": 90.5e12, "fp32": 90.5e12},
+    "L4": {"bf16": 121e12, "fp16": 121e12, "tf32": 60e12, "fp32": 30.3e12},
+    "A10G": {"bf16": 70e12, "fp16": 70e12, "tf32": 35e12, "fp32": 31.2e12},
+    "A10": {"bf16": 125e12, "fp16": 125e12, "tf32": 62.5e12, "fp32": 31.2e12},
+    "V100 SXM2": {"fp16": 125e12, "fp32": 15.7e12},
+    "V100 PCIe": {"fp16": 112e12, "fp32": 14e12},
 }
+
+#: (pattern over the normalised device name, table key); first match wins, so
+#: a more specific variant precedes its base name.  ``\b`` and ``$`` keep
+#: "L4" from matching "L40S" and "H200" from matching "H200 NVL".
+_GPU_PATTERNS = (
+    (r"^H200 NVL\b", "H200 NVL"),
+    (r"^H200\b", "H200"),
+    (r"^H100 NVL\b", "H100 NVL"),
+    (r"^H100 PCIE\b", "H100 PCIe"),
+    (r"^H100\b(?!.*\b(PCIE|NVL)\b)", "H100 SXM"),     # "H100 80GB HBM3", "H100 SXM5 80GB"
+    (r"^A100\b", "A100"),                               # SXM4 and PCIe share the dense peaks
+    (r"^L40S\b", "L40S"),
+    (r"^L40\b", "L40"),
+    (r"^L4\b", "L4"),
+    (r"^A10G\b", "A10G"),
+    (r"^A10\b", "A10"),
+    (r"^V100\b.*\bSXM2\b", "V100 SXM2"),
+    (r"^V100\b.*\bPCIE\b", "V100 PCIe"),
+)
+
+
+def gpu_model(device_name: str) -> str | None:
+    """The peak table's key for a CUDA device name, or None when unknown.
+
+    Example: ``gpu_model("NVIDIA H100 80GB HBM3") == "H100 SXM"``,
+    ``gpu_model("NVIDIA L40S") == "L40S"``, ``gpu_model("NVIDIA L4") == "L4"``.
+    """
+    import re
+
+    name = re.sub(r"^(NVIDIA|TESLA)\s+", "", device_name.strip().upper().replace("-", " "))
+    name = re.sub(r"^(NVIDIA|TESLA)\s+", "", name)
+    for pattern, key in _GPU_PATTERNS:
+        if re.search(pattern, name):
+            return key
+    return None
+
+
+def gpu_peak(device_name: str, dtype: str) -> tuple[float | None, str]:
+    """(dense peak FLOP/s, source) of a named GPU for matmuls in ``dtype``."""
+    key = gpu_model(device_name)
+    if key is None:
+        return None, f"unknown GPU {device_name!r}"
+    peak = GPU_PEAKS[key].get(dtype)
+    if peak is None:
+        return None, f"no {dtype} peak for {key}"
+    return peak, f"datasheet {key} {dtype} dense"
 
 
 def _is_matmul_module(m: torch.nn.Module) -> bool:
@@ -98,11 +155,15 @@ def _cache_file():
     return cache_dir() / "cpu_peak.json"
 
 
-def measured_cpu_peak(seconds: float = 0.5) -> float:
-    """Best fp32 matmul FLOP/s of this CPU with the current thread count (cached)."""
+CPU_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def measured_cpu_peak(seconds: float = 0.5, dtype: str = "fp32") -> float:
+    """Best matmul FLOP/s of this CPU in ``dtype`` with the current thread count (cached)."""
     from ftbench.harness.results.environment import cpu_model
 
     key = f"{cpu_model()}|{torch.__version__}|{torch.get_num_threads()}"
+    key = key if dtype == "fp32" else f"{key}|{dtype}"
     path = _cache_file()
     try:
         cache = json.loads(path.read_text())
@@ -111,7 +172,7 @@ def measured_cpu_peak(seconds: float = 0.5) -> float:
     if key in cache:
         return cache[key]
     n = 1024
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n, dtype=CPU_DTYPES[dtype]), torch.randn(n, n, dtype=CPU_DTYPES[dtype])
     torch.mm(a, b)  # warm the BLAS
     best = 0.0
     deadline = time.perf_counter() + seconds
@@ -126,14 +187,14 @@ def measured_cpu_peak(seconds: float = 0.5) -> float:
     return best
 
 
-def device_peak(device: torch.device, precision: str) -> tuple[float | None, str]:
-    """(peak FLOP/s of one device, where the figure comes from)."""
+def device_peak(device: torch.device, dtype: str) -> tuple[float | None, str]:
+    """(peak FLOP/s of one device for matmuls in ``dtype``, where the figure comes from).
+
+    ``dtype`` is what the matmuls ran in (``ftbench.harness.cell.weights.matmul_dtype``):
+    fp32, tf32, bf16 or fp16.
+    """
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for (frag, prec), peak in GPU_PEAKS.items():
-            if frag in name and prec == precision:
-                return peak, f"datasheet {frag} {prec}"
-        return None, f"unknown GPU {name!r} for {precision}"
-    if device.type == "cpu" and precision == "fp32":
-        return measured_cpu_peak(), "measured fp32 matmul on this CPU"
-    return None, f"no peak known for {device.type} {precision}"
+        return gpu_peak(torch.cuda.get_device_name(device), dtype)
+    if device.type == "cpu" and dtype in CPU_DTYPES:
+        return measured_cpu_peak(dtype=dtype), f"measured {dtype} matmul on this CPU"
+    return None, f"no peak known for {device.type} {dtype}"

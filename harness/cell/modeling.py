@@ -110,18 +110,25 @@ def load_tokenizer(source: ModelSource, texts):
 
 
 def build_model(source: ModelSource, tokenizer, head: str, num_labels: int | None, kind: str):
-    """A fresh model; preset weights are random, seeded by the caller."""
+    """A fresh model; preset weights are random, seeded by the caller.
+
+    Pretrained weights load as fp32 whatever dtype they were stored in: the
+    recipe trains fp32 weights (low precision is autocast over them).
+    """
     if source.preset is not None:
         return source.preset.build(tokenizer=tokenizer, head=head, num_labels=num_labels)
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
 
+    from ftbench.harness.cell.weights import load_kwargs
+
+    fp32 = load_kwargs()
     if head == "classification":
-        model = AutoModelForSequenceClassification.from_pretrained(source.path, num_labels=num_labels)
+        model = AutoModelForSequenceClassification.from_pretrained(source.path, num_labels=num_labels, **fp32)
         if model.config.pad_token_id is None:
             model.config.pad_token_id = tokenizer.pad_token_id
         return model
     cls = AutoModelForSeq2SeqLM if kind == ENCODER_DECODER else AutoModelForCausalLM
-    return cls.from_pretrained(source.path)
+    return cls.from_pretrained(source.path, **fp32)
 
 
 # ---------------------------------------------------------------- encoding

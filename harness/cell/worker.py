@@ -79,6 +79,7 @@ class Cell:
             self.encode_and_plan()
         with self.clock.phase("engine"):
             self.setup_engine()
+        self.memory.end_setup()
         self.out["setup_s"] = time.time() - self.t_launch
         self.train()
         self.evaluate()
@@ -107,6 +108,9 @@ class Cell:
             return False
         self.device = _pick_device(self.spec.device, self.local_rank)
         self.out["device"] = _describe(self.device)
+        from ftbench.harness.cell.memwindows import MemoryWindows
+
+        self.memory = MemoryWindows(self.device)
         if self.world > 1 and not torch.distributed.is_initialized():
             torch.distributed.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
         if self.recipe.precision != "fp32" and self.device.type != "cuda":
@@ -139,6 +143,7 @@ class Cell:
 
         from ftbench.harness.cell.measure import current_rss_bytes
         from ftbench.harness.cell.modeling import apply_tuning, build_model, count_params, max_positions, param_bytes
+        from ftbench.harness.cell.weights import weight_dtypes
         from ftbench.harness.grid.config import parse_tuning
         from ftbench.harness.grid.resolve import check_seq_len
 
@@ -160,7 +165,7 @@ class Cell:
         # training state needs before activations.
         self.out.update(state_bytes_theory=4 * (total + 3 * trainable), trainable_params=trainable,
                         total_params=total, param_bytes=param_bytes(model), model_kind=self.kind,
-                        vocab_size=len(self.tokenizer))
+                        vocab_size=len(self.tokenizer), **weight_dtypes(self.source, model, recipe, self.device))
         self.model = model
 
     def encode_and_plan(self) -> None:
@@ -211,7 +216,6 @@ class Cell:
         synchronize(self.device)
 
     def train(self) -> None:
-        from ftbench.harness.cell.measure import memory_snapshot
         from ftbench.harness.cell.mfu import device_peak
         from ftbench.harness.cell.training import summarize, train
 
@@ -222,10 +226,10 @@ class Cell:
         self.run_times = run.times
         warm = self.recipe.warmup
         self.out.update(summarize(run, self.steps, warm, self.engine.compiles))
-        self.out["memory"] = memory_snapshot(self.device)
+        self.out["memory"] = self.memory.end_training()
         measured = sum(run.times[warm:])
         self.out["flops_per_s"] = sum(self.step_flops[warm:len(run.times)]) / measured if measured else None
-        self.out["peak_flops"], self.out["peak_flops_source"] = device_peak(self.device, self.recipe.precision)
+        self.out["peak_flops"], self.out["peak_flops_source"] = device_peak(self.device, self.out["matmul_dtype"])
 
     def quality_tracker(self):
         """Evaluation during training and the target, when the cell asks for either."""

@@ -24,6 +24,8 @@ FROM_RANK0 = (
     "total_params", "model_kind", "vocab_size", "truncated_examples", "truncated_tokens",
     # rows of each split the cell read (batches, tokenizer sample, evaluation examples; docs/data.md)
     "rows_read",
+    # dtypes (ftbench.harness.cell.weights)
+    "weights_stored_dtype", "weights_dtype", "matmul_dtype",
     # time to quality (ftbench.harness.cell.quality)
     "eval_curve", "eval_every", "eval_during_training_s", "target", "target_reached", "steps_to_target",
     "time_to_target_s", "stopped_at_target",
@@ -56,23 +58,53 @@ def build_record(spec: CellSpec, outcome: CellOutcome, environment: dict, starte
         "config": spec.to_dict(),
         "environment": {**environment, "device": main.get("device") or {}},
     }
-    complete = len(ranks) == spec.nproc
-    record["mfu"] = (record["flops_per_s"] / record["peak_flops"]
-                     if record["flops_per_s"] and record["peak_flops"] and complete else None)
+    record["mfu"], note = _mfu(record, len(ranks) == spec.nproc)
+    if note:
+        record["mfu_note"] = note
     _add_warnings(record, outcome, ranks)
     return record
 
 
 def _memory(ranks: list[dict], main: dict, outcome: CellOutcome) -> dict:
-    """Peak memory: the largest rank's, with what kind of figure it is, and every rank's."""
+    """Peak memory: the largest rank's, with what kind of figure it is, both windows, and every rank's."""
     per_rank = [{"rank": r.get("rank"), **(r.get("memory") or {})} for r in ranks]
     on_cuda = (main.get("device") or {}).get("type") == "cuda"
-    key = "cuda_peak_allocated_bytes" if on_cuda else "host_peak_rss_bytes"
-    peaks = [m[key] for m in per_rank if m.get(key)]
-    return {"peak_memory_bytes": max(peaks) if peaks else None,
+    return {**memory_windows(per_rank, on_cuda),
             "memory_kind": MEMORY_KINDS["cuda" if on_cuda else "cpu"],
             "memory_per_rank": per_rank,
             "memory_tree_peak_bytes": outcome.tree_peak_bytes or None}
+
+
+def memory_windows(per_rank: list[dict], on_cuda: bool) -> dict:
+    """Headline peak (the larger window), the setup and training peaks (max over ranks) and how
+    the windows were separated (see ``ftbench.harness.cell.memwindows``)."""
+    key = "cuda_peak_allocated_bytes" if on_cuda else "host_peak_rss_bytes"
+
+    def peak(values):
+        values = [v for v in values if v]
+        return max(values) if values else None
+
+    out = {"peak_memory_bytes": peak(m.get(key) for m in per_rank),
+           "setup_peak_memory_bytes": peak((m.get("setup") or {}).get(key) for m in per_rank),
+           "train_peak_memory_bytes": peak((m.get("train") or {}).get(key) for m in per_rank),
+           "memory_window_reset": next((m["reset"] for m in per_rank if m.get("reset")), None)}
+    if on_cuda:
+        out["peak_reserved_bytes"] = peak(m.get("cuda_peak_reserved_bytes") for m in per_rank)
+        out["driver_used_bytes"] = peak(m.get("cuda_driver_used_bytes") for m in per_rank)
+    return out
+
+
+def _mfu(record: dict, all_ranks: bool) -> tuple[float | None, str | None]:
+    """Model FLOPs utilisation, never above 1: a figure above the peak means the peak is wrong for
+    this run (e.g. matmuls in another dtype than the table's), so it is withheld with the reason."""
+    flops, peak = record["flops_per_s"], record["peak_flops"]
+    if not (flops and peak and all_ranks):
+        return None, None
+    mfu = flops / peak
+    if mfu > 1:
+        return None, (f"withheld: {flops:.3g} FLOP/s exceeds the {record.get('matmul_dtype')} peak "
+                      f"{peak:.3g} ({record.get('peak_flops_source')}), so that peak does not apply to this run")
+    return mfu, None
 
 
 def _add_warnings(record: dict, outcome: CellOutcome, ranks: list[dict]) -> None:

@@ -61,6 +61,8 @@ def records_frame(rs: ResultSet):
             "tokens_per_s": as_float(r.get("tokens_per_s")), "samples_per_s": as_float(r.get("samples_per_s")),
             "step_time_s": as_float(r.get("step_time_s")), "step_iqr_s": as_float(st.get("iqr")),
             "peak_memory_bytes": as_float(r.get("peak_memory_bytes")), "memory_kind": r.get("memory_kind"),
+            "setup_peak_memory_bytes": as_float(r.get("setup_peak_memory_bytes")),
+            "train_peak_memory_bytes": as_float(r.get("train_peak_memory_bytes")),
             "memory_predicted_bytes": as_float(r.get("memory_predicted_bytes")),
             "micro_batch": r.get("micro_batch"), "micro_batch_probes": _probes(r.get("micro_batch_search")),
             "setup_s": as_float(r.get("setup_s")), "compile_s": as_float(r.get("compile_s")),
@@ -88,8 +90,8 @@ def summary_frame(df):
                "parity": next((p for p in g["parity"] if p and p != "-"), "-"),
                "error": next((e for e in g["error"] if isinstance(e, str) and e), None), "cell_id": cid,
                "micro_batch": first["micro_batch"], "micro_batch_probes": first["micro_batch_probes"]}
-        for col in ("tokens_per_s", "step_time_s", "peak_memory_bytes", "memory_predicted_bytes", "setup_s",
-                    "compile_s", "metric_value"):
+        for col in ("tokens_per_s", "step_time_s", "peak_memory_bytes", "setup_peak_memory_bytes",
+                    "train_peak_memory_bytes", "memory_predicted_bytes", "setup_s", "compile_s", "metric_value"):
             vals = ok[col].dropna()
             row[f"{col}_median"] = vals.median() if len(vals) else None
             row[f"{col}_min"] = vals.min() if len(vals) else None
@@ -124,6 +126,9 @@ def display_frame(summary):
             "status": status, "tokens/s": _spread(s, "tokens_per_s", fmt_num),
             "step ms": _spread(s, "step_time_s", lambda v: fmt_num(v * 1e3)),
             "peak memory": _spread(s, "peak_memory_bytes", fmt_bytes),
+            # The two windows the headline peak is the larger of (setup: start to engine ready).
+            "setup peak": _spread(s, "setup_peak_memory_bytes", fmt_bytes),
+            "train peak": _spread(s, "train_peak_memory_bytes", fmt_bytes),
             "predicted": _predicted(s),
             "setup s": _spread(s, "setup_s", fmt_num), "compile s": _spread(s, "compile_s", fmt_num),
             "metric": metric, "parity": s["parity"],

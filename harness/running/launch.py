@@ -32,6 +32,27 @@ def use_fork_server(spec) -> bool:
             and int((spec.launcher or {}).get("nnodes", 1) or 1) <= 1 and sys.platform.startswith("linux"))
 
 
+def cuda_initialized() -> bool:
+    """Whether this process has initialised CUDA (False when torch is not even imported).
+
+    The fork server must never do so: a child forked from a process with a
+    CUDA context cannot use CUDA at all.
+    """
+    torch = sys.modules.get("torch")
+    return bool(torch is not None and torch.cuda.is_initialized())
+
+
+def check_fork_cuda() -> None:
+    """In a forked cell: fail with the fix, not CUDA's late 'cannot re-initialize' error,
+    when the server it was forked from had initialised CUDA."""
+    import torch
+
+    if torch.cuda._is_in_bad_fork():
+        raise RuntimeError("this cell was forked from a fork server that had initialised CUDA, so it cannot use "
+                           "CUDA; something the server preloads touches the GPU. Run with FTBENCH_LAUNCH=exec "
+                           "until that import is fixed")
+
+
 def _fork_context():
     global _context
     if _context is None:
@@ -54,6 +75,7 @@ def _cell_main(argv: list[str], log_path: str) -> None:
     try:
         from ftbench.harness.cell.worker import main
 
+        check_fork_cuda()
         code = main(argv)
     finally:
         sys.stdout.flush()

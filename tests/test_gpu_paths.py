@@ -1,0 +1,232 @@
+"""What the CUDA paths rely on, proven on the CPU: weights in the recipe's dtype,
+MFU against the peak of the dtype the matmuls ran in, two memory windows,
+exact GPU names in the peak table, a fork server that never touches CUDA,
+the schedule over fp16 skipped steps, and the prepared GPU check itself."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY, ftbench, records
+
+TESTS = Path(__file__).resolve().parent
+
+
+def _save_gpt2_pair(tmp_path: Path) -> tuple[Path, Path]:
+    """The same GPT-2 weights saved twice: stored in bf16, and stored in fp32 after rounding to bf16
+    (so both copies hold identical values once loaded as fp32)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from ftbench.harness.cell.tokenization import train_tokenizer
+    from ftbench.harness.registry import Registry
+
+    task = Registry.load().task("generation")
+    rows = task.builtin_data(0, {})["train"]
+    tok = train_tokenizer((t for ex in rows for t in task.texts(ex, {})), 1000)
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=len(tok), n_embd=128, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0,
+                     embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                     eos_token_id=tok.eos_token_id)
+    model = GPT2LMHeadModel(cfg).to(torch.bfloat16)
+    bf16_dir, fp32_dir = tmp_path / "gpt2-bf16", tmp_path / "gpt2-fp32"
+    model.save_pretrained(bf16_dir)
+    model.to(torch.float32).save_pretrained(fp32_dir)
+    for d in (bf16_dir, fp32_dir):
+        tok.save_pretrained(d)
+    return bf16_dir, fp32_dir
+
+
+def test_bf16_checkpoint_trains_with_fp32_weights_like_its_fp32_copy(tmp_path):
+    bf16_dir, fp32_dir = _save_gpt2_pair(tmp_path)
+    out = tmp_path / "out"
+    ftbench("run", "--task", "generation", "--backend", "eager", "--model", bf16_dir, "--model", fp32_dir,
+            "--steps", "16", "--warmup", "3", "--batch-size", "4", "--seq-len", "32", "--eval-examples", "8",
+            "--out", out, check=True)
+    by_model = {Path(r["model"]).name: r for r in records(out)}
+    b, f = by_model["gpt2-bf16"], by_model["gpt2-fp32"]
+    assert b["status"] == f["status"] == "ok"
+    assert (b["weights_stored_dtype"], b["weights_dtype"], b["matmul_dtype"]) == ("bf16", "fp32", "fp32")
+    assert (f["weights_stored_dtype"], f["weights_dtype"], f["matmul_dtype"]) == ("fp32", "fp32", "fp32")
+    # Same fp32 values, same recipe: the same math, step for step.
+    assert b["train_loss"] == pytest.approx(f["train_loss"], rel=1e-6)
+    # Same work in the same dtype: step times agree within this shared machine's noise, judged on each
+    # cell's fastest step (medians of cells run at different moments differed 3x under load); MFU is
+    # against the fp32 peak and at most 1 (before the fix the bf16 copy ran its matmuls in bf16 and
+    # reported MFU 1.32 against the fp32 peak).
+    assert 1 / 3 < b["step_time"]["min"] / f["step_time"]["min"] < 3
+    assert 0 < b["mfu"] <= 1 and 0 < f["mfu"] <= 1
+
+
+def test_mfu_uses_the_peak_of_the_matmul_dtype_and_never_exceeds_one(tmp_path):
+    out = tmp_path / "out"
+    ftbench("run", "--task", "generation", "--backend", "eager", "--precision", "bf16", *TINY, "--out", out,
+            env={"FTBENCH_LAUNCH": "exec"}, check=True)
+    (r,) = records(out)
+    assert r["status"] == "ok" and r["matmul_dtype"] == "bf16" and r["weights_dtype"] == "fp32"
+    assert "bf16" in r["peak_flops_source"]
+    assert r["mfu"] is None or 0 < r["mfu"] <= 1
+    assert r["mfu"] is not None or "exceeds" in r["mfu_note"]
+
+
+def test_an_mfu_above_one_is_withheld_with_its_reason():
+    from ftbench.harness.results.record import _mfu
+
+    rec = {"flops_per_s": 2e12, "peak_flops": 1e12, "matmul_dtype": "fp32", "peak_flops_source": "datasheet"}
+    mfu, note = _mfu(rec, all_ranks=True)
+    assert mfu is None and "exceeds the fp32 peak" in note
+    assert _mfu({**rec, "flops_per_s": 5e11}, all_ranks=True) == (0.5, None)
+
+
+def test_matmul_dtype_follows_autocast_then_weights_then_tf32(monkeypatch):
+    from ftbench.harness.cell import weights
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert weights.matmul_dtype("bf16", "fp32", cpu) == "bf16"
+    assert weights.matmul_dtype("fp32", "bf16", cpu) == "bf16"
+    assert weights.matmul_dtype("fp32", "fp32", cpu) == "fp32"
+    monkeypatch.setattr(weights, "tf32_enabled", lambda: True)
+    assert weights.matmul_dtype("fp32", "fp32", cuda) == "tf32"
+    assert weights.matmul_dtype("fp16", "fp32", cuda) == "fp16"
+    monkeypatch.setattr(weights, "tf32_enabled", lambda: False)
+    assert weights.matmul_dtype("fp32", "fp32", cuda) == "fp32"
+
+
+@pytest.mark.parametrize("name, model", [
+    ("NVIDIA L4", "L4"), ("NVIDIA L40S", "L40S"), ("NVIDIA L40", "L40"),
+    ("NVIDIA H100 80GB HBM3", "H100 SXM"), ("NVIDIA H100 PCIe", "H100 PCIe"), ("NVIDIA H100 NVL", "H100 NVL"),
+    ("NVIDIA H200", "H200"), ("NVIDIA H200 NVL", "H200 NVL"), ("NVIDIA A100-SXM4-80GB", "A100"),
+    ("NVIDIA A10G", "A10G"), ("NVIDIA A10", "A10"), ("Tesla V100-SXM2-16GB", "V100 SXM2"),
+    ("Tesla V100-PCIE-32GB", "V100 PCIe"), ("NVIDIA GeForce RTX 4090", None), ("NVIDIA L4X", None),
+])
+def test_gpu_peak_table_matches_exact_model_names(name, model):
+    from ftbench.harness.cell.mfu import gpu_model, gpu_peak
+
+    assert gpu_model(name) == model
+    peak, source = gpu_peak(name, "bf16")
+    assert (peak is None) == (model is None or model.startswith("V100"))
+
+
+def test_tf32_peak_differs_from_plain_fp32():
+    from ftbench.harness.cell.mfu import gpu_peak
+
+    assert gpu_peak("NVIDIA H100 80GB HBM3", "tf32")[0] > 5 * gpu_peak("NVIDIA H100 80GB HBM3", "fp32")[0]
+    assert gpu_peak("NVIDIA L4", "bf16")[0] != gpu_peak("NVIDIA L40S", "bf16")[0]
+
+
+def test_training_peak_excludes_the_model_load_transient(tmp_path):
+    """Setup window: the build's 400 MiB transient; training window: the timed steps only."""
+    out = tmp_path / "out"
+    env = {"FTBENCH_PLUGINS_EXTRA": "transient_plugin",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
+    ftbench("run", "--task", "generation", "--backend", "eager", "--model", "tiny-gpt2-transient", *TINY,
+            "--out", out, env=env, check=True)
+    (r,) = records(out)
+    assert r["status"] == "ok" and r["memory_window_reset"] == "clear_refs"
+    setup, train = r["setup_peak_memory_bytes"], r["train_peak_memory_bytes"]
+    assert setup - train > 300 * 2**20, (setup, train)
+    assert r["peak_memory_bytes"] == max(setup, train) == setup
+    (rank,) = r["memory_per_rank"]
+    assert rank["setup"]["host_peak_rss_bytes"] == setup and rank["train"]["host_peak_rss_bytes"] == train
+
+
+def test_memory_windows_fall_back_and_say_so_without_clear_refs(monkeypatch):
+    from ftbench.harness.cell import memwindows
+
+    monkeypatch.setattr(memwindows, "CLEAR_REFS", "/proc/self/no-such-file")
+    w = memwindows.MemoryWindows(torch.device("cpu"))
+    w.end_setup()
+    mem = w.end_training()
+    assert mem["reset"].startswith("none:") and "includes setup" in mem["reset"]
+    assert mem["host_peak_rss_bytes"] == max(mem["setup"]["host_peak_rss_bytes"], mem["train"]["host_peak_rss_bytes"])
+
+
+def test_fork_server_preload_never_initialises_cuda():
+    """Anything the fork server imports that initialised CUDA would break every forked CUDA cell."""
+    code = ("import torch, torch.cuda\n"
+            "calls = []\n"
+            "torch.cuda._lazy_init = lambda *a, **k: calls.append(1)\n"
+            "torch.cuda.init = lambda *a, **k: calls.append(1)\n"
+            "from ftbench.harness.running import launch\n"
+            "for m in launch.PRELOAD: __import__(m)\n"
+            "print(len(calls), launch.cuda_initialized())\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["0", "False"]
+
+
+def test_a_forked_cell_refuses_a_server_that_initialised_cuda(monkeypatch):
+    from ftbench.harness.running import launch
+
+    monkeypatch.setattr(torch.cuda, "_is_in_bad_fork", lambda: True)
+    with pytest.raises(RuntimeError, match="FTBENCH_LAUNCH=exec"):
+        launch.check_fork_cuda()
+    monkeypatch.setattr(torch.cuda, "_is_in_bad_fork", lambda: False)
+    launch.check_fork_cuda()
+
+
+def _fp16_engine():
+    from ftbench.harness.engine import EngineContext, StandardEngine
+    from ftbench.harness.grid.config import Recipe
+
+    def loss_fn(model, batch):
+        return (model(batch["x"]) ** 2).sum() * batch["poison"]
+
+    recipe = Recipe(precision="fp16", steps=10, warmup=1, schedule="linear", lr=1e-2)
+    engine = StandardEngine({}, EngineContext(recipe, torch.device("cpu"), loss_fn))
+    torch.manual_seed(0)
+    engine.setup(torch.nn.Linear(4, 4))
+    return engine
+
+
+def test_schedule_does_not_advance_when_the_fp16_scaler_skips_the_step():
+    engine = _fp16_engine()
+    # Small inputs, so that clean steps stay finite under the scaler's initial 2**16.
+    batch = {"x": 1e-3 * torch.randn(2, 4), "loss_scale": 1.0}
+    weights = engine.raw_model.weight.detach().clone()
+    lr = engine.optimizer.param_groups[0]["lr"]
+    engine.forward_backward({**batch, "poison": torch.tensor(float("inf"))}, boundary=True)
+    engine.step()
+    # The scaler found inf gradients: no update, and the schedule stays where it was.
+    assert torch.equal(engine.raw_model.weight, weights)
+    assert engine.scheduler.last_epoch == 0 and engine.optimizer.param_groups[0]["lr"] == lr
+    engine.forward_backward({**batch, "poison": torch.tensor(1.0)}, boundary=True)
+    engine.step()
+    assert not torch.equal(engine.raw_model.weight, weights)
+    assert engine.scheduler.last_epoch == 1 and engine.optimizer.param_groups[0]["lr"] < lr
+
+
+def test_deepspeed_below_the_version_floor_is_unavailable_with_the_fix(monkeypatch):
+    from ftbench.harness.api import Unavailable
+    from ftbench.plugins import deepspeed_zero
+
+    monkeypatch.setattr(deepspeed_zero, "_installed_version", lambda: "0.16.9")
+    with pytest.raises(Unavailable, match=r"deepspeed>=0\.17\.6"):
+        deepspeed_zero.DeepSpeedEngine.check_available({})
+    monkeypatch.setattr(deepspeed_zero, "_installed_version", lambda: "0.17.6")
+    deepspeed_zero.DeepSpeedEngine.check_available({})
+    text = (ROOT / "pyproject.toml").read_text()
+    assert '"deepspeed>=0.17.6"' in text
+
+
+def test_gpu_check_runs_end_to_end_on_cpu_and_says_why_it_skips(tmp_path):
+    """The prepared GPU check cannot rot: its CPU variant runs every step, skipping CUDA-only ones with a reason."""
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--device", "cpu", "--steps", "6",
+                           "--budget", "3000", "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT,
+                          timeout=1200, env={**os.environ, "FTBENCH_CACHE": str(ROOT / ".pytest-ftbench-cache")})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "gpu_check.json").read_text())
+    ran = {(r["step"], r["cell"]): r for r in rows if r["status"] == "ok"}
+    skipped = {r["step"]: r["note"] for r in rows if r["status"] == "skipped"}
+    assert {"precisions bf16", "precisions fp16", "cuda-graphs", "zero-fp16", "nccl"} <= set(skipped)
+    assert all(skipped.values())
+    assert ("launch", "eager fp32, fork") in ran and ("launch", "eager fp32, exec") in ran
+    stored = [r for (step, _), r in ran.items() if step == "dtypes"]
+    assert sorted(r["weights"] for r in stored) == ["bf16->fp32", "fp32->fp32"]
+    assert "| step | cell | status |" in proc.stdout
