@@ -157,7 +157,7 @@ def cell_options(f):
 
 def _cells_from_options(reg, grid_file, tasks, backends, models, datas, columns, shard, micro_batch, settings,
                         on_grid=None):
-    """The checked cells of the grid the options describe, and whether micro-batches are searched.
+    """The checked cells of the grid the options describe, whether micro-batches are searched, and the grid.
 
     ``on_grid(grid)`` may adjust the grid before its cells are expanded (``run``'s launcher settings).
     """
@@ -187,11 +187,16 @@ def _cells_from_options(reg, grid_file, tasks, backends, models, datas, columns,
     from ftbench.harness.grid.preflight import check_cells
 
     check_cells(reg, cells)  # names, options, settings, data, seq_len, batch: before anything is written
-    return cells, micro == "auto"
+    return cells, micro == "auto", grid
 
 
 @main.command("run")
 @cell_options
+@click.option("--order", type=click.Choice(["interleaved", "sequential"]),
+              help="Repeats round-robin over the cells (interleaved, default) or back to back (sequential).")
+@click.option("--profile", "profile_steps", flag_value=3, default=None, type=int,
+              help="After each cell's training and evaluation, trace 3 more steps with torch.profiler: a Chrome "
+                   "trace per rank in OUT/traces and a per-phase breakdown in the record.")
 @click.option("--launcher", "launcher_kind", type=click.Choice(["local", "slurm"]), default=None,
               help="Where cells run: here (local, default) or as Slurm jobs (slurm).")
 @click.option("--slurm-partition", help="Slurm partition for the jobs (--launcher slurm).")
@@ -207,7 +212,10 @@ def run_cmd(grid_file, tasks, backends, models, datas, columns, out, force, fail
             **settings):
     """Run a grid of cells and append their records to OUT/results.jsonl.
 
-    With no arguments, runs the embedded default grid.
+    With no arguments, runs the embedded default grid.  Exit status: 0 done;
+    1 a cell failed under --fail-fast; 2 bad input, nothing run; 3 a finished
+    record could not be written to OUT (kept elsewhere, the message says
+    where); 128+N stopped by signal N.
     """
     from ftbench.harness.registry import Registry
     from ftbench.harness.running.progress import RunView
@@ -219,11 +227,10 @@ def run_cmd(grid_file, tasks, backends, models, datas, columns, out, force, fail
 
     def on_grid(grid):
         where["slurm"] = _slurm_options(grid, slurm_cli)
-        where["nodes"] = grid.settings.get("launcher") or {}
 
-    cells, search = _cells_from_options(reg, grid_file, tasks, backends, models, datas, columns, shard,
-                                        micro_batch, settings, on_grid)
-    slurm, nodes = where["slurm"], where["nodes"]
+    cells, search, grid = _cells_from_options(reg, grid_file, tasks, backends, models, datas, columns, shard,
+                                              micro_batch, settings, on_grid)
+    slurm, nodes = where["slurm"], grid.settings.get("launcher") or {}
     if slurm is not None:
         from ftbench.harness.running.slurm import check_slurm
 
@@ -233,21 +240,31 @@ def run_cmd(grid_file, tasks, backends, models, datas, columns, out, force, fail
         check_slurm(slurm)
     follower = int(nodes.get("nnodes", 1) or 1) > 1 and int(nodes.get("node_rank", 0) or 0) > 0
     out = out or _default_out()
+    from ftbench.harness.results.recovery import check_free_space
+
+    if not follower:
+        check_free_space(out, cells)
     view = RunView(_console(), len(cells), out, follower=follower)
     _install_sigterm()
-    summary = _execute(reg, cells, out, view, slurm, nodes, force, fail_fast, search)
+    summary = _execute(reg, cells, out, view, (slurm, nodes, grid.order, search), force, fail_fast)
     view.finish(summary)
     bad = [r for r in summary.records if r["status"] not in ("ok", "skipped")]
     sys.exit(1 if bad and fail_fast else 0)
 
 
-def _execute(reg, cells, out, view, slurm, nodes, force, fail_fast, search):
-    """Run the checked cells here (one node of several, maybe) or through Slurm; exit on an interruption."""
+def _execute(reg, cells, out, view, how, force, fail_fast):
+    """Run the checked cells here (one node of several, maybe) or through Slurm; exit on an interruption.
+
+    ``how`` is (Slurm options or None, multi-node settings, repeat order, micro-batch search).
+    """
     from ftbench.harness.running.driver import run_cells
     from ftbench.harness.running.nodes import NodeLost
     from ftbench.harness.results.environment import collect
     from ftbench.harness.results.parity import annotate_parity
+    from ftbench.harness.results.recovery import EXIT_RESULTS_NOT_WRITTEN, ResultsNotWritten
+    from rich.markup import escape
 
+    slurm, nodes, order, search = how
     try:
         if slurm is not None:
             from ftbench.harness.running.slurm import run_cells_slurm
@@ -255,13 +272,16 @@ def _execute(reg, cells, out, view, slurm, nodes, force, fail_fast, search):
             return run_cells_slurm(cells, out, collect(reg.pm), slurm, force=force, fail_fast=fail_fast,
                                    progress=view.event, annotate=annotate_parity)
         return run_cells(cells, out, collect(reg.pm), force=force, fail_fast=fail_fast, progress=view.event,
-                         annotate=annotate_parity, registry=reg, search_micro_batch=search, nodes=nodes)
+                         annotate=annotate_parity, registry=reg, search_micro_batch=search, order=order, nodes=nodes)
     except KeyboardInterrupt as e:
         view.interrupted(out)
         sys.exit(128 + getattr(e, "signum", signal.SIGINT))
+    except ResultsNotWritten as e:
+        if view.status:
+            view.status.stop()
+        _console(stderr=True).print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
+        sys.exit(EXIT_RESULTS_NOT_WRITTEN)
     except NodeLost as e:
-        from rich.markup import escape
-
         _console(stderr=True).print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
         sys.exit(1)
 
@@ -284,8 +304,8 @@ def plan_cmd(grid_file, tasks, backends, models, datas, columns, shard, micro_ba
     from ftbench.harness.results.plan_view import plan_json, print_plans
 
     reg = Registry.load()
-    cells, search = _cells_from_options(reg, grid_file, tasks, backends, models, datas, columns, shard,
-                                        micro_batch, settings)
+    cells, search, _ = _cells_from_options(reg, grid_file, tasks, backends, models, datas, columns, shard,
+                                           micro_batch, settings)
     seen, plans = set(), []
     for cell in cells:
         if (cell.cell_id) in seen:
@@ -408,24 +428,87 @@ def report_cmd(result_dir, out, quiet, loss_x):
 @click.argument("base_dir", type=click.Path(file_okay=False))
 @click.argument("new_dir", type=click.Path(file_okay=False))
 @click.option("--threshold", "thresholds", multiple=True, metavar="FIGURE=VALUE",
-              help="Smallest relative change that counts, per figure (tokens_per_s, step_time_s, "
-                   "peak_memory_bytes, metric), e.g. tokens_per_s=5% (repeatable).")
-@click.option("--alpha", type=float, default=None, help="Significance level of the rank test on step times "
-                                                        "(with repeats; default 0.01).")
+              help="Smallest relative change that counts, per figure (speed, peak_memory_bytes, metric), "
+                   "e.g. speed=5% (repeatable; tokens_per_s and step_time_s mean speed).")
+@click.option("--thresholds-from", "calibration", type=click.Path(dir_okay=False),
+              help="Thresholds from a calibration file written by --calibrate on this machine.")
+@click.option("--calibrate", is_flag=True,
+              help="BASE and NEW are an A/A pair (the same grid run twice): write noise thresholds to -o FILE.")
+@click.option("-o", "--output", "output", type=click.Path(dir_okay=False), help="Calibration file to write.")
+@click.option("--alpha", type=float, default=None, help="Significance level of the rank test on repeats "
+                                                        "(used when enough repeats make it meaningful; default 0.01).")
 @click.option("--markdown", "markdown_file", type=click.Path(dir_okay=False), help="Also write Markdown here.")
-def compare_cmd(base_dir, new_dir, thresholds, alpha, markdown_file):
-    """Regressions between two result sets; exit status 1 when something regressed."""
+def compare_cmd(base_dir, new_dir, thresholds, calibration, calibrate, output, alpha, markdown_file):
+    """Regressions between two result sets; exit status 1 when something regressed.
+
+    With --calibrate, BASE and NEW are the same grid run twice on one machine,
+    and the noise they show becomes per-figure thresholds written to -o FILE.
+    """
     from ftbench.harness.results.compare import DEFAULT_ALPHA, compare_sets, parse_threshold, print_comparison
 
+    if calibrate:
+        _calibrate(base_dir, new_dir, output)
+        return
+    if output:
+        raise FtbenchError("-o/--output writes a calibration file and needs --calibrate; for a report of the "
+                           "comparison use --markdown FILE")
     th = dict(parse_threshold(t) for t in thresholds)
     if alpha is not None and not 0 < alpha < 1:
         raise FtbenchError(f"invalid --alpha {alpha}: must be between 0 and 1, e.g. 0.01")
-    cmp = compare_sets(base_dir, new_dir, th, DEFAULT_ALPHA if alpha is None else alpha)
+    cmp = compare_sets(base_dir, new_dir, th, DEFAULT_ALPHA if alpha is None else alpha, calibration)
     print_comparison(cmp, _console(), base_dir, new_dir)
     if markdown_file:
         with open(markdown_file, "a" if markdown_file == os.environ.get("GITHUB_STEP_SUMMARY") else "w") as f:
             f.write(cmp.markdown(base_dir, new_dir))
     sys.exit(EXIT_REGRESSION if cmp.regressions else 0)
+
+
+def _calibrate(a1, a2, output):
+    from ftbench.harness.results.calibrate import calibrate, write_calibration
+
+    if not output:
+        raise FtbenchError("--calibrate needs -o FILE, the calibration file to write "
+                           "(e.g. ftbench compare --calibrate A1 A2 -o thresholds.json)")
+    data = calibrate(a1, a2)
+    write_calibration(output, data)
+    con = _console()
+    for k, v in data["thresholds"].items():
+        con.print(f"{k}: largest A/A change {data['largest_aa_change'][k]:.1%} -> threshold {v:.1%}")
+    con.print(f"wrote {output} (machine: {data['machine'].get('cpu')}); use it with "
+              f"ftbench compare BASE NEW --thresholds-from {output}")
+
+
+# --------------------------------------------------------------- history
+
+
+@main.command("history")
+@click.argument("sets", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--out", default=None, help="Where to write Markdown, plots, HTML and history.sqlite (default history/).")
+@click.option("--threshold", "thresholds", multiple=True, metavar="FIGURE=VALUE",
+              help="Smallest level shift that counts, per figure, as for compare (repeatable).")
+@click.option("--thresholds-from", "calibration", type=click.Path(dir_okay=False),
+              help="Thresholds from a calibration file written by 'compare --calibrate'.")
+@click.option("--quiet", is_flag=True, help="Write the files without printing the table.")
+def history_cmd(sets, out, thresholds, calibration, quiet):
+    """Series of result sets over time, their change points and the commits where each began.
+
+    SETS are result set directories, or directories holding them. Exit status 1
+    when the newest point of a series is a regression.
+    """
+    from ftbench.harness.results.compare import parse_threshold
+    from ftbench.harness.results.historyreport import print_history, write_history
+
+    th = dict(parse_threshold(t) for t in thresholds)
+    h, files = write_history(sets, out, th, calibration)
+    con = _console()
+    if not quiet:
+        print_history(h, con)
+    con.print(f"wrote {files.markdown}, {files.html}, {files.db}")
+    for p in files.plots.values():
+        con.print(f"wrote {p}")
+    if h.regressions:
+        con.print(f"[bold red]the newest point regressed in {len(h.regressions)} series[/]")
+    sys.exit(EXIT_REGRESSION if h.regressions else 0)
 
 
 # ----------------------------------------------------------------- merge

@@ -16,10 +16,14 @@ from ftbench.harness.api import FtbenchError
 from ftbench.harness.running.cellproc import run_cell_process
 from ftbench.harness.running.nodes import NodeGroup, NodeLost, multi_node
 from ftbench.harness.grid.config import CellSpec
+from ftbench.harness.grid.expand import INTERLEAVED, order_repeats
 from ftbench.harness.results.record import build_record
+from ftbench.harness.results.recovery import ResultsNotWritten, keep_record, restore_into
 from ftbench.harness.results.store import append_record, finished_keys, read_records
 
 LOCK_FILE = ".ftbench.lock"
+#: Where ``--profile`` traces go inside a result set.
+TRACES_DIR = "traces"
 
 
 @dataclass
@@ -29,6 +33,8 @@ class RunSummary:
     interrupted: bool = False
     #: Unreadable lines of an existing results.jsonl (their cells are rerun).
     problems: list[str] = field(default_factory=list)
+    #: Records put back from a recovery set (kept there when an earlier run could not write them).
+    restored: int = 0
 
 
 def prepare_out_dir(out: str | os.PathLike) -> Path:
@@ -74,8 +80,11 @@ class OutputLock:
                 raise FtbenchError(f"another 'ftbench run' is writing to {self.path.parent}; wait for it to "
                                    "finish or pass a different --out") from None
             raise
-        os.ftruncate(self.fd, 0)
-        os.write(self.fd, str(os.getpid()).encode())
+        try:
+            os.ftruncate(self.fd, 0)
+            os.write(self.fd, str(os.getpid()).encode())  # for people; the flock is what counts
+        except OSError:
+            pass
         return self
 
     def __exit__(self, *exc):
@@ -85,10 +94,35 @@ class OutputLock:
         return False
 
 
+def _open_result_set(out_dir: Path, environment: dict) -> int:
+    """Write the environment and put back records an earlier run could not write; how many came back."""
+    try:
+        _write_atomic(out_dir / "environment.json", json.dumps(environment, indent=2, default=str))
+    except OSError as e:
+        raise FtbenchError(f"cannot write {out_dir / 'environment.json'} ({e.strerror or e}); free space there or "
+                           "pass --out on a writable file system with room (no cell has run)") from None
+    try:
+        return restore_into(out_dir)[0]
+    except OSError as e:
+        raise FtbenchError(f"cannot put the recovered records back into {out_dir} ({e.strerror or e}); free "
+                           "space there first (the recovered records stay where they are)") from None
+
+
+def _append_or_keep(out_dir: Path, record: dict, environment: dict, cell_id: str) -> None:
+    try:
+        append_record(out_dir, record)
+    except OSError as e:  # full disk, read-only or vanished --out: keep the record, stop cleanly
+        raise ResultsNotWritten(out_dir, e, keep_record(out_dir, record, environment), cell_id) from None
+
+
 def run_cells(cells: list[CellSpec], out: str | os.PathLike, environment: dict, *, force: bool = False,
               fail_fast: bool = False, progress=None, annotate=None, registry=None,
-              search_micro_batch: bool = False, nodes: dict | None = None) -> RunSummary:
+              search_micro_batch: bool = False, order: str = INTERLEAVED, nodes: dict | None = None) -> RunSummary:
     """Run every cell not already in ``out`` and append its record.
+
+    ``order`` arranges the repeats (:func:`~ftbench.harness.grid.expand.order_repeats`):
+    round-robin by default.  Each record keeps its place in that order
+    (``run_order``) next to its ``started_at``.
 
     ``progress`` receives events ``("start"|"end"|"skip"|"probe", index, total, spec, record)``;
     ``annotate(record, earlier_records)`` may add fields (e.g. loss parity)
@@ -96,11 +130,12 @@ def run_cells(cells: list[CellSpec], out: str | os.PathLike, environment: dict, 
     memory model's ``memory_predicted_bytes``; ``search_micro_batch`` first
     finds each cell's largest fitting micro-batch with probe cells
     (:mod:`ftbench.harness.running.fit`), once per cell for all its repeats
-    (single-node cells).  ``nodes`` holds the multi-node settings
-    (``nnodes``, ``node_rank``, ``master_addr``, ``master_port``): with
-    ``nnodes`` > 1 this driver is one node of the grid (:mod:`.nodes`), and
-    a node other than 0 writes nothing to ``out``.
+    (single-node cells).  ``nodes`` holds the multi-node settings (``nnodes``,
+    ``node_rank``, ``master_addr``, ``master_port``): with ``nnodes`` > 1 this
+    driver is one node of the grid (:mod:`.nodes`), and a node other than 0
+    writes nothing to ``out``.
     """
+    cells = order_repeats(cells, order)
     group = NodeGroup.from_launcher(nodes or {})
     reaper.become_subreaper()
     os.environ[reaper.DRIVER_PID_ENV] = str(os.getpid())  # before the first cell (or fork server) starts
@@ -112,8 +147,8 @@ def run_cells(cells: list[CellSpec], out: str | os.PathLike, environment: dict, 
         if group is not None:
             group.rendezvous(cells)  # before anything is written: a mismatched grid leaves no trace
         try:
-            search = (registry, {}) if search_micro_batch else None
-            _lead(cells, out_dir, environment, summary, force, fail_fast, progress, annotate, group, search)
+            _lead(cells, out_dir, environment, summary, force, fail_fast, progress, annotate, registry,
+                  search_micro_batch, order, group)
         finally:
             if group is not None:
                 group.stop_all()
@@ -121,17 +156,16 @@ def run_cells(cells: list[CellSpec], out: str | os.PathLike, environment: dict, 
     return summary
 
 
-def _lead(cells, out_dir, environment, summary, force, fail_fast, progress, annotate, group, search) -> None:
-    _write_atomic(out_dir / "environment.json", json.dumps(environment, indent=2, default=str))
+def _lead(cells, out_dir, environment, summary, force, fail_fast, progress, annotate, registry,
+          search_micro_batch, order, group) -> None:
+    summary.restored = _open_result_set(out_dir, environment)
+    if summary.restored and progress:
+        progress("note", 0, len(cells), None, f"put back {summary.restored} record(s) an earlier run kept")
     done = set() if force else finished_keys(out_dir)
     earlier = []
+    fits: dict = {}
     if (out_dir / "results.jsonl").exists():
-        existing = read_records(out_dir)
-        earlier = existing.records
-        summary.problems = existing.problems
-        if progress:
-            for problem in existing.problems:
-                progress("problem", 0, len(cells), None, problem)
+        earlier = _existing(out_dir, summary, progress, len(cells))
     total = len(cells)
     if progress:
         progress("warmup", 0, total, None, None)
@@ -149,25 +183,57 @@ def _lead(cells, out_dir, environment, summary, force, fail_fast, progress, anno
             continue
         if progress:
             progress("start", i, total, spec, None)
-        started = time.time()
         if spread:
-            outcome = run_cell_process(group.announce(k, spec, run=True), env_extra=group.cell_env(spec),
-                                       abort_if=group.leader_watch(k))
-            group.finished(k, outcome.status)
-            fit = None
+            spec, record = _measure_spread(spec, group, k, environment)
         else:
-            spec, outcome, fit = _run_fitted(spec, search, progress, i, total)
-        record = build_record(spec, outcome, environment, started)
-        record.update(memory_fields(search[0] if search else None, spec, fit))
+            spec, record = _measure(spec, out_dir, environment, registry, fits if search_micro_batch else None,
+                                    progress, i, total)
+        record["run_order"] = {"order": order, "position": i, "of": total}
         if annotate:
             annotate(record, earlier)
-        append_record(out_dir, record)
+        _append_or_keep(out_dir, record, environment, spec.cell_id)
         earlier.append(record)
         summary.records.append(record)
         if progress:
             progress("end", i, total, spec, record)
         if fail_fast and record["status"] not in ("ok", "skipped"):
             break
+
+
+def _measure(spec: CellSpec, out_dir: Path, environment: dict, registry, fits: dict | None, progress, i: int,
+             total: int) -> tuple[CellSpec, dict]:
+    """Run one cell (at its fitting micro-batch when ``fits`` searches them) and build its record."""
+    if spec.profile_steps:
+        spec = spec.with_(profile_dir=str((out_dir / TRACES_DIR).resolve()))
+    started = time.time()
+    spec, fit = _fit(registry, spec, fits, progress, i, total) if fits is not None else (spec, None)
+    outcome = _no_fit_outcome(fit) if fit and fit.micro_batch is None else run_cell_process(spec)
+    if fit and fit.micro_batch and outcome.status == "oom":
+        spec, outcome = _smaller(spec, fit, outcome)
+    record = build_record(spec, outcome, environment, started)
+    record.update(memory_fields(registry, spec, fit))
+    return spec, record
+
+
+def _measure_spread(spec: CellSpec, group, k: int, environment: dict) -> tuple[CellSpec, dict]:
+    """Node 0's share of multi-node cell ``k``, with the other nodes told to start theirs; its record."""
+    started = time.time()
+    outcome = run_cell_process(group.announce(k, spec, run=True), env_extra=group.cell_env(spec),
+                               abort_if=group.leader_watch(k))
+    group.finished(k, outcome.status)
+    record = build_record(spec, outcome, environment, started)
+    record.update(memory_fields(None, spec))
+    return spec, record
+
+
+def _existing(out_dir: Path, summary: RunSummary, progress, total: int) -> list[dict]:
+    """The records already in ``out_dir``; unreadable lines become the summary's problems."""
+    existing = read_records(out_dir)
+    summary.problems = existing.problems
+    if progress:
+        for problem in existing.problems:
+            progress("problem", 0, total, None, problem)
+    return existing.records
 
 
 def _follow(cells, group, progress) -> RunSummary:
@@ -199,18 +265,6 @@ def _follow(cells, group, progress) -> RunSummary:
         group.close()
         group.say_bye()
     return summary
-
-
-def _run_fitted(spec, search, progress, i: int, total: int):
-    """A single-node cell, at its largest fitting micro-batch when ``search`` (registry, fits) is given."""
-    if search is None:
-        return spec, run_cell_process(spec), None
-    registry, fits = search
-    spec, fit = _fit(registry, spec, fits, progress, i, total)
-    outcome = _no_fit_outcome(fit) if fit.micro_batch is None else run_cell_process(spec)
-    if fit.micro_batch and outcome.status == "oom":
-        spec, outcome = _smaller(spec, fit, outcome)
-    return spec, outcome, fit
 
 
 def _fit(registry, spec: CellSpec, fits: dict, progress, i: int, total: int):
