@@ -238,11 +238,18 @@ class BackendSpec:
     ``data_parallel`` says the engine uses ``--nproc`` ranks.  ``reference``
     marks a backend whose loss curve others are checked against for parity
     (see :mod:`ftbench.harness.results.parity`); the grid runs reference cells first.
+    ``preload`` names modules worth importing once in the fork server that
+    every cell (and every rank) is forked from, as :attr:`ModelPreset.preload`
+    does: the backend's library, its distributed modules.  A module listed
+    here must be safe to import before a fork: no device, no threads, no
+    accelerator choice that depends on the cell; a module that decides it is
+    not safe here may simply import nothing.
 
     Example::
 
         BackendSpec("zero2", engine=DeepSpeedEngine, defaults={"stage": 2},
-                    preset_of="deepspeed", data_parallel=True)
+                    preset_of="deepspeed", data_parallel=True,
+                    preload=("ftbench.plugins._deepspeed_preload",))
     """
 
     name: str
@@ -252,6 +259,7 @@ class BackendSpec:
     preset_of: str | None = None
     data_parallel: bool = False
     reference: bool = False
+    preload: tuple[str, ...] = ()
 
 
 class Engine:
@@ -301,6 +309,27 @@ class Engine:
                 allowed = ", ".join(sorted(cls.OPTIONS)) or "none"
                 raise FtbenchError(f"unknown option(s) {unknown} for this backend; allowed: {allowed}")
         return options
+
+    @classmethod
+    def prepare_once(cls, options: list[dict], device: str) -> None:
+        """Once per grid, before its first cell of this engine: do the one-off work
+        every cell would otherwise pay on its own, such as building native ops.
+
+        Runs in a process of its own (forked like a cell), so a crash here
+        costs nothing but a warning; its time is shown as a progress line and
+        reported once per grid (``prepared`` in ``environment.json``), never
+        in a cell's ``setup_s``.  ``options`` holds the validated options of
+        the grid's cells of this engine, ``device`` is ``"cpu"`` or ``"cuda"``.
+        Work that should last beyond this grid belongs in a persistent cache
+        (``TORCH_EXTENSIONS_DIR`` is one per installation under ftbench's cache).
+
+        Example::
+
+            @classmethod
+            def prepare_once(cls, options, device):
+                if device == "cpu":
+                    build_my_cpu_kernels()  # JIT-compiled once, loaded by every cell
+        """
 
     @classmethod
     def memory_plan(cls, options: dict, world_size: int) -> "MemoryPlan":

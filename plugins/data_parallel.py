@@ -213,7 +213,9 @@ def materialize(skeleton, device, params: dict, buffers: dict):
 
 @hookimpl
 def register_backends(register):
-    register(BackendSpec("ddp", engine=DDPEngine, data_parallel=True,
+    # Usually imported with torch already; named so that the fork server keeps them warm if not.
+    warm = ("torch.nn.parallel", "torch.distributed.fsdp")
+    register(BackendSpec("ddp", engine=DDPEngine, data_parallel=True, preload=warm,
                          description="DistributedDataParallel across --nproc ranks (gloo on CPU, NCCL on CUDA)"))
     register(BackendSpec("fsdp", engine=FSDPEngine, defaults={"reshard_after_forward": True}, data_parallel=True,
-                         description="FSDP2 fully_shard per block across --nproc ranks"))
+                         preload=warm, description="FSDP2 fully_shard per block across --nproc ranks"))

@@ -115,6 +115,29 @@ class DeepSpeedEngine(Engine):
         return opts
 
     @classmethod
+    def prepare_once(cls, options: list, device: str) -> None:
+        """Build (first run) or load DeepSpeed's CPU ops once for the grid.
+
+        On the CPU accelerator every DeepSpeed process loads its shared-memory
+        communication op when its process group starts, and offload cells
+        load CPU Adam; both are JIT-compiled on first use (20-50 s here).
+        """
+        if device == "cuda":
+            return
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        import deepspeed.ops
+        from deepspeed.accelerator import get_accelerator
+
+        names = ["ShareMemCommBuilder"]
+        if any(o.get("offload", "none") != "none" for o in options):
+            names.append("CPUAdamBuilder")
+        for name in names:
+            builder = get_accelerator().create_op_builder(name)
+            # The condition DeepSpeed's own loader applies (deepspeed.comm.torch.build_shm_op).
+            if builder is not None and deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+                builder.load()
+
+    @classmethod
     def memory_plan(cls, options: dict, world_size: int) -> MemoryPlan:
         """The ZeRO paper's partitioning: stage 1 the optimizer states, 2 also the
         gradients, 3 also the weights.  Stages 1-3 keep an fp32 copy of each
@@ -316,7 +339,8 @@ def _merge(base: dict, extra: dict) -> dict:
 def register_backends(register):
     def spec(name, description, preset_of="deepspeed", **defaults):
         register(BackendSpec(name, engine=DeepSpeedEngine, defaults=defaults, description=description,
-                             preset_of=preset_of, data_parallel=True))
+                             preset_of=preset_of, data_parallel=True,
+                             preload=("ftbench.plugins._deepspeed_preload",)))
 
     spec("deepspeed", "DeepSpeed engine, ZeRO stage 0-3, optional CPU offload (options: stage, offload, "
          "offload_param, config, ds.KEY)", preset_of=None, stage=0, offload="none")

@@ -29,6 +29,7 @@ def all_backends_run() -> tuple[Path, str, list[dict]]:
     for b in BACKENDS:
         args += ["--backend", b]
     proc = ftbench(*args, "--nproc", "2", *RECIPE, "--out", out, env=WIDE, timeout=900, check=True)
+    (out.parent / "stderr.log").write_text(proc.stderr)  # what the user saw last (tests check for warnings)
     return out, proc.stdout, records(out)
 
 

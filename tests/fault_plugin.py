@@ -16,6 +16,10 @@ eager step and, at optimizer step ``N`` (0-based), does one of:
              cell, write its pid to ``pidfile``, then finish normally
 ``nan``      return a NaN loss (divergence)
 ``raise``    raise an ordinary exception
+
+``--backend fault-dp:kind=KIND,at_step=N,rank=R --nproc 2`` is the same on
+DDP, where only rank ``R`` misbehaves while the others wait for it in the
+gradient all-reduce.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import time
 from ftbench import hookimpl
 from ftbench.harness.api import BackendSpec, FtbenchError
 from ftbench.harness.engine import StandardEngine
+from ftbench.plugins.data_parallel import DDPEngine
 
 KINDS = ("none", "kill", "segv", "memhog", "memerror", "hang", "orphan", "nan", "raise")
 
@@ -55,6 +60,23 @@ class FaultEngine(StandardEngine):
         super().step()
         if getattr(self, "_fault_step", 0) >= 0:
             self._fault_step = getattr(self, "_fault_step", 0) + 1
+
+
+class RankFaultEngine(DDPEngine):
+    @classmethod
+    def validate_options(cls, options):
+        return FaultEngine.validate_options(options)
+
+    def forward_backward(self, batch, boundary):
+        loss = super().forward_backward(batch, boundary)
+        step = getattr(self, "_fault_step", 0)
+        if self.ctx.rank == int(self.options.get("rank", 1)) and step == int(self.options.get("at_step", 1)):
+            _do_fault(self.options)
+        return loss
+
+    def step(self):
+        super().step()
+        self._fault_step = getattr(self, "_fault_step", 0) + 1
 
 
 def _do_fault(options):
@@ -100,3 +122,6 @@ def _do_fault(options):
 def register_backends(register):
     register(BackendSpec("fault", engine=FaultEngine, defaults={"kind": "none", "at_step": 1},
                          description="test-only: a step that crashes, hangs, leaks or diverges on purpose"))
+    register(BackendSpec("fault-dp", engine=RankFaultEngine, data_parallel=True,
+                         defaults={"kind": "none", "at_step": 1, "rank": 1},
+                         description="test-only: DDP whose rank R crashes, hangs or leaks on purpose"))

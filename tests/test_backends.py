@@ -40,6 +40,12 @@ def test_backend_runs_a_tiny_generation_cell(run, backend):
     assert rec["peak_memory_bytes"] == max(m["host_peak_rss_bytes"] for m in per_rank)
 
 
+def test_a_grid_of_compile_and_deepspeed_cells_ends_without_leaked_semaphores(run):
+    out, _, _ = run
+    stderr = (out.parent / "stderr.log").read_text()
+    assert "leaked semaphore" not in stderr and "resource_tracker" not in stderr, stderr[-2000:]
+
+
 def test_all_backends_share_one_recipe_fingerprint(run):
     _, _, recs = run
     assert len({r["recipe_fingerprint"] for r in recs}) == 1

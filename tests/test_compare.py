@@ -3,6 +3,7 @@ memory and quality regressions, and refuse to compare different recipes."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -13,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from ftbench.harness.cli import main
-from ftbench.harness.results.compare import REGRESSION, UNCHANGED, judge, parse_threshold
+from ftbench.harness.results.compare import IMPROVEMENT, REGRESSION, UNCHANGED, judge, parse_threshold, smallest_p
 from ftbench.harness.api import FtbenchError
 from results_factory import ENV, make_record, modified, read, write_set
 
@@ -79,11 +80,13 @@ def test_a_result_set_against_itself_is_no_regression(real_sets, tmp_path):
     code, out = compare(base, base, "--markdown", tmp_path / "self.md")
     assert code == 0, out
     assert "0 regression(s)" in out
-    md = (tmp_path / "self.md").read_text()
-    header = next(line for line in md.splitlines() if line.startswith("|"))
-    assert "verdict" in [c.strip() for c in header.strip("|").split("|")]
-    assert "regression" not in md.split(header, 1)[1].lower().replace("0 regression", "")
-    assert "regression |" not in md
+    rows = [line.split("|") for line in (tmp_path / "self.md").read_text().splitlines() if line.startswith("|")]
+    header = [c.strip() for c in rows[0]]
+    verdicts = [c[header.index("verdict")].strip() for c in rows[2:]]
+    figures = [c[header.index("figure")].strip() for c in rows[2:]]
+    # one row per figure: speed (one verdict for throughput and step time), memory, the metric
+    assert figures == ["speed", "peak_memory_bytes", "perplexity ↓"], figures
+    assert verdicts == [UNCHANGED] * 3, verdicts
 
 
 def test_a_real_slowdown_is_a_regression(real_sets, tmp_path):
@@ -93,8 +96,11 @@ def test_a_real_slowdown_is_a_regression(real_sets, tmp_path):
     code, out = compare(base, slow, "--markdown", tmp_path / "c.md")
     assert code == 1, out
     md = (tmp_path / "c.md").read_text()
-    row = next(line for line in md.splitlines() if "tokens_per_s" in line and "eager" in line)
-    assert "regression" in row and "U test p=" in row and "ranges separate" in row, row
+    row = next(line for line in md.splitlines() if "| speed" in line and "eager" in line)
+    # the evidence is stated: two repeats per side, no rank test possible, the interval beyond the threshold
+    assert "regression" in row and "n=2/2: threshold and interval only" in row and "95% CI -" in row, row
+    assert "shift of the whole run" not in out  # one cell only
+    assert "step time)" in row and "step_time_s" not in md, row
     # and the other way round it is an improvement, not a regression
     code, out = compare(slow, base)
     assert code == 0 and "improvement" in out, out
@@ -159,8 +165,8 @@ def test_noise_alone_is_not_a_regression(tmp_path):
     # one repeat disturbed by a neighbour (2.5x slower): the median barely moves
     code, out = compare(base, run_set("n1", [0.021, 0.018, 0.050]))
     assert code == 0, out
-    # medians 14% apart, but the repeats overlap: within the machine's noise
-    code, out = compare(run_set("b2", [0.020, 0.021, 0.030]), run_set("n2", [0.024, 0.025, 0.019]))
+    # medians ~20% apart, but the repeats overlap: within the machine's noise
+    code, out = compare(run_set("b2", [0.020, 0.021, 0.030]), run_set("n2", [0.025, 0.026, 0.019]))
     assert code == 0 and "within noise" in out, out
 
 
@@ -168,11 +174,11 @@ def test_single_runs_are_judged_by_a_threshold_settable_per_figure(tmp_path):
     base = write_set(tmp_path / "b", [make_record(step_s=0.020, jitter=0)])
     new = write_set(tmp_path / "n", [make_record(step_s=0.021, jitter=0)])  # 5% slower
     code, out = compare(base, new)
-    assert code == 0 and "single run" in out, out
+    assert code == 0 and "n=1/1: threshold only" in out, out
     code, out = compare(base, new, "--threshold", "tokens_per_s=3%", "--threshold", "step_time=0.03")
     assert code == 1, out
-    res = CliRunner().invoke(main, ["compare", str(base), str(new), "--threshold", "speed=5%"])
-    assert res.exit_code == 2 and "tokens_per_s" in res.output
+    res = CliRunner().invoke(main, ["compare", str(base), str(new), "--threshold", "sped=5%"])
+    assert res.exit_code == 2 and "speed" in res.output
 
 
 def test_a_cell_that_now_fails_is_a_regression(tmp_path):
@@ -213,15 +219,64 @@ def test_bad_input_exits_2(tmp_path):
 
 
 def test_judge_rules():
-    # repeats: a large, separated and significant change is a regression
-    base_steps = [0.010 + 0.0001 * i for i in range(20)]
-    new_steps = [0.020 + 0.0001 * i for i in range(20)]
-    change, verdict, ev = judge([100, 101, 99], [50, 51, 49], True, 0.1, 0.01, base_steps, new_steps)
-    assert verdict == REGRESSION and change == pytest.approx(-0.5) and "p=" in ev
-    # overlapping ranges: no verdict, whatever the medians say
-    assert judge([100, 60, 99], [50, 101, 49], True, 0.1)[1] == UNCHANGED
+    # a large change whose whole interval lies beyond the threshold is a regression
+    j = judge([100, 101, 99], [50, 51, 49], True, 0.1)
+    assert j.verdict == REGRESSION and j.change == pytest.approx(-0.5)
+    assert j.interval[1] <= -0.1 and "n=3/3: threshold and interval only" in j.evidence and j.p_value is None
+    # the same medians, but repeats so spread that the interval reaches inside the threshold
+    j = judge([100, 60, 99], [50, 101, 49], True, 0.1)
+    assert j.verdict == UNCHANGED and j.interval[0] < -0.1 < j.interval[1] and "within noise" in j.evidence
     # below the minimum effect size: unchanged even if perfectly separated
-    assert judge([100, 100.5], [97, 97.5], True, 0.1)[1] == UNCHANGED
+    assert judge([100, 100.5], [97, 97.5], True, 0.1).verdict == UNCHANGED
+    # lower is better for step-like figures: growth is the regression
+    assert judge([10, 10.1, 9.9], [20, 20.2, 19.8], False, 0.1).verdict == REGRESSION
+    assert judge([20, 20.2, 19.8], [10, 10.1, 9.9], False, 0.1).verdict == IMPROVEMENT
+    # the rank test is used only once enough repeats can reach p < alpha
+    assert smallest_p(3, 3) == pytest.approx(0.1) and smallest_p(5, 5) < 0.01 < smallest_p(4, 4)
+    j = judge([100 + i for i in range(7)], [50 + i for i in range(7)], True, 0.1)
+    assert j.verdict == REGRESSION and j.p_value < 0.01 and "U test p=" in j.evidence
+    # separated by a rank test's standards but interleaved by one repeat: the U test vetoes
+    j = judge([100, 101, 102, 103, 104, 105, 60], [60, 61, 62, 63, 64, 65, 104], True, 0.1)
+    assert j.p_value is not None and j.verdict == UNCHANGED
     assert parse_threshold("memory=25%") == ("peak_memory_bytes", 0.25)
+    assert parse_threshold("step_time_s=30%") == parse_threshold("tokens_per_s=0.3") == ("speed", 0.3)
     with pytest.raises(FtbenchError):
         parse_threshold("tokens_per_s=lots")
+
+
+# ------------------------------------------------------------ calibration
+
+
+def _aa_pair(tmp_path, env=None):
+    def one(name, seed):
+        return write_set(tmp_path / name, [make_record(task=t, repeat=r, seed=seed, jitter=0.2, env=env,
+                                                       step_s=0.02 * (1 + 0.07 * ((r + seed) % 3 - 1)))
+                                           for t in ("generation", "classification") for r in range(3)])
+    return one("aa1", 1), one("aa2", 2)
+
+
+def test_calibration_writes_noise_thresholds_that_compare_reads(tmp_path):
+    a1, a2 = _aa_pair(tmp_path)
+    res = CliRunner().invoke(main, ["compare", "--calibrate", str(a1), str(a2), "-o", str(tmp_path / "t.json")])
+    assert res.exit_code == 0, res.output
+    data = json.loads((tmp_path / "t.json").read_text())
+    assert data["machine"]["cpu"] == "Test CPU" and set(data["thresholds"]) == {"speed", "peak_memory_bytes", "time_to_target",
+                                                                                   "metric"}
+    # the speed threshold covers the largest A/A move with a margin; memory and metric did not move
+    assert data["thresholds"]["speed"] >= 1.5 * data["largest_aa_change"]["speed"] > 0
+    assert data["thresholds"]["peak_memory_bytes"] == 0.01
+    code, out = compare(a1, a2, "--thresholds-from", tmp_path / "t.json")
+    assert code == 0 and "calibrated by" in out, out
+    # every cell slower alike: a regression, with a note that the whole run moved
+    slow = write_set(tmp_path / "slow", modified(read(a2), tokens_per_s=lambda r: r["tokens_per_s"] / 2))
+    code, out = compare(a1, slow)
+    assert code == 1 and "shift of the whole run" in " ".join(out.split()), out
+    # a set from another machine refuses the file, saying why
+    b1, _ = _aa_pair(tmp_path / "other", env=dict(ENV, cpu="Other CPU"))
+    res = CliRunner().invoke(main, ["compare", str(a1), str(b1), "--thresholds-from", str(tmp_path / "t.json")])
+    assert res.exit_code == 2 and "another machine" in res.output and "Other CPU" in res.output, res.output
+    # an A/A pair from two machines is no calibration
+    res = CliRunner().invoke(main, ["compare", "--calibrate", str(a1), str(b1), "-o", str(tmp_path / "x.json")])
+    assert res.exit_code == 2 and "one machine" in res.output
+    res = CliRunner().invoke(main, ["compare", "--calibrate", str(a1), str(a2)])
+    assert res.exit_code == 2 and "-o FILE" in res.output

@@ -4,6 +4,7 @@ leaves no process behind; multi-node settings reach torchrun intact."""
 from __future__ import annotations
 
 import inspect
+import json
 import textwrap
 import time
 import uuid
@@ -135,3 +136,93 @@ def test_multi_node_settings_apply_to_data_parallel_backends_only():
     by_backend = {c.backend: c for c in cells}
     assert by_backend["eager"].nproc == 1 and by_backend["eager"].launcher == {}
     assert by_backend["ddp"].nproc == 2 and by_backend["ddp"].launcher == launcher
+
+
+# ------------------------------------------------ ranks forked from the fork server
+
+
+def test_single_node_ranks_fork_unless_torchrun_is_asked_for_or_needed(monkeypatch):
+    from ftbench.harness.running import launch
+
+    monkeypatch.setattr(launch, "_server_cuda", False)
+    cpu = CellSpec(task="generation", backend="ddp", model="tiny-gpt2", nproc=2, device="cpu")
+    two_nodes = CellSpec(task="generation", backend="ddp", model="tiny-gpt2", nproc=2,
+                         launcher={"nnodes": 2, "node_rank": 0, "master_addr": "10.0.0.7", "master_port": 29511})
+    monkeypatch.delenv("FTBENCH_LAUNCH", raising=False)
+    assert launch.use_fork_server(cpu) and not launch.use_fork_server(two_nodes)
+    monkeypatch.setenv("FTBENCH_LAUNCH", "torchrun")
+    assert not launch.use_fork_server(cpu)
+    assert launch.use_fork_server(CellSpec(task="generation", backend="eager", model="tiny-gpt2"))
+    monkeypatch.delenv("FTBENCH_LAUNCH")
+    # A server that initialised CUDA cannot hand it to a forked child: CUDA cells fall back, with a warning.
+    monkeypatch.setattr(launch, "_server_cuda", True)
+    gpu = CellSpec(task="generation", backend="ddp", model="tiny-gpt2", nproc=2, device="cuda")
+    with pytest.warns(RuntimeWarning, match="torchrun"):
+        assert not launch.use_fork_server(gpu)
+    assert launch.use_fork_server(cpu)
+
+
+def test_forked_ranks_get_torchrun_s_environment():
+    from torch.distributed.rendezvous import _torchelastic_use_agent_store
+
+    from ftbench.harness.running.ranks import rank_env
+
+    env = rank_env(1, 2, 29600, {})
+    assert {k: env[k] for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK")} == \
+        {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "0"}
+    assert env["MASTER_PORT"] == "29600" and env["MASTER_ADDR"] == "127.0.0.1"
+    # torchrun sets one OpenMP thread per rank when the user did not choose.
+    assert env["OMP_NUM_THREADS"] == "1" and "OMP_NUM_THREADS" not in rank_env(1, 2, 29600, {"OMP_NUM_THREADS": "2"})
+    # The leader hosts the store; torch's env:// rendezvous must connect to it, not start its own.
+    import os
+
+    saved = os.environ.get("TORCHELASTIC_USE_AGENT_STORE")
+    os.environ["TORCHELASTIC_USE_AGENT_STORE"] = env["TORCHELASTIC_USE_AGENT_STORE"]
+    try:
+        assert _torchelastic_use_agent_store()
+    finally:
+        if saved is None:
+            del os.environ["TORCHELASTIC_USE_AGENT_STORE"]
+        else:
+            os.environ["TORCHELASTIC_USE_AGENT_STORE"] = saved
+
+
+def test_jit_extensions_get_a_directory_of_this_installation(monkeypatch, tmp_path):
+    from ftbench.harness.running.prepare import pin_extensions_dir
+
+    monkeypatch.setenv("FTBENCH_CACHE", str(tmp_path))
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    path = pin_extensions_dir()
+    assert path.startswith(str(tmp_path / "torch_extensions")) and pin_extensions_dir() == path
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/somewhere/else")  # the user's choice wins
+    assert pin_extensions_dir() == "/somewhere/else"
+
+
+@pytest.mark.slow
+def test_a_second_zero2_grid_pays_no_op_build_in_its_first_cell(tmp_path):
+    # The first run builds (or loads) DeepSpeed's CPU ops once, before its first cell, under the
+    # test cache; the second run's first cell then only loads them.
+    runs = []
+    for i in range(2):
+        out = tmp_path / f"out{i}"
+        ftbench("run", "--task", "generation", "--backend", "zero2", "--nproc", "2", *TINY, "--out", out, check=True)
+        (rec,) = records(out)
+        assert rec["status"] == "ok", rec["error"]
+        prepared = json.loads((out / "environment.json").read_text())["prepared"]
+        assert [p["status"] for p in prepared] == ["ok"]
+        runs.append(rec)
+    assert runs[1]["setup_phases"]["engine_s"] < 3.0, runs[1]["setup_phases"]
+
+
+def test_a_build_lock_left_by_a_killed_build_is_stale_and_a_fresh_one_is_not(tmp_path):
+    import os
+
+    from ftbench.harness.running.prepare import _stale
+
+    old, fresh = tmp_path / "cpu_adam" / "lock", tmp_path / "shm" / "lock"
+    for lock in (old, fresh):
+        lock.parent.mkdir()
+        lock.touch()
+    os.utime(old, (time.time() - 120, time.time() - 120))
+    # torch waits on such a lock forever: every later load of that op would hang.
+    assert _stale([old, fresh]) == [old]

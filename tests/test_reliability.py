@@ -368,3 +368,99 @@ def test_a_sigkilled_driver_takes_its_running_cell_with_it(tmp_path):
             os.killpg(run.pid, signal.SIGKILL)
     _assert_all_gone(procs, timeout=20)
     assert not (out / "results.jsonl").exists()
+
+
+# ---------------------------------------------- multi-rank cells (forked ranks)
+
+#: Multi-rank fault cells: rank 1 misbehaves at step 1 while rank 0 waits in DDP's all-reduce.
+RANK_FAULTS = ["segv", "kill", "memhog"]
+RANKS_MEMORY_LIMIT_MB = 2500  # above a healthy 2-rank cell's summed resident memory, far below memhog's
+
+
+def _marked(mark: str) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get("FTBENCH_TEST_MARK") == mark:
+                found.append(p)
+        except (psutil.Error, OSError):
+            continue
+    return found
+
+
+def _assert_nothing_marked_left(mark: str) -> None:
+    deadline = time.time() + 10
+    while _marked(mark) and time.time() < deadline:
+        time.sleep(0.2)
+    left = _marked(mark)
+    assert not left, f"processes left behind: {[(p.pid, p.cmdline()) for p in left]}"
+
+
+@pytest.fixture(scope="module")
+def rank_fault_grid(tmp_path_factory):
+    out = tmp_path_factory.mktemp("rank-faults") / "out"
+    mark = f"rank-faults-{os.getpid()}-{time.time()}"
+    backends = []
+    for kind in RANK_FAULTS:
+        backends += ["--backend", f"fault-dp:kind={kind},at_step=1,rank=1"]
+    proc = ftbench("run", "--task", "generation", *backends, "--nproc", 2, *TINY, "--memory-limit-mb",
+                   RANKS_MEMORY_LIMIT_MB, "--time-limit", 300, "--out", out,
+                   env={**FAULT_ENV, "FTBENCH_TEST_MARK": mark})
+    return proc, {r["backend"].split("kind=")[1].split(",")[0]: r for r in records(out)}, mark
+
+
+def test_forked_ranks_segfault_sigkill_and_memory_limit_fail_only_their_cell(rank_fault_grid):
+    proc, by_kind, mark = rank_fault_grid
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert sorted(by_kind) == sorted(RANK_FAULTS)
+    segv, kill, memhog = by_kind["segv"], by_kind["kill"], by_kind["memhog"]
+    assert all(r["nproc"] == 2 for r in by_kind.values())
+    # The rank that failed first gives the cell its status and message; its peer was killed, not blamed.
+    assert segv["status"] == "error" and "rank 1 of 2 died from signal SIGSEGV" in segv["error"]
+    # The faulting thread's frame, not that of another thread in the dump.
+    assert "Segmentation fault at File" in segv["error"] and "string_at" in segv["error"]
+    assert "fault_plugin.py" in segv["stderr_tail"]
+    # Rank 0 may notice its peer's death ("connection closed") and fail too: the cause is rank 1's SIGKILL.
+    assert kill["status"] == "error" and "rank 1 of 2 died from signal SIGKILL" in kill["error"]
+    # The limit covers the whole cell: the leader and both ranks.
+    assert memhog["status"] == "oom" and f"host memory limit of {RANKS_MEMORY_LIMIT_MB} MB" in memhog["error"]
+    assert memhog["memory_tree_peak_bytes"] > RANKS_MEMORY_LIMIT_MB * 2**20
+    _assert_nothing_marked_left(mark)
+
+
+def test_forked_ranks_hanging_past_the_time_limit_are_all_killed(tmp_path):
+    out, mark = tmp_path / "out", f"rank-hang-{os.getpid()}-{time.time()}"
+    proc = ftbench("run", "--task", "generation", "--backend", "fault-dp:kind=hang,at_step=1,rank=1", "--nproc", 2,
+                   *TINY, "--time-limit", 8, "--out", out, env={**FAULT_ENV, "FTBENCH_TEST_MARK": mark})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (rec,) = records(out)
+    assert rec["status"] == "timeout" and "time limit of 8 s" in rec["error"]
+    _assert_nothing_marked_left(mark)
+
+
+def test_ctrl_c_during_a_multi_rank_cell_stops_every_rank_and_resumes(tmp_path):
+    out = tmp_path / "out"
+    # The second cell trains long enough for the interrupt to land while its ranks run.
+    args = ["run", "--task", "generation", "--backend", "ddp", "--nproc", 2, "--model", "tiny-gpt2", "--model",
+            "tiny-llama", *TINY, "--steps", "120", "--out", out]
+    proc = _start(args)
+    try:
+        # A whole line: a record read while it is being appended would compare as changed.
+        _wait_for(lambda: _n_lines(out) >= 1 and (out / "results.jsonl").read_bytes().endswith(b"\n"), 240,
+                  "the first record", proc)
+        first = (out / "results.jsonl").read_bytes()
+        _wait_for(lambda: len(_descendants(proc.pid)) >= 4, 60, "the second cell's ranks", proc)
+        procs = _descendants(proc.pid)
+        os.killpg(proc.pid, signal.SIGINT)
+        text, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, text
+    assert (out / "results.jsonl").read_bytes() == first
+    _assert_all_gone(procs)
+    again = ftbench(*args, env=FAULT_ENV)
+    assert again.returncode == 0, again.stdout + again.stderr
+    rr = read_records(out)
+    assert [r["model"] for r in rr.records] == ["tiny-gpt2", "tiny-llama"]
+    assert all(r["status"] == "ok" and r["nproc"] == 2 for r in rr.records), [r["error"] for r in rr.records]

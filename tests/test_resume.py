@@ -151,3 +151,47 @@ def test_a_real_interrupted_run_resumes_where_it_stopped(tmp_path):
     recs = read(out)
     assert sorted(r["repeat"] for r in recs) == [0, 1]
     assert recs[0]["started_at"] == first[0]["started_at"]  # the finished cell was not rerun
+
+
+def test_repeats_run_round_robin_by_default_and_back_to_back_on_request(cells, tmp_path, monkeypatch):
+    ids = list(dict.fromkeys(c.cell_id for c in cells))
+    runner = FakeRunner(interrupt_at=len(ids) + 1)  # stopped early in the second round
+    monkeypatch.setattr(driver, "run_cell_process", runner)
+    with pytest.raises(KeyboardInterrupt):
+        driver.run_cells(cells, tmp_path / "rr", ENV)
+    # every cell's first repeat before any cell's second, in the grid's order
+    assert runner.ran == [(cid, 0) for cid in ids] + [(ids[0], 1)]
+    resumed = FakeRunner()
+    monkeypatch.setattr(driver, "run_cell_process", resumed)
+    driver.run_cells(cells, tmp_path / "rr", ENV)
+    assert resumed.ran == [(cid, 1) for cid in ids[1:]]
+    recs = read(tmp_path / "rr")
+    # the record shows the order: start times and positions follow the round-robin
+    assert [r["run_order"]["position"] for r in recs] == list(range(1, len(ids) + 2)) + list(
+        range(len(ids) + 2, 2 * len(ids) + 1))
+    assert all(r["run_order"]["order"] == "interleaved" for r in recs)
+    starts = [r["started_at"] for r in recs]
+    assert starts == sorted(starts)
+    # a shard holds all repeats of its cells and interleaves them too
+    shard = FakeRunner()
+    monkeypatch.setattr(driver, "run_cell_process", shard)
+    mine = select_shard(cells, "1/2")
+    driver.run_cells(mine, tmp_path / "s1", ENV)
+    sid = list(dict.fromkeys(c.cell_id for c in mine))
+    assert shard.ran == [(c, 0) for c in sid] + [(c, 1) for c in sid]
+
+    seq = FakeRunner()
+    monkeypatch.setattr(driver, "run_cell_process", seq)
+    driver.run_cells(cells, tmp_path / "seq", ENV, order="sequential")
+    assert seq.ran == [(cid, r) for cid in ids for r in (0, 1)]
+
+
+def test_order_is_a_grid_key_and_a_flag(tmp_path):
+    p = tmp_path / "g.yaml"
+    p.write_text(GRID + "order: sequential\n")
+    assert build_grid(str(p), {}, {}).order == "sequential"
+    assert build_grid(str(p), {}, {"order": "interleaved"}).order == "interleaved"
+    assert build_grid(None, {"task": ["generation"]}, {}).order == "interleaved"
+    p.write_text(GRID + "order: random\n")
+    res = CliRunner().invoke(main, ["run", "--grid", str(p), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "order must be one of interleaved, sequential" in res.output

@@ -139,3 +139,31 @@ def test_bad_targets_exit_2_before_any_cell_runs(tmp_path, args, phrases):
     for phrase in phrases:
         assert phrase in proc.stderr
     assert not (out / "results.jsonl").exists()
+
+
+def _ttq_record(repeat, reached, t):
+    from results_factory import make_record
+
+    r = make_record(repeat=repeat)
+    r.update(target={"metric": "perplexity", "value": 20.0, "higher_is_better": False, "text": "perplexity=20"},
+             target_reached=reached, time_to_target_s=t if reached else None, steps_to_target=10 if reached else None)
+    return r
+
+
+def test_compare_flags_a_target_no_longer_reached_and_judges_the_time_to_it(tmp_path):
+    from results_factory import write_set
+
+    from ftbench.harness.results.compare import REGRESSION, UNCHANGED, compare_sets
+
+    base = write_set(tmp_path / "base", [_ttq_record(i, True, 10.0 + i * 0.1) for i in range(3)])
+    missed = write_set(tmp_path / "missed", [_ttq_record(i, False, None) for i in range(3)])
+    same = write_set(tmp_path / "same", [_ttq_record(i, True, 10.05 + i * 0.1) for i in range(3)])
+    slower = write_set(tmp_path / "slower", [_ttq_record(i, True, 20.0 + i * 0.1) for i in range(3)])
+
+    def ttq_row(new):
+        return next(r for r in compare_sets(base, new).rows if r.figure == "time_to_target")
+
+    row = ttq_row(missed)
+    assert row.verdict == REGRESSION and "no longer reached" in row.evidence and "3/3 -> 0/3" in row.evidence
+    assert ttq_row(same).verdict == UNCHANGED
+    assert ttq_row(slower).verdict == REGRESSION and ttq_row(slower).change > 0.9

@@ -83,6 +83,7 @@ class Cell:
         self.out["setup_s"] = time.time() - self.t_launch
         self.train()
         self.evaluate()
+        self.profile()
         return self.out
 
     # ------------------------------------------------------------------ phases
@@ -284,6 +285,12 @@ class Cell:
                         eval_s=eval_s, eval_examples=min(self.spec.eval_examples, len(self.splits["validation"])),
                         backend_stats=self.engine.stats(), status="ok", error=None)
         self.out["memory_after_eval"] = memory_snapshot(self.device)
+
+    def profile(self) -> None:
+        """``--profile``: a traced run of extra steps, after everything measured (no-op otherwise)."""
+        from ftbench.harness.cell.profile import profile_after_training
+
+        self.out.update(profile_after_training(self.spec, self.engine, self.steps, self.device, self.rank))
 
 
 def run_cell(spec_dict: dict, result_dir: Path, t_launch: float | None = None) -> dict:

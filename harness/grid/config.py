@@ -189,6 +189,10 @@ class CellSpec:
     repeat: int = 0
     launcher: dict = field(default_factory=dict)
     device: str = "auto"
+    #: Extra steps profiled after training and evaluation (``--profile``; 0: off), and where the
+    #: traces go (the result set's ``traces/``, set by the driver).
+    profile_steps: int = 0
+    profile_dir: str | None = None
     #: Evaluate the held-out split every N optimizer steps (0: only after training).
     eval_every: int = 0
     #: Quality target, e.g. "perplexity=20" (see ftbench.harness.grid.targets).
@@ -205,7 +209,7 @@ class CellSpec:
     def identity(self) -> dict:
         """The configuration that defines the cell (no repeat index, no limits)."""
         d = self.to_dict()
-        for k in ("repeat", "time_limit_s", "memory_limit_mb", "launcher"):
+        for k in ("repeat", "time_limit_s", "memory_limit_mb", "launcher", "profile_steps", "profile_dir"):
             d.pop(k)
         d = _without_later_defaults(d, CellSpec)
         if self.nnodes > 1:

@@ -24,11 +24,12 @@ from ftbench.harness.grid.targets import check_grid_targets, target_for_task
 
 AXES = ("task", "backend", "model", "data")
 CELL_SETTINGS = ("nproc", "time_limit_s", "memory_limit_mb", "eval_examples", "device", "columns", "launcher",
-                 "eval_every", "stop_at_target")
+                 "eval_every", "stop_at_target", "profile_steps")
 #: Settings a grid may sweep as extra axes: the recipe, and the rank count.
 SWEEPABLE = tuple(RECIPE_FIELDS) + ("nproc", "eval_examples")
 #: Settings a ``per_cell`` rule may set: how a cell runs, never what it computes.
-PER_CELL_SETTINGS = ("time_limit_s", "memory_limit_mb", "eval_examples", "device", "launcher", "eval_every")
+PER_CELL_SETTINGS = ("time_limit_s", "memory_limit_mb", "eval_examples", "device", "launcher", "eval_every",
+                     "profile_steps")
 AUTO_MODEL = "auto"
 
 
@@ -48,6 +49,8 @@ class Grid:
     repeat: int = 1
     sweep: dict[str, list] = field(default_factory=dict)
     per_cell: list[dict] = field(default_factory=list)
+    #: How repeats are ordered when the grid runs (:func:`order_repeats`).
+    order: str = "interleaved"
     source: str | None = None
     #: Where the cells run: ``local`` (default) or ``slurm``, and the grid file's ``slurm:`` mapping.
     launcher: str | None = None
@@ -147,6 +150,30 @@ def reference_first(cells: list[CellSpec], registry) -> list[CellSpec]:
         return bool(getattr(registry.backend(parse_spec(cell.backend, "backend")[0]), "reference", False))
 
     return sorted(cells, key=lambda c: not is_ref(c))
+
+
+#: Orders in which the repeats of a grid run (``--order``).
+INTERLEAVED, SEQUENTIAL = "interleaved", "sequential"
+ORDERS = (INTERLEAVED, SEQUENTIAL)
+
+
+def order_repeats(cells: list[CellSpec], order: str = INTERLEAVED) -> list[CellSpec]:
+    """The cells in the order they run: round-robin over repeats, or back to back.
+
+    ``interleaved`` (the default) runs every cell's first repeat, then every
+    cell's second, and so on: each cell samples several moments of a noisy
+    machine, and every backend the same ones, so the spread of its repeats
+    shows run-to-run noise instead of one minute's mood.  ``sequential``
+    keeps a cell's repeats back to back.  Within a round the grid's order
+    holds (reference backends first, for loss parity).
+
+    Example: cells a0 a1 b0 b1 run as a0 b0 a1 b1 (interleaved).
+    """
+    if order not in ORDERS:
+        raise FtbenchError(f"invalid order {order!r}: use one of {', '.join(ORDERS)}")
+    if order == SEQUENTIAL:
+        return list(cells)
+    return sorted(cells, key=lambda c: c.repeat)  # stable: the grid's order within a round
 
 
 ALL = "all"

@@ -13,6 +13,7 @@ A grid file::
     per_cell:                           # cell settings for matching cells only
       - {match: {backend: compile}, time_limit: 30m}
     repeat: 1
+    order: interleaved                  # repeats round-robin (default), or sequential
 
 Command-line axes replace the file's axes; command-line settings override
 the file's settings, its sweeps and its ``per_cell`` rules for that key.
@@ -29,16 +30,17 @@ from pathlib import Path
 
 from ftbench.harness.api import FtbenchError
 from ftbench.harness.grid.config import RECIPE_FIELDS, Recipe
-from ftbench.harness.grid.expand import AXES, CELL_SETTINGS, PER_CELL_SETTINGS, SWEEPABLE, Grid
+from ftbench.harness.grid.expand import (AXES, CELL_SETTINGS, INTERLEAVED, ORDERS, PER_CELL_SETTINGS, SWEEPABLE,
+                                        Grid)
 
 DEFAULT_GRID = "default_grid.yaml"
-TOP_KEYS = set(AXES) | {"settings", "exclude", "repeat", "sweep", "time_limit", "per_cell", "target", "launcher",
-                        "slurm"}
+TOP_KEYS = set(AXES) | {"settings", "exclude", "repeat", "sweep", "time_limit", "per_cell", "target", "order",
+                        "launcher", "slurm"}
 LAUNCHERS = ("local", "slurm")
 SETTING_KEYS = set(RECIPE_FIELDS) | set(CELL_SETTINGS)
 _RECIPE_TYPES = typing.get_type_hints(Recipe)
 _CELL_TYPES = {"nproc": int, "time_limit_s": float, "memory_limit_mb": float, "eval_examples": int, "device": str,
-               "eval_every": int, "stop_at_target": bool}
+               "eval_every": int, "stop_at_target": bool, "profile_steps": int}
 
 
 def load_grid_text(text: str, name: str) -> dict:
@@ -129,9 +131,13 @@ def grid_from_dict(data: dict, name: str) -> Grid:
     repeat = data.get("repeat", 1)
     if not isinstance(repeat, int) or isinstance(repeat, bool) or repeat < 1:
         raise FtbenchError(f"grid file {name}: repeat must be an integer >= 1, got {repeat!r}")
+    order = data.get("order", INTERLEAVED)
+    if order not in ORDERS:
+        raise FtbenchError(f"grid file {name}: order must be one of {', '.join(ORDERS)}, got {order!r}")
     launcher, slurm = _launcher(data, name)
     return Grid(axes=axes, settings=settings, exclude=exclude, repeat=repeat, sweep=sweep, per_cell=rules,
-                source=f"grid file {name}", targets=_targets(data, name), launcher=launcher, slurm=slurm)
+                order=order, source=f"grid file {name}", targets=_targets(data, name), launcher=launcher,
+                slurm=slurm)
 
 
 def _targets(data: dict, name: str) -> list[str]:
@@ -266,6 +272,9 @@ def build_grid(grid_file: str | None, cli_axes: dict, overrides: dict) -> Grid:
         if repeat < 1:
             raise FtbenchError(f"invalid --repeat {repeat}: must be >= 1")
         grid.repeat = repeat
+    order = overrides.pop("order", None)
+    if order is not None:
+        grid.order = order
     grid.settings.update(overrides)
     # A command-line value is final: it replaces a sweep and any per-cell rule for that key.
     for key in overrides:

@@ -6,19 +6,27 @@ task, backend, model, data and ranks still match one-to-one, and then the
 *recipe fingerprint* decides: a different recipe computes something else,
 so no verdict is given, only the reason.
 
-For each pair, four figures: throughput (``tokens_per_s``), median step
-time, peak memory and the task's primary metric (in its own direction).
-The verdict must survive a noisy machine (DESIGN §7: 2 shared cores):
+For each pair, three figures: **speed** (one verdict: throughput, with the
+step time derived from the same ratio so the two cannot disagree), peak
+memory and the task's primary metric (in its own direction).  The unit of
+evidence is the *repeat* (one process): the steps of one process share its
+machine state and are not independent samples, so pooling them makes
+p-values absurdly small (pseudo-replication).  Per figure:
 
-* **with repeats** on both sides (``--repeat K``, K >= 2) a change counts only
-  when (1) the medians of the per-repeat figures differ by at least the
-  figure's threshold, (2) the per-repeat ranges do not overlap, and
-  (3) for the speed figures, a Mann-Whitney U test on the steady-state
-  per-step times of all repeats gives p < alpha.  (1) ignores changes too
-  small to matter, (2) one disturbed run, (3) a difference the step-time
-  distributions do not support.
-* **single runs** can only be judged against the threshold; the evidence
-  column says so, and ``--repeat`` is the cure.
+* the per-repeat values of each side and their medians; the change is the
+  ratio of the medians;
+* with two or more repeats per side, a bootstrap confidence interval of
+  that ratio (:func:`scipy.stats.bootstrap`, percentile, fixed seed); a
+  change counts only when the **whole interval lies beyond the threshold**;
+* a two-sided Mann-Whitney U test on the per-repeat values, but only when
+  enough repeats make it meaningful: its smallest attainable p-value,
+  ``2 / C(n+m, n)``, must lie below ``alpha`` (with 3/3 repeats it is 0.1,
+  so the test could never fire; 5/5 gives 0.008);
+* single runs are judged by the threshold alone.
+
+The evidence column says which of these was available (``n=3/3: threshold
+and interval only``).  Thresholds default to :data:`DEFAULT_THRESHOLDS` or
+come from an A/A calibration file (:mod:`ftbench.harness.results.calibrate`).
 """
 
 from __future__ import annotations
@@ -32,25 +40,29 @@ from ftbench.harness.results.format import fmt_bytes, fmt_num
 from ftbench.harness.results.resultset import (ResultSet, as_float, config_diff, environment_diff, load_result_set, repeat_of,
                         slot_of, variant_labels)
 
-#: Relative change below which a figure is "unchanged", per figure.  Speed on a
-#: shared CPU easily moves 5% between runs; memory (peak RSS) a few MB.
-DEFAULT_THRESHOLDS = {"tokens_per_s": 0.10, "step_time_s": 0.10, "peak_memory_bytes": 0.10, "metric": 0.02}
-ALIASES = {"throughput": "tokens_per_s", "tokens": "tokens_per_s", "tok/s": "tokens_per_s",
-           "step_time": "step_time_s", "step": "step_time_s", "memory": "peak_memory_bytes",
+#: Relative change below which a figure is "unchanged", per figure.  Speed is
+#: one figure (throughput; step time is its reciprocal).
+DEFAULT_THRESHOLDS = {"speed": 0.10, "peak_memory_bytes": 0.10, "metric": 0.02, "time_to_target": 0.15}
+ALIASES = {"tokens_per_s": "speed", "step_time_s": "speed", "throughput": "speed", "tokens": "speed",
+           "tok/s": "speed", "step_time": "speed", "step": "speed", "memory": "peak_memory_bytes",
            "peak_memory": "peak_memory_bytes", "mem": "peak_memory_bytes", "quality": "metric",
-           "accuracy": "metric"}
+           "accuracy": "metric", "time_to_target_s": "time_to_target", "ttt": "time_to_target"}
 DEFAULT_ALPHA = 0.01
+#: Confidence level of the interval of the ratio of medians.
+CONFIDENCE = 0.95
+#: Bootstrap resamples; the seed is fixed so that a comparison is reproducible.
+RESAMPLES = 4999
 REGRESSION, IMPROVEMENT, UNCHANGED, REFUSED = "regression", "improvement", "unchanged", "refused"
 
 
 def parse_threshold(text: str) -> tuple[str, float]:
-    """``"tokens_per_s=5%"`` / ``"memory=0.2"`` -> ``("tokens_per_s", 0.05)`` / ``("peak_memory_bytes", 0.2)``."""
+    """``"tokens_per_s=5%"`` / ``"memory=0.2"`` -> ``("speed", 0.05)`` / ``("peak_memory_bytes", 0.2)``."""
     key, eq, value = text.partition("=")
     key = ALIASES.get(key.strip(), key.strip())
     if not eq or key not in DEFAULT_THRESHOLDS:
         raise FtbenchError(f"invalid --threshold {text!r}: write FIGURE=VALUE with FIGURE one of "
                            f"{', '.join(DEFAULT_THRESHOLDS)} (or {', '.join(sorted(ALIASES))}), "
-                           "VALUE a fraction or a percentage, e.g. --threshold tokens_per_s=5%")
+                           "VALUE a fraction or a percentage, e.g. --threshold speed=5%")
     value = value.strip()
     try:
         v = float(value[:-1]) / 100 if value.endswith("%") else float(value)
@@ -76,6 +88,9 @@ class Row:
     evidence: str
     cell_id: str = ""
     unit: str = ""
+    #: Confidence interval of the relative change (ratio of medians - 1), when repeats allow one.
+    interval: tuple[float, float] | None = None
+    p_value: float | None = None
 
 
 @dataclass
@@ -95,6 +110,8 @@ class Comparison:
     only_new: list[str] = field(default_factory=list)
     thresholds: dict = field(default_factory=dict)
     alpha: float = DEFAULT_ALPHA
+    #: Where the thresholds came from ("defaults", a calibration file, ...).
+    threshold_source: str = "defaults"
 
     @property
     def regressions(self) -> list[Row]:
@@ -112,7 +129,7 @@ class Comparison:
 
         return pd.DataFrame([{
             "task": r.task, "cell": r.cell, "figure": r.figure, "base": _fmt_values(r.base, r.unit),
-            "new": _fmt_values(r.new, r.unit), "change": _fmt_change(r.change), "evidence": r.evidence,
+            "new": _fmt_values(r.new, r.unit), "change": _fmt_change(r.change, r.figure), "evidence": r.evidence,
             "verdict": r.verdict} for r in self.rows],
             columns=["task", "cell", "figure", "base", "new", "change", "evidence", "verdict"])
 
@@ -121,8 +138,10 @@ class Comparison:
         lines = [f"# ftbench compare", "", f"- base: `{base}`", f"- new: `{new}`",
                  f"- verdict: **{c[REGRESSION]} regression(s)**, {c[IMPROVEMENT]} improvement(s), "
                  f"{c[UNCHANGED]} unchanged, {c[REFUSED]} refused",
-                 f"- thresholds: " + ", ".join(f"{k} {v:.0%}" for k, v in self.thresholds.items())
-                 + f"; rank test alpha {self.alpha}", ""]
+                 f"- thresholds ({self.threshold_source}): "
+                 + ", ".join(f"{k} {v:.1%}" for k, v in self.thresholds.items())
+                 + f"; {CONFIDENCE:.0%} bootstrap interval of the ratio of medians must lie beyond the threshold;"
+                 f" rank test on repeats (alpha {self.alpha}) where enough repeats allow it", ""]
         if self.warnings or self.refused or self.only_base or self.only_new:
             lines += ["## Notes", ""]
             lines += [f"- warning: {w}" for w in self.warnings]
@@ -138,52 +157,101 @@ class Comparison:
 # ------------------------------------------------------------------ verdicts
 
 
+@dataclass
+class Judgement:
+    """The verdict on one figure and the evidence behind it."""
+
+    change: float | None
+    verdict: str
+    evidence: str
+    interval: tuple[float, float] | None = None
+    p_value: float | None = None
+
+
+def relative_change(base: float, new: float) -> float:
+    if base == new:
+        return 0.0
+    if base == 0 or math.isinf(base):
+        return math.copysign(math.inf, new - base)
+    return (new - base) / abs(base)
+
+
+def median_ratio_interval(base: list[float], new: list[float],
+                          confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Bootstrap interval of ``median(new) / median(base) - 1`` (both sides resampled independently).
+
+    Example: ``median_ratio_interval([100, 101, 99], [60, 61, 59])`` -> about ``(-0.42, -0.38)``.
+    """
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    def ratio(x, y, axis=-1):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.median(y, axis=axis) / np.median(x, axis=axis)
+
+    kw = dict(n_resamples=RESAMPLES, method="percentile", vectorized=True, confidence_level=confidence)
+    try:
+        res = bootstrap((np.asarray(base, float), np.asarray(new, float)), ratio, rng=np.random.default_rng(0), **kw)
+    except TypeError:  # scipy < 1.15 names the generator random_state
+        res = bootstrap((np.asarray(base, float), np.asarray(new, float)), ratio,
+                        random_state=np.random.default_rng(0), **kw)
+    lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
+    return lo - 1, hi - 1
+
+
+def smallest_p(n: int, m: int) -> float:
+    """Smallest two-sided p-value a Mann-Whitney U test on n and m values can give: ``2 / C(n+m, n)``."""
+    return min(1.0, 2 / math.comb(n + m, n))
+
+
 def judge(base: list[float], new: list[float], higher_is_better: bool, threshold: float,
-          alpha: float = DEFAULT_ALPHA, base_steps: list[float] | None = None,
-          new_steps: list[float] | None = None) -> tuple[float | None, str, str]:
-    """(relative change, verdict, evidence) for one figure.
+          alpha: float = DEFAULT_ALPHA) -> Judgement:
+    """The verdict on one figure from its per-repeat values.
 
-    ``base``/``new`` hold one figure per repeat; ``*_steps`` the pooled
-    steady-state step times behind a speed figure (enables the rank test).
+    A change counts when the median ratio moves by at least ``threshold``,
+    the whole confidence interval of that ratio lies beyond the threshold,
+    and (where enough repeats make it meaningful) the rank test on the
+    repeats gives p < alpha.
 
-    Example: ``judge([100, 101, 99], [60, 61, 59], True, 0.1, base_steps=..., new_steps=...)``
-    -> ``(-0.4, "regression", "p=2e-06, ranges separate")``.
+    Example: ``judge([100, 101, 99], [60, 61, 59], True, 0.1).verdict == "regression"``
+    with evidence ``"n=3/3: threshold and interval only, 95% CI -41.6%..-38.4%"``.
     """
     base = [v for v in base if v is not None and not math.isnan(v)]
     new = [v for v in new if v is not None and not math.isnan(v)]
     if not base or not new:
-        return None, UNCHANGED, "no figure on one side"
-    mb, mn = statistics.median(base), statistics.median(new)
-    if mb == mn:
-        change = 0.0
-    elif mb == 0 or math.isinf(mb):
-        change = math.copysign(math.inf, mn - mb)
-    else:
-        change = (mn - mb) / abs(mb)
+        return Judgement(None, UNCHANGED, "no figure on one side")
+    change = relative_change(statistics.median(base), statistics.median(new))
     worse = change < 0 if higher_is_better else change > 0
     big = abs(change) >= threshold
-    if len(base) >= 2 and len(new) >= 2:
-        separated = max(new) < min(base) or min(new) > max(base)
-        evidence = [f"ranges {'separate' if separated else 'overlap'}"]
-        significant = True
-        if base_steps and new_steps and len(base_steps) >= 3 and len(new_steps) >= 3:
+    n = f"n={len(base)}/{len(new)}"
+    interval, p = None, None
+    if len(base) < 2 or len(new) < 2:
+        changed = big
+        evidence = [f"{n}: threshold only (±{threshold:.0%}); more --repeat gives an interval"]
+    elif math.isinf(change) or 0 in base:
+        changed, evidence = big, [f"{n}: threshold only (zero base)"]
+    else:
+        interval = median_ratio_interval(base, new)
+        lo, hi = interval
+        beyond = lo >= threshold or hi <= -threshold
+        floor = smallest_p(len(base), len(new))
+        if floor < alpha:
             from scipy.stats import mannwhitneyu
 
-            p = float(mannwhitneyu(base_steps, new_steps, alternative="two-sided").pvalue)
-            significant = p < alpha
-            evidence.insert(0, f"U test p={p:.1g}")
-        changed = big and separated and significant
-        evidence.append(f"n={len(base)}/{len(new)}")
-    else:
-        changed = big
-        evidence = [f"single run: threshold ±{threshold:.0%}"]
+            p = float(mannwhitneyu(base, new, alternative="two-sided").pvalue)
+            evidence = [f"{n}: U test p={p:.2g}"]
+            changed = big and beyond and p < alpha
+        else:
+            evidence = [f"{n}: threshold and interval only"]
+            changed = big and beyond
+        evidence.append(f"{CONFIDENCE:.0%} CI {lo:+.1%}..{hi:+.1%}")
     if not changed:
         verdict = UNCHANGED
         if big:
             evidence.append("within noise")
     else:
         verdict = REGRESSION if worse else IMPROVEMENT
-    return change, verdict, ", ".join(evidence)
+    return Judgement(change, verdict, ", ".join(evidence), interval, p)
 
 
 # ------------------------------------------------------------------ pairing
@@ -220,21 +288,28 @@ def _describe(r: dict) -> str:
     return f"{r.get('task')} × {r.get('backend')} × {r.get('model')}"
 
 
-def _steps(recs: list[dict]) -> list[float]:
-    out = []
-    for r in recs:
-        warm = int(((r.get("config") or {}).get("recipe") or {}).get("warmup", 0) or 0)
-        out += [float(t) for t in (r.get("step_times_s") or [])[warm:] if as_float(t) is not None]
-    return out
-
-
-def compare_sets(base_dir, new_dir, thresholds: dict | None = None, alpha: float = DEFAULT_ALPHA) -> Comparison:
+def compare_sets(base_dir, new_dir, thresholds: dict | None = None, alpha: float = DEFAULT_ALPHA,
+                 calibration: str | None = None) -> Comparison:
     """Compare two result directories.
 
-    Example: ``compare_sets("results/baseline-cpu", "runs/ci", {"tokens_per_s": 0.05})``.
+    ``calibration`` names a file written by ``compare --calibrate``: its
+    thresholds apply (``thresholds`` still override them), and it is refused
+    when either set comes from another machine.
+
+    Example: ``compare_sets("results/baseline-cpu", "runs/ci", {"speed": 0.05})``.
     """
     base, new = load_result_set(base_dir), load_result_set(new_dir)
+    source = "defaults"
+    if calibration:
+        from ftbench.harness.results.calibrate import read_calibration
+
+        calibrated = read_calibration(calibration, [base, new])
+        thresholds = {**calibrated, **(thresholds or {})}
+        source = f"calibrated by {calibration}" + (", overridden by --threshold" if thresholds != calibrated else "")
+    elif thresholds:
+        source = "defaults and --threshold"
     cmp = compare_result_sets(base, new, thresholds, alpha)
+    cmp.threshold_source = source
     cmp.warnings[:0] = [f"base: {p}" for p in base.problems] + [f"new: {p}" for p in new.problems]
     return cmp
 
@@ -280,6 +355,9 @@ def compare_result_sets(base: ResultSet, new: ResultSet, thresholds: dict | None
             continue
         note = config_diff(rb[0], rn[0]) if cb != cn else []
         cmp.rows += _compare_cell(label, task, cb, rb, rn, th, alpha, note)
+    shift = whole_run_shift(cmp.rows, th["speed"])
+    if shift:
+        cmp.warnings.append(shift)
     if pairs and all(r.verdict == REFUSED for r in cmp.rows):
         raise FtbenchError("nothing to compare: " + " | ".join(cmp.refused))
     if not pairs:
@@ -287,6 +365,22 @@ def compare_result_sets(base: ResultSet, new: ResultSet, thresholds: dict | None
                            f"{', '.join(sorted({_describe(r[0]) for r in b.values()}))}; {new.path} holds "
                            f"{', '.join(sorted({_describe(r[0]) for r in n.values()}))}")
     return cmp
+
+
+def whole_run_shift(rows: list[Row], threshold: float) -> str | None:
+    """A note when every cell's speed moved the same way beyond the threshold.
+
+    Two runs minutes apart can meet different machines (load from other
+    users); no statistic of one pair of runs can tell that from a change that
+    slows every cell alike, but the user should know to look.
+    """
+    changes = [r.change for r in rows if r.figure == "speed" and r.change is not None and math.isfinite(r.change)]
+    if len(changes) < 2 or not (all(c <= -threshold for c in changes) or all(c >= threshold for c in changes)):
+        return None
+    return (f"the speed of all {len(changes)} cells moved the same way ({min(changes):+.0%} to {max(changes):+.0%}): "
+            "a shift of the whole run, from a change that affects every cell or from the machine (other load, "
+            "clock, thermal state); an A/A calibration on this machine (compare --calibrate) tells how large "
+            "such shifts get by themselves")
 
 
 def _compare_cell(label, task, cid, rb, rn, th, alpha, note) -> list[Row]:
@@ -309,31 +403,58 @@ def _compare_cell(label, task, cid, rb, rn, th, alpha, note) -> list[Row]:
     if failed_n and len(rb) == len(ok_b):
         rows.append(Row(label, task, "status", [], [], None, REGRESSION,
                         f"{failed_n} of {len(rn)} repeats failed (none before){extra}", cid))
-    steps_b, steps_n = _steps(ok_b), _steps(ok_n)
     metric_b, metric_n = ok_b[0].get("metric"), ok_n[0].get("metric")
-    figures = [("tokens_per_s", "tokens_per_s", True, "tok/s", True),
-               ("step_time_s", "step_time_s", False, "s", True),
-               ("peak_memory_bytes", "peak_memory_bytes", False, "bytes", False)]
-    for key, figure, hib, unit, steps in figures:
-        change, verdict, ev = judge([as_float(r.get(key)) for r in ok_b], [as_float(r.get(key)) for r in ok_n],
-                                    hib, th[key], alpha, steps_b if steps else None, steps_n if steps else None)
-        rows.append(Row(label, task, figure, _clean(ok_b, key), _clean(ok_n, key), change, verdict, ev + extra,
-                        cid, unit))
+    figures = [("speed", "tokens_per_s", True, "tok/s"), ("peak_memory_bytes", "peak_memory_bytes", False, "bytes")]
+    for figure, key, hib, unit in figures:
+        vb, vn = _clean(ok_b, key), _clean(ok_n, key)
+        j = judge(vb, vn, hib, th[figure], alpha)
+        rows.append(Row(label, task, figure, vb, vn, j.change, j.verdict, j.evidence + extra, cid, unit,
+                        j.interval, j.p_value))
     if metric_b is not None or metric_n is not None:
         if metric_b != metric_n:
-            rows.append(Row(label, task, f"metric", [], [], None, REFUSED,
+            rows.append(Row(label, task, "metric", [], [], None, REFUSED,
                             f"primary metric changed ({metric_b} -> {metric_n})", cid))
         else:
             hib = ok_n[0].get("higher_is_better")
             if hib is None:
                 hib = ok_b[0].get("higher_is_better")
             arrow = "↑" if hib else "↓"
-            change, verdict, ev = judge([as_float(r.get("metric_value")) for r in ok_b],
-                                        [as_float(r.get("metric_value")) for r in ok_n], bool(hib), th["metric"],
-                                        alpha)
-            rows.append(Row(label, task, f"{metric_b} {arrow}", _clean(ok_b, "metric_value"),
-                            _clean(ok_n, "metric_value"), change, verdict, ev + extra, cid))
+            vb, vn = _clean(ok_b, "metric_value"), _clean(ok_n, "metric_value")
+            j = judge(vb, vn, bool(hib), th["metric"], alpha)
+            rows.append(Row(label, task, f"{metric_b} {arrow}", vb, vn, j.change, j.verdict, j.evidence + extra,
+                            cid, "", j.interval, j.p_value))
+    rows += _time_to_target_rows(label, task, cid, ok_b, ok_n, th, alpha, extra)
     return rows
+
+
+def _time_to_target_rows(label, task, cid, ok_b, ok_n, th, alpha, extra) -> list[Row]:
+    """Time to the quality target (docs/time-to-quality.md): reaching it is the first fact, its time the second.
+
+    A side "reached" its target when more than half its runs did (the report's
+    median rule); reaching it before and not now is a regression whatever the times.
+    """
+    tb = next((r["target"] for r in ok_b if r.get("target")), None)
+    tn = next((r["target"] for r in ok_n if r.get("target")), None)
+    if not tb and not tn:
+        return []
+    if (tb or {}).get("text") != (tn or {}).get("text"):
+        return [Row(label, task, "time_to_target", [], [], None, REFUSED,
+                    f"targets differ ({(tb or {}).get('text')} -> {(tn or {}).get('text')})", cid)]
+    hit_b = [r for r in ok_b if r.get("target_reached")]
+    hit_n = [r for r in ok_n if r.get("target_reached")]
+    reached_b, reached_n = 2 * len(hit_b) > len(ok_b), 2 * len(hit_n) > len(ok_n)
+    counts = f"reached in {len(hit_b)}/{len(ok_b)} -> {len(hit_n)}/{len(ok_n)} runs"
+    vb, vn = _clean(hit_b, "time_to_target_s"), _clean(hit_n, "time_to_target_s")
+    if reached_b != reached_n:
+        verdict = REGRESSION if reached_b else IMPROVEMENT
+        why = f"target {tb['text']} {'no longer' if reached_b else 'now'} reached ({counts}){extra}"
+        return [Row(label, task, "time_to_target", vb, vn, None, verdict, why, cid, "sec")]
+    if not reached_b:
+        return [Row(label, task, "time_to_target", vb, vn, None, UNCHANGED,
+                    f"target {tb['text']} reached on neither side ({counts}){extra}", cid, "sec")]
+    j = judge(vb, vn, False, th["time_to_target"], alpha)
+    return [Row(label, task, "time_to_target", vb, vn, j.change, j.verdict, f"{counts}; {j.evidence}{extra}", cid,
+                "sec", j.interval, j.p_value)]
 
 
 def _clean(recs, key) -> list[float]:
@@ -345,6 +466,8 @@ def _fmt_one(v: float, unit: str) -> str:
         return fmt_bytes(v)
     if unit == "s":
         return f"{fmt_num(v * 1e3)} ms"
+    if unit == "sec":
+        return f"{fmt_num(v)} s"
     return fmt_num(v)
 
 
@@ -357,11 +480,14 @@ def _fmt_values(vals: list[float], unit: str) -> str:
     return f"{med} [{_fmt_one(min(vals), unit)}–{_fmt_one(max(vals), unit)}]"
 
 
-def _fmt_change(change: float | None) -> str:
+def _fmt_change(change: float | None, figure: str = "") -> str:
     if change is None:
         return "-"
     if math.isinf(change):
         return "+inf" if change > 0 else "-inf"
+    if figure == "speed" and change > -1:
+        # Step time is the reciprocal of throughput for the same work: one figure, one verdict.
+        return f"{change:+.1%} tok/s ({1 / (1 + change) - 1:+.1%} step time)"
     return f"{change:+.1%}"
 
 
@@ -379,6 +505,8 @@ def print_comparison(cmp: Comparison, console, base: str, new: str) -> None:
         console.print(f"only in base: {escape(w)}")
     for w in cmp.only_new:
         console.print(f"only in new: {escape(w)}")
+    console.print("thresholds (" + escape(cmp.threshold_source) + "): "
+                  + ", ".join(f"{k} {v:.1%}" for k, v in cmp.thresholds.items()), soft_wrap=True)
     t = Table(title=f"ftbench compare: {base} -> {new}")
     for col in ("task", "cell", "figure", "base (median [min–max])", "new", "change", "evidence", "verdict"):
         t.add_column(escape(col), overflow="fold")

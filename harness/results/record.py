@@ -54,6 +54,7 @@ def build_record(spec: CellSpec, outcome: CellOutcome, environment: dict, starte
         "backend_stats": main.get("backend_stats") or {},
         "diverged_at_step": next((r.get("diverged_at_step") for r in ranks if "diverged_at_step" in r), None),
         "wall_s": outcome.wall_s,
+        "profile": _profile(ranks),
         "started_at": _dt.datetime.fromtimestamp(started_at, _dt.timezone.utc).isoformat(),
         "config": spec.to_dict(),
         "environment": {**environment, "device": main.get("device") or {}},
@@ -128,3 +129,15 @@ def _sum_or_none(values) -> float | None:
     if not values or any(v is None for v in values):
         return None
     return float(sum(values))
+
+
+def _profile(ranks: list[dict]) -> dict | None:
+    """Rank 0's phase breakdown of the profiled steps and every rank's trace (paths inside the result set)."""
+    profiled = [r for r in ranks if r.get("profile")]
+    if not profiled:
+        return None
+    main = dict(next((r for r in profiled if r.get("rank") == 0), profiled[0])["profile"])
+    main.pop("trace", None)
+    main["traces"] = {str(r.get("rank", 0)): f"traces/{r['profile']['trace']}" for r in profiled}
+    main["phases_s_per_rank"] = {str(r.get("rank", 0)): r["profile"].get("phases_s") for r in profiled}
+    return main

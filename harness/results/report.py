@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ftbench.harness.results.format import fmt_bytes, fmt_num
+from ftbench.harness.results.profiles import profile_html, profile_markdown, profile_rows
 from ftbench.harness.results.quality_report import plot_quality_vs_time, time_to_target_frame
 from ftbench.harness.results.resultset import ResultSet, as_float, load_result_set, repeat_of, variant_labels
 
@@ -334,7 +335,7 @@ PLOT_TITLES = {
 
 
 def render_html(rs: ResultSet, display, plots: dict[str, Path], out: Path, problems: list[str],
-                time_to_target=None) -> str:
+                time_to_target=None, extra: str = "") -> str:
     """The report page: the summary table and every plot, embedded so the file stands alone."""
     env = next((r.get("environment") for r in rs.records if r.get("environment")), {}) or {}
     versions = ", ".join(f"{k} {v}" for k, v in (env.get("versions") or {}).items() if v)
@@ -352,7 +353,7 @@ def render_html(rs: ResultSet, display, plots: dict[str, Path], out: Path, probl
     if time_to_target is not None:
         parts += ["<h2>Time to target</h2>", f"<p>{html.escape(TTT_NOTE)}</p>",
                   time_to_target.to_html(index=False, escape=True, border=0, classes="ttt")]
-    parts.append("<h2>Plots</h2>")
+    parts += [extra, "<h2>Plots</h2>"]
     for key, path in plots.items():
         data = base64.b64encode(path.read_bytes()).decode()
         rel = os.path.relpath(path, out)
@@ -409,6 +410,8 @@ def write_report(result_dir, out: str | os.PathLike | None = None, loss_x: str =
         md += ["## Time to target", "", TTT_NOTE, "", ttt.to_markdown(index=False), ""]
     if problems:
         md += ["## Warnings", ""] + [f"- {p}" for p in problems] + [""]
+    profiled = profile_rows(rs, out)
+    md += profile_markdown(profiled)
     ok = summary[summary["ok"] > 0] if len(summary) else summary
     if len(ok):
         rep.plots["throughput"] = plot_bars(ok, df, "tokens_per_s", "tokens/s (non-pad, global)",
@@ -424,7 +427,8 @@ def write_report(result_dir, out: str | os.PathLike | None = None, loss_x: str =
             rep.plots["quality_vs_time"] = vs_time
         md += ["## Plots", ""] + [f"![{PLOT_TITLES[k]}]({os.path.relpath(p, out)})" for k, p in rep.plots.items()]
     rep.markdown.write_text("\n".join(md) + "\n")
-    rep.html.write_text(render_html(rs, display, rep.plots, out, problems, ttt if len(ttt) else None))
+    rep.html.write_text(render_html(rs, display, rep.plots, out, problems, ttt if len(ttt) else None,
+                                    profile_html(profiled)))
     return rep, display
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import psutil
 
 from ftbench.harness.running import launch, reaper
+from ftbench.harness.running.ranks import first_failure
 from ftbench.harness.grid.config import CellSpec
 
 #: Exit code conventions of the worker: 0 finished (ok/diverged/skipped), 1 failed.
@@ -173,7 +174,8 @@ def run_cell_process(spec: CellSpec, env_extra: dict | None = None, abort_if=Non
             except ValueError:
                 continue
         stderr_tail = _tail(stderr_path)
-    status, error = _verdict(spec, proc.returncode, timed_out, watch.over_limit, ranks, stderr_tail)
+        culprit = first_failure(tmp)
+    status, error = _verdict(spec, proc.returncode, timed_out, watch.over_limit, ranks, stderr_tail, culprit)
     if aborted and status != "timeout":
         status, error = "error", aborted + (f" (first failure reported: {error})" if error else "")
     return CellOutcome(ranks=sorted(ranks, key=lambda r: r.get("rank", 0)), status=status, error=error,
@@ -214,26 +216,32 @@ def _tail(path: Path, n: int = 4000) -> str:
     return data[-n:].decode("utf-8", "replace")
 
 
-def _verdict(spec, returncode, timed_out, over_limit, ranks, stderr_tail) -> tuple[str, str | None]:
+def _verdict(spec, returncode, timed_out, over_limit, ranks, stderr_tail, culprit=None) -> tuple[str, str | None]:
     if timed_out:
         return "timeout", f"cell exceeded its time limit of {spec.time_limit_s:g} s and was killed"
     if over_limit:
         return "oom", (f"cell exceeded its host memory limit of {spec.memory_limit_mb:g} MB and was killed "
                        "(raise --memory-limit-mb or shrink the batch)")
-    # Ranks that wrote a file, earliest first: the first failure is the cause.
+    # Ranks that wrote a file, earliest first: the first failure is the cause.  But a rank that
+    # died without a word (a signal) came first when its leader saw it end first: its peers'
+    # errors ("connection closed by peer") are the consequence, not the cause.
     failed = [r for r in ranks if r.get("status") != "ok"]
+    if culprit and not any(r.get("rank") == culprit["rank"] for r in failed):
+        failed, returncode = [], culprit["exitcode"]
     if failed:
         first = failed[0]
         return first.get("status", "error"), first.get("error")
     if returncode != 0 or not ranks:
+        # A forked multi-rank cell knows which rank ended it (torchrun's ranks say so in the log).
+        who = f"rank {culprit['rank']} of {culprit['nproc']}" if culprit else "cell process"
         if returncode is not None and returncode < 0:
             name = signal.Signals(-returncode).name
             status = "oom" if name == "SIGKILL" and _looks_oom(stderr_tail) else "error"
             # A SIGKILL nobody in ftbench sent is most often the kernel's out-of-memory killer.
             hint = " (killed from outside ftbench: if the host ran out of memory, dmesg says so)" \
                 if name == "SIGKILL" else ""
-            return status, f"cell process died from signal {name}{hint}" + _last_line(stderr_tail)
-        return "error", f"cell process exited with code {returncode} without a result" + _last_line(stderr_tail)
+            return status, f"{who} died from signal {name}{hint}" + _last_line(stderr_tail)
+        return "error", f"{who} exited with code {returncode} without a result" + _last_line(stderr_tail)
     if len(ranks) < max(1, spec.nproc):
         return "error", f"only {len(ranks)} of {spec.nproc} ranks reported a result" + _last_line(stderr_tail)
     return "ok", None
@@ -248,7 +256,9 @@ def _last_line(text: str) -> str:
     # faulthandler's dump ends with a list of extension modules; the fault and its frame say more.
     if "Fatal Python error:" in text:
         dump = text[text.rindex("Fatal Python error:"):].splitlines()
-        frame = next((ln.strip() for ln in dump if ln.strip().startswith("File ")), "")
+        # With several threads, the faulting one is the "Current thread" block.
+        start = next((i for i, ln in enumerate(dump) if ln.startswith("Current thread")), 0)
+        frame = next((ln.strip() for ln in dump[start:] if ln.strip().startswith("File ")), "")
         return f"; {dump[0].strip()[:200]}" + (f" at {frame[:300]}" if frame else "")
     lines = [ln for ln in text.strip().splitlines() if ln.strip()]
     return f"; last output: {lines[-1][:300]}" if lines else ""

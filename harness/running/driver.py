@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ftbench.harness.running import launch, reaper
+from ftbench.harness.running.prepare import pin_extensions_dir, prepare_engines
 from ftbench.harness.api import FtbenchError
 from ftbench.harness.running.cellproc import run_cell_process
 from ftbench.harness.running.nodes import NodeGroup, NodeLost, multi_node
@@ -33,6 +34,8 @@ class RunSummary:
     interrupted: bool = False
     #: Unreadable lines of an existing results.jsonl (their cells are rerun).
     problems: list[str] = field(default_factory=list)
+    #: One-off preparations of the grid's engines (see ftbench.harness.running.prepare), before any cell.
+    prepared: list[dict] = field(default_factory=list)
     #: Records put back from a recovery set (kept there when an earlier run could not write them).
     restored: int = 0
 
@@ -169,7 +172,8 @@ def _lead(cells, out_dir, environment, summary, force, fail_fast, progress, anno
     total = len(cells)
     if progress:
         progress("warmup", 0, total, None, None)
-    launch.warm_up([c for c in cells if (c.cell_id, c.repeat) not in done])
+    summary.prepared = _start_grid([c for c in cells if (c.cell_id, c.repeat) not in done], out_dir, environment,
+                                   progress)
     k = -1  # index among the multi-node cells, which every node counts alike
     for i, spec in enumerate(cells, start=1):
         spread = group is not None and multi_node(spec)
@@ -240,6 +244,7 @@ def _follow(cells, group, progress) -> RunSummary:
     """A node other than 0: run this node's share of each multi-node cell node 0 starts; record nothing."""
     summary = RunSummary()
     group.rendezvous(cells)
+    pin_extensions_dir()  # as node 0 does: the ranks of one world build and load native ops alike
     shared = [c for c in cells if multi_node(c)]
     try:
         for k, spec in enumerate(shared):
@@ -265,6 +270,47 @@ def _follow(cells, group, progress) -> RunSummary:
         group.close()
         group.say_bye()
     return summary
+
+
+def _start_grid(pending: list[CellSpec], out_dir: Path, environment: dict, progress) -> list[dict]:
+    """Start the fork server and do the engines' one-off work before the first cell."""
+    pin_extensions_dir()  # inherited by the fork server and every cell
+    launch.warm_up(pending)
+    if not pending:
+        return []
+    prepared = prepare_engines(pending, launch.context_for(pending), progress)
+    if prepared:  # reported once per grid, not in any cell's setup_s
+        try:
+            _write_atomic(out_dir / "environment.json",
+                          json.dumps({**environment, "prepared": prepared}, indent=2, default=str))
+        except OSError:
+            pass  # the report is informational; the progress line already showed it
+    return prepared
+
+
+def _measure(spec: CellSpec, out_dir: Path, environment: dict, registry, fits: dict | None, progress, i: int,
+             total: int) -> tuple[CellSpec, dict]:
+    """Run one cell (at its fitting micro-batch when ``fits`` searches them) and build its record."""
+    if spec.profile_steps:
+        spec = spec.with_(profile_dir=str((out_dir / TRACES_DIR).resolve()))
+    started = time.time()
+    spec, fit = _fit(registry, spec, fits, progress, i, total) if fits is not None else (spec, None)
+    outcome = _no_fit_outcome(fit) if fit and fit.micro_batch is None else run_cell_process(spec)
+    if fit and fit.micro_batch and outcome.status == "oom":
+        spec, outcome = _smaller(spec, fit, outcome)
+    record = build_record(spec, outcome, environment, started)
+    record.update(memory_fields(registry, spec, fit))
+    return spec, record
+
+
+def _existing(out_dir: Path, summary: RunSummary, progress, total: int) -> list[dict]:
+    """The records already in ``out_dir``; unreadable lines become the summary's problems."""
+    existing = read_records(out_dir)
+    summary.problems = existing.problems
+    if progress:
+        for problem in existing.problems:
+            progress("problem", 0, total, None, problem)
+    return existing.records
 
 
 def _fit(registry, spec: CellSpec, fits: dict, progress, i: int, total: int):

@@ -1,16 +1,21 @@
 """Starting a cell's process: forked from a pre-imported server, or exec'd.
 
 Importing torch and transformers costs seconds of CPU per process, which
-would dominate a grid of small cells.  Single-process cells are therefore
-forked from a *fork server* (``multiprocessing``'s ``forkserver``) that has
-imported the heavy libraries once and never runs any cell itself: every cell
-still gets its own fresh process, with its own memory peak, compile state
-and crash, but skips the imports.  The server is started lazily by the
-driver and dies with it.
+would dominate a grid of small cells.  Cells are therefore forked from a
+*fork server* (``multiprocessing``'s ``forkserver``) that has imported the
+heavy libraries once and never runs any cell itself: every cell still gets
+its own fresh process, with its own memory peak, compile state and crash,
+but skips the imports.  The server is started lazily by the driver and dies
+with it.
 
-Multi-process cells (``nproc > 1``) go through ``torchrun`` as ordinary
-subprocesses.  ``FTBENCH_LAUNCH=exec`` forces that path for every cell
-(e.g. to measure the cost the fork server saves).
+A single-node multi-process cell (``nproc > 1``) is forked the same way as
+a *cell leader* that forks the ranks and plays torchrun's part
+(:mod:`ftbench.harness.running.ranks`).  ``torchrun`` stays for multi-node
+cells, for ``FTBENCH_LAUNCH=torchrun`` (multi-rank cells only), and for
+CUDA cells if the fork server has initialised CUDA (never expected: the
+preload touches no device; a probe child checks, and a warning says so).
+``FTBENCH_LAUNCH=exec`` starts every cell as a plain subprocess (e.g. to
+measure the cost the fork server saves).
 """
 
 from __future__ import annotations
@@ -19,17 +24,52 @@ import multiprocessing as mp
 import os
 import subprocess
 import sys
+import warnings
 
 #: Modules the fork server imports once; cells forked from it start warm.
 PRELOAD = ("ftbench.harness.running.preload",)
 
+#: Names the backends whose ``preload`` the fork server imports (all, when unset).
+PRELOAD_BACKENDS_ENV = "FTBENCH_PRELOAD_BACKENDS"
+
 _context = None
+#: Whether the fork server has initialised CUDA (learnt from the warm-up probe; None: not yet known).
+_server_cuda = None
+
+#: Exit code of the probe child when the server it was forked from had initialised CUDA.
+_CUDA_TOUCHED = 3
+
+
+def _may_fork(spec) -> bool:
+    mode = os.environ.get("FTBENCH_LAUNCH", "fork")
+    if mode == "exec" or not sys.platform.startswith("linux"):
+        return False
+    if int((spec.launcher or {}).get("nnodes", 1) or 1) > 1:
+        return False  # a multi-node cell goes through torchrun even with one rank per node: the nodes meet there
+    return spec.nproc <= 1 or mode != "torchrun"
 
 
 def use_fork_server(spec) -> bool:
-    # A multi-node cell goes through torchrun even with one rank per node: the nodes meet there.
-    return (os.environ.get("FTBENCH_LAUNCH", "fork") != "exec" and spec.nproc <= 1
-            and int((spec.launcher or {}).get("nnodes", 1) or 1) <= 1 and sys.platform.startswith("linux"))
+    """Whether ``spec`` starts from the fork server (see the module docstring)."""
+    if not _may_fork(spec):
+        return False
+    if spec.device != "cpu" and server_touched_cuda():
+        warnings.warn("the fork server has initialised CUDA, so a cell forked from it could not use the GPU; "
+                      "CUDA cells start as plain processes (torchrun for multi-rank cells) instead: slower "
+                      "start, same measurements", RuntimeWarning, stacklevel=2)
+        return False
+    return True
+
+
+def server_touched_cuda() -> bool:
+    """True if the fork server initialised CUDA (a forked child could then not use it)."""
+    global _server_cuda
+    if _server_cuda is None:
+        probe = _fork_context().Process(target=_probe_cuda)
+        probe.start()
+        probe.join()
+        _server_cuda = probe.exitcode == _CUDA_TOUCHED
+    return _server_cuda
 
 
 def cuda_initialized() -> bool:
@@ -62,7 +102,14 @@ def _fork_context():
     return _context
 
 
-def _cell_main(argv: list[str], log_path: str) -> None:
+def _run_worker(argv: list[str]) -> int:
+    from ftbench.harness.cell.worker import main
+
+    check_fork_cuda()
+    return main(argv)
+
+
+def _cell_main(argv: list[str], log_path: str, nproc: int = 1) -> None:
     # A session of its own, so the driver can kill the cell's whole tree.
     os.setsid()
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -73,11 +120,14 @@ def _cell_main(argv: list[str], log_path: str) -> None:
     sys.stderr = open(2, "w", buffering=1, closefd=False)
     code = 1
     try:
-        from ftbench.harness.cell.worker import main
+        if nproc > 1:
+            from ftbench.harness.running.ranks import lead
 
-        check_fork_cuda()
-        code = main(argv)
+            code = lead(argv, nproc, _run_worker)
+        else:
+            code = _run_worker(argv)
     finally:
+        _release_semaphores()
         sys.stdout.flush()
         sys.stderr.flush()
         # Skip interpreter teardown: atexit handlers of libraries imported by
@@ -85,26 +135,64 @@ def _cell_main(argv: list[str], log_path: str) -> None:
         os._exit(code)
 
 
+def _release_semaphores() -> None:
+    """Run this process's own multiprocessing finalizers before ``os._exit``.
+
+    A lock or queue made in the cell (torch.compile's compile-worker pool
+    makes some) registers a named semaphore with the driver's resource
+    tracker, which forked cells share; its finalizer unlinks it and tells the
+    tracker.  ``os._exit`` skips those finalizers, so the tracker used to find
+    the semaphores "leaked" when the driver exited and printed a warning as
+    the last line of a good run.  Finalizers are bound to the process that
+    made them, so the server's own objects are left alone.  This is what
+    multiprocessing's exit handler runs first (priority >= 0), without its
+    joining of child processes.
+    """
+    try:
+        from multiprocessing import util
+
+        util._run_finalizers(0)
+    except Exception:  # noqa: BLE001 - teardown must never mask the cell's result
+        pass
+
+
 def warm_up(cells) -> None:
     """Start the fork server now if any cell will use it, so that its one-off
     start-up is not charged to the first cell's wall time."""
-    if any(use_fork_server(c) for c in cells):
-        # The server imports its preload after it starts answering; a no-op
-        # child returns only once that is done.
-        probe = _fork_context().Process(target=_noop)
-        probe.start()
-        probe.join()
+    if any(_may_fork(c) for c in cells):
+        if _context is None:  # the server, started now, preloads this grid's backends only
+            os.environ[PRELOAD_BACKENDS_ENV] = ",".join(sorted({c.backend_name_and_options()[0] for c in cells}))
+        # The server imports its preload after it starts answering; the probe
+        # child returns only once that is done, and says whether it touched CUDA.
+        server_touched_cuda()
 
 
-def _noop() -> None:
-    pass
+def context_for(cells):
+    """The ``multiprocessing`` context for one-off work of a grid: the fork server when its
+    cells use it, else a fresh interpreter."""
+    return _fork_context() if any(_may_fork(c) for c in cells) else mp.get_context("spawn")
+
+
+def _probe_cuda() -> None:
+    # A child cannot see a parent's CUDA context directly: torch flags a fork after its lazy
+    # init ("bad fork"), and a mapped libcuda means the driver API was loaded (e.g. by a
+    # device count taken without NVML).
+    import torch
+
+    touched = torch.cuda._is_in_bad_fork()
+    try:
+        with open("/proc/self/maps") as f:
+            touched = touched or "libcuda.so" in f.read()
+    except OSError:
+        pass
+    os._exit(_CUDA_TOUCHED if touched else 0)
 
 
 class ForkedCell:
     """A cell process forked from the fork server (same interface as Popen here)."""
 
-    def __init__(self, argv: list[str], log_path: str):
-        self.proc = _fork_context().Process(target=_cell_main, args=(argv, log_path), daemon=False)
+    def __init__(self, argv: list[str], log_path: str, nproc: int = 1):
+        self.proc = _fork_context().Process(target=_cell_main, args=(argv, log_path, nproc), daemon=False)
         self.proc.start()
         self.pid = self.proc.pid
 
@@ -122,7 +210,7 @@ class ForkedCell:
 def start(spec, worker_argv: list[str], command: list[str], env: dict, log_path: str):
     """Start a cell: forked when possible, else ``command`` as a subprocess."""
     if use_fork_server(spec):
-        return ForkedCell(worker_argv, log_path)
+        return ForkedCell(worker_argv, log_path, spec.nproc)
     log = open(log_path, "ab")
     try:
         return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)

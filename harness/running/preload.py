@@ -6,6 +6,7 @@ must stay a clean template for the cells it forks.
 """
 
 import importlib
+import os
 
 import torch  # noqa: F401
 import torch.nn.functional  # noqa: F401
@@ -19,11 +20,16 @@ from ftbench.harness import engine  # noqa: F401
 from ftbench.harness.registry import Registry
 
 # Importing every plugin module (and whatever its top level imports), and the
-# modules each model preset names, warms what the cells will use without the
-# core naming any plugin.
-for _entry in Registry.load().models.values():
-    for _module in _entry.obj.preload:
+# modules each model preset and each backend names, warms what the cells (and
+# the ranks of multi-process cells) will use without the core naming any plugin.
+# Backends: only those of the grid that started the server, when the driver says which
+# (a backend's library can take seconds to import).
+_registry = Registry.load()
+_wanted = os.environ.get("FTBENCH_PRELOAD_BACKENDS")
+_backends = [e for name, e in _registry.backends.items() if _wanted is None or name in _wanted.split(",")]
+for _entry in [*_registry.models.values(), *_backends]:
+    for _module in getattr(_entry.obj, "preload", ()):
         try:
             importlib.import_module(_module)
-        except ImportError:  # a stale name must not break the server
+        except Exception:  # noqa: BLE001 - a stale name or a broken library must not break the server
             pass

@@ -44,6 +44,9 @@ class RunView:
             self.status = self.con.status("starting the cell launcher (imports torch and the plugins once)…")
             self.status.start()
             return
+        if kind == "prepare":
+            self._prepare(record)
+            return
         if kind == "probe":
             peak = fmt_bytes(record.get("memory_tree_peak_bytes")) if record.get("memory_tree_peak_bytes") else "-"
             self.con.print(f"[{i}/{total}] {spec.task} × {spec.backend}: probe micro-batch "
@@ -74,6 +77,20 @@ class RunView:
         else:
             self.con.print(f"{label}: this node's share ended ({outcome.status}); node 0 records the cell")
 
+    def _prepare(self, job: dict) -> None:
+        if self.status:
+            self.status.stop()
+        device = "" if job["device"] == "auto" else f" ({job['device']})"
+        what = f"preparing {', '.join(job['backends'])}{device} once for the grid"
+        if job["status"] == "running":
+            self.status = self.con.status(f"{what} (e.g. building native ops on first use)…")
+            self.status.start()
+        elif job["status"] == "ok":
+            self.con.print(f"{what}: done in {job['seconds']:.1f} s (not counted in any cell)")
+        else:
+            self.con.print(f"[yellow]warning:[/] {what} failed after {job['seconds']:.1f} s: "
+                           f"{escape(job.get('error') or '')}; its cells will try on their own", soft_wrap=True)
+
     @staticmethod
     def _one_line(r: dict) -> str:
         colour = {"ok": "green", "skipped": "yellow"}.get(r["status"], "red")
@@ -82,7 +99,7 @@ class RunView:
             s += (f", {fmt_num(r['tokens_per_s'])} tok/s, step {fmt_num(r['step_time_s'] * 1e3)} ms, "
                   f"mem {fmt_bytes(r['peak_memory_bytes'])}, {r['metric']} {fmt_num(r['metric_value'])}")
         elif r.get("error"):
-            s += f": {r['error']}"
+            s += f": {escape(r['error'])}"  # library messages carry [brackets] that rich would read as markup
         for w in r.get("warnings") or ():
             s += f" [yellow](warning: {escape(w)})[/]"
         return s

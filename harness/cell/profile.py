@@ -1,0 +1,153 @@
+"""``--profile``: a :mod:`torch.profiler` trace of a few extra steps, after everything measured.
+
+The cell's measured steps, memory peak and evaluation are over before this
+runs, so a profiled cell reports the same figures as an unprofiled one; the
+extra steps only cost time at the end.  One un-profiled step first (the
+profiler's own start-up lands outside the trace), then ``profile_steps``
+steps under the profiler, each wrapped in ``ftbench::step``, its
+forward-backward in ``ftbench::forward_backward`` and its optimizer step in
+``ftbench::optimizer``.
+
+Each rank writes a Chrome/Perfetto trace (``traces/<cell>-r<repeat>-rank<R>.json``
+in the result set) and a per-phase breakdown of the profiled steps' wall
+time, exclusive, in this priority:
+
+* ``communication``: collectives (c10d, gloo, NCCL, all_reduce, all_gather,
+  reduce_scatter, broadcast; any thread);
+* ``backward``: from the first to the last of autograd's ``evaluate_function``
+  nodes inside a forward-backward (any thread; the engine's gaps between
+  nodes are backward work too);
+* ``optimizer``: the rest of ``ftbench::optimizer`` (clipping, AdamW, schedule);
+* ``forward``: the rest of ``ftbench::forward_backward``;
+* ``other``: the rest of the step (data movement, synchronisation).
+
+The phases cover each step's span in the trace, so they add up to the
+trace's step time; ``step_s`` is the same steps timed by the runner's clock,
+and ``coverage`` is their ratio (both are means over the profiled steps).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+from pathlib import Path
+
+COMM_MARKERS = ("c10d", "gloo", "nccl", "all_reduce", "allreduce", "all_gather", "allgather", "reduce_scatter",
+                "broadcast", "record_param_comms", "ProcessGroup", "all_to_all")
+BACKWARD_MARKER = "autograd::engine::evaluate_function"
+PHASES = ("forward", "backward", "optimizer", "communication", "other")
+
+
+def profile_after_training(spec, engine, steps_data, device, rank: int) -> dict:
+    """Profile ``spec.profile_steps`` extra steps; ``{}`` (and no work) when profiling is off.
+
+    Example (the worker's hook, after evaluation)::
+
+        out.update(profile_after_training(spec, engine, steps, device, rank))
+    """
+    n = int(getattr(spec, "profile_steps", 0) or 0)
+    if n <= 0 or not spec.profile_dir:
+        return {}
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from ftbench.harness.cell.measure import now, synchronize
+
+    engine.eval_model().train()
+    batches = [steps_data[i % len(steps_data)][0] for i in range(n + 1)]
+    _one_step(engine, batches[0], device, synchronize)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    clock = []
+    with profile(activities=activities) as prof:
+        for micro in batches[1:]:
+            with record_function("ftbench::step"):
+                t0 = now()
+                _one_step(engine, micro, device, synchronize, record_function)
+                clock.append(now() - t0)
+    out_dir = Path(spec.profile_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = f"{spec.cell_id}-r{spec.repeat}-rank{rank}.json"
+    prof.export_chrome_trace(str(out_dir / name))
+    phases = breakdown(prof.events())
+    step_s = sum(clock) / n  # the mean, like the phases: both are totals over the same steps
+    traced = sum(phases.values()) / n
+    return {"profile": {"steps": n, "trace": name, "step_s": step_s, "step_s_median": statistics.median(clock),
+                        "step_s_traced": traced,
+                        "phases_s": {k: v / n for k, v in phases.items()},
+                        "coverage": traced / step_s if step_s else None}}
+
+
+def _one_step(engine, micro, device, synchronize, record_function=None) -> None:
+    import contextlib
+
+    label = record_function or (lambda _name: contextlib.nullcontext())
+    with label("ftbench::forward_backward"):
+        for i, mb in enumerate(micro):
+            engine.forward_backward(mb, boundary=i == len(micro) - 1)
+    with label("ftbench::optimizer"):
+        engine.step()
+    synchronize(device)
+
+
+# ------------------------------------------------------------------ intervals
+
+
+def _union(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    out: list[list[float]] = []
+    for a, b in sorted(spans):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return [(a, b) for a, b in out]
+
+
+def _clip(spans, within) -> list[tuple[float, float]]:
+    out = []
+    for a, b in spans:
+        for c, d in within:
+            lo, hi = max(a, c), min(b, d)
+            if hi > lo:
+                out.append((lo, hi))
+    return _union(out)
+
+
+def _minus(spans, holes) -> list[tuple[float, float]]:
+    out = []
+    for a, b in spans:
+        cur = a
+        for c, d in holes:
+            if d <= cur or c >= b:
+                continue
+            if c > cur:
+                out.append((cur, c))
+            cur = max(cur, d)
+        if cur < b:
+            out.append((cur, b))
+    return out
+
+
+def _length(spans) -> float:
+    return sum(b - a for a, b in spans)
+
+
+def breakdown(events) -> dict[str, float]:
+    """Seconds per phase over all profiled steps, from the profiler's events (microsecond spans)."""
+    def spans(pred):
+        return _union([(e.time_range.start, e.time_range.end) for e in events if pred(e.name)])
+
+    steps = spans(lambda n: n == "ftbench::step")
+    comm = _clip(spans(lambda n: any(m.lower() in n.lower() for m in COMM_MARKERS)), steps)
+    nodes = spans(lambda n: n.startswith(BACKWARD_MARKER))
+    envelopes = []
+    for a, b in spans(lambda n: n == "ftbench::forward_backward"):
+        inside = [(c, d) for c, d in nodes if c >= a and d <= b]
+        if inside:
+            envelopes.append((min(c for c, _ in inside), max(d for _, d in inside)))
+    bwd = _minus(_clip(_union(envelopes), steps), comm)
+    opt = _minus(_minus(_clip(spans(lambda n: n == "ftbench::optimizer"), steps), comm), bwd)
+    fwd = _minus(_minus(_clip(spans(lambda n: n == "ftbench::forward_backward"), steps), comm), bwd)
+    parts = {"forward": _length(fwd), "backward": _length(bwd), "optimizer": _length(opt),
+             "communication": _length(comm)}
+    parts["other"] = max(0.0, _length(steps) - sum(parts.values()))
+    return {k: parts[k] / 1e6 for k in PHASES}
