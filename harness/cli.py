@@ -38,7 +38,7 @@ class FtbenchGroup(click.Group):
         except FtbenchError as e:
             from rich.markup import escape
 
-            # Escaped: a fix such as pip install 'ftbench[lora]' must print as written.
+            # Escaped: a fix such as pip install 'ftbench[slurm]' must print as written.
             _console(stderr=True).print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
             ctx.exit(EXIT_USAGE)
 
@@ -159,8 +159,12 @@ def cell_options(f):
     return f
 
 
-def _cells_from_options(reg, grid_file, tasks, backends, models, datas, columns, shard, micro_batch, settings):
-    """The checked cells of the grid the options describe, whether micro-batches are searched, and the grid."""
+def _cells_from_options(reg, grid_file, tasks, backends, models, datas, columns, shard, micro_batch, settings,
+                        on_grid=None):
+    """The checked cells of the grid the options describe, whether micro-batches are searched, and the grid.
+
+    ``on_grid(grid)`` may adjust the grid before its cells are expanded (``run``'s launcher settings).
+    """
     from ftbench.harness.grid.files import build_grid
     from ftbench.harness.grid.microbatch import apply_micro_batch, parse_micro_batch
 
@@ -176,6 +180,8 @@ def _cells_from_options(reg, grid_file, tasks, backends, models, datas, columns,
     micro = parse_micro_batch(micro_batch, overrides)
     axes = {"task": list(tasks), "backend": list(backends), "model": list(models), "data": list(datas)}
     grid = build_grid(grid_file, axes, overrides)
+    if on_grid:
+        on_grid(grid)
     cells = grid.cells(reg)
     if shard:
         from ftbench.harness.grid.files import select_shard
@@ -195,6 +201,14 @@ def _cells_from_options(reg, grid_file, tasks, backends, models, datas, columns,
 @click.option("--profile", "profile_steps", flag_value=3, default=None, type=int,
               help="After each cell's training and evaluation, trace 3 more steps with torch.profiler: a Chrome "
                    "trace per rank in OUT/traces and a per-phase breakdown in the record.")
+@click.option("--launcher", "launcher_kind", type=click.Choice(["local", "slurm"]), default=None,
+              help="Where cells run: here (local, default) or as Slurm jobs (slurm).")
+@click.option("--slurm-partition", help="Slurm partition for the jobs (--launcher slurm).")
+@click.option("--slurm-time", help="Slurm time limit per job: 30m, 2h or seconds (default: the cell's limit + 5 min).")
+@click.option("--slurm-gpus-per-node", type=int, help="GPUs per node of each job (--launcher slurm).")
+@click.option("--slurm-nodes", type=int, help="Nodes per data-parallel cell, each running --nproc ranks.")
+@click.option("--slurm-option", "slurm_flags", multiple=True, metavar="NAME=VALUE",
+              help="Any other sbatch option, long name without dashes (repeatable), e.g. account=perf.")
 @click.option("--out", default=None, help="Result set directory (default runs/<timestamp>).")
 @click.option("--force", is_flag=True, help="Rerun cells already in the result set.")
 @click.option("--fail-fast", is_flag=True, help="Stop at the first failed cell.")
@@ -211,32 +225,69 @@ def run_cmd(grid_file, tasks, backends, models, datas, columns, out, force, fail
     from ftbench.harness.running.progress import RunView
 
     reg = Registry.load()
-    cells, search, grid = _cells_from_options(reg, grid_file, tasks, backends, models, datas, columns, shard,
-                                              micro_batch, settings)
-    out = out or _default_out()
-    from ftbench.harness.results.recovery import EXIT_RESULTS_NOT_WRITTEN, ResultsNotWritten, check_free_space
+    slurm_cli = {k: settings.pop(k) for k in ("launcher_kind", "slurm_partition", "slurm_time",
+                                               "slurm_gpus_per_node", "slurm_nodes", "slurm_flags")}
+    where: dict = {}
 
-    check_free_space(out, cells)
-    view = RunView(_console(), len(cells), out)
+    def on_grid(grid):
+        where["slurm"] = _slurm_options(grid, slurm_cli)
+
+    cells, search, grid = _cells_from_options(reg, grid_file, tasks, backends, models, datas, columns, shard,
+                                              micro_batch, settings, on_grid)
+    slurm, nodes = where["slurm"], grid.settings.get("launcher") or {}
+    if slurm is not None:
+        from ftbench.harness.running.slurm import check_slurm
+
+        if search:
+            raise FtbenchError("--micro-batch auto searches with probe cells on this machine, which --launcher "
+                               "slurm does not run; pass a number (--micro-batch 4), or run the search locally")
+        check_slurm(slurm)
+    follower = int(nodes.get("nnodes", 1) or 1) > 1 and int(nodes.get("node_rank", 0) or 0) > 0
+    out = out or _default_out()
+    from ftbench.harness.results.recovery import check_free_space
+
+    if not follower:
+        check_free_space(out, cells)
+    view = RunView(_console(), len(cells), out, follower=follower)
     _install_sigterm()
+    summary = _execute(reg, cells, out, view, (slurm, nodes, grid.order, search), force, fail_fast)
+    view.finish(summary)
+    bad = [r for r in summary.records if r["status"] not in ("ok", "skipped")]
+    sys.exit(1 if bad and fail_fast else 0)
+
+
+def _execute(reg, cells, out, view, how, force, fail_fast):
+    """Run the checked cells here (one node of several, maybe) or through Slurm; exit on an interruption.
+
+    ``how`` is (Slurm options or None, multi-node settings, repeat order, micro-batch search).
+    """
     from ftbench.harness.running.driver import run_cells
+    from ftbench.harness.running.nodes import NodeLost
     from ftbench.harness.results.environment import collect
     from ftbench.harness.results.parity import annotate_parity
+    from ftbench.harness.results.recovery import EXIT_RESULTS_NOT_WRITTEN, ResultsNotWritten
+    from rich.markup import escape
 
+    slurm, nodes, order, search = how
     try:
-        summary = run_cells(cells, out, collect(reg.pm), force=force, fail_fast=fail_fast, progress=view.event,
-                            annotate=annotate_parity, registry=reg, search_micro_batch=search, order=grid.order)
+        if slurm is not None:
+            from ftbench.harness.running.slurm import run_cells_slurm
+
+            return run_cells_slurm(cells, out, collect(reg.pm), slurm, force=force, fail_fast=fail_fast,
+                                   progress=view.event, annotate=annotate_parity)
+        return run_cells(cells, out, collect(reg.pm), force=force, fail_fast=fail_fast, progress=view.event,
+                         annotate=annotate_parity, registry=reg, search_micro_batch=search, order=order, nodes=nodes)
     except KeyboardInterrupt as e:
         view.interrupted(out)
         sys.exit(128 + getattr(e, "signum", signal.SIGINT))
     except ResultsNotWritten as e:
         if view.status:
             view.status.stop()
-        _console(stderr=True).print(f"[bold red]error:[/] {e}", soft_wrap=True)
+        _console(stderr=True).print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
         sys.exit(EXIT_RESULTS_NOT_WRITTEN)
-    view.finish(summary)
-    bad = [r for r in summary.records if r["status"] not in ("ok", "skipped")]
-    sys.exit(1 if bad and fail_fast else 0)
+    except NodeLost as e:
+        _console(stderr=True).print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
+        sys.exit(1)
 
 
 # ------------------------------------------------------------------ plan
@@ -270,6 +321,39 @@ def plan_cmd(grid_file, tasks, backends, models, datas, columns, shard, micro_ba
     else:
         print_plans(reg, plans, _console(), search)
     sys.exit(0)
+
+
+def _slurm_options(grid, cli: dict):
+    """The Slurm settings (grid file's ``slurm:``, then the flags), or None for the local launcher."""
+    kind = cli["launcher_kind"] or grid.launcher or "local"
+    flags = {k: v for k, v in cli.items() if k != "launcher_kind" and v not in (None, ())}
+    if kind != "slurm":
+        if flags:
+            names = ", ".join("--" + k.replace("_", "-").replace("flags", "option") for k in sorted(flags))
+            raise FtbenchError(f"{names} only apply with --launcher slurm; add --launcher slurm, or drop them to "
+                               "run here")
+        return None
+    from ftbench.harness.grid.files import parse_duration
+    from ftbench.harness.running.slurm import options_from, parse_option_flags
+
+    opts = options_from(grid.slurm or {}, grid.source or "grid")
+    if cli["slurm_partition"]:
+        opts.partition = cli["slurm_partition"]
+    if cli["slurm_time"]:
+        opts.time_s = parse_duration(cli["slurm_time"], "--slurm-time")
+    if cli["slurm_gpus_per_node"] is not None:
+        opts.gpus_per_node = cli["slurm_gpus_per_node"]
+    if cli["slurm_nodes"] is not None:
+        opts.nodes = cli["slurm_nodes"]
+    opts.options.update(parse_option_flags(cli["slurm_flags"] or ()))
+    if (grid.settings.get("launcher") or {}).get("node_rank") is not None:
+        raise FtbenchError("--node-rank starts one node of a grid by hand; with --launcher slurm, Slurm starts "
+                           "the nodes: drop --nnodes/--node-rank/--master-addr/--master-port and pass "
+                           "--slurm-nodes N instead")
+    if isinstance(opts.nodes, int) and opts.nodes > 1:
+        # Data-parallel cells span the job's nodes; single-process cells still run on one.
+        grid.settings["launcher"] = {"nnodes": opts.nodes}
+    return opts
 
 
 def _parse_seeds(text):

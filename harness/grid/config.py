@@ -231,7 +231,19 @@ class CellSpec:
         d = self.to_dict()
         for k in ("repeat", "time_limit_s", "memory_limit_mb", "launcher", "profile_steps", "profile_dir"):
             d.pop(k)
-        return _without_later_defaults(d, CellSpec)
+        d = _without_later_defaults(d, CellSpec)
+        if self.nnodes > 1:
+            # Two nodes x one rank is another world than one node x one rank (single-node ids unchanged).
+            d["nnodes"] = self.nnodes
+        return d
+
+    @property
+    def nnodes(self) -> int:
+        """Nodes the cell's world spans (``launcher.nnodes``; 1 for single-node cells)."""
+        try:
+            return max(1, int((self.launcher or {}).get("nnodes", 1) or 1))
+        except (TypeError, ValueError):
+            return 1
 
     @property
     def cell_id(self) -> str:

@@ -53,6 +53,9 @@ class Grid:
     #: How repeats are ordered when the grid runs (:func:`order_repeats`).
     order: str = "interleaved"
     source: str | None = None
+    #: Where the cells run: ``local`` (default) or ``slurm``, and the grid file's ``slurm:`` mapping.
+    launcher: str | None = None
+    slurm: dict | None = None
     #: Quality targets, ``[TASK:]METRIC=VALUE`` (see :mod:`ftbench.harness.grid.targets`).
     targets: list[str] = field(default_factory=list)
 

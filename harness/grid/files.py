@@ -34,7 +34,9 @@ from ftbench.harness.grid.expand import (AXES, CELL_SETTINGS, INTERLEAVED, ORDER
                                         Grid)
 
 DEFAULT_GRID = "default_grid.yaml"
-TOP_KEYS = set(AXES) | {"settings", "exclude", "repeat", "sweep", "time_limit", "per_cell", "target", "order"}
+TOP_KEYS = set(AXES) | {"settings", "exclude", "repeat", "sweep", "time_limit", "per_cell", "target", "order",
+                        "launcher", "slurm"}
+LAUNCHERS = ("local", "slurm")
 SETTING_KEYS = set(RECIPE_FIELDS) | set(CELL_SETTINGS)
 _RECIPE_TYPES = typing.get_type_hints(Recipe)
 _CELL_TYPES = {"nproc": int, "time_limit_s": float, "memory_limit_mb": float, "eval_examples": int, "device": str,
@@ -132,8 +134,10 @@ def grid_from_dict(data: dict, name: str) -> Grid:
     order = data.get("order", INTERLEAVED)
     if order not in ORDERS:
         raise FtbenchError(f"grid file {name}: order must be one of {', '.join(ORDERS)}, got {order!r}")
+    launcher, slurm = _launcher(data, name)
     return Grid(axes=axes, settings=settings, exclude=exclude, repeat=repeat, sweep=sweep, per_cell=rules,
-                order=order, source=f"grid file {name}", targets=_targets(data, name))
+                order=order, source=f"grid file {name}", targets=_targets(data, name), launcher=launcher,
+                slurm=slurm)
 
 
 def _targets(data: dict, name: str) -> list[str]:
@@ -226,6 +230,20 @@ def _per_cell(data: dict, name: str, match_keys: set) -> list:
                 out[k] = coerce_setting(k, v, f"grid file {name}: per_cell.")
         rules.append(out)
     return rules
+
+
+def _launcher(data: dict, name: str) -> tuple[str | None, dict | None]:
+    """``launcher: local|slurm`` and the ``slurm:`` mapping (checked now, used with the slurm launcher)."""
+    launcher = data.get("launcher")
+    if launcher is not None and launcher not in LAUNCHERS:
+        raise FtbenchError(f"grid file {name}: launcher must be one of {', '.join(LAUNCHERS)}, got {launcher!r} "
+                           "(multi-node settings such as nnodes go under settings.launcher)")
+    slurm = data.get("slurm")
+    if slurm is not None:
+        from ftbench.harness.running.slurm import options_from
+
+        options_from(slurm, f"grid file {name}")
+    return launcher, slurm
 
 
 def build_grid(grid_file: str | None, cli_axes: dict, overrides: dict) -> Grid:

@@ -41,6 +41,9 @@ def build_record(spec: CellSpec, outcome: CellOutcome, environment: dict, starte
     record = {
         "cell_id": spec.cell_id, "recipe_fingerprint": spec.fingerprint(), "task": spec.task,
         "backend": spec.backend, "model": spec.model, "data": spec.data, "nproc": spec.nproc,
+        # Ranks per node x nodes. A multi-node cell's record comes from node 0, whose own ranks are in
+        # memory_per_rank; throughput, losses and metrics are global.
+        "nnodes": spec.nnodes, "world_size": main.get("world_size") or spec.nproc * spec.nnodes,
         "repeat": spec.repeat, "status": outcome.status, "error": outcome.error,
         "step_time_s": step.get("median"), "step_time": step or None,
         **{key: main.get(key) for key in FROM_RANK0},

@@ -27,7 +27,8 @@ RECORD_KEYS = (
     "config", "environment",
 )
 
-STATUSES = ("ok", "error", "oom", "diverged", "timeout", "skipped")
+#: `cancelled`: a Slurm job cancelled or preempted before its cell finished (--launcher slurm).
+STATUSES = ("ok", "error", "oom", "diverged", "timeout", "skipped", "cancelled")
 
 
 def _clean(value):

@@ -123,8 +123,13 @@ class CellOutcome:
     leftovers: list = field(default_factory=list)
 
 
-def run_cell_process(spec: CellSpec) -> CellOutcome:
-    """Run ``spec`` in a fresh process tree; never raises for a failing cell."""
+def run_cell_process(spec: CellSpec, env_extra: dict | None = None, abort_if=None) -> CellOutcome:
+    """Run ``spec`` in a fresh process tree; never raises for a failing cell.
+
+    ``env_extra`` is added to the cell's environment; ``abort_if()``, polled
+    while the cell runs, may return a reason to stop it as ``error`` (a
+    multi-node cell whose other node died).
+    """
     with tempfile.TemporaryDirectory(prefix="ftbench-cell-") as tmp:
         tmp = Path(tmp)
         spec_path = tmp / "spec.json"
@@ -133,6 +138,7 @@ def run_cell_process(spec: CellSpec) -> CellOutcome:
         cmd = command_for(spec, spec_path, tmp, t_launch)
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
+        env.update(env_extra or {})
         # The harness packages must import in the cell even when ftbench runs from a checkout.
         root = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -143,11 +149,9 @@ def run_cell_process(spec: CellSpec) -> CellOutcome:
         guard = reaper.CellGuard(proc.pid)
         limit = spec.memory_limit_mb * 2**20 if spec.memory_limit_mb else None
         watch = TreeWatch(psutil.Process(proc.pid), limit_bytes=limit).start()
-        timed_out = False
+        timed_out, aborted = False, None
         try:
-            proc.wait(timeout=spec.time_limit_s)
-        except subprocess.TimeoutExpired:
-            timed_out = True
+            timed_out, aborted = _wait(proc, spec.time_limit_s, abort_if)
         except BaseException:
             # Ctrl-C / SIGTERM in the driver: take the whole cell down with us.
             watch.stop()
@@ -172,9 +176,33 @@ def run_cell_process(spec: CellSpec) -> CellOutcome:
         stderr_tail = _tail(stderr_path)
         culprit = first_failure(tmp)
     status, error = _verdict(spec, proc.returncode, timed_out, watch.over_limit, ranks, stderr_tail, culprit)
+    if aborted and status != "timeout":
+        status, error = "error", aborted + (f" (first failure reported: {error})" if error else "")
     return CellOutcome(ranks=sorted(ranks, key=lambda r: r.get("rank", 0)), status=status, error=error,
                        wall_s=wall, returncode=proc.returncode, tree_peak_bytes=watch.peak_bytes,
                        stderr_tail=stderr_tail, leftovers=leftovers if ended_by_itself else [])
+
+
+def _wait(proc, limit_s, abort_if) -> tuple[bool, str | None]:
+    """Wait for the cell: (timed out, the reason ``abort_if`` gave to stop it)."""
+    if abort_if is None:
+        try:
+            proc.wait(timeout=limit_s)
+            return False, None
+        except subprocess.TimeoutExpired:
+            return True, None
+    deadline = None if limit_s is None else time.monotonic() + limit_s
+    while True:
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            return True, None
+        try:
+            proc.wait(timeout=0.5 if left is None else min(0.5, left))
+            return False, None
+        except subprocess.TimeoutExpired:
+            reason = abort_if()
+            if reason:
+                return False, reason
 
 
 def _tail(path: Path, n: int = 4000) -> str:

@@ -15,6 +15,7 @@ from ftbench.harness.running import launch, reaper
 from ftbench.harness.running.prepare import pin_extensions_dir, prepare_engines
 from ftbench.harness.api import FtbenchError
 from ftbench.harness.running.cellproc import run_cell_process
+from ftbench.harness.running.nodes import NodeGroup, NodeLost, multi_node
 from ftbench.harness.grid.config import CellSpec
 from ftbench.harness.grid.expand import INTERLEAVED, order_repeats
 from ftbench.harness.results.record import build_record
@@ -119,7 +120,7 @@ def _append_or_keep(out_dir: Path, record: dict, environment: dict, cell_id: str
 
 def run_cells(cells: list[CellSpec], out: str | os.PathLike, environment: dict, *, force: bool = False,
               fail_fast: bool = False, progress=None, annotate=None, registry=None,
-              search_micro_batch: bool = False, order: str = INTERLEAVED) -> RunSummary:
+              search_micro_batch: bool = False, order: str = INTERLEAVED, nodes: dict | None = None) -> RunSummary:
     """Run every cell not already in ``out`` and append its record.
 
     ``order`` arranges the repeats (:func:`~ftbench.harness.grid.expand.order_repeats`):
@@ -131,47 +132,143 @@ def run_cells(cells: list[CellSpec], out: str | os.PathLike, environment: dict, 
     before the record is written.  With a ``registry`` every record gets the
     memory model's ``memory_predicted_bytes``; ``search_micro_batch`` first
     finds each cell's largest fitting micro-batch with probe cells
-    (:mod:`ftbench.harness.running.fit`), once per cell for all its repeats.
+    (:mod:`ftbench.harness.running.fit`), once per cell for all its repeats
+    (single-node cells).  ``nodes`` holds the multi-node settings (``nnodes``,
+    ``node_rank``, ``master_addr``, ``master_port``): with ``nnodes`` > 1 this
+    driver is one node of the grid (:mod:`.nodes`), and a node other than 0
+    writes nothing to ``out``.
     """
     cells = order_repeats(cells, order)
-    out_dir = prepare_out_dir(out)
-    summary = RunSummary()
+    group = NodeGroup.from_launcher(nodes or {})
     reaper.become_subreaper()
     os.environ[reaper.DRIVER_PID_ENV] = str(os.getpid())  # before the first cell (or fork server) starts
+    if group is not None and not group.leader:
+        return _follow(cells, group, progress)
+    out_dir = prepare_out_dir(out)
+    summary = RunSummary()
     with OutputLock(out_dir):
-        summary.restored = _open_result_set(out_dir, environment)
-        if summary.restored and progress:
-            progress("note", 0, len(cells), None, f"put back {summary.restored} record(s) an earlier run kept")
-        done = set() if force else finished_keys(out_dir)
-        earlier = []
-        fits: dict = {}
-        if (out_dir / "results.jsonl").exists():
-            earlier = _existing(out_dir, summary, progress, len(cells))
-        total = len(cells)
-        if progress:
-            progress("warmup", 0, total, None, None)
-        summary.prepared = _start_grid([c for c in cells if (c.cell_id, c.repeat) not in done], out_dir, environment,
-                                       progress)
-        for i, spec in enumerate(cells, start=1):
-            if (spec.cell_id, spec.repeat) in done:
-                summary.skipped_done += 1
-                if progress:
-                    progress("skip", i, total, spec, None)
-                continue
+        if group is not None:
+            group.rendezvous(cells)  # before anything is written: a mismatched grid leaves no trace
+        try:
+            _lead(cells, out_dir, environment, summary, force, fail_fast, progress, annotate, registry,
+                  search_micro_batch, order, group)
+        finally:
+            if group is not None:
+                group.stop_all()
+                group.farewell()
+    return summary
+
+
+def _lead(cells, out_dir, environment, summary, force, fail_fast, progress, annotate, registry,
+          search_micro_batch, order, group) -> None:
+    summary.restored = _open_result_set(out_dir, environment)
+    if summary.restored and progress:
+        progress("note", 0, len(cells), None, f"put back {summary.restored} record(s) an earlier run kept")
+    done = set() if force else finished_keys(out_dir)
+    earlier = []
+    fits: dict = {}
+    if (out_dir / "results.jsonl").exists():
+        earlier = _existing(out_dir, summary, progress, len(cells))
+    total = len(cells)
+    if progress:
+        progress("warmup", 0, total, None, None)
+    summary.prepared = _start_grid([c for c in cells if (c.cell_id, c.repeat) not in done], out_dir, environment,
+                                   progress)
+    k = -1  # index among the multi-node cells, which every node counts alike
+    for i, spec in enumerate(cells, start=1):
+        spread = group is not None and multi_node(spec)
+        k += spread
+        if (spec.cell_id, spec.repeat) in done:
+            if spread:
+                group.announce(k, spec, run=False)
+            summary.skipped_done += 1
             if progress:
-                progress("start", i, total, spec, None)
+                progress("skip", i, total, spec, None)
+            continue
+        if progress:
+            progress("start", i, total, spec, None)
+        if spread:
+            spec, record = _measure_spread(spec, group, k, environment)
+        else:
             spec, record = _measure(spec, out_dir, environment, registry, fits if search_micro_batch else None,
                                     progress, i, total)
-            record["run_order"] = {"order": order, "position": i, "of": total}
-            if annotate:
-                annotate(record, earlier)
-            _append_or_keep(out_dir, record, environment, spec.cell_id)
-            earlier.append(record)
-            summary.records.append(record)
-            if progress:
-                progress("end", i, total, spec, record)
-            if fail_fast and record["status"] not in ("ok", "skipped"):
+        record["run_order"] = {"order": order, "position": i, "of": total}
+        if annotate:
+            annotate(record, earlier)
+        _append_or_keep(out_dir, record, environment, spec.cell_id)
+        earlier.append(record)
+        summary.records.append(record)
+        if progress:
+            progress("end", i, total, spec, record)
+        if fail_fast and record["status"] not in ("ok", "skipped"):
+            break
+
+
+def _measure(spec: CellSpec, out_dir: Path, environment: dict, registry, fits: dict | None, progress, i: int,
+             total: int) -> tuple[CellSpec, dict]:
+    """Run one cell (at its fitting micro-batch when ``fits`` searches them) and build its record."""
+    if spec.profile_steps:
+        spec = spec.with_(profile_dir=str((out_dir / TRACES_DIR).resolve()))
+    started = time.time()
+    spec, fit = _fit(registry, spec, fits, progress, i, total) if fits is not None else (spec, None)
+    outcome = _no_fit_outcome(fit) if fit and fit.micro_batch is None else run_cell_process(spec)
+    if fit and fit.micro_batch and outcome.status == "oom":
+        spec, outcome = _smaller(spec, fit, outcome)
+    record = build_record(spec, outcome, environment, started)
+    record.update(memory_fields(registry, spec, fit))
+    return spec, record
+
+
+def _measure_spread(spec: CellSpec, group, k: int, environment: dict) -> tuple[CellSpec, dict]:
+    """Node 0's share of multi-node cell ``k``, with the other nodes told to start theirs; its record."""
+    started = time.time()
+    outcome = run_cell_process(group.announce(k, spec, run=True), env_extra=group.cell_env(spec),
+                               abort_if=group.leader_watch(k))
+    group.finished(k, outcome.status)
+    record = build_record(spec, outcome, environment, started)
+    record.update(memory_fields(None, spec))
+    return spec, record
+
+
+def _existing(out_dir: Path, summary: RunSummary, progress, total: int) -> list[dict]:
+    """The records already in ``out_dir``; unreadable lines become the summary's problems."""
+    existing = read_records(out_dir)
+    summary.problems = existing.problems
+    if progress:
+        for problem in existing.problems:
+            progress("problem", 0, total, None, problem)
+    return existing.records
+
+
+def _follow(cells, group, progress) -> RunSummary:
+    """A node other than 0: run this node's share of each multi-node cell node 0 starts; record nothing."""
+    summary = RunSummary()
+    group.rendezvous(cells)
+    pin_extensions_dir()  # as node 0 does: the ranks of one world build and load native ops alike
+    shared = [c for c in cells if multi_node(c)]
+    try:
+        for k, spec in enumerate(shared):
+            try:
+                mine = group.next_cell(k, spec)
+            except FtbenchError:
+                raise
+            except Exception as e:  # noqa: BLE001 - the store's connection to node 0 broke
+                raise NodeLost(f"node 0 is gone ({str(e).splitlines()[0][:120]}); this node stops too") from None
+            if mine is None:
                 break
+            if mine is False:
+                summary.skipped_done += 1
+                if progress:
+                    progress("follow-skip", k + 1, len(shared), spec, None)
+                continue
+            if progress:
+                progress("follow-start", k + 1, len(shared), spec, None)
+            outcome = run_cell_process(mine, env_extra=group.cell_env(spec), abort_if=group.follower_watch(k))
+            if progress:
+                progress("follow-end", k + 1, len(shared), spec, outcome)
+    finally:
+        group.close()
+        group.say_bye()
     return summary
 
 

@@ -44,7 +44,9 @@ def _may_fork(spec) -> bool:
     mode = os.environ.get("FTBENCH_LAUNCH", "fork")
     if mode == "exec" or not sys.platform.startswith("linux"):
         return False
-    return spec.nproc <= 1 or (mode != "torchrun" and int(spec.launcher.get("nnodes", 1)) <= 1)
+    if int((spec.launcher or {}).get("nnodes", 1) or 1) > 1:
+        return False  # a multi-node cell goes through torchrun even with one rank per node: the nodes meet there
+    return spec.nproc <= 1 or mode != "torchrun"
 
 
 def use_fork_server(spec) -> bool:

@@ -12,18 +12,30 @@ from ftbench.harness.results.format import fmt_bytes, fmt_num
 class RunView:
     """Progress events from :func:`ftbench.harness.running.driver.run_cells`, rendered with rich."""
 
-    def __init__(self, console, total: int, out: str):
+    def __init__(self, console, total: int, out: str, follower: bool = False):
         self.con = console
         self.total = total
         self.out = out
         self.status = None
+        self.follower = follower
         self.t0 = time.perf_counter()
-        self.con.print(f"ftbench: {total} cell(s) -> {out}/results.jsonl")
+        if follower:
+            self.con.print(f"ftbench: {total} cell(s); this node runs its share of the multi-node ones, "
+                           "node 0 writes the records")
+        else:
+            self.con.print(f"ftbench: {total} cell(s) -> {out}/results.jsonl")
 
     def event(self, kind, i, total, spec, record):
+        if kind.startswith("follow-"):
+            self._follow_event(kind, i, total, spec, record)
+            return
         if kind == "problem":
             self.con.print(f"[yellow]warning:[/] {escape(record)} (a cell without a readable record runs again)",
                            soft_wrap=True)
+            return
+        if kind == "submitted":
+            self.con.print(f"submitted {i} cell(s) to Slurm as job array {', '.join(record)} (logs in "
+                           f"{self.out}/slurm/); records are written as jobs end. Ctrl-C cancels them.")
             return
         if kind == "note":
             self.con.print(escape(record), soft_wrap=True)
@@ -55,6 +67,15 @@ class RunView:
             if self.status:
                 self.status.stop()
             self.con.print(f"{label}: {self._one_line(record)}")
+
+    def _follow_event(self, kind, i, total, spec, outcome):
+        label = f"[{i}/{total}] {spec.task} × {spec.backend} × {spec.model} ({spec.nnodes} nodes)"
+        if kind == "follow-skip":
+            self.con.print(f"{label}: already in node 0's result set, skipped")
+        elif kind == "follow-start":
+            self.con.print(f"{label}: running this node's ranks…")
+        else:
+            self.con.print(f"{label}: this node's share ended ({outcome.status}); node 0 records the cell")
 
     def _prepare(self, job: dict) -> None:
         if self.status:
@@ -91,6 +112,9 @@ class RunView:
                        f"was stopped and not recorded. Resume with the same command and --out {out}.")
 
     def finish(self, summary):
+        if self.follower:
+            self.con.print(f"done in {time.perf_counter() - self.t0:.0f} s; records are in node 0's result set")
+            return
         from rich import box
         from rich.table import Table
 
