@@ -161,25 +161,31 @@ def _read_file(path: Path) -> Rows:
     return rows
 
 
-def _load_hub(spec: str):
+def open_hub(spec: str, streaming: bool = False):
+    """``hf:NAME[/CONFIG]`` (or ``hf:OWNER/NAME[/CONFIG]``) through ``datasets.load_dataset``."""
     try:
         import datasets
     except ImportError:
         raise FtbenchError("--data hf:... needs the datasets library: pip install 'ftbench[hub]'") from None
     name, _, config = spec.partition("/")
     if "/" in config:  # owner/name/config
-        owner_name, config = spec.rsplit("/", 1)
-        name = owner_name
+        name, config = spec.rsplit("/", 1)
+    kw = {"streaming": True} if streaming else {}
     try:
-        ds = datasets.load_dataset(name, config or None)
+        return datasets.load_dataset(name, config or None, **kw)
     except Exception as e:  # noqa: BLE001 - any hub failure is the user's to fix
         # NAME/CONFIG and OWNER/NAME look alike; try the whole spec as a repo id before giving up.
         try:
-            ds = datasets.load_dataset(spec) if config and spec.count("/") == 1 else None
+            ds = datasets.load_dataset(spec, **kw) if config and spec.count("/") == 1 else None
         except Exception:  # noqa: BLE001
             ds = None
         if ds is None:
             raise FtbenchError(f"cannot load hf:{spec} through datasets: {e}") from None
+        return ds
+
+
+def _load_hub(spec: str):
+    ds = open_hub(spec)
     splits, origin = {}, {}
     for split, key in (("train", "train"), ("validation", "validation"), ("test", "test")):
         if key not in ds and split == "validation":

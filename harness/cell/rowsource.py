@@ -120,22 +120,9 @@ def _open_dir(root: Path) -> dict:
 
 
 def _open_stream(spec: str, stream_rows: int | None) -> dict:
-    try:
-        import datasets
-    except ImportError:
-        raise FtbenchError("--data hf:... needs the datasets library: pip install 'ftbench[hub]'") from None
-    name, _, config = spec.partition("/")
-    if "/" in config:  # owner/name/config
-        name, config = spec.rsplit("/", 1)
-    try:
-        ds = datasets.load_dataset(name, config or None, streaming=True)
-    except Exception as e:  # noqa: BLE001 - any hub failure is the user's to fix
-        try:  # NAME/CONFIG and OWNER/NAME look alike
-            ds = datasets.load_dataset(spec, streaming=True) if config and spec.count("/") == 1 else None
-        except Exception:  # noqa: BLE001
-            ds = None
-        if ds is None:
-            raise FtbenchError(f"cannot load hf:{spec} through datasets: {e}") from None
+    from ftbench.harness.cell.data import open_hub
+
+    ds = open_hub(spec, streaming=True)
     return stream_sources(ds, f"hf:{spec}", stream_rows)
 
 

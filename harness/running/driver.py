@@ -288,21 +288,6 @@ def _start_grid(pending: list[CellSpec], out_dir: Path, environment: dict, progr
     return prepared
 
 
-def _measure(spec: CellSpec, out_dir: Path, environment: dict, registry, fits: dict | None, progress, i: int,
-             total: int) -> tuple[CellSpec, dict]:
-    """Run one cell (at its fitting micro-batch when ``fits`` searches them) and build its record."""
-    if spec.profile_steps:
-        spec = spec.with_(profile_dir=str((out_dir / TRACES_DIR).resolve()))
-    started = time.time()
-    spec, fit = _fit(registry, spec, fits, progress, i, total) if fits is not None else (spec, None)
-    outcome = _no_fit_outcome(fit) if fit and fit.micro_batch is None else run_cell_process(spec)
-    if fit and fit.micro_batch and outcome.status == "oom":
-        spec, outcome = _smaller(spec, fit, outcome)
-    record = build_record(spec, outcome, environment, started)
-    record.update(memory_fields(registry, spec, fit))
-    return spec, record
-
-
 def _existing(out_dir: Path, summary: RunSummary, progress, total: int) -> list[dict]:
     """The records already in ``out_dir``; unreadable lines become the summary's problems."""
     existing = read_records(out_dir)
