@@ -54,7 +54,9 @@ def profile_after_training(spec, engine, steps_data, device, rank: int) -> dict:
     from ftbench.harness.cell.measure import now, synchronize
 
     engine.eval_model().train()
-    batches = [steps_data[i % len(steps_data)][0] for i in range(n + 1)]
+    # A stream (collated on demand) or a list of pre-collated steps; both give (micro_batches, counts).
+    step_at = steps_data.step if hasattr(steps_data, "step") else steps_data.__getitem__
+    batches = [step_at(i % len(steps_data))[0] for i in range(n + 1)]
     _one_step(engine, batches[0], device, synchronize)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     clock = []
