@@ -115,19 +115,27 @@ def _find_split(root: Path, split: str) -> Path | None:
     return None
 
 
-def _load_dir(root: Path):
+def split_files(root: Path) -> dict[str, Path]:
+    """The split files of a local data directory (``test`` optional), checked for presence."""
     if not root.exists():
         raise FtbenchError(f"data directory {root} does not exist; pass --data DIR with train.jsonl and "
                            "validation.jsonl, --data hf:NAME, or leave --data out for built-in data")
     if not root.is_dir():
         raise FtbenchError(f"--data {root} is not a directory; it should contain train.jsonl and validation.jsonl")
-    splits, origin = {}, {}
+    files = {}
     for split in SPLITS:
         path = _find_split(root, split)
         if path is None:
             if split == "test":
                 continue
             raise DataError(f"{root}: no {split} split; add {split}.jsonl (or .csv/.tsv) to the directory")
+        files[split] = path
+    return files
+
+
+def _load_dir(root: Path):
+    splits, origin = {}, {}
+    for split, path in split_files(root).items():
         splits[split] = _read_file(path)
         origin[split] = str(path)
     return splits, origin

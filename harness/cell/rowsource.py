@@ -29,8 +29,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ftbench.harness.api import DataError, FtbenchError, Task
-from ftbench.harness.cell.data import SPLITS, Rows, _find_split, _map_columns
+from ftbench.harness.api import DataError, Task
+from ftbench.harness.cell.data import Rows, _map_columns, split_files
 
 #: Rows the preset tokenizer is trained on, at most: a seeded sample of the training split.
 TOKENIZER_SAMPLE_ROWS = 2048
@@ -102,21 +102,7 @@ def open_sources(task: Task, data, options: dict, seed: int, stream_rows: int | 
 def _open_dir(root: Path) -> dict:
     from ftbench.harness.cell.rowindex import FileRows
 
-    if not root.exists():
-        raise FtbenchError(f"data directory {root} does not exist; pass --data DIR with train.jsonl and "
-                           "validation.jsonl, --data hf:NAME, or leave --data out for built-in data")
-    if not root.is_dir():
-        raise FtbenchError(f"--data {root} is not a directory; it should contain train.jsonl and validation.jsonl")
-    sources = {}
-    for split in SPLITS:
-        path = _find_split(root, split)
-        if path is None:
-            if split == "test":
-                continue
-            raise DataError(f"{root}: no {split} split; add {split}.jsonl (or .csv/.tsv) to the directory")
-        if split != "test":
-            sources[split] = FileRows(path)
-    return sources
+    return {split: FileRows(path) for split, path in split_files(root).items() if split != "test"}
 
 
 def _open_stream(spec: str, stream_rows: int | None) -> dict:

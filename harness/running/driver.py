@@ -288,16 +288,6 @@ def _start_grid(pending: list[CellSpec], out_dir: Path, environment: dict, progr
     return prepared
 
 
-def _existing(out_dir: Path, summary: RunSummary, progress, total: int) -> list[dict]:
-    """The records already in ``out_dir``; unreadable lines become the summary's problems."""
-    existing = read_records(out_dir)
-    summary.problems = existing.problems
-    if progress:
-        for problem in existing.problems:
-            progress("problem", 0, total, None, problem)
-    return existing.records
-
-
 def _fit(registry, spec: CellSpec, fits: dict, progress, i: int, total: int):
     """``spec`` at its largest fitting micro-batch (searched once per cell, shared by repeats)."""
     from ftbench.harness.grid.microbatch import with_micro_batch
