@@ -76,6 +76,8 @@ def markdown(h: History) -> str:
 def plot_figure(h: History, figure: str, path: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
+    from ftbench.harness.results.report import save_figure
+
     series = sorted((s for s in h.series if s.figure == figure), key=lambda s: (s.task, s.cell))
     if not series:
         return None
@@ -98,11 +100,8 @@ def plot_figure(h: History, figure: str, path: Path) -> Path | None:
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(series):]:
         ax.axis("off")
-    fig.suptitle(f"{figure} per result set (dots: repeats; line: median; dashed: change)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(plt, fig, f"{figure} per result set (dots: repeats; line: median; dashed: change)", path,
+                       fontsize=10)
 
 
 _CSS = ("body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;font-size:13px}"

@@ -72,7 +72,7 @@ def plot_quality_vs_time(rs: ResultSet, path: Path) -> Path | None:
     """One panel per task: the target metric against training seconds, a line per run, a colour per cell."""
     import matplotlib.pyplot as plt
 
-    from ftbench.harness.results.report import _colours, _grid_axes
+    from ftbench.harness.results.report import _colours, _grid_axes, save_figure
 
     runs = [r for r in rs.records if r.get("eval_curve") and r.get("status") in ("ok", "diverged")]
     if not runs:
@@ -103,8 +103,5 @@ def plot_quality_vs_time(rs: ResultSet, path: Path) -> Path | None:
         ax.set_ylabel(f"{metric} ({'higher' if hib else 'lower'} is better)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle("Quality against training time (one line per run; evaluation time excluded)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(plt, fig, "Quality against training time (one line per run; evaluation time excluded)",
+                       path)

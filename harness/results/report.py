@@ -185,6 +185,15 @@ def _parity(p) -> str:
 # ------------------------------------------------------------------- plots
 
 
+def save_figure(plt, fig, title: str, path: Path, fontsize: float | None = None) -> Path:
+    """Title, lay out, write and close a report figure; its path."""
+    fig.suptitle(title, fontsize=fontsize)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _grid_axes(plt, n: int, width: float = 5.2, height: float = 3.8):
     cols = min(n, 3)
     rows = math.ceil(n / cols)
@@ -230,11 +239,7 @@ def plot_bars(summary, df, col: str, ylabel: str, title: str, path: Path, scale:
         ax.grid(axis="y", alpha=0.3)
         if not len(s):
             ax.text(0.5, 0.5, "no successful cell", ha="center", va="center", transform=ax.transAxes)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(plt, fig, title, path)
 
 
 def plot_loss(rs: ResultSet, summary, path: Path, x: str = "step") -> Path:
@@ -278,11 +283,7 @@ def plot_loss(rs: ResultSet, summary, path: Path, x: str = "step") -> Path:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
-    fig.suptitle("Training loss (median over repeats; band = min–max)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(plt, fig, "Training loss (median over repeats; band = min–max)", path)
 
 
 def plot_quality(summary, path: Path) -> Path:
@@ -310,11 +311,7 @@ def plot_quality(summary, path: Path) -> Path:
         ax.margins(x=0.25, y=0.25)
         if not len(s):
             ax.text(0.5, 0.5, "no successful cell", ha="center", va="center", transform=ax.transAxes)
-    fig.suptitle("Quality vs throughput (median; whiskers min–max)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(plt, fig, "Quality vs throughput (median; whiskers min–max)", path)
 
 
 # -------------------------------------------------------------------- html
