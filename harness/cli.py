@@ -148,6 +148,9 @@ _CELL_OPTIONS = (
     click.option("--seeds", callback=lambda ctx, p, v: _parse_seeds(v),
                  help="Run every cell under each seed: 1,2,3 (time to quality varies with the seed)."),
     click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where to train (default auto)."),
+    click.option("--cpu-memory", type=click.Choice(["resident", "live"]),
+                 help="CPU memory peak: resident (glibc defaults, default) or live (freed tensors leave the resident "
+                      "set at once; about a third slower; for memory studies)."),
     click.option("--shard", help="Run shard i of N of the cells: i/N (1-based)."),
 )
 

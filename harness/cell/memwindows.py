@@ -1,4 +1,5 @@
-"""Two memory windows per rank: setup (process start to engine ready) and training.
+"""Two memory windows per rank: setup (process start to engine ready, then the
+quality-before evaluation of a checkpoint) and training.
 
 Every backend is measured the same way: the peaks of the setup window are
 read once the engine is set up, then reset, so the training window's peak
@@ -6,7 +7,10 @@ covers the timed steps only.  Without the reset a backend that loads or
 moves a whole model during setup (a checkpoint's load transient, FSDP or
 ZeRO-3 before sharding) would carry that transient into its training peak,
 while DeepSpeed ZeRO-1/2, which reset CUDA's peak statistics inside their
-own initialisation, would not.
+own initialisation, would not.  The quality-before evaluation belongs to
+setup for the same reason: FSDP and ZeRO-3 evaluate a full copy of the
+model.  Evaluations during training (``--eval-every``, a target) stay in
+the training window: the run needs that memory while it trains.
 
 * CPU: the kernel's peak resident set (VmHWM), reset by writing ``5`` to
   ``/proc/self/clear_refs`` (Linux >= 4.0).  Where that write fails the

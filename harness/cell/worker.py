@@ -79,9 +79,10 @@ class Cell:
             self.encode_and_plan()
         with self.clock.phase("engine"):
             self.setup_engine()
-        self.memory.end_setup()
         self.out["setup_s"] = time.time() - self.t_launch
         self.evaluate_before()
+        # The training window starts here: an evaluation copy of the model (FSDP, ZeRO-3) is not a training peak.
+        self.memory.end_setup()
         self.train()
         self.evaluate()
         self.profile()
@@ -110,6 +111,14 @@ class Cell:
             return False
         self.device = _pick_device(self.spec.device, self.local_rank)
         self.out["device"] = _describe(self.device)
+        if self.device.type == "cpu":
+            from ftbench.harness.cell.hostalloc import apply_cpu_memory
+
+            # Before the model exists, so every tensor of the cell is allocated under the chosen policy.
+            why_not = apply_cpu_memory(self.spec.cpu_memory)
+            self.out["cpu_memory"] = "resident" if why_not else self.spec.cpu_memory
+            if why_not:
+                self.out["cpu_memory_note"] = why_not
         from ftbench.harness.cell.memwindows import MemoryWindows
 
         self.memory = MemoryWindows(self.device)
@@ -253,8 +262,9 @@ class Cell:
             return None
 
         def evaluate_and_resume():
-            metrics = self.held_out_metrics()
-            self.engine.eval_model().train()  # back to training mode (dropout, batch statistics)
+            model = self.engine.eval_model()  # one copy per evaluation where the backend must build one
+            metrics = self.held_out_metrics(model)
+            model.train()  # back to training mode (dropout, batch statistics)
             return metrics
 
         return QualityTracker(every, self.spec.target, self.task.metric_directions(), evaluate_and_resume,
@@ -280,15 +290,16 @@ class Cell:
         t0 = now()
         model = self.engine.eval_model()
         was_training = model.training
-        self.out["metrics_before"] = self.held_out_metrics()
+        self.out["metrics_before"] = self.held_out_metrics(model)
         model.train(was_training)
         self.out["eval_before_s"] = now() - t0
 
-    def held_out_metrics(self) -> dict:
+    def held_out_metrics(self, model=None) -> dict:
         from ftbench.harness.cell.evaluation import evaluate
 
         n = self.spec.eval_examples
-        return evaluate(self.engine.eval_model(), task=self.task, tokenizer=self.tokenizer, kind=self.kind,
+        model = model if model is not None else self.engine.eval_model()
+        return evaluate(model, task=self.task, tokenizer=self.tokenizer, kind=self.kind,
                         device=self.device, recipe=self.recipe, options=self.options,
                         rows=self.splits["validation"][:n], encoded=self.enc["validation"][:n],
                         loss_fn=self.ctx.loss_fn, make_batch=self.make_batch, encode=self.encode)

@@ -219,6 +219,9 @@ class CellSpec:
     target: str | None = None
     #: End the cell once its target is reached.
     stop_at_target: bool = False
+    #: What a CPU cell's memory peak counts: ``resident`` (glibc's defaults) or ``live``
+    #: (freed tensors leave the resident set; slower), see ftbench.harness.cell.hostalloc.
+    cpu_memory: str = "resident"
 
     def task_name_and_options(self) -> tuple[str, dict]:
         return parse_spec(self.task, "task")
@@ -278,7 +281,7 @@ class CellSpec:
 #: result sets keep pairing with new runs).  A new field of Recipe or CellSpec
 #: belongs here; ``tests/test_grid.py`` checks the committed baseline's ids.
 ADDED_LATER: frozenset[str] = frozenset({"eval_every", "target", "stop_at_target", "recipe_defaults",
-                                          "packing"})
+                                          "packing", "cpu_memory"})
 
 
 def _without_later_defaults(d: dict, cls) -> dict:

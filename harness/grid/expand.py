@@ -25,11 +25,11 @@ from ftbench.harness.grid.targets import check_grid_targets, target_for_task
 
 AXES = ("task", "backend", "model", "data")
 CELL_SETTINGS = ("nproc", "time_limit_s", "memory_limit_mb", "eval_examples", "device", "columns", "launcher",
-                 "eval_every", "stop_at_target", "profile_steps")
+                 "eval_every", "stop_at_target", "profile_steps", "cpu_memory")
 #: Settings a grid may sweep as extra axes: the recipe, and the rank count.
 SWEEPABLE = tuple(RECIPE_FIELDS) + ("nproc", "eval_examples")
 #: Settings a ``per_cell`` rule may set: how a cell runs, never what it computes.
-PER_CELL_SETTINGS = ("time_limit_s", "memory_limit_mb", "eval_examples", "device", "launcher", "eval_every",
+PER_CELL_SETTINGS = ("time_limit_s", "memory_limit_mb", "eval_examples", "device", "launcher", "eval_every", "cpu_memory",
                      "profile_steps")
 AUTO_MODEL = "auto"
 

@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 
 from ftbench.harness.api import FtbenchError
+from ftbench.harness.cell.hostalloc import MODES as CPU_MEMORY_MODES
 from ftbench.harness.grid.finetune_checks import check_finetuning
 from ftbench.harness.grid.resolve import check_seq_len, resolve_cell
 
@@ -70,6 +71,8 @@ def _check_settings(cell) -> None:
         bad("nproc", cell.nproc, "must be an integer >= 1")
     if cell.device not in DEVICES:
         bad("device", cell.device, f"choose one of {', '.join(DEVICES)}")
+    if cell.cpu_memory not in CPU_MEMORY_MODES:
+        bad("cpu_memory", cell.cpu_memory, f"choose {' or '.join(CPU_MEMORY_MODES)} (docs/memory.md)")
     if not isinstance(cell.launcher, dict):
         bad("launcher", cell.launcher, "must be a mapping such as {nnodes: 2, master_addr: host}")
 

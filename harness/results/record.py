@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 
+from ftbench.harness.cell.hostalloc import MEMORY_KIND as CPU_MEMORY_KIND
 from ftbench.harness.running.cellproc import CellOutcome
 from ftbench.harness.grid.config import CellSpec
 
@@ -22,7 +23,7 @@ FROM_RANK0 = (
     "rss_before_model_bytes", "state_bytes_theory", "peak_flops_source", "setup_s", "setup_phases",
     "compile_s", "eval_s", "eval_loss", "metric", "metric_value", "higher_is_better", "trainable_params",
     "total_params", "model_kind", "vocab_size", "truncated_examples", "truncated_tokens",
-    "metrics_before", "eval_before_s", "pad_fraction", "packed_rows",
+    "metrics_before", "eval_before_s", "pad_fraction", "packed_rows", "cpu_memory", "cpu_memory_note",
     # rows of each split the cell read (batches, tokenizer sample, evaluation examples; docs/data.md)
     "rows_read",
     # dtypes (ftbench.harness.cell.weights)
@@ -73,7 +74,7 @@ def _memory(ranks: list[dict], main: dict, outcome: CellOutcome) -> dict:
     per_rank = [{"rank": r.get("rank"), **(r.get("memory") or {})} for r in ranks]
     on_cuda = (main.get("device") or {}).get("type") == "cuda"
     return {**memory_windows(per_rank, on_cuda),
-            "memory_kind": MEMORY_KINDS["cuda" if on_cuda else "cpu"],
+            "memory_kind": MEMORY_KINDS["cuda"] if on_cuda else CPU_MEMORY_KIND[main.get("cpu_memory") or "resident"],
             "memory_per_rank": per_rank,
             "memory_tree_peak_bytes": outcome.tree_peak_bytes or None}
 
