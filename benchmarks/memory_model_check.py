@@ -6,9 +6,12 @@ steps on eager (1 rank) and on every sharding backend at 2 ranks, and
 prints per cell: the memory model's prediction per rank
 (``memory_predicted_bytes``), the measured peak (max over ranks, VmHWM),
 and the part that grows with the model: ``peak - rss_before_model`` against
-the prediction less the harness's own footprint.
+the prediction less the harness's own footprint.  Cells run with
+``--cpu-memory live`` (the peak of live tensors, what the model predicts) and
+``resident`` (glibc's defaults, for the ratio between the two).
 
     FTBENCH_WIDTHS=256x4,768x8 python benchmarks/memory_model_check.py [OUT_DIR]
+    FTBENCH_CPU_MEMORY=live python benchmarks/memory_model_check.py     # only the live mode (half the time)
     python benchmarks/memory_model_check.py save DIR 256x4     # just save such a model
     python benchmarks/memory_model_check.py table MODELS_DIR OUT_DIR...   # recompute predictions
 """
@@ -36,16 +39,22 @@ def save_model(path: Path, width: int, layers: int) -> None:
     save(path, width, layers)
 
 
-def run(model_dir: Path, out: Path) -> None:
-    args = [sys.executable, "-m", "ftbench.harness.cli", "run", "--task", "generation", "--model", str(model_dir),
-            "--steps", "3", "--warmup", "1", "--seq-len", "32", "--batch-size", "4", "--eval-examples", "4",
-            "--nproc", "2", "--out", str(out)]
-    for b in BACKENDS:
-        args += ["--backend", b]
-    subprocess.run(args, check=True, cwd=ROOT)
+#: Memory modes to measure (--cpu-memory): live is what the model predicts; resident is glibc's default.
+MODES = tuple(os.environ.get("FTBENCH_CPU_MEMORY", "live,resident").split(","))
 
 
-def _predicted(r: dict, models: Path | None) -> int:
+def run(model_dir: Path, out: Path, modes=MODES) -> None:
+    """One result set per mode: ``out/live``, ``out/resident``."""
+    for mode in modes:
+        args = [sys.executable, "-m", "ftbench.harness.cli", "run", "--task", "generation", "--model", str(model_dir),
+                "--steps", "3", "--warmup", "1", "--seq-len", "32", "--batch-size", "4", "--eval-examples", "4",
+                "--nproc", "2", "--out", str(out / mode), "--cpu-memory", mode]
+        for b in BACKENDS:
+            args += ["--backend", b]
+        subprocess.run(args, check=True, cwd=ROOT)
+
+
+def _predicted(r: dict, models: Path | None):
     """The current memory model's prediction for a record's cell (its model moved to ``models``)."""
     from ftbench.harness.grid.config import CellSpec
     from ftbench.harness.grid.memplan import predict_cell
@@ -54,27 +63,41 @@ def _predicted(r: dict, models: Path | None) -> int:
     config = dict(r["config"])
     if models is not None:
         config["model"] = str(models / Path(config["model"]).name)
-    return predict_cell(Registry.load(), CellSpec.from_dict(config)).device_bytes
+    return predict_cell(Registry.load(), CellSpec.from_dict(config))
+
+
+def _fixed(pred) -> int:
+    """The prediction's part that does not grow with the model: the harness and the backend's runtime."""
+    return pred.breakdown.get("harness", 0) + pred.breakdown.get("backend runtime", 0)
 
 
 def table(out_dirs, models: Path | None = None) -> str:
-    from ftbench.harness.memory_model import HARNESS_CPU_BYTES
-
-    lines = ["| model | params | backend | predicted per rank | measured peak | predicted / measured "
-             "| predicted growth | measured growth | growth ratio |", "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    """Predicted against measured per (model, backend): the live peak, the growth over the harness, and
+    the resident peak under glibc's defaults where that mode ran too."""
+    lines = ["| model | params | backend | predicted per rank | peak (live) | predicted / live "
+             "| predicted growth | measured growth | growth ratio | peak (resident) | resident / live | peak in |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for name, out in out_dirs:
-        for line in (out / "results.jsonl").read_text().splitlines():
+        cells: dict = {}
+        records = [line for f in sorted(out.glob("**/results.jsonl")) for line in f.read_text().splitlines()]
+        for line in records:
             r = json.loads(line)
-            ranks = f" ×{r['nproc']}" if r["nproc"] > 1 else ""
-            if r["status"] != "ok":
-                lines.append(f"| {name} | | {r['backend']}{ranks} | | {r['status']} | | | | |")
+            mode = r["config"].get("cpu_memory", "resident")
+            cells.setdefault(r["backend"] + (f" ×{r['nproc']}" if r["nproc"] > 1 else ""), {})[mode] = r
+        for backend, by_mode in cells.items():
+            live, resident = by_mode.get("live"), by_mode.get("resident")
+            res = f"{resident['peak_memory_bytes'] / MiB:,.0f} MiB" if resident and resident["status"] == "ok" \
+                else (resident or {}).get("status", "")
+            if not live or live["status"] != "ok":
+                lines.append(f"| {name} | | {backend} | | {(live or {}).get('status', '-')} | | | | | {res} | | |")
                 continue
-            pred, peak, before = _predicted(r, models), r["peak_memory_bytes"], r["rss_before_model_bytes"]
-            grown_pred = pred - HARNESS_CPU_BYTES
-            grown = peak - before
-            lines.append(f"| {name} | {r['total_params'] / 1e6:.1f} M | {r['backend']}{ranks} | {pred / MiB:,.0f} MiB "
-                         f"| {peak / MiB:,.0f} MiB | {pred / peak:.2f} | {grown_pred / MiB:,.0f} MiB "
-                         f"| {grown / MiB:,.0f} MiB | {grown_pred / grown:.2f} |")
+            pred = _predicted(live, models)
+            peak, before = live["peak_memory_bytes"], live["rss_before_model_bytes"]
+            grown_pred, grown = pred.device_bytes - _fixed(pred), peak - before
+            ratio = f"{resident['peak_memory_bytes'] / peak:.2f}" if resident and resident["status"] == "ok" else ""
+            lines.append(f"| {name} | {live['total_params'] / 1e6:.1f} M | {backend} | {pred.device_bytes / MiB:,.0f} MiB "
+                         f"| {peak / MiB:,.0f} MiB | {pred.device_bytes / peak:.2f} | {grown_pred / MiB:,.0f} MiB "
+                         f"| {grown / MiB:,.0f} MiB | {grown_pred / grown:.2f} | {res} | {ratio} | {pred.peak_phase} |")
     return "\n".join(lines)
 
 

@@ -35,10 +35,11 @@ FP32 = 4
 #: Bytes per element of autocast's low-precision weight copies and activations.
 LOW_PRECISION = {"fp32": 4, "bf16": 2, "fp16": 2}
 #: Resident memory of a CPU cell process besides its model: Python, torch, transformers,
-#: the harness, data and tokenizer (``rss_before_model_bytes``: 255-290 MiB), plus what the
-#: first training step maps (kernels, allocator arenas, the pre-collated batches).  Measured
-#: as the peak of tiny-model cells, whose model state is about 1 MiB: 338-354 MiB (docs/memory.md).
-HARNESS_CPU_BYTES = 340 * MiB
+#: the harness, data and tokenizer (``rss_before_model_bytes``: 295-365 MiB; a fork-server
+#: cell also has its backends' libraries imported by then), plus what the first training step
+#: maps.  Measured under ``--cpu-memory live`` as a cell's peak less its predicted model part:
+#: 324-385 MiB for eager, ddp and fsdp at 3.3M and 57M parameters (docs/memory.md).
+HARNESS_CPU_BYTES = 350 * MiB
 #: The torchrun launcher of a multi-rank cell (its own Python and torch), CPU tree only.
 LAUNCHER_CPU_BYTES = 200 * MiB
 
@@ -56,8 +57,22 @@ class MemoryPlan:
     ``grad_buffers``: extra gradient-sized buffers, as a multiple of the
     full gradients (reduction buckets as large as the gradients: 1.0).  ``gathered_layers``: with
     sharded weights, how many of the largest layers are gathered in full at
-    once (weights and their gradients).  ``runtime_bytes``: what the
-    backend's libraries add to each rank's host footprint (CPU only).
+    once (weights and their gradients); ``gathered_params``: weights (in
+    parameters, at most all of them) that stay gathered through the forward
+    pass instead (ZeRO-3's prefetch and reuse), ``gather_copies`` times
+    (2 when gathered weights are also copied in from host memory).
+    ``host_buffers``: staging copies of the rank's optimizer partition that
+    an offloading optimizer keeps in host memory.  ``bucket_params``: elements
+    of one gradient reduction bucket (at most the trainable parameters), of
+    which ``persistent_buckets`` live for the whole run and ``reduce_copies``
+    exist while a bucket is reduced (the bucket and its copies for the
+    collective).  ``step_copies``: temporaries of the optimizer step, in
+    copies of the rank's fp32 optimizer partition.  ``runtime_bytes``: what
+    the backend's libraries add to each rank's host footprint (CPU only).
+
+    The peak is the persistent state plus the largest of three transient
+    phases: forward/backward (activations, gathered weights), gradient
+    reduction (bucket copies) and the optimizer step (its temporaries).
 
     Example (ZeRO-2 over 2 ranks, from a backend plugin)::
 
@@ -75,6 +90,13 @@ class MemoryPlan:
     master_weights: bool = False
     grad_buffers: float = 0.0
     gathered_layers: int = 0
+    gathered_params: int = 0
+    gather_copies: int = 1
+    host_buffers: float = 0.0
+    bucket_params: int = 0
+    persistent_buckets: int = 0
+    reduce_copies: int = 0
+    step_copies: float = 0.0
     runtime_bytes: int = 0
     note: str = ""
 
@@ -125,6 +147,9 @@ class Prediction:
     activation_bytes: int
     micro_batch: int
     plan: dict = field(default_factory=dict)
+    #: The transient phase the peak falls in, and what each phase adds to the persistent state.
+    peak_phase: str = "forward/backward"
+    phases: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -145,9 +170,6 @@ def model_state_bytes(counts: ParamCounts, plan: MemoryPlan, weight_bytes: int =
     host: dict[str, int] = {}
     weights = weight_bytes * P // plan.weights_shards
     (host if plan.offload_weights else dev)["weights"] = weights
-    if plan.gathered_layers:
-        # A gathered layer holds its full weights and, in backward, their full gradients.
-        dev["gathered_layers"] = 2 * weight_bytes * counts.largest_layer * plan.gathered_layers
     moved = plan.offload_optimizer
     grads = weight_bytes * T // plan.grads_shards
     if not moved:
@@ -158,12 +180,16 @@ def model_state_bytes(counts: ParamCounts, plan: MemoryPlan, weight_bytes: int =
     # else: low-precision gradients stream into the host's fp32 master gradients (counted below).
     if plan.grad_buffers:
         dev["gradient_buffers"] = int(plan.grad_buffers * weight_bytes * T)
+    if plan.persistent_buckets:
+        dev["reduction_bucket"] = plan.persistent_buckets * bucket_bytes(counts, plan, weight_bytes)
     opt = host if moved else dev
     opt["optimizer"] = 2 * FP32 * T // plan.optimizer_shards
     if plan.master_weights or weight_bytes != FP32:
         opt["master_weights"] = FP32 * T // plan.optimizer_shards
     if weight_bytes != FP32:
         opt["master_gradients"] = FP32 * T // plan.optimizer_shards
+    if plan.host_buffers and moved:
+        host["staging_buffers"] = int(plan.host_buffers * FP32 * T / plan.optimizer_shards)
     if autocast_bytes < FP32:
         dev["autocast_copies"] = autocast_bytes * P // plan.weights_shards
     return {k: v for k, v in dev.items() if v}, host
@@ -200,18 +226,55 @@ def activation_bytes(shape: ModelShape, micro_batch: int, seq_len: int, checkpoi
     return saved + head + recompute
 
 
+def bucket_bytes(counts: ParamCounts, plan: MemoryPlan, weight_bytes: int = FP32) -> int:
+    """One gradient reduction bucket: ``bucket_params`` elements, never more than the gradients."""
+    return weight_bytes * min(plan.bucket_params, counts.trainable)
+
+
+def transient_phases(counts: ParamCounts, plan: MemoryPlan, activations: int,
+                     weight_bytes: int = FP32) -> dict[str, dict[str, int]]:
+    """What each phase of a step adds on top of the persistent state, by component.
+
+    Forward/backward: the saved activations, plus the weights a sharded
+    backend gathers (``gathered_layers`` largest layers with their gradients,
+    or ``gathered_params`` kept gathered through the pass).  Gradient
+    reduction: the bucket and its copies.  Optimizer step: its temporaries
+    (on the host when the optimizer is offloaded).
+    """
+    fwd = {"activations": activations}
+    if plan.gathered_layers:
+        # A gathered layer holds its full weights and, in backward, their full gradients.
+        fwd["gathered_layers"] = 2 * weight_bytes * counts.largest_layer * plan.gathered_layers
+    if plan.gathered_params:
+        fwd["gathered_weights"] = plan.gather_copies * weight_bytes * min(plan.gathered_params, counts.total)
+    phases = {"forward/backward": fwd}
+    if plan.reduce_copies and plan.bucket_params:
+        phases["gradient reduction"] = {"reduction_copies": plan.reduce_copies * bucket_bytes(counts, plan,
+                                                                                             weight_bytes)}
+    if plan.step_copies:
+        phases["optimizer step"] = {"step_temporaries": int(plan.step_copies * FP32 * counts.trainable
+                                                            / plan.optimizer_shards)}
+    return phases
+
+
 def predict(counts: ParamCounts, shape: ModelShape, recipe, plan: MemoryPlan, world_size: int,
             micro_batch: int, device_type: str = "cpu") -> Prediction:
     """Peak memory of one rank of a cell training ``micro_batch`` examples at a time.
 
-    The peak is reached in backward after the first optimizer step: every
-    model state exists and the micro-batch's activations are saved.
+    Every model state exists from the first optimizer step on; the peak is
+    that persistent state plus the largest transient phase of a step
+    (:func:`transient_phases`): the micro-batch's saved activations in
+    backward, a gradient bucket being reduced, or the optimizer's
+    temporaries, whichever is largest.
     """
     low = LOW_PRECISION.get(recipe.precision, FP32)
     dev, host = model_state_bytes(counts, plan, FP32, low)
     acts = activation_bytes(shape, micro_batch, recipe.seq_len, recipe.grad_checkpointing, low)
-    breakdown = dict(dev)
-    breakdown["activations"] = acts
+    phases = transient_phases(counts, plan, acts)
+    if plan.offload_optimizer and "optimizer step" in phases:
+        host.update(phases.pop("optimizer step"))
+    peak_phase = max(phases, key=lambda name: sum(phases[name].values()))
+    breakdown = {**dev, **phases[peak_phase]}
     state = sum(dev.values()) + sum(host.values())
     if device_type == "cpu":
         # On CPU the offloaded states live in the same process's resident memory.
@@ -225,7 +288,8 @@ def predict(counts: ParamCounts, shape: ModelShape, recipe, plan: MemoryPlan, wo
         if device_type == "cpu" else host_total * world_size
     return Prediction(breakdown=breakdown, host_breakdown=host, device_bytes=device, host_bytes=host_total,
                       tree_bytes=tree, state_bytes=state, activation_bytes=acts, micro_batch=micro_batch,
-                      plan=asdict(plan))
+                      plan=asdict(plan), peak_phase=peak_phase,
+                      phases={name: sum(parts.values()) for name, parts in phases.items()})
 
 
 def harness_floor_bytes(world_size: int, plan: MemoryPlan | None = None) -> int:

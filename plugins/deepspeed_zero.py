@@ -37,9 +37,10 @@ INSTALL_HINT = "needs deepspeed: pip install 'ftbench[deepspeed]' (or pip instal
 #: Releases before this have ZeRO bf16 and tied-parameter bugs that change results.
 MIN_VERSION = (0, 17, 6)
 OFFLOAD = ("none", "cpu")
-#: Host memory DeepSpeed's import, CPU accelerator and shared-memory communication add to a
-#: rank on CPU: measured on a 3.3M-parameter GPT-2, whose model state is ~50 MiB (docs/memory.md).
-RUNTIME_BYTES = 180 * 2**20
+#: Host memory DeepSpeed's process group, CPU accelerator and shared-memory communication add
+#: to a rank on CPU beyond the harness (the fork server has imported DeepSpeed already):
+#: measured under --cpu-memory live on 3.3M- and 57M-parameter GPT-2s (docs/memory.md).
+RUNTIME_BYTES = 40 * 2**20
 
 #: DeepSpeed keys the recipe owns, and the flag that sets each instead.
 RECIPE_KEYS = {
@@ -139,21 +140,41 @@ class DeepSpeedEngine(Engine):
 
     @classmethod
     def memory_plan(cls, options: dict, world_size: int) -> MemoryPlan:
-        """The ZeRO paper's partitioning: stage 1 the optimizer states, 2 also the
-        gradients, 3 also the weights.  Stages 1-3 keep an fp32 copy of each
-        rank's weight partition for the optimizer, even over fp32 weights, and
-        stages 1-2 copy gradients into a contiguous reduction buffer of up to
-        ``reduce_bucket_size`` (5e8) elements: a second full gradient for any
-        model below 500M parameters (measured, docs/memory.md)."""
+        """The ZeRO paper's partitioning (stage 1 the optimizer states, 2 also the gradients,
+        3 also the weights) with an fp32 copy of each rank's weight partition for the optimizer,
+        plus what DeepSpeed's own buffers add, measured step by step on CPU/gloo
+        (docs/memory.md):
+
+        * a gradient bucket of ``reduce_bucket_size`` elements (5e8) fills in backward and is
+          copied to be reduced: two bucket-sized buffers at the end of backward; stage 3 keeps
+          its bucket for the whole run;
+        * the optimizer step over the flat fp32 partition makes three partition-sized
+          temporaries (the flattened gradient, ``sqrt`` and its quotient);
+        * stage 3 prefetches and, while ``stage3_max_reuse_distance`` lets it, keeps gathered
+          up to ``stage3_max_live_parameters`` weights through the forward pass;
+        * with offload, two host staging copies of the partition.
+
+        Stage 1 holds the same gradient partition as stage 2 here (DeepSpeed runs both through
+        one optimizer class; measured at one micro-batch per step).
+        """
         stage = int(options.get("stage", 0))
         n = world_size
-        return MemoryPlan(weights_shards=n if stage >= 3 else 1, grads_shards=n if stage >= 2 else 1,
-                          optimizer_shards=n if stage >= 1 else 1, master_weights=stage >= 1,
-                          grad_buffers=1.0 if stage in (1, 2) else 0.0,
-                          offload_optimizer=options.get("offload", "none") == "cpu",
-                          offload_weights=options.get("offload_param", "none") == "cpu",
-                          gathered_layers=1 if stage >= 3 else 0, runtime_bytes=RUNTIME_BYTES,
-                          note=f"ZeRO stage {stage}")
+        zero = _passthrough(options).get("zero_optimization") or {}
+        offload = options.get("offload", "none") == "cpu"
+        offload_param = options.get("offload_param", "none") == "cpu"
+        if stage == 0:
+            return MemoryPlan(runtime_bytes=RUNTIME_BYTES, note="ZeRO stage 0")
+        bucket = _zero_int(zero, "reduce_bucket_size", 500_000_000)
+        keeps_gathered = stage == 3 and _zero_int(zero, "stage3_prefetch_bucket_size", 50_000_000) > 0 \
+            and _zero_int(zero, "stage3_max_reuse_distance", 1_000_000_000) > 0
+        return MemoryPlan(weights_shards=n if stage == 3 else 1, grads_shards=n, optimizer_shards=n,
+                          master_weights=True, offload_optimizer=offload, offload_weights=offload_param,
+                          bucket_params=bucket, persistent_buckets=1 if stage == 3 else 0, reduce_copies=2,
+                          step_copies=0 if offload else 3, host_buffers=2 if offload else 0,
+                          gathered_params=_zero_int(zero, "stage3_max_live_parameters", 1_000_000_000)
+                          if keeps_gathered else 0, gather_copies=2 if offload_param else 1,
+                          gathered_layers=1 if stage == 3 and not keeps_gathered else 0,
+                          runtime_bytes=RUNTIME_BYTES, note=f"ZeRO stage {stage}")
 
     # ------------------------------------------------------------ config
 
@@ -279,6 +300,14 @@ def _partition_from_host(model, config: dict, device) -> None:
                 module._buffers[name] = buf.to(device)
 
 
+def _zero_int(zero: dict, key: str, default: int) -> int:
+    """A numeric ``zero_optimization`` setting (JSON may write 5e8), or DeepSpeed's default."""
+    try:
+        return int(float(zero.get(key, default)))
+    except (TypeError, ValueError):
+        return default  # "auto" and the like: DeepSpeed resolves them itself
+
+
 def _installed_version() -> str | None:
     from ftbench import package_version
 
@@ -349,3 +378,4 @@ def register_backends(register):
     spec("zero2-offload", "DeepSpeed ZeRO-2, optimizer offloaded to CPU (DeepSpeedCPUAdam)", stage=2, offload="cpu")
     spec("zero3-offload", "DeepSpeed ZeRO-3, optimizer and parameters offloaded to CPU", stage=3, offload="cpu",
          offload_param="cpu")
+

@@ -8,16 +8,16 @@ import pytest
 
 import ftbench
 from ftbench.harness.memory_model import (MemoryPlan, ModelShape, ParamCounts, model_state_bytes, predict,
-                                          saved_activation_bytes)
+                                          saved_activation_bytes, transient_phases)
 
 P, LAYER = 1_234_567_891, 98_765_432
 
 
-def zero(stage: int, n: int, offload: bool = False, offload_param: bool = False) -> MemoryPlan:
+def zero(stage: int, n: int, offload: bool = False, offload_param: bool = False, **ds) -> MemoryPlan:
     from ftbench.plugins.deepspeed_zero import DeepSpeedEngine
 
     return DeepSpeedEngine.memory_plan({"stage": stage, "offload": "cpu" if offload else "none",
-                                        "offload_param": "cpu" if offload_param else "none"}, n)
+                                        "offload_param": "cpu" if offload_param else "none", **ds}, n)
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +36,10 @@ def test_zero2_matches_deepspeeds_estimator(ds, n, offload):
     # DeepSpeed's estimator assumes 16-bit weights with an fp32 master copy: weight_bytes=2.
     cpu, gpu = ds[0](P, num_gpus_per_node=n, cpu_offload=offload, additional_buffer_factor=1.0)
     dev, host = model_state_bytes(ParamCounts(P, P, LAYER), zero(2, n, offload), weight_bytes=2)
-    # Differs: the estimator leaves out the contiguous reduction buffer (a full gradient, measured).
-    assert dev.pop("gradient_buffers") == 2 * P
+    # Differs with offload: the estimator leaves out the two host staging copies of the fp32 partition
+    # (measured, docs/memory.md).  The reduction bucket is transient: not a model state here either.
+    if offload:
+        assert host.pop("staging_buffers") == pytest.approx(2 * 4 * P / n, abs=8)
     assert sum(dev.values()) == pytest.approx(gpu, abs=n * 8)
     if offload and n <= 4:
         # Per node: every rank's offloaded partition (DeepSpeed: max(4 N, 16) bytes per parameter).
@@ -52,13 +54,23 @@ def test_zero2_matches_deepspeeds_estimator(ds, n, offload):
 def test_zero3_matches_deepspeeds_estimator(ds, n, offload, offload_param):
     cpu, gpu, largest = ds[1](P, LAYER, num_gpus_per_node=n, cpu_offload=offload, cpu_offload_params=offload_param,
                               zero_init=True, additional_buffer_factor=1.0)
-    dev, host = model_state_bytes(ParamCounts(P, P, LAYER), zero(3, n, offload, offload_param), weight_bytes=2)
-    # Differs without offload: DeepSpeed's stage-3 estimate leaves out the 16-bit gradient partition
-    # (2/N bytes per parameter) that its stage-2 estimate counts and that stage 3 also holds.
+    plan = zero(3, n, offload, offload_param, **{"ds.zero_optimization.stage3_prefetch_bucket_size": 0})
+    dev, host = model_state_bytes(ParamCounts(P, P, LAYER), plan, weight_bytes=2)
+    # Differs: DeepSpeed's stage-3 estimate leaves out the 16-bit gradient partition (2/N bytes per
+    # parameter) that its stage-2 estimate counts and that stage 3 also holds, the reduction bucket
+    # stage 3 keeps (measured) and, with offload, the host staging copies.
     grads16 = 0 if offload else 2 * P / n
-    assert sum(dev.values()) == pytest.approx(gpu + grads16, abs=n * 8)
-    assert dev["gathered_layers"] == largest
+    bucket = dev.pop("reduction_bucket")
+    assert bucket == 2 * 500_000_000
+    assert sum(dev.values()) == pytest.approx(gpu + grads16 - largest, abs=n * 8)
+    # The estimator's largest layer (its 16-bit weights and gradients) is the forward pass's gathered layer
+    # when nothing is prefetched; with DeepSpeed's defaults the prefetched weights stay gathered instead.
+    fwd = transient_phases(ParamCounts(P, P, LAYER), plan, 0, weight_bytes=2)["forward/backward"]
+    assert fwd["gathered_layers"] == largest
+    default = transient_phases(ParamCounts(P, P, LAYER), zero(3, n, offload, offload_param), 0, weight_bytes=2)
+    assert default["forward/backward"]["gathered_weights"] == (2 if offload_param else 1) * 2 * 1_000_000_000
     if offload:
+        host.pop("staging_buffers")
         assert sum(host.values()) * n == pytest.approx(cpu, abs=n * 8)
 
 
@@ -66,12 +78,35 @@ def test_zero3_matches_deepspeeds_estimator(ds, n, offload, offload_param):
 def test_zero_paper_bytes_per_parameter_plus_fp32_gradients(stage):
     """The ZeRO paper (K = 12: fp32 master, momentum, variance): stage 1 2+2+K/N, stage 2 2+(2+K)/N,
     stage 3 (2+2+K)/N bytes per parameter.  DeepSpeed also keeps the optimizer's fp32 gradient
-    partition, 4/N more; so do we."""
+    partition, 4/N more; so do we.  Its stage 1 runs through the same optimizer class as stage 2 and
+    keeps only the gradient partition between steps (measured, docs/memory.md): 2/N, not the paper's 2."""
     n, k = 4, 12
     paper = {1: 2 + 2 + k / n, 2: 2 + (2 + k) / n, 3: (2 + 2 + k) / n}[stage]
+    if stage == 1:
+        paper += 2 / n - 2
     dev, _ = model_state_bytes(ParamCounts(P, P, 0), zero(stage, n), weight_bytes=2)
-    dev.pop("gradient_buffers", None)  # DeepSpeed's reduction buffer, in neither the paper nor the estimator
+    dev.pop("reduction_bucket", None)  # DeepSpeed's reduction buffer, in neither the paper nor the estimator
     assert sum(dev.values()) / P == pytest.approx(paper + 4 / n, rel=1e-6)
+
+
+def test_peak_is_the_persistent_state_plus_the_largest_phase():
+    """Activations, a bucket being reduced and the optimizer's temporaries do not coexist: the peak
+    takes the largest phase, so a larger micro-batch moves the peak from the step to backward."""
+    from ftbench.harness.grid.config import Recipe
+
+    counts, shape = ParamCounts(10**7, 10**7, 10**6), ModelShape("decoder", 256, 4, 1024, 1000)
+    plan = zero(2, 2)
+    small = predict(counts, shape, Recipe(seq_len=32), plan, 2, 1, "cuda")
+    large = predict(counts, shape, Recipe(seq_len=32), plan, 2, 64, "cuda")
+    assert small.peak_phase == "gradient reduction"  # two 40 MB bucket copies beat 1 x 32 tokens
+    assert small.breakdown["reduction_copies"] == 2 * 4 * 10**7 and "activations" not in small.breakdown
+    assert large.peak_phase == "forward/backward" and "reduction_copies" not in large.breakdown
+    assert small.device_bytes == sum(small.breakdown.values())
+    assert small.phases["optimizer step"] == 3 * 4 * 10**7 // 2
+    # Offloaded, DeepSpeed's CPU Adam steps in place: no step temporaries, on the device or the host.
+    off = predict(counts, shape, Recipe(seq_len=32), zero(2, 2, offload=True), 2, 1, "cuda")
+    assert "optimizer step" not in off.phases and "step_temporaries" not in off.host_breakdown
+    assert off.host_breakdown["staging_buffers"] == 2 * 4 * 10**7 // 2
 
 
 def test_ftbench_policy_fp32_weights():
@@ -81,9 +116,10 @@ def test_ftbench_policy_fp32_weights():
     eager, _ = model_state_bytes(counts, ftbench.Engine.memory_plan({}, 1))
     assert sum(eager.values()) == 16 * P
     z2, _ = model_state_bytes(counts, zero(2, 4))
-    assert sum(z2.values()) == pytest.approx(4 * P + 4 * P + (4 + 8 + 4) * P / 4, rel=1e-6)
+    assert sum(z2.values()) == pytest.approx(4 * P + (4 + 8 + 4) * P / 4, rel=1e-6)
     z2o, host = model_state_bytes(counts, zero(2, 4, offload=True))
-    assert z2o == {"weights": 4 * P, "gradient_buffers": 4 * P} and sum(host.values()) == pytest.approx((4 + 8 + 4) * P / 4, rel=1e-6)
+    # Offloaded: gradients, moments, master and two staging copies of the partition on the host.
+    assert z2o == {"weights": 4 * P} and sum(host.values()) == pytest.approx((4 + 8 + 4 + 8) * P / 4, rel=1e-6)
     bf16, _ = model_state_bytes(counts, ftbench.Engine.memory_plan({}, 1), autocast_bytes=2)
     assert bf16["autocast_copies"] == 2 * P
 
@@ -100,7 +136,14 @@ def test_backends_declare_their_own_plans():
     assert DDPEngine.memory_plan({}, 2).grad_buffers == 1.0
     assert DDPEngine.memory_plan({"gradient_as_bucket_view": True}, 2).grad_buffers == 0.0
     f = FSDPEngine.memory_plan({"reshard_after_forward": True}, 4)
-    assert (f.weights_shards, f.grads_shards, f.optimizer_shards) == (4, 4, 4)
+    assert (f.weights_shards, f.grads_shards, f.optimizer_shards) == (4, 4, 4) and f.gathered_params == 0
+    assert FSDPEngine.memory_plan({"reshard_after_forward": False}, 4).gathered_params >= 10**12
+    # DeepSpeed's own settings change the plan: a smaller bucket, or no prefetch (one layer gathered).
+    z3 = zero(3, 2, **{"ds.zero_optimization.reduce_bucket_size": "1e6",
+                       "ds.zero_optimization.stage3_prefetch_bucket_size": 0})
+    assert (z3.bucket_params, z3.gathered_params, z3.gathered_layers, z3.persistent_buckets) == (10**6, 0, 1, 1)
+    assert zero(3, 2).gathered_params == 10**9 and zero(2, 2).persistent_buckets == 0
+    assert zero(0, 2) == MemoryPlan(runtime_bytes=zero(0, 2).runtime_bytes, note="ZeRO stage 0")
     assert ftbench.MemoryPlan is MemoryPlan and "MemoryPlan" in ftbench.__all__
 
 

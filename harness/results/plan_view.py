@@ -8,7 +8,8 @@ from ftbench.harness.memory_model import MiB
 SHORT = {"weights": "weights", "gradients": "grads", "gradient_buffers": "grad buckets", "optimizer": "AdamW",
          "master_weights": "fp32 master", "master_gradients": "fp32 grads", "gathered_layers": "gathered",
          "autocast_copies": "autocast", "activations": "activations", "harness": "harness",
-         "backend runtime": "runtime"}
+         "backend runtime": "runtime", "gathered_weights": "gathered weights", "reduction_bucket": "bucket",
+         "reduction_copies": "bucket copies", "step_temporaries": "step temporaries", "staging_buffers": "staging"}
 
 
 def _mib(v) -> str:
