@@ -82,6 +82,26 @@ def test_auto_micro_batch_under_a_memory_limit(tmp_path):
     user = CellSpec.from_dict({**rec["config"], "recipe": {**rec["config"]["recipe"], "grad_accum": 1}})
     assert rec["recipe_fingerprint"] == user.fingerprint()
     assert _processes_tagged(tag) == []
+    # Resumed with a second repeat: the planned cell counts as done, and the new repeat reuses the search.
+    again = ftbench("run", *common, "--micro-batch", "auto", "--memory-limit-mb", LIMIT_MB, "--out", out,
+                    "--repeat", "2")
+    assert again.returncode == 0, again.stderr
+    recs = records(out)
+    assert len(recs) == 2 and recs[1]["config"]["repeat"] == 1 and recs[1]["micro_batch"] == m
+    assert recs[1]["micro_batch_search"]["probes"] == search["probes"]
+    assert "earlier run" in recs[1]["micro_batch_search"]["note"]
+
+
+def test_a_search_names_the_planned_cell_so_a_resumed_grid_finds_it():
+    from ftbench.harness.running.fit import FitResult
+
+    cell = CellSpec(task="generation", backend="eager", model="tiny-gpt2", device="cpu", memory_limit_mb=1000,
+                    recipe=Recipe(batch_size=16, seq_len=32))
+    found = search_micro_batch(Registry.load(), cell, run=fake_runner(4, []))
+    assert found.cell_id == cell.cell_id
+    again = FitResult.from_record({"micro_batch_search": found.to_dict()})
+    assert again == found
+    assert FitResult.from_record({"micro_batch_search": {**found.to_dict(), "cell_id": None}}) is None
 
 
 #: Tiny GPT-2, seq 256: ~20 KB of activations per token over a ~350 MiB process (docs/memory.md).

@@ -142,5 +142,12 @@ def finished_keys(out_dir: str | os.PathLike) -> set[tuple[str, int]]:
     path = Path(out_dir) / RESULTS_FILE
     if not path.exists():
         return set()
-    return {(r["cell_id"], int(r.get("config", {}).get("repeat", 0)))
-            for r in read_records(out_dir).records}
+    keys = set()
+    for r in read_records(out_dir).records:
+        repeat = int(r.get("config", {}).get("repeat", 0))
+        keys.add((r["cell_id"], repeat))
+        # A cell run at the micro-batch --micro-batch auto found has another id than the cell planned.
+        planned = (r.get("micro_batch_search") or {}).get("cell_id")
+        if planned:
+            keys.add((planned, repeat))
+    return keys

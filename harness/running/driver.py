@@ -169,6 +169,8 @@ def _lead(cells, out_dir, environment, summary, force, fail_fast, progress, anno
     fits: dict = {}
     if (out_dir / "results.jsonl").exists():
         earlier = _existing(out_dir, summary, progress, len(cells))
+        if search_micro_batch:
+            fits.update(_earlier_searches(earlier))
     total = len(cells)
     if progress:
         progress("warmup", 0, total, None, None)
@@ -301,6 +303,19 @@ def _fit(registry, spec: CellSpec, fits: dict, progress, i: int, total: int):
         fits[spec.cell_id] = search_micro_batch(registry, spec, on_probe=on_probe)
     fit = fits[spec.cell_id]
     return (with_micro_batch(spec, fit.micro_batch) if fit.micro_batch else spec), fit
+
+
+def _earlier_searches(records: list[dict]) -> dict:
+    """Micro-batch searches a resumed grid's records hold, by planned cell id: repeats still to run reuse them."""
+    from ftbench.harness.running.fit import FitResult
+
+    fits = {}
+    for r in records:
+        fit = FitResult.from_record(r)
+        if fit is not None and fit.micro_batch:
+            fit.note = "; ".join(filter(None, [fit.note, "found by an earlier run of this result set"]))
+            fits[fit.cell_id] = fit
+    return fits
 
 
 def _smaller(spec: CellSpec, fit, outcome):

@@ -44,9 +44,21 @@ class FitResult:
     limit_bytes: int | None
     probes: list[dict] = field(default_factory=list)
     note: str = ""
+    #: The id of the cell as planned, before the micro-batch found changed its grad_accum (and id):
+    #: a resumed grid knows that cell by it.
+    cell_id: str | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_record(cls, record: dict) -> "FitResult | None":
+        """The search an earlier record holds (``micro_batch_search``), if it names its planned cell."""
+        found = record.get("micro_batch_search") or {}
+        if not found.get("cell_id"):
+            return None
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in found.items() if k in known})
 
 
 def probe_spec(cell, micro: int, limit_mb: float | None):
@@ -86,7 +98,7 @@ def search_micro_batch(reg, cell, run=None, on_probe=None) -> FitResult:
         if cp.prediction is not None:
             predicted = largest_fitting_micro_batch(reg, cell, int(limit_mb * MiB), cp.compared)
     i = candidates.index(predicted) if predicted in candidates else 0
-    result = FitResult(None, predicted, int(limit_mb * MiB) if limit_mb else None)
+    result = FitResult(None, predicted, int(limit_mb * MiB) if limit_mb else None, cell_id=cell.cell_id)
     tried: dict[int, str] = {}
     while 0 <= i < len(candidates) and candidates[i] not in tried:
         m = candidates[i]
