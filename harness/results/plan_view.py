@@ -66,7 +66,8 @@ def print_plans(reg, plans, console, search: bool) -> None:
         verdict = ("[green]fits[/]" if cp.fits else "[red]does NOT fit[/]") if cp.fits is not None else \
             f"unknown: {escape(cp.why_unknown or '')[:80]}"
         row = [c.task, c.backend + ranks, c.model, str(c.recipe.batch_size // (c.nproc * c.recipe.grad_accum)),
-               _mib(p.device_bytes if p else None), escape(breakdown_text(p.breakdown)) if p else "-",
+               f"{_mib(p.device_bytes)}, peak in {p.peak_phase}" if p else "-",
+               escape(breakdown_text(p.breakdown)) if p else "-",
                f"{cp.compared} {_mib(cp.compared_bytes)} / {_mib(cp.limit_bytes)} ({escape(cp.limit_source)})",
                verdict]
         if search:
