@@ -108,7 +108,7 @@ def search_micro_batch(reg, cell, run=None, on_probe=None) -> FitResult:
                  "wall_s": round(outcome.wall_s, 2), "error": outcome.error}
         status = outcome.status
         if status == "ok" and limit_mb and device_type(cell) == "cpu" and \
-                (outcome.tree_peak_bytes or 0) > (1 - HEADROOM) * limit_mb * MiB:
+                _tree_bound(outcome) > (1 - HEADROOM) * limit_mb * MiB:
             status = probe["status"] = "oom"
             probe["error"] = f"fitted with less than {HEADROOM:.0%} headroom under the limit; counted as not fitting"
         result.probes.append(probe)
@@ -128,6 +128,18 @@ def search_micro_batch(reg, cell, run=None, on_probe=None) -> FitResult:
     if result.micro_batch is None and not result.note:
         result.note = "no micro-batch fits, not even 1"
     return result
+
+
+def _tree_bound(outcome) -> int:
+    """The probe's tree peak for the fit decision: the sampled tree, or the ranks' own peaks if larger.
+
+    The tree is sampled every few milliseconds and can miss a short spike that
+    each rank's kernel-kept peak (VmHWM) does not; the ranks' peaks added up
+    bound the tree from above (they need not coincide), so a micro-batch that
+    passes this check fits.
+    """
+    peaks = [(r.get("memory") or {}).get("host_peak_rss_bytes") or 0 for r in outcome.ranks]
+    return max(outcome.tree_peak_bytes or 0, sum(peaks))
 
 
 def _peak(outcome) -> int | None:
