@@ -464,3 +464,27 @@ def test_ctrl_c_during_a_multi_rank_cell_stops_every_rank_and_resumes(tmp_path):
     rr = read_records(out)
     assert [r["model"] for r in rr.records] == ["tiny-gpt2", "tiny-llama"]
     assert all(r["status"] == "ok" and r["nproc"] == 2 for r in rr.records), [r["error"] for r in rr.records]
+
+
+FORKED_LOCK = """
+import multiprocessing as mp, multiprocessing.resource_tracker, os, sys
+from ftbench.harness.running.childexit import exit_child
+mp.resource_tracker.ensure_running()  # shared with the forked child, as the driver's is with cells
+pid = os.fork()
+if pid == 0:
+    lock = mp.get_context("spawn").Lock()  # a named semaphore, registered with the tracker (not under "fork")
+    exit_child(0) if sys.argv[1] == "exit_child" else os._exit(0)
+os.waitpid(pid, 0)
+"""
+
+
+@pytest.mark.parametrize("ending", ["exit_child", "os._exit"])
+def test_a_forked_child_releases_its_semaphores_before_it_exits(ending):
+    """Cells, ranks and preparation end with exit_child; a bare os._exit leaves the semaphore to the
+    tracker, which warns as the last line of the run."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", FORKED_LOCK, ending], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert ("leaked semaphore" in out.stderr) == (ending == "os._exit"), out.stderr

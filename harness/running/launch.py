@@ -26,6 +26,8 @@ import subprocess
 import sys
 import warnings
 
+from ftbench.harness.running.childexit import exit_child
+
 #: Modules the fork server imports once; cells forked from it start warm.
 PRELOAD = ("ftbench.harness.running.preload",)
 
@@ -127,33 +129,7 @@ def _cell_main(argv: list[str], log_path: str, nproc: int = 1) -> None:
         else:
             code = _run_worker(argv)
     finally:
-        _release_semaphores()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        # Skip interpreter teardown: atexit handlers of libraries imported by
-        # the server are not this cell's to run.
-        os._exit(code)
-
-
-def _release_semaphores() -> None:
-    """Run this process's own multiprocessing finalizers before ``os._exit``.
-
-    A lock or queue made in the cell (torch.compile's compile-worker pool
-    makes some) registers a named semaphore with the driver's resource
-    tracker, which forked cells share; its finalizer unlinks it and tells the
-    tracker.  ``os._exit`` skips those finalizers, so the tracker used to find
-    the semaphores "leaked" when the driver exited and printed a warning as
-    the last line of a good run.  Finalizers are bound to the process that
-    made them, so the server's own objects are left alone.  This is what
-    multiprocessing's exit handler runs first (priority >= 0), without its
-    joining of child processes.
-    """
-    try:
-        from multiprocessing import util
-
-        util._run_finalizers(0)
-    except Exception:  # noqa: BLE001 - teardown must never mask the cell's result
-        pass
+        exit_child(code)  # no interpreter teardown: the server's libraries' atexit handlers are not the cell's
 
 
 def warm_up(cells) -> None:

@@ -28,6 +28,7 @@ from importlib import metadata
 from pathlib import Path
 
 from ftbench.harness.api import Engine
+from ftbench.harness.running.childexit import exit_child
 
 #: Longest a preparation may take (a cold build of a large op on a slow CPU), in seconds.
 PREPARE_TIME_LIMIT_S = 1800
@@ -180,9 +181,7 @@ def _prepare_main(backend: str, options: list[dict], device: str, log_path: str)
 
         traceback.print_exc()
     finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        exit_child(code)
 
 
 def _last_line(path: str) -> str:

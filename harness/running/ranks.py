@@ -37,6 +37,8 @@ import signal
 import sys
 from pathlib import Path
 
+from ftbench.harness.running.childexit import exit_child
+
 _PR_SET_PDEATHSIG = 1
 
 #: How a forked rank's process group finds the leader's store (torchrun's agent-store protocol).
@@ -139,9 +141,7 @@ def _rank_main(rank: int, nproc: int, port_fd: int, argv: list[str], run_rank) -
 
         traceback.print_exc()
     finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        exit_child(code)
 
 
 def _threads(value: str) -> int:
