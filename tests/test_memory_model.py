@@ -191,3 +191,39 @@ def test_predict_adds_the_harness_on_cpu_and_counts_the_tree():
     assert two.tree_bytes > 2 * two.device_bytes  # two ranks and the launcher
     gpu = predict(counts, shape, Recipe(), MemoryPlan(), 1, 4, "cuda")
     assert "harness" not in gpu.breakdown and gpu.device_bytes == one.device_bytes - one.breakdown["harness"]
+
+
+@pytest.mark.slow
+def test_prediction_tracks_the_measured_growth_where_state_dominates(tmp_path):
+    """A 57M-parameter GPT-2 (0.9 GiB of unsharded state): the live peak's growth over the process
+    before the model, against the prediction less the harness, within 15% for eager and ZeRO 1-3."""
+    import json
+    import sys
+
+    from conftest import ROOT, ftbench, records
+    from ftbench.harness.grid.config import CellSpec
+    from ftbench.harness.grid.memplan import predict_cell
+    from ftbench.harness.registry import Registry
+
+    pytest.importorskip("deepspeed")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from memory_check import save_model
+
+    model = tmp_path / "gpt2-768x8"
+    save_model(model, 768, 8)
+    out = tmp_path / "out"
+    args = ["run", "--task", "generation", "--model", model, "--steps", "3", "--warmup", "1", "--seq-len", "32",
+            "--batch-size", "4", "--eval-examples", "4", "--nproc", "2", "--cpu-memory", "live", "--out", out]
+    for backend in ("eager", "zero1", "zero2", "zero3"):
+        args += ["--backend", backend]
+    res = ftbench(*args, timeout=1200)
+    assert res.returncode == 0, res.stderr[-3000:]
+    reg = Registry.load()
+    for rec in records(out):
+        assert rec["status"] == "ok", (rec["backend"], rec["error"])
+        pred = predict_cell(reg, CellSpec.from_dict(rec["config"]))
+        fixed = pred.breakdown["harness"] + pred.breakdown.get("backend runtime", 0)
+        measured = rec["peak_memory_bytes"] - rec["rss_before_model_bytes"]
+        ratio = (pred.device_bytes - fixed) / measured
+        assert 0.85 <= ratio <= 1.15, json.dumps({"backend": rec["backend"], "ratio": ratio,
+                                                  "breakdown": pred.breakdown})
