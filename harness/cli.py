@@ -150,7 +150,7 @@ _CELL_OPTIONS = (
     click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where to train (default auto)."),
     click.option("--cpu-memory", type=click.Choice(["resident", "live"]),
                  help="CPU memory peak: resident (glibc defaults, default) or live (freed tensors leave the resident "
-                      "set at once; about a third slower; for memory studies)."),
+                      "set at once; about 0.6x the tokens/s; for memory studies)."),
     click.option("--shard", help="Run shard i of N of the cells: i/N (1-based)."),
 )
 

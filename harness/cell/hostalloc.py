@@ -7,7 +7,8 @@ to that size come from the heap, and freed heap memory mostly stays
 resident.  A backend that gathers and frees weights layer by layer (FSDP,
 ZeRO-3) therefore keeps far more resident than it ever has alive, and the
 CPU peak measures glibc's history as much as the backend (docs/memory.md:
-+73% for FSDP, +26% for ZeRO-3, +9-13% for the others at 57M parameters).
+at 57M parameters, 1.66x the live peak for FSDP, 1.24x for ZeRO-3 and
+1.05-1.17x for the others).
 
 * ``resident`` (default): glibc's defaults, which keep steps fast; the peak
   is what the operating system sees and a memory limit enforces.
@@ -15,7 +16,7 @@ CPU peak measures glibc's history as much as the backend (docs/memory.md:
   (``mallopt(M_MMAP_THRESHOLD)``, which also turns the raising off), so a
   freed tensor leaves the resident set at once and the peak follows the
   tensors alive, as CUDA's allocated peak does.  Every large allocation
-  then maps fresh pages: steps are about a third slower, so use it for
+  then maps fresh pages: about 0.6x the tokens/s (docs/memory.md), so use it for
   memory studies (and checking ``ftbench plan``), not for speed.
 
 Example::
