@@ -272,6 +272,10 @@ def predict(counts: ParamCounts, shape: ModelShape, recipe, plan: MemoryPlan, wo
     dev, host = model_state_bytes(counts, plan, FP32, low)
     acts = activation_bytes(shape, micro_batch, recipe.seq_len, recipe.grad_checkpointing, low)
     phases = transient_phases(counts, plan, acts)
+    if device_type == "cuda" and not plan.step_copies and not plan.offload_optimizer:
+        # The recipe's torch.optim.AdamW runs its multi-tensor (foreach) step on CUDA, which
+        # builds sqrt(v) for every parameter at once; on CPU it steps tensor by tensor.
+        phases["optimizer step"] = {"step_temporaries": FP32 * counts.trainable // plan.optimizer_shards}
     if plan.offload_optimizer and "optimizer step" in phases:
         host.update(phases.pop("optimizer step"))
     peak_phase = max(phases, key=lambda name: sum(phases[name].values()))

@@ -227,3 +227,15 @@ def test_prediction_tracks_the_measured_growth_where_state_dominates(tmp_path):
         ratio = (pred.device_bytes - fixed) / measured
         assert 0.85 <= ratio <= 1.15, json.dumps({"backend": rec["backend"], "ratio": ratio,
                                                   "breakdown": pred.breakdown})
+
+
+def test_cuda_foreach_adamw_step_makes_one_copy_of_the_trainable_state():
+    """On CUDA torch.optim.AdamW takes its multi-tensor path: sqrt(v) of every parameter at once
+    (one fp32 copy of the trainable parameters); on CPU it steps one tensor at a time."""
+    from ftbench.harness.grid.config import Recipe
+
+    counts, shape = ParamCounts(10**8, 10**8, 10**6), ModelShape("decoder", 256, 4, 1024, 1000)
+    gpu = predict(counts, shape, Recipe(seq_len=16), MemoryPlan(), 1, 1, "cuda")
+    cpu = predict(counts, shape, Recipe(seq_len=16), MemoryPlan(), 1, 1, "cpu")
+    assert gpu.peak_phase == "optimizer step" and gpu.breakdown["step_temporaries"] == 4 * 10**8
+    assert "optimizer step" not in cpu.phases
