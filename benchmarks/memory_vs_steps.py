@@ -7,6 +7,7 @@ streamed per step (harness/cell/batches.py StepStream) both peaks should be
 within a few percent.
 
     python benchmarks/memory_vs_steps.py --data ../shared/data/tiny_shakespeare --steps 20 600
+    python benchmarks/memory_vs_steps.py --data ../shared/data/tiny_shakespeare --steps 20 600 --cpu-memory live
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ def peak(steps: int, args) -> int:
     subprocess.run([sys.executable, "-m", "ftbench.harness.cli", "run", "--task", "generation", "--backend",
                     args.backend, "--model", args.model, "--data", args.data, "--steps", str(steps), "--warmup", "2",
                     "--batch-size", str(args.batch), "--seq-len", str(args.seq), "--eval-examples", "8",
-                    "--out", str(out)], check=True, capture_output=True)
+                    "--cpu-memory", args.cpu_memory, "--out", str(out)], check=True, capture_output=True)
     rec = json.loads((out / "results.jsonl").read_text().splitlines()[0])
     return rec["peak_memory_bytes"], rec["memory_kind"]
 
@@ -37,6 +38,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--steps", type=int, nargs="+", default=[20, 600])
+    ap.add_argument("--cpu-memory", default="resident", choices=("resident", "live"),
+                    help="live: count live tensors only (docs/memory.md), to tell growth from glibc's retention")
     args = ap.parse_args()
     peaks = {s: peak(s, args) for s in args.steps}
     base = peaks[args.steps[0]][0]

@@ -359,5 +359,6 @@ def memory_fields(registry, spec: CellSpec, fit=None) -> dict:
         return fields
     fields["memory_predicted_bytes"] = pred.device_bytes
     fields["memory_predicted"] = {"breakdown": pred.breakdown, "tree_bytes": pred.tree_bytes,
-                                  "state_bytes": pred.state_bytes, "activation_bytes": pred.activation_bytes}
+                                  "state_bytes": pred.state_bytes, "activation_bytes": pred.activation_bytes,
+                                  "peak_phase": pred.peak_phase, "phases": pred.phases}
     return fields
