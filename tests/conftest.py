@@ -6,8 +6,10 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,3 +40,25 @@ def records(out_dir) -> list[dict]:
 @pytest.fixture
 def run_cli():
     return ftbench
+
+
+def processes_with_env(**wanted: str) -> list[psutil.Process]:
+    """Live processes whose environment holds every ``NAME=VALUE`` given (a test's mark)."""
+    found = []
+    for p in psutil.process_iter():
+        try:
+            env = p.environ()
+        except (psutil.Error, OSError):
+            continue
+        if all(env.get(k) == v for k, v in wanted.items()):
+            found.append(p)
+    return found
+
+
+def assert_none_left(timeout: float = 10, poll: float = 0.2, **wanted: str) -> None:
+    """Wait up to ``timeout`` s for the marked processes to end; fail naming any left behind."""
+    deadline = time.time() + timeout
+    while processes_with_env(**wanted) and time.time() < deadline:
+        time.sleep(poll)
+    left = processes_with_env(**wanted)
+    assert not left, f"processes left behind: {[(p.pid, p.cmdline()) for p in left]}"

@@ -10,10 +10,9 @@ import time
 import uuid
 from pathlib import Path
 
-import psutil
 import pytest
 
-from conftest import TINY, ftbench, records
+from conftest import TINY, assert_none_left, ftbench, records
 from ftbench.harness.grid.config import CellSpec
 
 #: A third-party backend plugin, installed the way pip would leave it: a module plus a
@@ -54,17 +53,6 @@ def _install_plugin(root: Path) -> dict:
     return {"PYTHONPATH": str(root)}
 
 
-def _marked(mark: str) -> list[psutil.Process]:
-    found = []
-    for p in psutil.process_iter():
-        try:
-            if p.environ().get("FTBENCH_TEST_MARK") == mark:
-                found.append(p)
-        except (psutil.Error, OSError):
-            continue
-    return found
-
-
 def test_a_failing_rank_fails_the_cell_with_its_message_and_leaves_nothing(tmp_path):
     env = _install_plugin(tmp_path)
     mark = uuid.uuid4().hex
@@ -78,11 +66,7 @@ def test_a_failing_rank_fails_the_cell_with_its_message_and_leaves_nothing(tmp_p
     assert rec["status"] == "error"
     assert "RuntimeError: injected fault on rank 1 at step 2" in rec["error"]
     assert rec["parity"]["status"] == "not-compared"
-    deadline = time.time() + 5
-    while _marked(mark) and time.time() < deadline:
-        time.sleep(0.2)
-    left = _marked(mark)
-    assert not left, f"processes left behind: {[(p.pid, p.cmdline()) for p in left]}"
+    assert_none_left(timeout=5, FTBENCH_TEST_MARK=mark)
 
 
 def test_multi_node_settings_reach_torchrun_and_parse():

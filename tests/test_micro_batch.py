@@ -5,10 +5,9 @@ from __future__ import annotations
 import os
 import uuid
 
-import psutil
 import pytest
 
-from conftest import TINY, ftbench, records
+from conftest import ftbench, processes_with_env, records
 from ftbench.harness.grid.config import CellSpec, Recipe
 from ftbench.harness.registry import Registry
 from ftbench.harness.running.cellproc import CellOutcome
@@ -48,17 +47,6 @@ def test_search_reports_when_nothing_fits():
     assert found.micro_batch is None and [p["micro_batch"] for p in found.probes][-1] == 1
 
 
-def _processes_tagged(tag: str) -> list:
-    found = []
-    for p in psutil.process_iter(["pid"]):
-        try:
-            if p.environ().get("FTBENCH_TEST_TAG") == tag:
-                found.append(p.pid)
-        except (psutil.Error, OSError):
-            continue
-    return found
-
-
 @pytest.mark.slow
 def test_auto_micro_batch_under_a_memory_limit(tmp_path):
     """Real probe cells on CPU: the micro-batch found fits, twice it does not; the global batch and
@@ -81,7 +69,7 @@ def test_auto_micro_batch_under_a_memory_limit(tmp_path):
     # The user's recipe (grad_accum 1, as given) has the same fingerprint as the cell as run.
     user = CellSpec.from_dict({**rec["config"], "recipe": {**rec["config"]["recipe"], "grad_accum": 1}})
     assert rec["recipe_fingerprint"] == user.fingerprint()
-    assert _processes_tagged(tag) == []
+    assert processes_with_env(FTBENCH_TEST_TAG=tag) == []
     # Resumed with a second repeat: the planned cell counts as done, and the new repeat reuses the search.
     again = ftbench("run", *common, "--micro-batch", "auto", "--memory-limit-mb", LIMIT_MB, "--out", out,
                     "--repeat", "2")

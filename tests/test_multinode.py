@@ -14,10 +14,9 @@ import sys
 import time
 import uuid
 
-import psutil
 import pytest
 
-from conftest import ROOT, TINY, records
+from conftest import ROOT, TINY, assert_none_left, processes_with_env, records
 from ftbench.harness.running.nodes import free_port
 
 
@@ -43,18 +42,6 @@ def _both(args, out0, out1, timeout=600, extra_env=None):
             if p.poll() is None:
                 p.kill()
     return (n0.returncode, *o0), (n1.returncode, *o1), mark
-
-
-def _marked(mark: str, node: str | None = None) -> list[psutil.Process]:
-    found = []
-    for p in psutil.process_iter():
-        try:
-            env = p.environ()
-        except (psutil.Error, OSError):
-            continue
-        if env.get("FTBENCH_TEST_MARK") == mark and (node is None or env.get("FTBENCH_TEST_NODE") == node):
-            found.append(p)
-    return found
 
 
 def test_nodes_that_expanded_different_grids_refuse_to_start(tmp_path):
@@ -87,7 +74,7 @@ def test_two_nodes_run_ddp_and_deepspeed_as_one_world_with_parity_and_resume(tmp
         assert (r["nnodes"], r["nproc"], r["world_size"]) == (2, 1, 2)
         assert r["parity"]["status"] == "compared" and r["parity"]["passed"], r["parity"]
         assert r["parity"]["reference"] == "eager"
-    assert not _marked(mark), "processes left behind"
+    assert not processes_with_env(FTBENCH_TEST_MARK=mark), "processes left behind"
 
     # Resume: node 0's result set says everything ran; both nodes finish without running a cell.
     (rc0, out0, err0), (rc1, out1, err1), _ = _both(args, tmp_path / "n0", tmp_path / "n1", timeout=300)
@@ -107,7 +94,7 @@ def test_a_dead_node_ends_the_cell_as_error_on_node_0_and_leaves_nothing(tmp_pat
     try:
         deadline = time.time() + 180
         while time.time() < deadline and not any("ftbench.harness.cell.worker" in " ".join(p.cmdline())
-                                                 for p in _marked(mark, "1") if p.is_running()):
+                                                 for p in processes_with_env(FTBENCH_TEST_MARK=mark, FTBENCH_TEST_NODE="1") if p.is_running()):
             time.sleep(0.5)
         time.sleep(5)  # well inside the training loop
         killed_at = time.time()
@@ -122,11 +109,7 @@ def test_a_dead_node_ends_the_cell_as_error_on_node_0_and_leaves_nothing(tmp_pat
     (rec,) = records(tmp_path / "n0")
     assert rec["status"] == "error" and rec["nnodes"] == 2, rec
     assert elapsed < limit, f"node 0 took {elapsed:.0f} s to end the cell"
-    deadline = time.time() + 10
-    while _marked(mark) and time.time() < deadline:
-        time.sleep(0.3)
-    left = _marked(mark)
-    assert not left, f"processes left behind: {[(p.pid, p.cmdline()) for p in left]}"
+    assert_none_left(poll=0.3, FTBENCH_TEST_MARK=mark)
 
 
 def test_nodes_on_one_machine_split_its_cores_and_use_loopback(monkeypatch):

@@ -7,7 +7,6 @@ Faulty cells come from ``tests/fault_plugin.py`` (loaded through
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -20,7 +19,7 @@ import pytest
 
 from ftbench.harness.results.store import RECORD_KEYS, append_record, finished_keys, read_records
 
-from conftest import ROOT, ftbench, records
+from conftest import ROOT, assert_none_left, ftbench, records
 
 TESTS = Path(__file__).resolve().parent
 TINY = ["--steps", "6", "--warmup", "1", "--seq-len", "32", "--batch-size", "4", "--eval-examples", "8"]
@@ -377,25 +376,6 @@ RANK_FAULTS = ["segv", "kill", "memhog"]
 RANKS_MEMORY_LIMIT_MB = 2500  # above a healthy 2-rank cell's summed resident memory, far below memhog's
 
 
-def _marked(mark: str) -> list[psutil.Process]:
-    found = []
-    for p in psutil.process_iter():
-        try:
-            if p.environ().get("FTBENCH_TEST_MARK") == mark:
-                found.append(p)
-        except (psutil.Error, OSError):
-            continue
-    return found
-
-
-def _assert_nothing_marked_left(mark: str) -> None:
-    deadline = time.time() + 10
-    while _marked(mark) and time.time() < deadline:
-        time.sleep(0.2)
-    left = _marked(mark)
-    assert not left, f"processes left behind: {[(p.pid, p.cmdline()) for p in left]}"
-
-
 @pytest.fixture(scope="module")
 def rank_fault_grid(tmp_path_factory):
     out = tmp_path_factory.mktemp("rank-faults") / "out"
@@ -425,7 +405,7 @@ def test_forked_ranks_segfault_sigkill_and_memory_limit_fail_only_their_cell(ran
     # The limit covers the whole cell: the leader and both ranks.
     assert memhog["status"] == "oom" and f"host memory limit of {RANKS_MEMORY_LIMIT_MB} MB" in memhog["error"]
     assert memhog["memory_tree_peak_bytes"] > RANKS_MEMORY_LIMIT_MB * 2**20
-    _assert_nothing_marked_left(mark)
+    assert_none_left(FTBENCH_TEST_MARK=mark)
 
 
 def test_forked_ranks_hanging_past_the_time_limit_are_all_killed(tmp_path):
@@ -435,7 +415,7 @@ def test_forked_ranks_hanging_past_the_time_limit_are_all_killed(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (rec,) = records(out)
     assert rec["status"] == "timeout" and "time limit of 8 s" in rec["error"]
-    _assert_nothing_marked_left(mark)
+    assert_none_left(FTBENCH_TEST_MARK=mark)
 
 
 def test_ctrl_c_during_a_multi_rank_cell_stops_every_rank_and_resumes(tmp_path):
