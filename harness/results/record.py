@@ -8,11 +8,9 @@ from ftbench.harness.cell.hostalloc import MEMORY_KIND as CPU_MEMORY_KIND
 from ftbench.harness.running.cellproc import CellOutcome
 from ftbench.harness.grid.config import CellSpec
 
-#: What a memory figure means, by device.
-MEMORY_KINDS = {
-    "cpu": "cpu_peak_rss",              # peak resident set of the rank's process tree (max over ranks)
-    "cuda": "cuda_peak_allocated",      # torch.cuda.max_memory_allocated (max over ranks)
-}
+#: What a CUDA memory figure is: torch.cuda.max_memory_allocated, max over ranks.  A CPU figure is
+#: each rank's peak resident set, max over ranks, named by its --cpu-memory mode (CPU_MEMORY_KIND).
+CUDA_MEMORY_KIND = "cuda_peak_allocated"
 
 
 #: Figures the record takes unchanged from rank 0's report (the global ones:
@@ -74,7 +72,7 @@ def _memory(ranks: list[dict], main: dict, outcome: CellOutcome) -> dict:
     per_rank = [{"rank": r.get("rank"), **(r.get("memory") or {})} for r in ranks]
     on_cuda = (main.get("device") or {}).get("type") == "cuda"
     return {**memory_windows(per_rank, on_cuda),
-            "memory_kind": MEMORY_KINDS["cuda"] if on_cuda else CPU_MEMORY_KIND[main.get("cpu_memory") or "resident"],
+            "memory_kind": CUDA_MEMORY_KIND if on_cuda else CPU_MEMORY_KIND[main.get("cpu_memory") or "resident"],
             "memory_per_rank": per_rank,
             "memory_tree_peak_bytes": outcome.tree_peak_bytes or None}
 
