@@ -36,7 +36,7 @@ def run(out: Path, repeat: int, order: str, slow: Path | None = None) -> None:
 
 
 def rows(name: str, base: Path, new: Path):
-    from ftbench.harness.results.compare import compare_sets
+    from ftbench.harness.analysis.compare import compare_sets
 
     cmp = compare_sets(base, new)
     for r in cmp.rows:

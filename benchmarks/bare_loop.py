@@ -23,10 +23,10 @@ def same_batches(args) -> list:
     """The very token batches an ftbench generation cell trains on (built-in
     data, its tokenizer, its data order and padding), prepared before any
     clock starts: the comparison is about the loop, not the data."""
-    from ftbench.harness.grid.config import Recipe
+    from ftbench.harness.contract.config import Recipe
     from ftbench.harness.cell.data import load_splits
     from ftbench.harness.cell.modeling import collate, encode_example
-    from ftbench.harness.registry import Registry
+    from ftbench.harness.contract.registry import Registry
     from ftbench.harness.cell.tokenization import train_tokenizer
     from ftbench.harness.cell.batches import batch_plan
 

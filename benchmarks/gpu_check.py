@@ -107,7 +107,7 @@ def save_gpt2(path: Path, width: int, layers: int, heads: int, dtype: str) -> No
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from ftbench.harness.cell.tokenization import train_tokenizer
-    from ftbench.harness.registry import Registry
+    from ftbench.harness.contract.registry import Registry
 
     task = Registry.load().task("generation")
     rows = task.builtin_data(0, {})["train"]

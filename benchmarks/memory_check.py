@@ -34,7 +34,7 @@ def bare_import_rss() -> int:
 def save_model(path: Path, width: int, layers: int) -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from ftbench.harness.registry import Registry
+    from ftbench.harness.contract.registry import Registry
     from ftbench.harness.cell.tokenization import train_tokenizer
 
     task = Registry.load().task("generation")

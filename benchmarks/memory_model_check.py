@@ -56,9 +56,9 @@ def run(model_dir: Path, out: Path, modes=MODES) -> None:
 
 def _predicted(r: dict, models: Path | None):
     """The current memory model's prediction for a record's cell (its model moved to ``models``)."""
-    from ftbench.harness.grid.config import CellSpec
+    from ftbench.harness.contract.config import CellSpec
     from ftbench.harness.grid.memplan import predict_cell
-    from ftbench.harness.registry import Registry
+    from ftbench.harness.contract.registry import Registry
 
     config = dict(r["config"])
     if models is not None:

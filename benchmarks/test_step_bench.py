@@ -24,10 +24,10 @@ import time
 import pytest
 
 from ftbench.harness.running.cellproc import run_cell_process
-from ftbench.harness.grid.config import CellSpec, Recipe
-from ftbench.harness.results.environment import collect
+from ftbench.harness.contract.config import CellSpec, Recipe
+from ftbench.harness.contract.environment import collect
 from ftbench.harness.results.record import build_record
-from ftbench.harness.registry import Registry
+from ftbench.harness.contract.registry import Registry
 
 RECIPE = Recipe(steps=int(os.environ.get("FTBENCH_BENCH_STEPS", "25")), warmup=5, batch_size=8, seq_len=64)
 

@@ -26,7 +26,7 @@ def main() -> None:
     if args.device == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from ftbench import EngineContext, StandardEngine
-    from ftbench.harness.grid.config import Recipe
+    from ftbench.harness.contract.config import Recipe
     from ftbench.plugins.deepspeed_zero import DeepSpeedEngine
 
     def loss_fn(model, batch):

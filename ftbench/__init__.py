@@ -22,7 +22,7 @@ Install it with an entry point in the ``ftbench`` group
 (``[project.entry-points.ftbench] mine = "my_package"``); see the README.
 """
 
-from ftbench.harness.api import (
+from ftbench.harness.contract.api import (
     DECODER,
     ENCODER,
     ENCODER_DECODER,
@@ -38,7 +38,7 @@ from ftbench.harness.api import (
     Task,
     Unavailable,
 )
-from ftbench.harness.engine import (
+from ftbench.harness.contract.engine import (
     EngineContext,
     StandardEngine,
     autocast_for,
@@ -47,10 +47,10 @@ from ftbench.harness.engine import (
     move,
 )
 from ftbench.harness.cell.data import where
-from ftbench.harness.grid.config import Recipe
-from ftbench.harness.memory_model import MemoryPlan
-from ftbench.harness.hookspecs import hookimpl
-from ftbench.harness.results.environment import package_version, version_tuple
+from ftbench.harness.contract.config import Recipe
+from ftbench.harness.contract.memory_model import MemoryPlan
+from ftbench.harness.contract.hookspecs import hookimpl
+from ftbench.harness.contract.environment import package_version, version_tuple
 
 
 def block_stacks(model):

@@ -1,6 +1,6 @@
 """The ``ftbench`` command line (click for parsing, rich for output).
 
-Errors caused by the user's input (:class:`ftbench.harness.api.FtbenchError`) print
+Errors caused by the user's input (:class:`ftbench.harness.contract.api.FtbenchError`) print
 one paragraph naming the problem and the fix, and exit with status 2.
 """
 
@@ -13,7 +13,7 @@ import sys
 
 import click
 
-from ftbench.harness.api import FtbenchError
+from ftbench.harness.contract.api import FtbenchError
 
 EXIT_USAGE = 2
 EXIT_REGRESSION = 1
@@ -56,7 +56,7 @@ def main():
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def list_cmd(as_json):
     """Tasks, backends and model presets, which plugin gave each, and availability."""
-    from ftbench.harness.registry import Registry
+    from ftbench.harness.contract.registry import Registry
 
     reg = Registry.load()
     data = {
@@ -224,7 +224,7 @@ def run_cmd(grid_file, tasks, backends, models, datas, columns, out, force, fail
     record could not be written to OUT (kept elsewhere, the message says
     where); 128+N stopped by signal N.
     """
-    from ftbench.harness.registry import Registry
+    from ftbench.harness.contract.registry import Registry
     from ftbench.harness.running.progress import RunView
 
     reg = Registry.load()
@@ -266,7 +266,7 @@ def _execute(reg, cells, out, view, how, force, fail_fast):
     """
     from ftbench.harness.running.driver import run_cells
     from ftbench.harness.running.nodes import NodeLost
-    from ftbench.harness.results.environment import collect
+    from ftbench.harness.contract.environment import collect
     from ftbench.harness.results.parity import annotate_parity
     from ftbench.harness.results.recovery import EXIT_RESULTS_NOT_WRITTEN, ResultsNotWritten
     from rich.markup import escape
@@ -307,8 +307,8 @@ def plan_cmd(grid_file, tasks, backends, models, datas, columns, shard, micro_ba
     offload) or more ranks.
     """
     from ftbench.harness.grid.memplan import plan_cell
-    from ftbench.harness.registry import Registry
-    from ftbench.harness.results.plan_view import plan_json, print_plans
+    from ftbench.harness.contract.registry import Registry
+    from ftbench.harness.analysis.plan_view import plan_json, print_plans
 
     reg = Registry.load()
     cells, search, _ = _cells_from_options(reg, grid_file, tasks, backends, models, datas, columns, shard,
@@ -411,7 +411,7 @@ def _install_sigterm():
               help="x-axis of the loss plot: optimizer steps or training seconds.")
 def report_cmd(result_dir, out, quiet, loss_x):
     """Tables (terminal, Markdown, CSV), PNG plots and an HTML page for a result set."""
-    from ftbench.harness.results.report import print_table, write_report
+    from ftbench.harness.analysis.report import print_table, write_report
 
     rep, display = write_report(result_dir, out, loss_x=loss_x)
     con = _console()
@@ -451,7 +451,7 @@ def compare_cmd(base_dir, new_dir, thresholds, calibration, calibrate, output, a
     With --calibrate, BASE and NEW are the same grid run twice on one machine,
     and the noise they show becomes per-figure thresholds written to -o FILE.
     """
-    from ftbench.harness.results.compare import DEFAULT_ALPHA, compare_sets, parse_threshold, print_comparison
+    from ftbench.harness.analysis.compare import DEFAULT_ALPHA, compare_sets, parse_threshold, print_comparison
 
     if calibrate:
         _calibrate(base_dir, new_dir, output)
@@ -471,7 +471,7 @@ def compare_cmd(base_dir, new_dir, thresholds, calibration, calibrate, output, a
 
 
 def _calibrate(a1, a2, output):
-    from ftbench.harness.results.calibrate import calibrate, write_calibration
+    from ftbench.harness.analysis.calibrate import calibrate, write_calibration
 
     if not output:
         raise FtbenchError("--calibrate needs -o FILE, the calibration file to write "
@@ -502,8 +502,8 @@ def history_cmd(sets, out, thresholds, calibration, quiet):
     SETS are result set directories, or directories holding them. Exit status 1
     when the newest point of a series is a regression.
     """
-    from ftbench.harness.results.compare import parse_threshold
-    from ftbench.harness.results.historyreport import print_history, write_history
+    from ftbench.harness.analysis.compare import parse_threshold
+    from ftbench.harness.analysis.historyreport import print_history, write_history
 
     th = dict(parse_threshold(t) for t in thresholds)
     h, files = write_history(sets, out, th, calibration)
@@ -528,7 +528,7 @@ def history_cmd(sets, out, thresholds, calibration, quiet):
               help="Merge sets from different machines or library versions anyway.")
 def merge_cmd(out, sources, allow_mixed_environments):
     """Join result sets (e.g. the shards of one grid) into OUT, each record once."""
-    from ftbench.harness.results.resultset import merge_result_sets
+    from ftbench.harness.analysis.resultset import merge_result_sets
 
     summary = merge_result_sets(out, list(sources), allow_mixed_environments=allow_mixed_environments)
     con = _console()

@@ -32,8 +32,8 @@ import sys
 import time
 
 from ftbench import hookimpl
-from ftbench.harness.api import BackendSpec, FtbenchError
-from ftbench.harness.engine import StandardEngine
+from ftbench.harness.contract.api import BackendSpec, FtbenchError
+from ftbench.harness.contract.engine import StandardEngine
 from ftbench.plugins.data_parallel import DDPEngine
 
 KINDS = ("none", "kill", "segv", "memhog", "memerror", "hang", "orphan", "nan", "raise")

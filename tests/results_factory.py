@@ -8,7 +8,7 @@ import json
 import random
 from pathlib import Path
 
-from ftbench.harness.grid.config import CellSpec, Recipe
+from ftbench.harness.contract.config import CellSpec, Recipe
 from ftbench.harness.results.store import append_record
 
 ENV = {"cpu": "Test CPU", "cpu_count": 2, "cpu_affinity": 2, "device": {"type": "cpu"},

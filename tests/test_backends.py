@@ -12,9 +12,9 @@ import torch
 
 from backend_grid import BACKENDS, RECIPE, all_backends_run, by_backend
 from conftest import ftbench, records
-from ftbench.harness.api import FtbenchError
-from ftbench.harness.grid.config import Recipe
-from ftbench.harness.engine import EngineContext
+from ftbench.harness.contract.api import FtbenchError
+from ftbench.harness.contract.config import Recipe
+from ftbench.harness.contract.engine import EngineContext
 
 DATA_PARALLEL = {"zero0", "zero1", "zero2", "zero3", "zero2-offload", "ddp", "fsdp"}
 
@@ -135,7 +135,7 @@ def test_deepspeed_rejects_settings_that_would_change_the_recipe(options, messag
     ("fsdp", {"reshard": True}, "unknown fsdp option"),
 ])
 def test_bad_backend_options_fail_with_the_fix(backend, options, message):
-    from ftbench.harness.registry import Registry
+    from ftbench.harness.contract.registry import Registry
 
     spec = Registry.load().backend(backend)
     with pytest.raises(FtbenchError, match=message):

@@ -14,8 +14,8 @@ import pytest
 from click.testing import CliRunner
 
 from ftbench.harness.cli import main
-from ftbench.harness.results.compare import IMPROVEMENT, REGRESSION, UNCHANGED, judge, parse_threshold, smallest_p
-from ftbench.harness.api import FtbenchError
+from ftbench.harness.analysis.compare import IMPROVEMENT, REGRESSION, UNCHANGED, judge, parse_threshold, smallest_p
+from ftbench.harness.contract.api import FtbenchError
 from results_factory import ENV, make_record, modified, read, write_set
 
 ROOT = Path(__file__).resolve().parent.parent

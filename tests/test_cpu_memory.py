@@ -10,7 +10,7 @@ import textwrap
 import pytest
 
 from conftest import TINY, ftbench, records
-from ftbench.harness.grid.config import CellSpec
+from ftbench.harness.contract.config import CellSpec
 
 GLIBC = platform.libc_ver()[0] == "glibc"
 

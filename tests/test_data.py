@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from ftbench.harness.api import DataError, FtbenchError
+from ftbench.harness.contract.api import DataError, FtbenchError
 from ftbench.harness.cell.data import Rows, load_splits, where
-from ftbench.harness.registry import Registry
+from ftbench.harness.contract.registry import Registry
 
 TASKS = ("generation", "translation", "classification", "summarization", "dialogue")
 

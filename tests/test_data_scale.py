@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from ftbench.harness.api import DataError
+from ftbench.harness.contract.api import DataError
 from ftbench.harness.cell.batches import batch_plan
 from ftbench.harness.cell.data import _read_file, where
 from ftbench.harness.cell.rowindex import FileRows
 from ftbench.harness.cell.rowsource import (TOKENIZER_SAMPLE_ROWS, load_run_data, plan_indices, sample_indices,
                                             stream_sources)
-from ftbench.harness.grid.config import Recipe
-from ftbench.harness.registry import Registry
+from ftbench.harness.contract.config import Recipe
+from ftbench.harness.contract.registry import Registry
 
 from conftest import ftbench, records
 

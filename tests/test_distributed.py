@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY, assert_none_left, ftbench, records
-from ftbench.harness.grid.config import CellSpec
+from ftbench.harness.contract.config import CellSpec
 
 #: A third-party backend plugin, installed the way pip would leave it: a module plus a
 #: dist-info with an ``ftbench`` entry point, found on PYTHONPATH by the driver and every rank.
@@ -21,7 +21,7 @@ RANK_FAULT_PLUGIN = '''
 import torch.distributed as dist
 
 from ftbench import hookimpl
-from ftbench.harness.api import BackendSpec
+from ftbench.harness.contract.api import BackendSpec
 from ftbench.plugins.data_parallel import DDPEngine
 
 
@@ -112,7 +112,7 @@ def test_data_parallel_backend_without_nproc_runs_one_rank(tmp_path, backend):
 
 def test_multi_node_settings_apply_to_data_parallel_backends_only():
     from ftbench.harness.grid.expand import Grid
-    from ftbench.harness.registry import Registry
+    from ftbench.harness.contract.registry import Registry
 
     launcher = {"nnodes": 2, "node_rank": 0, "master_addr": "127.0.0.1", "master_port": 29512}
     cells = Grid(axes={"task": ["generation"], "backend": ["eager", "ddp"]},

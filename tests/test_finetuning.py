@@ -58,7 +58,7 @@ def test_pretrained_checkpoint_gets_the_fine_tuning_recipe_and_improves():
 
 def test_explicit_settings_beat_the_defaults_of_either_origin():
     from ftbench.harness.grid.expand import Grid
-    from ftbench.harness.registry import Registry
+    from ftbench.harness.contract.registry import Registry
 
     reg = Registry.load()
 
@@ -76,7 +76,7 @@ def test_explicit_settings_beat_the_defaults_of_either_origin():
     assert forced.recipe.lr == 5e-5 and forced.fingerprint() != preset.fingerprint()
     # Defaults and packing enter the fingerprint only when they differ from what earlier runs did.
     assert recipe("tiny-gpt2", packing=True).fingerprint() != preset.fingerprint()
-    from ftbench.harness.grid.config import Recipe
+    from ftbench.harness.contract.config import Recipe
 
     assert Recipe().fingerprint("t", {}, "m", "d", 1) == Recipe(packing=False).fingerprint("t", {}, "m", "d", 1)
 
@@ -124,7 +124,7 @@ def test_packing_fills_rows_and_raises_throughput(tmp_path):
 
 
 def test_pack_concatenates_in_order_and_keeps_labels():
-    from ftbench.harness.api import Encoded
+    from ftbench.harness.contract.api import Encoded
     from ftbench.harness.cell.packing import pack
 
     rows = [Encoded([1, 5, 6, 2], [-100, 5, 6, 2]), Encoded([1, 7, 2], [-100, 7, 2]), Encoded([1, 8, 2], [-100, 8, 2])]
@@ -163,7 +163,7 @@ def test_lora_without_peft_exits_2_with_the_install_hint(tmp_path):
 def test_report_and_run_table_show_the_metric_before_tuning():
     from types import SimpleNamespace
 
-    from ftbench.harness.results.report import display_frame, records_frame, summary_frame
+    from ftbench.harness.analysis.report import display_frame, records_frame, summary_frame
     from ftbench.harness.running.progress import metric_change
 
     base = {"cell_id": "a", "task": "generation", "backend": "eager", "model": "m", "status": "ok",
@@ -178,10 +178,10 @@ def test_step_stream_collates_each_step_once_and_keeps_no_batch():
     import gc
     import weakref
 
-    from ftbench.harness.api import Encoded
+    from ftbench.harness.contract.api import Encoded
     from ftbench.harness.cell.batches import StepStream, batch_plan, collate_steps
     from ftbench.harness.cell.modeling import collate
-    from ftbench.harness.grid.config import Recipe
+    from ftbench.harness.contract.config import Recipe
 
     rows = [Encoded([1] + [5 + i % 7] * (3 + i % 5) + [2], [-100] + [5 + i % 7] * (3 + i % 5) + [2]) for i in range(50)]
     recipe = Recipe(steps=600, warmup=1, batch_size=4, seq_len=16)

@@ -22,7 +22,7 @@ import pytest
 from ftbench.harness.results.recovery import (EXIT_RESULTS_NOT_WRITTEN, ResultsNotWritten, check_free_space,
                                               keep_record, restore_into)
 from ftbench.harness.results.store import append_record, read_records
-from ftbench.harness.running.reaper import DRIVER_PID_ENV
+from ftbench.harness.cell.reaper import DRIVER_PID_ENV
 
 from conftest import ROOT, ftbench, records
 

@@ -25,7 +25,7 @@ def _save_gpt2_pair(tmp_path: Path) -> tuple[Path, Path]:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from ftbench.harness.cell.tokenization import train_tokenizer
-    from ftbench.harness.registry import Registry
+    from ftbench.harness.contract.registry import Registry
 
     task = Registry.load().task("generation")
     rows = task.builtin_data(0, {})["train"]
@@ -172,8 +172,8 @@ def test_a_forked_cell_refuses_a_server_that_initialised_cuda(monkeypatch):
 
 
 def _fp16_engine():
-    from ftbench.harness.engine import EngineContext, StandardEngine
-    from ftbench.harness.grid.config import Recipe
+    from ftbench.harness.contract.engine import EngineContext, StandardEngine
+    from ftbench.harness.contract.config import Recipe
 
     def loss_fn(model, batch):
         return (model(batch["x"]) ** 2).sum() * batch["poison"]
@@ -203,7 +203,7 @@ def test_schedule_does_not_advance_when_the_fp16_scaler_skips_the_step():
 
 
 def test_deepspeed_below_the_version_floor_is_unavailable_with_the_fix(monkeypatch):
-    from ftbench.harness.api import Unavailable
+    from ftbench.harness.contract.api import Unavailable
     from ftbench.plugins import deepspeed_zero
 
     monkeypatch.setattr(deepspeed_zero, "_installed_version", lambda: "0.16.9")

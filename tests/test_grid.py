@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from ftbench.harness.api import FtbenchError
+from ftbench.harness.contract.api import FtbenchError
 from ftbench.harness.grid.files import build_grid, grid_from_dict, load_grid_text, parse_duration, select_shard
-from ftbench.harness.registry import Registry
+from ftbench.harness.contract.registry import Registry
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -193,7 +193,7 @@ def test_example_grids_are_valid(name, reg):
 
 def test_default_grid_is_every_task_on_every_available_backend():
     from ftbench.harness.grid.files import build_grid
-    from ftbench.harness.registry import Registry
+    from ftbench.harness.contract.registry import Registry
 
     reg = Registry.load()
     cells = build_grid(None, {"task": [], "backend": [], "model": [], "data": []}, {}).cells(reg)
@@ -210,7 +210,7 @@ def test_the_committed_baseline_keeps_its_cell_ids_and_fingerprints():
     import json
 
     from ftbench.harness.grid.files import build_grid
-    from ftbench.harness.registry import Registry
+    from ftbench.harness.contract.registry import Registry
 
     root = Path(__file__).resolve().parent.parent
     base = [json.loads(line) for line in (root / "results/baseline-cpu/results.jsonl").read_text().splitlines()]

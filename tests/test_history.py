@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from ftbench.harness.cli import main
-from ftbench.harness.results.history import build_history
+from ftbench.harness.analysis.history import build_history
 from results_factory import ENV, make_record, read, write_set
 
 ROOT = Path(__file__).resolve().parent.parent

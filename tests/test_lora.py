@@ -71,8 +71,8 @@ def test_default_targets_follow_the_model_family():
 
     from ftbench.harness.cell.lora import apply_lora, default_targets
     from ftbench.harness.grid.finetune_checks import _ShapeTokenizer
-    from ftbench.harness.grid.lora import parse_lora
-    from ftbench.harness.registry import Registry
+    from ftbench.harness.contract.lora_options import parse_lora
+    from ftbench.harness.contract.registry import Registry
 
     reg = Registry.load()
     expected = {"tiny-gpt2": ["c_attn"], "tiny-llama": ["q_proj", "v_proj"], "tiny-t5": ["q", "v"],

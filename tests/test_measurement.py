@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ftbench.harness.api import Encoded
+from ftbench.harness.contract.api import Encoded
 from ftbench.harness.cell.measure import step_stats, throughput
 from ftbench.harness.cell.mfu import device_peak, flop_model
 from ftbench.harness.cell.prepcache import cached_encode

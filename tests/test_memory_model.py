@@ -7,7 +7,7 @@ import os
 import pytest
 
 import ftbench
-from ftbench.harness.memory_model import (MemoryPlan, ModelShape, ParamCounts, model_state_bytes, predict,
+from ftbench.harness.contract.memory_model import (MemoryPlan, ModelShape, ParamCounts, model_state_bytes, predict,
                                           saved_activation_bytes, transient_phases)
 
 P, LAYER = 1_234_567_891, 98_765_432
@@ -92,7 +92,7 @@ def test_zero_paper_bytes_per_parameter_plus_fp32_gradients(stage):
 def test_peak_is_the_persistent_state_plus_the_largest_phase():
     """Activations, a bucket being reduced and the optimizer's temporaries do not coexist: the peak
     takes the largest phase, so a larger micro-batch moves the peak from the step to backward."""
-    from ftbench.harness.grid.config import Recipe
+    from ftbench.harness.contract.config import Recipe
 
     counts, shape = ParamCounts(10**7, 10**7, 10**6), ModelShape("decoder", 256, 4, 1024, 1000)
     plan = zero(2, 2)
@@ -182,7 +182,7 @@ def test_activation_estimate_against_saved_tensors(checkpointing):
 
 
 def test_predict_adds_the_harness_on_cpu_and_counts_the_tree():
-    from ftbench.harness.grid.config import Recipe
+    from ftbench.harness.contract.config import Recipe
 
     counts, shape = ParamCounts(10**6, 10**6, 10**5), ModelShape("decoder", 64, 2, 256, 500)
     one = predict(counts, shape, Recipe(), MemoryPlan(), 1, 4, "cpu")
@@ -201,9 +201,9 @@ def test_prediction_tracks_the_measured_growth_where_state_dominates(tmp_path):
     import sys
 
     from conftest import ROOT, ftbench, records
-    from ftbench.harness.grid.config import CellSpec
+    from ftbench.harness.contract.config import CellSpec
     from ftbench.harness.grid.memplan import predict_cell
-    from ftbench.harness.registry import Registry
+    from ftbench.harness.contract.registry import Registry
 
     pytest.importorskip("deepspeed")
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -232,7 +232,7 @@ def test_prediction_tracks_the_measured_growth_where_state_dominates(tmp_path):
 def test_cuda_foreach_adamw_step_makes_one_copy_of_the_trainable_state():
     """On CUDA torch.optim.AdamW takes its multi-tensor path: sqrt(v) of every parameter at once
     (one fp32 copy of the trainable parameters); on CPU it steps one tensor at a time."""
-    from ftbench.harness.grid.config import Recipe
+    from ftbench.harness.contract.config import Recipe
 
     counts, shape = ParamCounts(10**8, 10**8, 10**6), ModelShape("decoder", 256, 4, 1024, 1000)
     gpu = predict(counts, shape, Recipe(seq_len=16), MemoryPlan(), 1, 1, "cuda")

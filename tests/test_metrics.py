@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from ftbench.harness.api import EvalContext, FtbenchError
+from ftbench.harness.contract.api import EvalContext, FtbenchError
 from ftbench.tasks import metrics
 
 
@@ -108,7 +108,7 @@ def test_tasks_evaluate_perfect_predictions():
 
 
 def test_every_task_declares_its_metric_and_direction():
-    from ftbench.harness.registry import Registry
+    from ftbench.harness.contract.registry import Registry
 
     want = {"generation": ("perplexity", False), "translation": ("bleu", True),
             "classification": ("accuracy", True), "summarization": ("rougeL", True),

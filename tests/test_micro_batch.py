@@ -8,8 +8,8 @@ import uuid
 import pytest
 
 from conftest import ftbench, processes_with_env, records
-from ftbench.harness.grid.config import CellSpec, Recipe
-from ftbench.harness.registry import Registry
+from ftbench.harness.contract.config import CellSpec, Recipe
+from ftbench.harness.contract.registry import Registry
 from ftbench.harness.running.cellproc import CellOutcome
 from ftbench.harness.running.fit import search_micro_batch
 

@@ -113,7 +113,7 @@ def test_a_dead_node_ends_the_cell_as_error_on_node_0_and_leaves_nothing(tmp_pat
 
 
 def test_nodes_on_one_machine_split_its_cores_and_use_loopback(monkeypatch):
-    from ftbench.harness.grid.config import CellSpec
+    from ftbench.harness.contract.config import CellSpec
     from ftbench.harness.running.nodes import NodeGroup
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)

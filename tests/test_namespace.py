@@ -199,8 +199,8 @@ def test_the_installed_console_script_runs(tmp_path):
 
 def test_registration_hook_wrappers_are_refused_by_name():
     from ftbench import FtbenchError, hookimpl
-    from ftbench.harness.plugins import get_plugin_manager
-    from ftbench.harness.registry import Registry
+    from ftbench.harness.contract.plugins import get_plugin_manager
+    from ftbench.harness.contract.registry import Registry
 
     class Wrapping:
         @hookimpl(wrapper=True)

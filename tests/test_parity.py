@@ -14,7 +14,7 @@ import pytest
 
 from backend_grid import RECIPE, WIDE, all_backends_run, by_backend
 from conftest import ftbench, records
-from ftbench.harness.grid.config import CellSpec, Recipe
+from ftbench.harness.contract.config import CellSpec, Recipe
 from ftbench.harness.results.parity import TOLERANCES, annotate_parity
 
 # MEASURED (fp32, CPU, 12 steps, 2 ranks, largest relative deviation from eager): zero0-3,
@@ -171,7 +171,7 @@ def test_fingerprint_ignores_how_the_step_is_run(change):
 
 def test_grid_runs_reference_backends_first():
     from ftbench.harness.grid.expand import Grid
-    from ftbench.harness.registry import Registry
+    from ftbench.harness.contract.registry import Registry
 
     cells = Grid(axes={"task": ["generation"], "backend": ["compile", "ddp", "eager"]},
                  settings={"nproc": 2}).cells(Registry.load())

@@ -10,9 +10,9 @@ from click.testing import CliRunner
 from conftest import ftbench
 from ftbench.harness.cli import main
 from ftbench.harness.grid import memplan
-from ftbench.harness.grid.config import CellSpec, Recipe
-from ftbench.harness.memory_model import ModelShape, ParamCounts
-from ftbench.harness.registry import Registry
+from ftbench.harness.contract.config import CellSpec, Recipe
+from ftbench.harness.contract.memory_model import ModelShape, ParamCounts
+from ftbench.harness.contract.registry import Registry
 
 
 @pytest.fixture

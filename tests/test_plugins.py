@@ -11,10 +11,10 @@ import pluggy
 import pytest
 
 from ftbench import hookimpl
-from ftbench.harness.api import BackendSpec, FtbenchError
-from ftbench.harness.engine import StandardEngine
-from ftbench.harness.plugins import DEFAULT_PLUGINS, get_plugin_manager
-from ftbench.harness.registry import DuplicateName, Registry
+from ftbench.harness.contract.api import BackendSpec, FtbenchError
+from ftbench.harness.contract.engine import StandardEngine
+from ftbench.harness.contract.plugins import DEFAULT_PLUGINS, get_plugin_manager
+from ftbench.harness.contract.registry import DuplicateName, Registry
 
 from conftest import ROOT, TINY, ftbench, records
 
@@ -102,7 +102,7 @@ def test_builtins_are_ordinary_plugins():
 
 
 def test_every_hook_is_documented_with_an_example():
-    from ftbench.harness import hookspecs
+    from ftbench.harness.contract import hookspecs
 
     for name in ("register_tasks", "register_backends", "register_models", "collect_environment"):
         doc = getattr(hookspecs, name).__doc__ or ""
@@ -118,7 +118,7 @@ def test_backend_without_options_rejects_one(tmp_path):
 
 def test_listing_does_not_import_torch_or_deepspeed():
     # 'ftbench list' must stay fast: importing torch alone costs seconds.
-    code = ("import sys, ftbench.harness.cli\nfrom ftbench.harness.registry import Registry\nreg = Registry.load()\n"
+    code = ("import sys, ftbench.harness.cli\nfrom ftbench.harness.contract.registry import Registry\nreg = Registry.load()\n"
             "[reg.backend_availability(n) for n in reg.backends]\n"
             "print(sorted(m for m in ('torch', 'deepspeed', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)

@@ -17,7 +17,7 @@ import ftbench.harness.running.driver as driver
 from ftbench.harness.running.cellproc import CellOutcome
 from ftbench.harness.cli import main
 from ftbench.harness.grid.files import build_grid, select_shard
-from ftbench.harness.registry import Registry
+from ftbench.harness.contract.registry import Registry
 from results_factory import ENV, make_record, modified, read, write_set
 
 ROOT = Path(__file__).resolve().parent.parent

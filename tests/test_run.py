@@ -74,7 +74,7 @@ def test_same_seed_same_losses(seeded_pair):
 
 
 def test_different_seed_different_cell(tmp_path):
-    from ftbench.harness.grid.config import CellSpec, Recipe
+    from ftbench.harness.contract.config import CellSpec, Recipe
 
     a = CellSpec("generation", "eager", "tiny-gpt2", recipe=Recipe(seed=0))
     b = CellSpec("generation", "eager", "tiny-gpt2", recipe=Recipe(seed=1))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from ftbench.harness.registry import Registry
+from ftbench.harness.contract.registry import Registry
 from ftbench.tasks import metrics
 
 TASKS = ("translation", "classification", "summarization", "dialogue")
@@ -183,7 +183,7 @@ def test_a_model_kind_the_task_cannot_use_is_a_clear_error(tmp_path):
 
 
 def test_kind_checks_in_process():
-    from ftbench.harness.api import FtbenchError
+    from ftbench.harness.contract.api import FtbenchError
     from ftbench.harness.cell.modeling import choose_kind, resolve_model
 
     reg = Registry.load()

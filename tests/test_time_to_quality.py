@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import ftbench, records
 
-from ftbench.harness.grid.targets import check_target, parse_target
+from ftbench.harness.contract.targets import check_target, parse_target
 
 #: Tiny generation cells that reach perplexity 20 within 30 steps (measured: ~15-20 steps).
 RECIPE = ["--task", "generation", "--steps", "30", "--warmup", "3", "--batch-size", "8", "--seq-len", "32",
@@ -48,7 +48,7 @@ def test_every_backend_reaches_the_target_and_the_figures_agree_with_the_curve()
 
 
 def test_the_report_has_a_time_to_target_table_and_a_quality_vs_time_plot(tmp_path):
-    from ftbench.harness.results.report import write_report
+    from ftbench.harness.analysis.report import write_report
 
     recs = ttq_run()
     (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
@@ -94,7 +94,7 @@ def test_seeds_run_each_cell_under_every_seed(tmp_path):
 
 
 def test_median_time_to_target_counts_a_miss_as_infinitely_slow():
-    from ftbench.harness.results.quality_report import median_time_to_target
+    from ftbench.harness.analysis.quality_report import median_time_to_target
 
     def run(t):
         return {"status": "ok", "target_reached": t is not None, "time_to_target_s": t}
@@ -153,7 +153,7 @@ def _ttq_record(repeat, reached, t):
 def test_compare_flags_a_target_no_longer_reached_and_judges_the_time_to_it(tmp_path):
     from results_factory import write_set
 
-    from ftbench.harness.results.compare import REGRESSION, UNCHANGED, compare_sets
+    from ftbench.harness.analysis.compare import REGRESSION, UNCHANGED, compare_sets
 
     base = write_set(tmp_path / "base", [_ttq_record(i, True, 10.0 + i * 0.1) for i in range(3)])
     missed = write_set(tmp_path / "missed", [_ttq_record(i, False, None) for i in range(3)])

@@ -22,7 +22,7 @@ import csv
 import json
 from pathlib import Path
 
-from ftbench.harness.api import DataError, FtbenchError, Task
+from ftbench.harness.contract.api import DataError, FtbenchError, Task
 
 SPLITS = ("train", "validation", "test")
 EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv")

@@ -7,8 +7,8 @@ Example::
 
 from __future__ import annotations
 
-from ftbench.harness.api import EvalContext
-from ftbench.harness.engine import autocast_for, move
+from ftbench.harness.contract.api import EvalContext
+from ftbench.harness.contract.engine import autocast_for, move
 
 EVAL_BATCH = 16
 

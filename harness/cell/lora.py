@@ -14,7 +14,7 @@ Example::
 
 from __future__ import annotations
 
-from ftbench.harness.api import ENCODER_DECODER, FtbenchError
+from ftbench.harness.contract.api import ENCODER_DECODER, FtbenchError
 
 
 def default_targets(model) -> list[str] | None:

@@ -160,7 +160,7 @@ CPU_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 
 def measured_cpu_peak(seconds: float = 0.5, dtype: str = "fp32") -> float:
     """Best matmul FLOP/s of this CPU in ``dtype`` with the current thread count (cached)."""
-    from ftbench.harness.results.environment import cpu_model
+    from ftbench.harness.contract.environment import cpu_model
 
     key = f"{cpu_model()}|{torch.__version__}|{torch.get_num_threads()}"
     key = key if dtype == "fp32" else f"{key}|{dtype}"

@@ -1,6 +1,6 @@
 """Models, encodings, the loss and greedy decoding, for every model kind.
 
-Model kinds (``ftbench.harness.api.MODEL_KINDS``):
+Model kinds (``ftbench.harness.contract.api.MODEL_KINDS``):
 
 * ``decoder``: causal LM; a prompt/target pair becomes
   ``<s> prompt <sep> target </s>`` with the loss on the target only;
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ftbench.harness.api import (DECODER, ENCODER, ENCODER_DECODER, IGNORE_INDEX, Encoded, FtbenchError, ModelPreset,
+from ftbench.harness.contract.api import (DECODER, ENCODER, ENCODER_DECODER, IGNORE_INDEX, Encoded, FtbenchError, ModelPreset,
                   Task)
 
 

@@ -21,7 +21,7 @@ Example::
 
 from __future__ import annotations
 
-from ftbench.harness.api import DECODER, Encoded, FtbenchError
+from ftbench.harness.contract.api import DECODER, Encoded, FtbenchError
 
 
 def check_can_pack(head: str, kind: str, task: str, model: str) -> None:

@@ -22,7 +22,7 @@ from typing import Callable
 
 import numpy as np
 
-from ftbench.harness.api import Encoded
+from ftbench.harness.contract.api import Encoded
 from ftbench.harness.cell.tokenization import cache_dir
 
 

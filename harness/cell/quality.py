@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Callable
 
 from ftbench.harness.cell.measure import now
-from ftbench.harness.grid.targets import parse_target
+from ftbench.harness.contract.targets import parse_target
 
 #: With a target but no --eval-every, evaluate this many times over the run.
 DEFAULT_EVALS = 10

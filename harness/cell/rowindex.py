@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ftbench.harness.api import DataError
+from ftbench.harness.contract.api import DataError
 
 _CHUNK = 4 << 20  # bytes scanned at a time: bounds the scan's own memory
 _INDEX_VERSION = 1

@@ -29,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ftbench.harness.api import DataError, Task
+from ftbench.harness.contract.api import DataError, Task
 from ftbench.harness.cell.data import Rows, _map_columns, split_files
 
 #: Rows the preset tokenizer is trained on, at most: a seeded sample of the training split.

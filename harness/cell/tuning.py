@@ -15,8 +15,8 @@ from __future__ import annotations
 def tune(model, tuning: str, head: str, kind: str):
     """``model`` ready for the tuning scope (the same module, or the one with adapters injected)."""
     from ftbench.harness.cell.modeling import apply_tuning
-    from ftbench.harness.grid.config import parse_tuning
-    from ftbench.harness.grid.lora import parse_lora
+    from ftbench.harness.contract.config import parse_tuning
+    from ftbench.harness.contract.lora_options import parse_lora
 
     mode, n_frozen = parse_tuning(tuning)
     if mode == "lora":

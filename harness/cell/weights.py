@@ -93,7 +93,7 @@ def load_kwargs() -> dict:
     """``from_pretrained`` keyword asking for fp32 weights (``dtype`` since transformers 4.56)."""
     import torch
 
-    from ftbench.harness.results.environment import package_version, version_tuple
+    from ftbench.harness.contract.environment import package_version, version_tuple
 
     key = "dtype" if version_tuple(package_version("transformers")) >= (4, 56) else "torch_dtype"
     return {key: torch.float32}

@@ -94,10 +94,10 @@ class Cell:
         """Plugins, options and device; False when the backend cannot run here (a skipped cell)."""
         import torch
 
-        from ftbench.harness.api import Unavailable
-        from ftbench.harness.grid.config import CellSpec
-        from ftbench.harness.grid.resolve import resolve_cell
-        from ftbench.harness.registry import Registry
+        from ftbench.harness.contract.api import Unavailable
+        from ftbench.harness.contract.config import CellSpec
+        from ftbench.harness.contract.resolve import resolve_cell
+        from ftbench.harness.contract.registry import Registry
 
         self.spec = CellSpec.from_dict(self.spec_dict)
         self.reg = Registry.load()
@@ -156,7 +156,7 @@ class Cell:
         from ftbench.harness.cell.modeling import build_model, count_params, max_positions, param_bytes
         from ftbench.harness.cell.tuning import tune
         from ftbench.harness.cell.weights import weight_dtypes
-        from ftbench.harness.grid.resolve import check_seq_len
+        from ftbench.harness.contract.resolve import check_seq_len
 
         recipe = self.recipe
         # Everything resident before the model exists is the harness's own
@@ -225,7 +225,7 @@ class Cell:
     def setup_engine(self) -> None:
         from ftbench.harness.cell.measure import synchronize
         from ftbench.harness.cell.modeling import make_loss_fn
-        from ftbench.harness.engine import EngineContext
+        from ftbench.harness.contract.engine import EngineContext
 
         self.ctx = EngineContext(recipe=self.recipe, device=self.device,
                                  loss_fn=make_loss_fn(self.kind, self.task.head), rank=self.rank,
@@ -337,7 +337,7 @@ def run_cell(spec_dict: dict, result_dir: Path, t_launch: float | None = None) -
 def _describe(device) -> dict:
     import torch
 
-    from ftbench.harness.results.environment import cpu_model
+    from ftbench.harness.contract.environment import cpu_model
 
     info = {"type": device.type, "torch_threads": torch.get_num_threads(), "cpu": cpu_model()}
     if device.type == "cuda":
@@ -361,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     import faulthandler
 
     faulthandler.enable()  # a segfault's Python stack goes to the cell's log, hence into the record
-    from ftbench.harness.running.reaper import watch_driver
+    from ftbench.harness.cell.reaper import watch_driver
 
     watch_driver()
     spec_path, result_dir = Path(argv[0]), Path(argv[1])

@@ -18,10 +18,10 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
-from ftbench.harness.api import FtbenchError
-from ftbench.harness.grid.config import RECIPE_FIELDS, CellSpec, Recipe, parse_spec
+from ftbench.harness.contract.api import FtbenchError
+from ftbench.harness.contract.config import RECIPE_FIELDS, CellSpec, Recipe, parse_spec
 from ftbench.harness.grid.recipes import defaults_for_model, is_pretrained
-from ftbench.harness.grid.targets import check_grid_targets, target_for_task
+from ftbench.harness.contract.targets import check_grid_targets, target_for_task
 
 AXES = ("task", "backend", "model", "data")
 CELL_SETTINGS = ("nproc", "time_limit_s", "memory_limit_mb", "eval_examples", "device", "columns", "launcher",
@@ -56,7 +56,7 @@ class Grid:
     #: Where the cells run: ``local`` (default) or ``slurm``, and the grid file's ``slurm:`` mapping.
     launcher: str | None = None
     slurm: dict | None = None
-    #: Quality targets, ``[TASK:]METRIC=VALUE`` (see :mod:`ftbench.harness.grid.targets`).
+    #: Quality targets, ``[TASK:]METRIC=VALUE`` (see :mod:`ftbench.harness.contract.targets`).
     targets: list[str] = field(default_factory=list)
 
     def cells(self, registry) -> list[CellSpec]:

@@ -28,8 +28,8 @@ import typing
 from importlib import resources
 from pathlib import Path
 
-from ftbench.harness.api import FtbenchError
-from ftbench.harness.grid.config import RECIPE_FIELDS, Recipe
+from ftbench.harness.contract.api import FtbenchError
+from ftbench.harness.contract.config import RECIPE_FIELDS, Recipe
 from ftbench.harness.grid.expand import (AXES, CELL_SETTINGS, INTERLEAVED, ORDERS, PER_CELL_SETTINGS, SWEEPABLE,
                                         Grid)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 
-from ftbench.harness.grid.lora import is_lora, parse_lora, require_peft
+from ftbench.harness.contract.lora_options import is_lora, parse_lora, require_peft
 
 
 class _ShapeTokenizer:
@@ -62,7 +62,7 @@ def _skeleton(reg, name: str, task):
     """The model's modules on the meta device (no memory, no weights read); None for a hub id."""
     import torch
 
-    from ftbench.harness.api import ENCODER_DECODER
+    from ftbench.harness.contract.api import ENCODER_DECODER
 
     with torch.device("meta"):
         if name in reg.models:

@@ -2,8 +2,8 @@
 
 Nothing here trains or starts a process: the model is built on the meta
 device (shapes, no storage) to count its parameters, the backend's
-:meth:`~ftbench.harness.api.Engine.memory_plan` says how it shards them, and
-:func:`ftbench.harness.memory_model.predict` adds it all up.
+:meth:`~ftbench.harness.contract.api.Engine.memory_plan` says how it shards them, and
+:func:`ftbench.harness.contract.memory_model.predict` adds it all up.
 
 Example::
 
@@ -16,8 +16,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from ftbench.harness.api import ENCODER_DECODER, FtbenchError
-from ftbench.harness.memory_model import MiB, ModelShape, ParamCounts, Prediction, harness_floor_bytes, predict
+from ftbench.harness.contract.api import ENCODER_DECODER, FtbenchError
+from ftbench.harness.contract.memory_model import MiB, ModelShape, ParamCounts, Prediction, harness_floor_bytes, predict
 
 
 @dataclass
@@ -90,7 +90,7 @@ def _build_facts(reg, cell):
     import torch
 
     from ftbench.harness.cell.modeling import apply_tuning, block_stacks, resolve_model
-    from ftbench.harness.grid.config import parse_tuning
+    from ftbench.harness.contract.config import parse_tuning
 
     tname, _ = cell.task_name_and_options()
     task = reg.task(tname)
@@ -172,7 +172,7 @@ def micro_batch_of(cell) -> int:
 def predict_cell(reg, cell, micro_batch: int | None = None, backend: str | None = None,
                  nproc: int | None = None, checkpointing: bool | None = None) -> Prediction:
     """The prediction for ``cell``, optionally with another micro-batch, backend, rank count or checkpointing."""
-    from ftbench.harness.grid.config import parse_spec
+    from ftbench.harness.contract.config import parse_spec
 
     bname, bopts = parse_spec(backend or cell.backend, "backend")
     spec = reg.backend(bname)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ftbench.harness.api import FtbenchError
+from ftbench.harness.contract.api import FtbenchError
 
 AUTO = "auto"
 

@@ -4,7 +4,7 @@ A typo must cost the user seconds, not a grid of failed cells: whatever can
 be known without training (settings of the right type, splits present, the
 rows the cells will read parsing and fitting the task, a sequence length the
 model can hold, a batch the data can fill) is checked here, in the driver, and reported as one
-:class:`~ftbench.harness.api.FtbenchError` (exit status 2, nothing written).  The
+:class:`~ftbench.harness.contract.api.FtbenchError` (exit status 2, nothing written).  The
 cell repeats its own checks as a backstop; hub data (``hf:``) is left to the
 cell, as loading it needs the network.
 
@@ -20,10 +20,10 @@ import math
 import os
 from pathlib import Path
 
-from ftbench.harness.api import FtbenchError
+from ftbench.harness.contract.api import FtbenchError
 from ftbench.harness.cell.hostalloc import MODES as CPU_MEMORY_MODES
 from ftbench.harness.grid.finetune_checks import check_finetuning
-from ftbench.harness.grid.resolve import check_seq_len, resolve_cell
+from ftbench.harness.contract.resolve import check_seq_len, resolve_cell
 
 DEVICES = ("auto", "cpu", "cuda")
 

@@ -2,7 +2,7 @@
 
 Cells are compared only when their ``recipe_fingerprint`` matches (same
 model, data order, global batch, optimizer, schedule, clipping, precision,
-tuning scope and seed; see :meth:`ftbench.harness.grid.config.Recipe.fingerprint`).  Each
+tuning scope and seed; see :meth:`ftbench.harness.contract.config.Recipe.fingerprint`).  Each
 such cell's per-step ``train_loss`` is compared with a *reference* cell's,
 and ``record["parity"]`` gets the largest relative deviation and a verdict
 against a tolerance that depends on the precision.
@@ -162,7 +162,7 @@ def _setting(r: dict) -> tuple:
 def _recipe_diff(ref: dict, record: dict) -> str:
     a = (ref.get("config") or {}).get("recipe") or {}
     b = (record.get("config") or {}).get("recipe") or {}
-    from ftbench.harness.grid.config import FINGERPRINT_FIELDS
+    from ftbench.harness.contract.config import FINGERPRINT_FIELDS
 
     diffs = [f"{k} {_fmt(a.get(k))}→{_fmt(b.get(k))}" for k in FINGERPRINT_FIELDS if a.get(k) != b.get(k)]
     return ", ".join(diffs) or "task options differ"
@@ -182,7 +182,7 @@ def _label(r: dict) -> str:
 
 
 def _registry_lookup() -> Callable[[str], bool]:
-    from ftbench.harness.registry import Registry
+    from ftbench.harness.contract.registry import Registry
 
     try:
         backends = Registry.load().backends

@@ -6,7 +6,7 @@ import datetime as _dt
 
 from ftbench.harness.cell.hostalloc import MEMORY_KIND as CPU_MEMORY_KIND
 from ftbench.harness.running.cellproc import CellOutcome
-from ftbench.harness.grid.config import CellSpec
+from ftbench.harness.contract.config import CellSpec
 
 #: What a CUDA memory figure is: torch.cuda.max_memory_allocated, max over ranks.  A CPU figure is
 #: each rank's peak resident set, max over ranks, named by its --cpu-memory mode (CPU_MEMORY_KIND).

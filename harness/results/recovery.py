@@ -134,7 +134,7 @@ def check_free_space(out: str | os.PathLike, cells: list) -> None:
     catches an almost full disk before hours of training, not a disk that
     fills up during the run, which :class:`ResultsNotWritten` handles.
     """
-    from ftbench.harness.api import FtbenchError
+    from ftbench.harness.contract.api import FtbenchError
 
     need = record_bytes_estimate(cells)
     probe = Path(out).resolve()

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ftbench.harness.api import FtbenchError
+from ftbench.harness.contract.api import FtbenchError
 
 RESULTS_FILE = "results.jsonl"
 

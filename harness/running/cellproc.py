@@ -23,9 +23,10 @@ from pathlib import Path
 
 import psutil
 
-from ftbench.harness.running import launch, reaper
+from ftbench.harness.cell import reaper
+from ftbench.harness.running import launch
 from ftbench.harness.running.ranks import first_failure
-from ftbench.harness.grid.config import CellSpec
+from ftbench.harness.contract.config import CellSpec
 
 #: Exit code conventions of the worker: 0 finished (ok/diverged/skipped), 1 failed.
 

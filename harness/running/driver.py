@@ -11,12 +11,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ftbench.harness.running import launch, reaper
+from ftbench.harness.cell import reaper
+from ftbench.harness.running import launch
 from ftbench.harness.running.prepare import pin_extensions_dir, prepare_engines
-from ftbench.harness.api import FtbenchError
+from ftbench.harness.contract.api import FtbenchError
 from ftbench.harness.running.cellproc import run_cell_process
 from ftbench.harness.running.nodes import NodeGroup, NodeLost, multi_node
-from ftbench.harness.grid.config import CellSpec
+from ftbench.harness.contract.config import CellSpec
 from ftbench.harness.grid.expand import INTERLEAVED, order_repeats
 from ftbench.harness.results.record import build_record
 from ftbench.harness.results.recovery import ResultsNotWritten, keep_record, restore_into

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from ftbench.harness.grid.memplan import device_type, divisors, largest_fitting_micro_batch
 from ftbench.harness.grid.microbatch import per_rank_batch, with_micro_batch
-from ftbench.harness.memory_model import MiB
+from ftbench.harness.contract.memory_model import MiB
 
 PROBE_STEPS = 3
 PROBE_EVAL_EXAMPLES = 8

@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from ftbench.harness.api import FtbenchError
+from ftbench.harness.contract.api import FtbenchError
 
 #: How long the nodes wait for each other at the start of a grid (override: FTBENCH_RENDEZVOUS_TIMEOUT_S).
 RENDEZVOUS_TIMEOUT_S = 900.0

@@ -16,8 +16,8 @@ from transformers.generation import GenerationMixin  # noqa: F401
 from transformers.modeling_utils import PreTrainedModel  # noqa: F401
 
 from ftbench.harness.cell import data, measure, modeling, tokenization, worker  # noqa: F401
-from ftbench.harness import engine  # noqa: F401
-from ftbench.harness.registry import Registry
+from ftbench.harness.contract import engine  # noqa: F401
+from ftbench.harness.contract.registry import Registry
 
 # Importing every plugin module (and whatever its top level imports), and the
 # modules each model preset and each backend names, warms what the cells (and

@@ -27,7 +27,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from ftbench.harness.api import Engine
+from ftbench.harness.contract.api import Engine
 from ftbench.harness.running.childexit import exit_child
 
 #: Longest a preparation may take (a cold build of a large op on a slow CPU), in seconds.
@@ -77,7 +77,7 @@ def prepare_engines(cells, context, progress=None) -> list[dict]:
     A failing preparation is reported, never raised: the cells then do the
     work themselves, and fail on their own if it cannot be done.
     """
-    from ftbench.harness.registry import Registry
+    from ftbench.harness.contract.registry import Registry
 
     reports = []
     for job in plan(cells, Registry.load()):
@@ -160,7 +160,7 @@ def _prepare_main(backend: str, options: list[dict], device: str, log_path: str)
     # A session of its own, as for a cell: the driver can kill the build's whole tree, and the
     # build dies with a driver that is killed outright.
     os.setsid()
-    from ftbench.harness.running.reaper import watch_driver
+    from ftbench.harness.cell.reaper import watch_driver
 
     watch_driver()
     fd = os.open(log_path, os.O_WRONLY | os.O_APPEND)
@@ -168,7 +168,7 @@ def _prepare_main(backend: str, options: list[dict], device: str, log_path: str)
     os.dup2(fd, 2)
     code = 1
     try:
-        from ftbench.harness.registry import Registry
+        from ftbench.harness.contract.registry import Registry
 
         if device == "auto":
             import torch

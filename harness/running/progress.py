@@ -6,7 +6,7 @@ import time
 
 from rich.markup import escape
 
-from ftbench.harness.results.format import fmt_bytes, fmt_num
+from ftbench.harness.contract.format import fmt_bytes, fmt_num
 
 
 class RunView:

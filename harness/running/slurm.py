@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ftbench.harness.api import FtbenchError
+from ftbench.harness.contract.api import FtbenchError
 
 #: Slurm job states that are final (squeue/scontrol/sacct spelling).
 _ACTIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
@@ -165,8 +165,8 @@ def job_main(spec_dict: dict):
     In a multi-node job every node's task starts its share of the world and
     only the first node's task returns the outcome.
     """
-    from ftbench.harness.grid.config import CellSpec
-    from ftbench.harness.running import reaper
+    from ftbench.harness.contract.config import CellSpec
+    from ftbench.harness.cell import reaper
     from ftbench.harness.running.cellproc import run_cell_process
 
     reaper.become_subreaper()

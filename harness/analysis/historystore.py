@@ -14,7 +14,7 @@ import json
 import os
 import sqlite3
 
-from ftbench.harness.results.history import History
+from ftbench.harness.analysis.history import History
 
 SCHEMA = """
 CREATE TABLE sets (

@@ -18,7 +18,7 @@ Example::
 
 from __future__ import annotations
 
-from ftbench.harness.api import FtbenchError
+from ftbench.harness.contract.api import FtbenchError
 
 LORA_DEFAULTS = {"r": 8, "alpha": 16.0, "dropout": 0.0, "targets": None}
 _FIX = "write lora or lora:r=8,alpha=16,dropout=0,targets=NAME+NAME (see docs/fine-tuning.md)"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ftbench.harness.memory_model import MiB
+from ftbench.harness.contract.memory_model import MiB
 
 #: Breakdown keys, shortest first in the table.
 SHORT = {"weights": "weights", "gradients": "grads", "gradient_buffers": "grad buckets", "optimizer": "AdamW",

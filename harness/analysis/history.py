@@ -24,10 +24,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ftbench.harness.api import FtbenchError
-from ftbench.harness.results.calibrate import machine_view
-from ftbench.harness.results.compare import DEFAULT_THRESHOLDS, IMPROVEMENT, REGRESSION
-from ftbench.harness.results.resultset import as_float, environment_diff, load_result_set, variant_labels
+from ftbench.harness.contract.api import FtbenchError
+from ftbench.harness.analysis.calibrate import machine_view
+from ftbench.harness.analysis.compare import DEFAULT_THRESHOLDS, IMPROVEMENT, REGRESSION
+from ftbench.harness.analysis.resultset import as_float, environment_diff, load_result_set, variant_labels
 from ftbench.harness.results.store import RESULTS_FILE
 
 SHIFT, TRANSIENT = "shift", "transient"
@@ -229,8 +229,8 @@ def build_history(paths, thresholds: dict | None = None, calibration: str | None
 
     Example: ``build_history(["runs/nightly"], {"speed": 0.15}).regressions``.
     """
-    from ftbench.harness.results.calibrate import read_calibration
-    from ftbench.harness.results.changepoints import detect
+    from ftbench.harness.analysis.calibrate import read_calibration
+    from ftbench.harness.analysis.changepoints import detect
 
     sets, warnings = load_sets(paths)
     included = [s for s in sets if s.included]

@@ -4,7 +4,7 @@ Into OUT (default ``history/``): ``history.md``, ``plots/<figure>.png``
 (one panel per cell: the repeats as dots, the per-set median as a line,
 each change as a vertical line at the set where it began), ``history.html``
 (self-contained, plots embedded and linked) and ``history.sqlite``
-(:mod:`ftbench.harness.results.historystore`).
+(:mod:`ftbench.harness.analysis.historystore`).
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ftbench.harness.results.format import fmt_bytes, fmt_num
-from ftbench.harness.results.history import History, Series, build_history
-from ftbench.harness.results.historystore import write_db
+from ftbench.harness.contract.format import fmt_bytes, fmt_num
+from ftbench.harness.analysis.history import History, Series, build_history
+from ftbench.harness.analysis.historystore import write_db
 
 
 @dataclass
@@ -76,7 +76,7 @@ def markdown(h: History) -> str:
 def plot_figure(h: History, figure: str, path: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
-    from ftbench.harness.results.report import save_figure
+    from ftbench.harness.analysis.report import save_figure
 
     series = sorted((s for s in h.series if s.figure == figure), key=lambda s: (s.task, s.cell))
     if not series:

@@ -15,7 +15,7 @@ import math
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any
 
-from ftbench.harness.api import FtbenchError
+from ftbench.harness.contract.api import FtbenchError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULES = ("constant", "linear", "cosine")
@@ -121,9 +121,9 @@ class Recipe:
 def parse_tuning(value: str) -> tuple[str, int]:
     """``full`` | ``freeze-embeddings`` | ``freeze-lower:N`` | ``lora[:options]`` -> (mode, N).
 
-    LoRA options are checked by :func:`ftbench.harness.grid.lora.parse_lora`.
+    LoRA options are checked by :func:`ftbench.harness.contract.lora_options.parse_lora`.
     """
-    from ftbench.harness.grid.lora import is_lora, parse_lora
+    from ftbench.harness.contract.lora_options import is_lora, parse_lora
 
     if is_lora(value):
         parse_lora(value)
@@ -215,7 +215,7 @@ class CellSpec:
     profile_dir: str | None = None
     #: Evaluate the held-out split every N optimizer steps (0: only after training).
     eval_every: int = 0
-    #: Quality target, e.g. "perplexity=20" (see ftbench.harness.grid.targets).
+    #: Quality target, e.g. "perplexity=20" (see ftbench.harness.contract.targets).
     target: str | None = None
     #: End the cell once its target is reached.
     stop_at_target: bool = False

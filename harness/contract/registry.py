@@ -8,8 +8,8 @@ from typing import Any
 
 import pluggy
 
-from ftbench.harness.api import BackendSpec, FtbenchError, ModelPreset, Task, Unavailable
-from ftbench.harness.plugins import get_plugin_manager
+from ftbench.harness.contract.api import BackendSpec, FtbenchError, ModelPreset, Task, Unavailable
+from ftbench.harness.contract.plugins import get_plugin_manager
 
 
 class DuplicateName(FtbenchError):

@@ -14,8 +14,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ftbench.harness.api import FtbenchError
-from ftbench.harness.results.environment import comparable_view
+from ftbench.harness.contract.api import FtbenchError
+from ftbench.harness.contract.environment import comparable_view
 from ftbench.harness.results.store import RESULTS_FILE, append_record, read_records
 
 #: Parts of a cell's configuration that identify it in a table, besides the recipe.

@@ -24,8 +24,8 @@ if TYPE_CHECKING:  # annotations only; see the note below on importing torch
 
 # torch is imported inside the functions that need it: every plugin imports
 # this module, and 'ftbench list' must not pay for torch.
-from ftbench.harness.api import Engine
-from ftbench.harness.grid.config import Recipe
+from ftbench.harness.contract.api import Engine
+from ftbench.harness.contract.config import Recipe
 
 
 @dataclass

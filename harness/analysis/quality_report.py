@@ -21,8 +21,8 @@ import math
 import statistics
 from pathlib import Path
 
-from ftbench.harness.results.format import fmt_num
-from ftbench.harness.results.resultset import ResultSet, variant_labels
+from ftbench.harness.contract.format import fmt_num
+from ftbench.harness.analysis.resultset import ResultSet, variant_labels
 
 
 def _groups(rs: ResultSet) -> dict[tuple, list[dict]]:
@@ -72,7 +72,7 @@ def plot_quality_vs_time(rs: ResultSet, path: Path) -> Path | None:
     """One panel per task: the target metric against training seconds, a line per run, a colour per cell."""
     import matplotlib.pyplot as plt
 
-    from ftbench.harness.results.report import _colours, _grid_axes, save_figure
+    from ftbench.harness.analysis.report import _colours, _grid_axes, save_figure
 
     runs = [r for r in rs.records if r.get("eval_curve") and r.get("status") in ("ok", "diverged")]
     if not runs:

@@ -23,8 +23,8 @@ import os
 import platform
 from pathlib import Path
 
-from ftbench.harness.api import FtbenchError
-from ftbench.harness.results.resultset import ResultSet, environment_diff, load_result_set
+from ftbench.harness.contract.api import FtbenchError
+from ftbench.harness.analysis.resultset import ResultSet, environment_diff, load_result_set
 
 KIND = "ftbench-compare-calibration"
 VERSION = 1
@@ -62,7 +62,7 @@ def calibrate(a1: str | os.PathLike, a2: str | os.PathLike) -> dict:
     Example: ``calibrate("runs/aa1", "runs/aa2")["thresholds"]`` ->
     ``{"speed": 0.21, "peak_memory_bytes": 0.01, "metric": 0.005}``.
     """
-    from ftbench.harness.results.compare import compare_result_sets
+    from ftbench.harness.analysis.compare import compare_result_sets
 
     s1, s2 = load_result_set(a1), load_result_set(a2)
     m1, m2 = _machines(s1), _machines(s2)

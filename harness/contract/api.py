@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 if TYPE_CHECKING:
-    from ftbench.harness.memory_model import MemoryPlan
+    from ftbench.harness.contract.memory_model import MemoryPlan
 
 #: Model kinds a task may accept.
 DECODER = "decoder"
@@ -279,7 +279,7 @@ class Engine:
     whole global step): the engine multiplies its summed loss by it, so that
     micro-batches and ranks add up to the global mean loss.
 
-    :class:`ftbench.harness.engine.StandardEngine` implements all of this for plain
+    :class:`ftbench.harness.contract.engine.StandardEngine` implements all of this for plain
     PyTorch; most backends subclass it and override ``wrap`` only.
     """
 
@@ -336,7 +336,7 @@ class Engine:
         """How this engine holds weights, gradients and optimizer states on each rank.
 
         ``ftbench plan``, ``memory_predicted_bytes`` and ``--micro-batch auto``
-        build their prediction from it (:mod:`ftbench.harness.memory_model`).
+        build their prediction from it (:mod:`ftbench.harness.contract.memory_model`).
         The default is plain PyTorch: everything replicated on every rank.
         A sharding backend overrides it::
 
@@ -344,7 +344,7 @@ class Engine:
             def memory_plan(cls, options, world_size):
                 return MemoryPlan(grads_shards=world_size, optimizer_shards=world_size)
         """
-        from ftbench.harness.memory_model import MemoryPlan
+        from ftbench.harness.contract.memory_model import MemoryPlan
 
         return MemoryPlan()
 

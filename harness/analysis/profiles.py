@@ -6,7 +6,7 @@ import html
 import os
 from pathlib import Path
 
-from ftbench.harness.results.resultset import ResultSet, repeat_of, variant_labels
+from ftbench.harness.analysis.resultset import ResultSet, repeat_of, variant_labels
 
 PHASES = ("forward", "backward", "optimizer", "communication", "other")
 

@@ -20,10 +20,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ftbench.harness.results.format import fmt_bytes, fmt_num
-from ftbench.harness.results.profiles import profile_html, profile_markdown, profile_rows
-from ftbench.harness.results.quality_report import plot_quality_vs_time, time_to_target_frame
-from ftbench.harness.results.resultset import ResultSet, as_float, load_result_set, repeat_of, variant_labels
+from ftbench.harness.contract.format import fmt_bytes, fmt_num
+from ftbench.harness.analysis.profiles import profile_html, profile_markdown, profile_rows
+from ftbench.harness.analysis.quality_report import plot_quality_vs_time, time_to_target_frame
+from ftbench.harness.analysis.resultset import ResultSet, as_float, load_result_set, repeat_of, variant_labels
 
 REPORT_DIR = "report"
 MiB = 2**20

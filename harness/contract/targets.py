@@ -20,7 +20,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from ftbench.harness.api import FtbenchError
+from ftbench.harness.contract.api import FtbenchError
 
 _FORM = re.compile(r"^\s*(?:(?P<task>[\w.-]+):)?(?P<metric>[\w.-]+)\s*(?P<op>>=|<=|=)\s*(?P<value>\S+)\s*$")
 #: Metrics whose values cannot go past a bound, and the bound: a target beyond it can never be reached.

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ftbench.harness.api import BackendSpec, FtbenchError, Task
+from ftbench.harness.contract.api import BackendSpec, FtbenchError, Task
 
 
 @dataclass

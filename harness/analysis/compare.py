@@ -26,7 +26,7 @@ p-values absurdly small (pseudo-replication).  Per figure:
 
 The evidence column says which of these was available (``n=3/3: threshold
 and interval only``).  Thresholds default to :data:`DEFAULT_THRESHOLDS` or
-come from an A/A calibration file (:mod:`ftbench.harness.results.calibrate`).
+come from an A/A calibration file (:mod:`ftbench.harness.analysis.calibrate`).
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ import math
 import statistics
 from dataclasses import dataclass, field
 
-from ftbench.harness.api import FtbenchError
-from ftbench.harness.results.format import fmt_bytes, fmt_num
-from ftbench.harness.results.resultset import (ResultSet, as_float, config_diff, environment_diff, load_result_set, repeat_of,
+from ftbench.harness.contract.api import FtbenchError
+from ftbench.harness.contract.format import fmt_bytes, fmt_num
+from ftbench.harness.analysis.resultset import (ResultSet, as_float, config_diff, environment_diff, load_result_set, repeat_of,
                         slot_of, variant_labels)
 
 #: Relative change below which a figure is "unchanged", per figure.  Speed is
@@ -301,7 +301,7 @@ def compare_sets(base_dir, new_dir, thresholds: dict | None = None, alpha: float
     base, new = load_result_set(base_dir), load_result_set(new_dir)
     source = "defaults"
     if calibration:
-        from ftbench.harness.results.calibrate import read_calibration
+        from ftbench.harness.analysis.calibrate import read_calibration
 
         calibrated = read_calibration(calibration, [base, new])
         thresholds = {**calibrated, **(thresholds or {})}

@@ -28,8 +28,8 @@ from importlib.metadata import entry_points
 
 import pluggy
 
-from ftbench.harness import hookspecs
-from ftbench.harness.api import FtbenchError
+from ftbench.harness.contract import hookspecs
+from ftbench.harness.contract.api import FtbenchError
 
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "ftbench.plugins.eager",

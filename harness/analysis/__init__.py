@@ -1,0 +1,1 @@
+"""Reading result sets: reports, comparisons, history, calibration, the plan's view."""
