@@ -24,7 +24,7 @@ def same_batches(args) -> list:
     data, its tokenizer, its data order and padding), prepared before any
     clock starts: the comparison is about the loop, not the data."""
     from ftbench.harness.contract.config import Recipe
-    from ftbench.harness.cell.data import load_splits
+    from ftbench.harness.cell.rowsource import open_sources, read_rows
     from ftbench.harness.cell.modeling import collate, encode_example
     from ftbench.harness.contract.registry import Registry
     from ftbench.harness.cell.tokenization import train_tokenizer
@@ -32,7 +32,8 @@ def same_batches(args) -> list:
 
     task = Registry.load().task("generation")
     recipe = Recipe(steps=args.steps, warmup=args.warmup, batch_size=args.batch, seq_len=args.seq)
-    splits = load_splits(task, "builtin", {}, recipe.seed)
+    splits = {name: read_rows(src, range(len(src)), task, {}, {})
+              for name, src in open_sources(task, "builtin", {}, recipe.seed).items()}
     tok = train_tokenizer((t for ex in splits["train"] for t in task.texts(ex, {})), 2000)
     assert len(tok) == args.vocab, "pass the vocab size of the ftbench cell"
     enc = [encode_example(task, ex, tok, "decoder", args.seq, {}) for ex in splits["train"]]

@@ -1,15 +1,15 @@
 """The core of ftbench (internal: plugins import from ``ftbench`` only).
 
-How a command becomes results (see docs/architecture.md):
+Its folders are layers, bottom first; a module imports only from its own
+layer or a lower one (docs/architecture.md, held by tests/test_layers.py):
 
-- ``cli``: the command line;
+- ``contract/``: the plugin contract (hookspecs, api, engine, memory_model,
+  plugins, registry) and the value types every layer speaks in;
+- ``cell/``: what runs inside one cell's process (data, model, training
+  loop, measurement);
 - ``grid/``: from settings and grid files to a checked list of cells;
-- ``running/``: each cell in its own fresh process (group), with the clock,
-  limits and cleanup around it;
-- ``cell/``: what happens inside that process (data, model, training loop,
-  measurement);
-- ``results/``: records, the result store, parity, reports and comparisons.
-
-The plugin contract (``hookspecs``, ``api``, ``engine``, ``plugins``,
-``registry``) sits at this level because every part uses it.
+- ``results/``: the write path of results (records, the store, parity);
+- ``running/``: each cell in its own fresh process (group), the grid loop;
+- ``analysis/``: reports, comparisons, history;
+- ``cli``: the command line.
 """

@@ -1,5 +1,6 @@
 """Data loading: built-in, local JSONL/CSV/TSV, column mapping, hf:, and the
-errors bad data gets (file, line and field named).  All in-process: no cell runs."""
+errors bad data gets (file, line and field named).  All in-process: no cell runs,
+but every split is read through the loader cells use (``rowsource``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from ftbench.harness.contract.api import DataError, FtbenchError
-from ftbench.harness.cell.data import Rows, load_splits, where
+from ftbench.harness.cell.data import Rows, where
+from ftbench.harness.cell.rowsource import open_sources, read_rows
 from ftbench.harness.contract.registry import Registry
 
 TASKS = ("generation", "translation", "classification", "summarization", "dialogue")
@@ -23,7 +25,8 @@ def reg():
 def _load(reg, task_name, data, columns=None, options=None):
     task = reg.task(task_name)
     opts = {**dict(task.defaults), **(options or {})}
-    splits = load_splits(task, str(data), opts, 0, columns)
+    sources = open_sources(task, str(data), opts, 0, stream_rows=1000)
+    splits = {name: read_rows(src, range(len(src)), task, opts, columns or {}) for name, src in sources.items()}
     opts.update(task.prepare(splits, opts) or {})
     return task, splits, opts
 
@@ -106,8 +109,9 @@ def test_hub_data_through_datasets(reg, monkeypatch):
     rows = [{"sentence": "good", "label": 1}, {"sentence": "bad", "label": 0}]
     calls = []
 
-    def fake_load_dataset(name, config=None):
+    def fake_load_dataset(name, config=None, streaming=False):
         calls.append((name, config))
+        assert streaming, "cells stream hub data"
         if config is not None:  # "owner/name" is tried as NAME/CONFIG first
             raise ValueError("no such config")
         return datasets.DatasetDict({"train": datasets.Dataset.from_list(rows),

@@ -3,6 +3,7 @@ sample, streamed hub data, and errors in rows used versus rows never read."""
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -10,7 +11,6 @@ import pytest
 
 from ftbench.harness.contract.api import DataError
 from ftbench.harness.cell.batches import batch_plan
-from ftbench.harness.cell.data import _read_file, where
 from ftbench.harness.cell.rowindex import FileRows
 from ftbench.harness.cell.rowsource import (TOKENIZER_SAMPLE_ROWS, load_run_data, plan_indices, sample_indices,
                                             stream_sources)
@@ -38,15 +38,32 @@ def big_jsonl(path: Path, n: int, bad: dict[int, str] | None = None) -> Path:
     return path
 
 
-def test_index_matches_the_full_reader_for_jsonl_and_csv(tmp_path):
+def _read_whole(path: Path) -> list[tuple[dict, str]]:
+    """The reference: every row of a file read front to back with the standard library, with its line."""
+    out = []
+    if path.suffix in (".csv", ".tsv"):
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ",")
+            start = 2
+            for r in reader:
+                out.append((dict(r), f"{path} line {start}"))
+                start = reader.line_num + 1
+        return out
+    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+        if line.strip():
+            out.append((json.loads(line), f"{path} line {lineno}"))
+    return out
+
+
+def test_index_matches_a_whole_file_read_for_jsonl_and_csv(tmp_path):
     (tmp_path / "a.jsonl").write_text('{"text": "a"}\n\n   \n{"text": "b"}\n  {"text": "c"}\n{"text": "d"}')
     (tmp_path / "b.csv").write_text('text,label\ngood,1\n"multi\nline, quoted",0\n"say ""hi""",1\nbad,\n')
     (tmp_path / "c.tsv").write_text("english\tgerman\nthe cow\tdie kuh\n\"a\tb\"\tc\n")
     for name in ("a.jsonl", "b.csv", "c.tsv"):
-        full = _read_file(tmp_path / name)
+        full = _read_whole(tmp_path / name)
         lazy = FileRows(tmp_path / name)
         assert len(lazy) == len(full)
-        assert [lazy.raw(i) for i in range(len(lazy))] == [(full[i], where(full, i)) for i in range(len(full))]
+        assert [lazy.raw(i) for i in range(len(lazy))] == full
     assert FileRows(tmp_path / "a.jsonl").where(2) == f"{tmp_path / 'a.jsonl'} line 5"
     (tmp_path / "e.csv").write_text('text,label\ngood,1\n\n"multi\nline",0\n')
     assert FileRows(tmp_path / "e.csv").where(1) == f"{tmp_path / 'e.csv'} line 4"  # the line it starts on

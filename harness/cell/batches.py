@@ -84,12 +84,6 @@ class StepStream:
         return micro, global_counts
 
 
-def collate_steps(plan, make_batch: Callable[[list[int]], dict], world_size: int, pin: bool):
-    """Every step, collated up front (small runs and tests only: memory grows with the steps)."""
-    stream = StepStream(plan, make_batch, world_size, pin)
-    return [stream.step(i) for i in range(len(plan))]
-
-
 def _shape(mb: dict) -> tuple[int, int, int]:
     return (mb["input_ids"].shape[0], mb["input_ids"].shape[1],
             mb["labels"].shape[1] if "decoder_input_ids" in mb else 0)

@@ -7,22 +7,20 @@ loads through ``datasets`` (needs network).  ``--column FIELD=COLUMN`` maps a
 column of the files onto a field the task expects; a dotted field nests, so
 ``--column translation.en=english`` builds ``{"translation": {"en": ...}}``.
 
-:func:`load_splits` reads whole splits (tests and tools use it); a cell reads
-only the rows its run uses through :mod:`ftbench.harness.cell.rowsource`,
-which shares the column mapping and the file-name rules defined here.
+A cell reads only the rows its run uses through
+:mod:`ftbench.harness.cell.rowsource`, which takes the column mapping, the
+file-name rules and the hub access defined here.
 
-Every bad line is reported with its file, line number and field.  The loaded
-splits are :class:`Rows`, which remember where each row came from, so a task
+Every bad line is reported with its file, line number and field.  The rows
+read are :class:`Rows`, which remember where each row came from, so a task
 that checks the data as a whole (``Task.prepare``) can still name the line.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 from pathlib import Path
 
-from ftbench.harness.contract.api import DataError, FtbenchError, Task
+from ftbench.harness.contract.api import DataError, FtbenchError
 
 SPLITS = ("train", "validation", "test")
 EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv")
@@ -57,38 +55,7 @@ def where(rows: list, i: int) -> str:
     return rows.where(i) if isinstance(rows, Rows) else f"example {i + 1}"
 
 
-def load_splits(task: Task, data: str, options: dict, seed: int,
-                columns: dict[str, str] | None = None) -> dict[str, list[dict]]:
-    """``{"train": [...], "validation": [...]}`` (``test`` when present), validated."""
-    columns = columns or {}
-    if data in ("builtin", "", None):
-        splits = task.builtin_data(seed, options)
-        origin = {s: f"built-in {task.name} data ({s})" for s in splits}
-    elif data.startswith("hf:"):
-        splits, origin = _load_hub(data[3:])
-    else:
-        splits, origin = _load_dir(Path(data))
-    for split in ("train", "validation"):
-        if not splits.get(split):
-            raise DataError(f"{origin.get(split, data)}: the {split} split is empty or missing; "
-                            f"{task.name!r} needs at least one {split} example")
-    for split, rows in splits.items():
-        builtin = data in ("builtin", "", None)
-        lines = None if builtin else (rows.lines if isinstance(rows, Rows) and rows.lines is not None
-                                      else list(range(1, len(rows) + 1)))
-        mapped = Rows(origin=origin[split], lines=lines)
-        for i, row in enumerate(rows):
-            where = mapped.where(i)
-            if not isinstance(row, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            row = _map_columns(row, columns)
-            task.validate(row, where, options)
-            mapped.append(row)
-        splits[split] = mapped
-    return splits
-
-
-def _map_columns(row: dict, columns: dict[str, str]) -> dict:
+def map_columns(row: dict, columns: dict[str, str]) -> dict:
     if not columns:
         return row
     row = dict(row)
@@ -133,42 +100,6 @@ def split_files(root: Path) -> dict[str, Path]:
     return files
 
 
-def _load_dir(root: Path):
-    splits, origin = {}, {}
-    for split, path in split_files(root).items():
-        splits[split] = _read_file(path)
-        origin[split] = str(path)
-    return splits, origin
-
-
-def _read_file(path: Path) -> Rows:
-    # Physical line numbers are kept (blank lines skipped, the CSV header and
-    # quoted newlines counted) so that an error points at the line an editor shows.
-    rows = Rows(origin=str(path), lines=[])
-    if path.suffix in (".csv", ".tsv"):
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ",")
-            if reader.fieldnames is None:
-                return rows
-            start = reader.line_num + 1
-            for r in reader:
-                rows.append(dict(r))
-                rows.lines.append(start)
-                start = reader.line_num + 1
-        return rows
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path} line {lineno}: invalid JSON ({e.msg} at column {e.colno}); "
-                                "each line must be one JSON object") from None
-            rows.lines.append(lineno)
-    return rows
-
-
 def open_hub(spec: str, streaming: bool = False):
     """``hf:NAME[/CONFIG]`` (or ``hf:OWNER/NAME[/CONFIG]``) through ``datasets.load_dataset``."""
     try:
@@ -190,15 +121,3 @@ def open_hub(spec: str, streaming: bool = False):
         if ds is None:
             raise FtbenchError(f"cannot load hf:{spec} through datasets: {e}") from None
         return ds
-
-
-def _load_hub(spec: str):
-    ds = open_hub(spec)
-    splits, origin = {}, {}
-    for split, key in (("train", "train"), ("validation", "validation"), ("test", "test")):
-        if key not in ds and split == "validation":
-            key = next((k for k in ("valid", "dev", "val") if k in ds), key)
-        if key in ds:
-            splits[split] = [dict(r) for r in ds[key]]
-            origin[split] = f"hf:{spec}[{key}]"
-    return splits, origin

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ftbench.harness.contract.api import DataError, Task
-from ftbench.harness.cell.data import Rows, _map_columns, split_files
+from ftbench.harness.cell.data import Rows, map_columns, split_files
 
 #: Rows the preset tokenizer is trained on, at most: a seeded sample of the training split.
 TOKENIZER_SAMPLE_ROWS = 2048
@@ -154,7 +154,7 @@ def read_rows(source, indices, task: Task, options: dict, columns: dict) -> Rows
         row, where = source.raw(i)
         if not isinstance(row, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-        row = _map_columns(row, columns)
+        row = map_columns(row, columns)
         task.validate(row, where, options)
         rows.append(row)
         wheres.append(where)

@@ -4,7 +4,7 @@ Example::
 
     clock = PhaseClock()
     with clock.phase("data"):
-        splits = load_splits(...)
+        data = load_run_data(...)
     clock.seconds  # {"data_s": 0.12}
 """
 
