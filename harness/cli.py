@@ -540,5 +540,61 @@ def merge_cmd(out, sources, allow_mixed_environments):
     con.print(f"merged {summary.written} record(s) into {out}/results.jsonl{extra}")
 
 
+# -------------------------------------------------------------------- ab
+
+
+def _count_cells(run_args: list[str]) -> int:
+    """How many cells (repeats not counted) ``ftbench run RUN_ARGS`` makes, checked as run checks them."""
+    from ftbench.harness.contract.registry import Registry
+
+    ctx = run_cmd.make_context("run", list(run_args))
+    p = dict(ctx.params)
+    for k in ("out", "force", "fail_fast", "order", "profile_steps", "launcher_kind", "slurm_partition",
+              "slurm_time", "slurm_gpus_per_node", "slurm_nodes", "slurm_flags"):
+        p.pop(k, None)
+    keys = ("grid_file", "tasks", "backends", "models", "datas", "columns", "shard", "micro_batch")
+    cells, _, _ = _cells_from_options(Registry.load(), *(p.pop(k) for k in keys), p)
+    return len({c.cell_id for c in cells})
+
+
+@main.command("ab", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.option("--base", required=True, help="The git ref of version A (the baseline), e.g. main.")
+@click.option("--new", "new_ref", default=None, help="The git ref of version B (default: the working tree).")
+@click.option("--rounds", type=int, default=4, show_default=True,
+              help="Runs of each cell per version, in the order A B B A A B ...")
+@click.option("--out", default=None, help="Where the two result sets (A/, B/) and the log go (default runs/ab-<time>).")
+@click.option("--threshold", "thresholds", multiple=True, metavar="FIGURE=VALUE",
+              help="Smallest relative change that counts, as for compare (repeatable).")
+@click.option("--markdown", "markdown_file", type=click.Path(dir_okay=False), help="Also write Markdown here.")
+@click.argument("run_args", nargs=-1, type=click.UNPROCESSED)
+def ab_cmd(base, new_ref, rounds, out, thresholds, markdown_file, run_args):
+    """Two code versions, one grid, interleaved in one run; exit status 1 when B regressed against A.
+
+    RUN_ARGS are ftbench run's options for the cells (after --), e.g.
+    ftbench ab --base main -- --task generation --backend eager --steps 30.
+    Each cell runs --rounds times per version in ABBA order, each run a fresh
+    process; its speed is judged on the per-round ratio of the two versions'
+    step times. Versions are built once and reused (docs/comparisons.md).
+    """
+    from pathlib import Path
+
+    from ftbench.harness.analysis.abtest import checkout_root, run_ab
+    from ftbench.harness.analysis.compare import parse_threshold, print_comparison
+
+    th = dict(parse_threshold(t) for t in thresholds) or None
+    out = Path(out or _default_out().replace("runs/", "runs/ab-", 1))
+    con = _console()
+    ab = run_ab(checkout_root(Path.cwd()), list(run_args), _count_cells, base=base, new=new_ref, rounds=rounds,
+                out=out, thresholds=th, say=lambda m: con.print(m, soft_wrap=True, highlight=False))
+    label_a, label_b = f"A {base}", f"B {new_ref or 'working tree'}"
+    print_comparison(ab.comparison, con, label_a, label_b)
+    text = ab.comparison.markdown(f"{label_a}: {ab.base.how}", f"{label_b}: {ab.new.how}")
+    (out / "ab.md").write_text(text)
+    if markdown_file:
+        Path(markdown_file).write_text(text)
+    con.print(f"wrote {out / 'A'}, {out / 'B'}, {out / 'ab.md'}")
+    sys.exit(EXIT_REGRESSION if ab.comparison.regressions else 0)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
