@@ -31,6 +31,8 @@ def test_record_has_every_key_and_is_ok(seeded_pair):
         assert len(rec["train_loss"]) == 30
         assert rec["environment"]["versions"]["torch"]
         assert rec["config"]["recipe"]["steps"] == 30
+        load = rec["machine_load"]  # the machine's load over the timed steps (docs/comparisons.md)
+        assert 0 <= load["other_cpu_share"] <= 1 and load["window_s"] > 0
 
 
 def test_loss_falls(seeded_pair):

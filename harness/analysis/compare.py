@@ -35,6 +35,7 @@ import math
 import statistics
 from dataclasses import dataclass, field
 
+from ftbench.harness.cell.machineload import load_differs
 from ftbench.harness.contract.api import FtbenchError
 from ftbench.harness.contract.format import fmt_bytes, fmt_num
 from ftbench.harness.analysis.resultset import (ResultSet, as_float, config_diff, environment_diff, load_result_set, repeat_of,
@@ -355,6 +356,12 @@ def compare_result_sets(base: ResultSet, new: ResultSet, thresholds: dict | None
             continue
         note = config_diff(rb[0], rn[0]) if cb != cn else []
         cmp.rows += _compare_cell(label, task, cb, rb, rn, th, alpha, note)
+    loaded = [r.cell for r in cmp.rows if r.figure == "speed" and r.verdict in (REGRESSION, IMPROVEMENT)
+              and "other's load" in r.evidence]
+    if loaded:
+        cmp.warnings.append(f"{len(loaded)} speed change(s) come with a load difference between the two runs "
+                            f"({', '.join(loaded)}): the machine, not the code, may explain them; rerun both "
+                            "sides together with ftbench ab (docs/comparisons.md)")
     shift = whole_run_shift(cmp.rows, th["speed"])
     if shift:
         cmp.warnings.append(shift)
@@ -405,10 +412,14 @@ def _compare_cell(label, task, cid, rb, rn, th, alpha, note) -> list[Row]:
                         f"{failed_n} of {len(rn)} repeats failed (none before){extra}", cid))
     metric_b, metric_n = ok_b[0].get("metric"), ok_n[0].get("metric")
     figures = [("speed", "tokens_per_s", True, "tok/s"), ("peak_memory_bytes", "peak_memory_bytes", False, "bytes")]
+    load = load_differs(_median_load(ok_b), _median_load(ok_n))
     for figure, key, hib, unit in figures:
         vb, vn = _clean(ok_b, key), _clean(ok_n, key)
         j = judge(vb, vn, hib, th[figure], alpha)
-        rows.append(Row(label, task, figure, vb, vn, j.change, j.verdict, j.evidence + extra, cid, unit,
+        evidence = j.evidence + extra
+        if figure == "speed" and load:
+            evidence += f"; {load}"
+        rows.append(Row(label, task, figure, vb, vn, j.change, j.verdict, evidence, cid, unit,
                         j.interval, j.p_value))
     if metric_b is not None or metric_n is not None:
         if metric_b != metric_n:
@@ -455,6 +466,13 @@ def _time_to_target_rows(label, task, cid, ok_b, ok_n, th, alpha, extra) -> list
     j = judge(vb, vn, False, th["time_to_target"], alpha)
     return [Row(label, task, "time_to_target", vb, vn, j.change, j.verdict, f"{counts}; {j.evidence}{extra}", cid,
                 "sec", j.interval, j.p_value)]
+
+
+def _median_load(recs) -> dict | None:
+    """The median of the repeats' ``machine_load`` shares (records before it carry none)."""
+    shares = [v for v in (as_float((r.get("machine_load") or {}).get("other_cpu_share"))
+                          for r in recs if isinstance(r.get("machine_load"), dict)) if v is not None]
+    return {"other_cpu_share": statistics.median(shares)} if shares else None
 
 
 def _clean(recs, key) -> list[float]:

@@ -23,6 +23,7 @@ import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 
+from ftbench.harness.cell.machineload import LoadProbe  # noqa: E402
 from ftbench.harness.cell.training import Diverged  # noqa: E402  (re-exported: main() catches it)
 
 
@@ -241,8 +242,10 @@ class Cell:
 
         self.out["setup_phases"] = self.clock.seconds
         self.quality = self.quality_tracker()
+        probe = LoadProbe.start()
         run = train(self.engine, self.steps, self.device, self.world, partial=self.out,
                     after_step=self.quality.after_step if self.quality else None)
+        self.out["machine_load_reading"] = probe.stop()
         self.run_times = run.times
         warm = self.recipe.warmup
         self.out.update(summarize(run, self.steps.counts, warm, self.engine.compiles))

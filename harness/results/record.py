@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as _dt
 
 from ftbench.harness.cell.hostalloc import MEMORY_KIND as CPU_MEMORY_KIND
+from ftbench.harness.cell.machineload import combine as combine_load
 from ftbench.harness.running.cellproc import CellOutcome
 from ftbench.harness.contract.config import CellSpec
 
@@ -54,6 +55,7 @@ def build_record(spec: CellSpec, outcome: CellOutcome, environment: dict, starte
         "backend_stats": main.get("backend_stats") or {},
         "diverged_at_step": next((r.get("diverged_at_step") for r in ranks if "diverged_at_step" in r), None),
         "wall_s": outcome.wall_s,
+        "machine_load": combine_load([r.get("machine_load_reading") for r in ranks]),
         "profile": _profile(ranks),
         "started_at": _dt.datetime.fromtimestamp(started_at, _dt.timezone.utc).isoformat(),
         "recipe_defaults": spec.recipe.recipe_defaults,
