@@ -49,6 +49,7 @@ from ftbench.harness.contract.engine import (
 from ftbench.harness.cell.data import where
 from ftbench.harness.contract.config import Recipe
 from ftbench.harness.contract.memory_model import MemoryPlan
+from ftbench.harness.contract.sinks import Sink, SinkSpec, run_name, sink_curves, sink_metrics, sink_params
 from ftbench.harness.contract.hookspecs import hookimpl
 from ftbench.harness.contract.environment import package_version, version_tuple
 
@@ -81,6 +82,13 @@ __all__ = [
     "StandardEngine",
     "EngineContext",
     "Recipe",
+    # record sinks (MLflow, TensorBoard, ...) and what they log of a record
+    "Sink",
+    "SinkSpec",
+    "run_name",
+    "sink_params",
+    "sink_metrics",
+    "sink_curves",
     # how a backend shards the training state (Engine.memory_plan)
     "MemoryPlan",
     # helpers for engines that build their own step (e.g. DeepSpeed's)

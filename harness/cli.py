@@ -12,6 +12,7 @@ import signal
 import sys
 
 import click
+from rich.markup import escape
 
 from ftbench.harness.contract.api import FtbenchError
 
@@ -66,6 +67,9 @@ def list_cmd(as_json):
         "backends": [],
         "models": [{"name": e.name, "plugin": e.plugin, "kind": e.obj.kind, "default": e.obj.default,
                     "description": e.obj.description} for e in reg.models.values()],
+        "sinks": [{"name": e.name, "plugin": e.plugin, "available": e.obj.unavailable() is None,
+                   "unavailable_because": e.obj.unavailable(), "options": dict(e.obj.options),
+                   "description": e.obj.description} for e in reg.sinks.values()],
     }
     for e in reg.backends.values():
         why = reg.backend_availability(e.name)
@@ -103,6 +107,13 @@ def list_cmd(as_json):
         t.add_row(d["name"] + (" (default)" if d["default"] else ""), d["kind"], d["plugin"], d["description"])
     con.print(t)
     con.print("Any local Hugging Face model directory or hub id also works as --model.")
+    t = Table(title="record sinks (--sink NAME:key=value)")
+    for col in ("name", "available", "options", "plugin", "description"):
+        t.add_column(col)
+    for d in data["sinks"]:
+        avail = "[green]yes[/]" if d["available"] else f"[red]no[/]: {escape(d['unavailable_because'])}"
+        t.add_row(d["name"], avail, ", ".join(d["options"]), d["plugin"], d["description"])
+    con.print(t)
 
 
 # ------------------------------------------------------------------- run
@@ -538,6 +549,37 @@ def merge_cmd(out, sources, allow_mixed_environments):
         con.print(f"{src}: {n} record(s)")
     extra = f" ({summary.duplicates} identical duplicate(s) kept once)" if summary.duplicates else ""
     con.print(f"merged {summary.written} record(s) into {out}/results.jsonl{extra}")
+
+
+# ------------------------------------------------------------------ sink
+
+
+@main.command("sink")
+@click.argument("result_dir", type=click.Path(file_okay=False, exists=True))
+@click.option("--to", "sinks", multiple=True, required=True, metavar="NAME[:key=value]",
+              help="Sink to replay the records into, e.g. mlflow:uri=http://127.0.0.1:5000 (repeatable).")
+def sink_cmd(result_dir, sinks):
+    """Replay a result set's records into record sinks (MLflow, TensorBoard, W&B): a sink that was down
+    during the run, or a tracker added afterwards. Exit status 1 when a sink failed."""
+    from ftbench.harness.contract.registry import Registry
+    from ftbench.harness.results.sinkhub import open_sinks
+    from ftbench.harness.results.store import read_records
+
+    err = _console(stderr=True)
+    hub = open_sinks(Registry.load(), list(sinks), result_dir,
+                     warn=lambda m: err.print(f"[yellow]warning:[/] {escape(m)}", soft_wrap=True))
+    rr = read_records(result_dir)
+    env_path = os.path.join(result_dir, "environment.json")
+    environment = json.load(open(env_path)) if os.path.exists(env_path) else {}
+    hub.start(environment)
+    for rec in rr.records:
+        hub.record(rec)
+    hub.close()
+    con = _console()
+    for spec, n in hub.delivered.items():
+        state = f"failed: {hub.failed[spec]}" if spec in hub.failed else "ok"
+        con.print(f"{spec}: {n} of {len(rr.records)} record(s) ({state})", soft_wrap=True)
+    sys.exit(1 if hub.failed else 0)
 
 
 # -------------------------------------------------------------------- ab

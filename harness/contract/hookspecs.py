@@ -70,6 +70,21 @@ def register_models(register):
 
 
 @hookspec
+def register_sinks(register):
+    """Register record sinks by calling ``register(spec)`` for each.
+
+    ``spec`` is a :class:`ftbench.SinkSpec`; its sink receives every record
+    as the run writes it (``--sink NAME:key=value``), and replays a result
+    set with ``ftbench sink RUNS --to NAME``::
+
+        @hookimpl
+        def register_sinks(register):
+            register(SinkSpec("mlflow", MlflowSink, requires=("mlflow",),
+                              options={"uri": "tracking URI"}))
+    """
+
+
+@hookspec
 def collect_environment(env):
     """Add facts to a result record's ``environment`` dict, in place.
 

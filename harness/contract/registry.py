@@ -1,4 +1,4 @@
-"""What the plugins registered: tasks, backends and model presets by name."""
+"""What the plugins registered: tasks, backends, model presets and record sinks by name."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pluggy
 
 from ftbench.harness.contract.api import BackendSpec, FtbenchError, ModelPreset, Task, Unavailable
 from ftbench.harness.contract.plugins import get_plugin_manager
+from ftbench.harness.contract.sinks import SinkSpec
 
 
 class DuplicateName(FtbenchError):
@@ -27,7 +28,7 @@ class Entry:
 
 @dataclass
 class Registry:
-    """Tasks, backends and model presets, each by name.
+    """Tasks, backends, model presets and record sinks, each by name.
 
     Example::
 
@@ -38,6 +39,7 @@ class Registry:
     tasks: dict[str, Entry] = field(default_factory=dict)
     backends: dict[str, Entry] = field(default_factory=dict)
     models: dict[str, Entry] = field(default_factory=dict)
+    sinks: dict[str, Entry] = field(default_factory=dict)
     pm: pluggy.PluginManager | None = None
 
     @classmethod
@@ -48,6 +50,7 @@ class Registry:
             ("register_tasks", reg.tasks, Task),
             ("register_backends", reg.backends, BackendSpec),
             ("register_models", reg.models, ModelPreset),
+            ("register_sinks", reg.sinks, SinkSpec),
         ):
             hook = getattr(pm.hook, hook_name)
             # Call each implementation separately so we know who registered what.
@@ -67,6 +70,9 @@ class Registry:
 
     def model(self, name: str) -> ModelPreset:
         return _lookup(self.models, name, "model preset", "--model").obj
+
+    def sink(self, name: str) -> SinkSpec:
+        return _lookup(self.sinks, name, "sink", "--sink").obj
 
     def backend_availability(self, name: str, options: dict | None = None) -> str | None:
         """None if the backend can run here, else why not (with the install hint)."""
