@@ -24,6 +24,7 @@ from pathlib import Path  # noqa: E402
 
 
 from ftbench.harness.cell.machineload import LoadProbe  # noqa: E402
+from ftbench.harness.cell.provenance import cuda_stack, digest_model, digest_rows, digest_tokenizer  # noqa: E402
 from ftbench.harness.cell.training import Diverged  # noqa: E402  (re-exported: main() catches it)
 
 
@@ -76,6 +77,8 @@ class Cell:
             self.load_tokenizer()
         with self.clock.phase("model"):
             self.build_model()
+        with self.clock.phase("digests"):
+            self.take_provenance()
         with self.clock.phase("encode"):
             self.encode_and_plan()
         with self.clock.phase("engine"):
@@ -178,6 +181,16 @@ class Cell:
                         total_params=total, param_bytes=param_bytes(model), model_kind=self.kind,
                         vocab_size=len(self.tokenizer), **weight_dtypes(self.source, model, recipe, self.device))
         self.model = model
+
+    def take_provenance(self) -> None:
+        """Digests of the model, the rows read and the tokenizer (docs/tracking.md)."""
+        import torch
+
+        self.out["provenance"] = {"model_digest": digest_model(self.source, self.model),
+                                  "data_digest": digest_rows(self.splits["train"], self.splits["validation"]),
+                                  "tokenizer_digest": digest_tokenizer(self.tokenizer)}
+        if self.device.type == "cuda":
+            self.out["provenance"]["software"] = cuda_stack(torch)
 
     def encode_and_plan(self) -> None:
         from ftbench.harness.cell.batches import StepStream, batch_plan

@@ -25,6 +25,8 @@ FROM_RANK0 = (
     "metrics_before", "eval_before_s", "pad_fraction", "packed_rows", "cpu_memory", "cpu_memory_note",
     # rows of each split the cell read (batches, tokenizer sample, evaluation examples; docs/data.md)
     "rows_read",
+    # content digests of the model, the rows read and the tokenizer (ftbench.harness.cell.provenance)
+    "provenance",
     # dtypes (ftbench.harness.cell.weights)
     "weights_stored_dtype", "weights_dtype", "matmul_dtype",
     # time to quality (ftbench.harness.cell.quality)
