@@ -456,7 +456,9 @@ def report_cmd(result_dir, out, quiet, loss_x):
 @click.option("--alpha", type=float, default=None, help="Significance level of the rank test on repeats "
                                                         "(used when enough repeats make it meaningful; default 0.01).")
 @click.option("--markdown", "markdown_file", type=click.Path(dir_okay=False), help="Also write Markdown here.")
-def compare_cmd(base_dir, new_dir, thresholds, calibration, calibrate, output, alpha, markdown_file):
+@click.option("--json", "json_file", type=click.Path(dir_okay=False),
+              help="Also write the comparison, with what differed behind each flagged change, as JSON (- for stdout).")
+def compare_cmd(base_dir, new_dir, thresholds, calibration, calibrate, output, alpha, markdown_file, json_file):
     """Regressions between two result sets; exit status 1 when something regressed.
 
     With --calibrate, BASE and NEW are the same grid run twice on one machine,
@@ -474,7 +476,13 @@ def compare_cmd(base_dir, new_dir, thresholds, calibration, calibrate, output, a
     if alpha is not None and not 0 < alpha < 1:
         raise FtbenchError(f"invalid --alpha {alpha}: must be between 0 and 1, e.g. 0.01")
     cmp = compare_sets(base_dir, new_dir, th, DEFAULT_ALPHA if alpha is None else alpha, calibration)
+    if json_file == "-":
+        click.echo(json.dumps(cmp.as_json(), indent=2, default=str))
+        sys.exit(EXIT_REGRESSION if cmp.regressions else 0)
     print_comparison(cmp, _console(), base_dir, new_dir)
+    if json_file:
+        with open(json_file, "w") as f:
+            json.dump(cmp.as_json(), f, indent=2, default=str)
     if markdown_file:
         with open(markdown_file, "a" if markdown_file == os.environ.get("GITHUB_STEP_SUMMARY") else "w") as f:
             f.write(cmp.markdown(base_dir, new_dir))

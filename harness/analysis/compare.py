@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from ftbench.harness.cell.machineload import load_differs
 from ftbench.harness.contract.api import FtbenchError
 from ftbench.harness.contract.format import fmt_bytes, fmt_num
+from ftbench.harness.analysis.explain import explain
 from ftbench.harness.analysis.resultset import (ResultSet, as_float, config_diff, environment_diff, load_result_set, repeat_of,
                         slot_of, variant_labels)
 
@@ -92,6 +93,8 @@ class Row:
     #: Confidence interval of the relative change (ratio of medians - 1), when repeats allow one.
     interval: tuple[float, float] | None = None
     p_value: float | None = None
+    #: For a regression or improvement: what else differed between the two sides (analysis.explain).
+    why: list = field(default_factory=list)
 
 
 @dataclass
@@ -152,7 +155,29 @@ class Comparison:
             lines.append("")
         if self.rows:
             lines += ["## Figures", "", self.frame().to_markdown(index=False), ""]
+        flagged = self.flagged()
+        if flagged:
+            lines += ["## What differed between the two sides", ""]
+            for (cell, figure, verdict), why in flagged:
+                lines.append(f"- **{cell}**, {figure} ({verdict}): "
+                             + ("; ".join(f"{d.kind}: {d.what}" for d in why) if why else
+                                "nothing recorded differs (same software, machine, cell, data; no profiles)"))
+            lines.append("")
         return "\n".join(lines)
+
+    def flagged(self) -> list[tuple[tuple[str, str, str], list]]:
+        """Each regression or improvement with its explanation."""
+        return [((r.cell, r.figure, r.verdict), r.why) for r in self.rows if r.verdict in (REGRESSION, IMPROVEMENT)]
+
+    def as_json(self) -> dict:
+        """Everything above as plain data, for bots (``compare --json``)."""
+        return {"counts": self.counts(), "thresholds": self.thresholds, "threshold_source": self.threshold_source,
+                "alpha": self.alpha, "warnings": self.warnings, "refused": self.refused,
+                "only_base": self.only_base, "only_new": self.only_new,
+                "rows": [{"cell": r.cell, "cell_id": r.cell_id, "task": r.task, "figure": r.figure, "base": r.base,
+                          "new": r.new, "change": r.change, "interval": r.interval, "p_value": r.p_value,
+                          "verdict": r.verdict, "evidence": r.evidence,
+                          "why": [d.as_dict() for d in r.why]} for r in self.rows]}
 
 
 # ------------------------------------------------------------------ verdicts
@@ -356,6 +381,14 @@ def compare_result_sets(base: ResultSet, new: ResultSet, thresholds: dict | None
             continue
         note = config_diff(rb[0], rn[0]) if cb != cn else []
         cmp.rows += _compare_cell(label, task, cb, rb, rn, th, alpha, note)
+    explained: dict = {}
+    for row in cmp.rows:
+        if row.verdict in (REGRESSION, IMPROVEMENT):
+            key = row.cell_id
+            if key not in explained:
+                pair = next(((cb, cn) for cb, cn in pairs if cb == key), None)
+                explained[key] = explain(b[pair[0]], n[pair[1]]) if pair else []
+            row.why = explained[key]
     loaded = [r.cell for r in cmp.rows if r.figure == "speed" and r.verdict in (REGRESSION, IMPROVEMENT)
               and "other's load" in r.evidence]
     if loaded:
@@ -532,6 +565,10 @@ def print_comparison(cmp: Comparison, console, base: str, new: str) -> None:
         cells = [escape(str(d[k])) for k in ("task", "cell", "figure", "base", "new", "change", "evidence")]
         t.add_row(*cells, f"[{colours.get(r.verdict, '')}]{r.verdict}[/]")
     console.print(t)
+    for (cell, figure, verdict), why in cmp.flagged():
+        console.print(f"[bold]{escape(cell)}[/], {escape(figure)} ({verdict}), what differed: "
+                      + (escape("; ".join(f"{d.kind}: {d.what}" for d in why)) if why else "nothing recorded"),
+                      soft_wrap=True)
     c = cmp.counts()
     colour = "bold red" if c[REGRESSION] else "green"
     console.print(f"[{colour}]{c[REGRESSION]} regression(s)[/], {c[IMPROVEMENT]} improvement(s), "
