@@ -17,6 +17,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from ftbench.harness.contract.api import ENCODER_DECODER, FtbenchError
+from ftbench.harness.contract.activations import BlockLayout
 from ftbench.harness.contract.memory_model import MiB, ModelShape, ParamCounts, Prediction, harness_floor_bytes, predict
 
 
@@ -111,7 +112,7 @@ def _build_facts(reg, cell):
     largest = max([sum(p.numel() for p in b.parameters()) for b in blocks] +
                   [sum(p.numel() for p in m.parameters(recurse=False) if id(p) not in in_blocks)
                    for m in model.modules()] + [0])
-    return ParamCounts(total, trainable, largest), _shape(model, source.kind, task.head)
+    return ParamCounts(total, trainable, largest), shape_of(model, source.kind, task.head)
 
 
 def _from_config(source, task):
@@ -133,17 +134,56 @@ def _first(cfg, *names, default=None):
     return default
 
 
-def _shape(model, kind: str, head: str) -> ModelShape:
+def _dropout(cfg, *names) -> bool:
+    return any(isinstance(getattr(cfg, n, None), (int, float)) and getattr(cfg, n) > 0 for n in names)
+
+
+#: Activation functions that run as one op saving only their input (else: Python ops, e.g. ``gelu_new``).
+_ONE_OP_ACTIVATIONS = ("gelu", "relu", "silu", "swish", "gelu_pytorch_tanh", "quick_gelu", "gelu_fast")
+
+
+def _layout(model, cfg, hidden: int, ffn: int, heads: int) -> BlockLayout:
+    """What a block of this model does, read from its modules and config (docs/memory.md)."""
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    classes = {type(m).__name__ for m in model.modules()}
+    act = str(getattr(cfg, "hidden_act", None) or getattr(cfg, "activation_function", None)
+              or getattr(cfg, "feed_forward_proj", None) or "gelu")
+    gated = "gate_proj" in names or "wi_0" in names or act.startswith("gated")
+    mlp = "swiglu" if gated else "relu" if act == "relu" else "gelu" if act in _ONE_OP_ACTIVATIONS else "gelu_tanh"
+    kv_heads = _first(cfg, "num_key_value_heads", default=heads)
+    head_dim = _first(cfg, "head_dim", "d_kv", default=hidden // max(heads, 1))
+    attention = getattr(cfg, "_attn_implementation", None) or "sdpa"
+    if not getattr(model, "_supports_attention_backend", True):
+        attention = "eager"  # the family computes attention itself (T5): scores kept, whatever is configured
+    t5_like = _first(cfg, "relative_attention_num_buckets", default=0) > 0
+    return BlockLayout(hidden=hidden, ffn=ffn, heads=heads, kv_hidden=kv_heads * head_dim,
+                       norm="rmsnorm" if any("RMSNorm" in c or c == "T5LayerNorm" for c in classes) else "layernorm",
+                       mlp=mlp, attention=attention,
+                       attn_dropout=_dropout(cfg, "attn_pdrop", "attention_probs_dropout_prob", "attention_dropout",
+                                             "dropout_rate"),
+                       hidden_dropout=_dropout(cfg, "resid_pdrop", "hidden_dropout_prob", "dropout_rate",
+                                               "hidden_dropout"),
+                       inner_dropout=t5_like and _dropout(cfg, "dropout_rate"),
+                       fused_qkv=bool(names & {"c_attn", "qkv_proj", "query_key_value", "Wqkv"}))
+
+
+def shape_of(model, kind: str, head: str) -> ModelShape:
+    """The activation estimate's view of a (meta-device) model.
+
+    Example: ``shape_of(LlamaForCausalLM(cfg), "decoder", "lm").block().mlp == "swiglu"``.
+    """
     cfg = getattr(model, "config", None)
     cfg = getattr(cfg, "get_text_config", lambda: cfg)() or cfg
     hidden = _first(cfg, "hidden_size", "n_embd", "d_model", default=0)
     layers = _first(cfg, "num_hidden_layers", "n_layer", "num_layers", default=0)
     dec = _first(cfg, "num_decoder_layers", default=layers) if kind == ENCODER_DECODER else 0
-    return ModelShape(kind=kind, hidden=hidden, layers=layers, decoder_layers=dec,
-                      ffn=_first(cfg, "intermediate_size", "n_inner", "d_ff", default=4 * hidden),
-                      vocab=_first(cfg, "vocab_size", default=0), heads=_first(cfg, "num_attention_heads",
-                                                                                  "n_head", "num_heads", default=1),
-                      classification=head == "classification")
+    ffn = _first(cfg, "intermediate_size", "n_inner", "d_ff", default=4 * hidden)
+    heads = _first(cfg, "num_attention_heads", "n_head", "num_heads", default=1)
+    layout = _layout(model, cfg, hidden, ffn, heads)
+    return ModelShape(kind=kind, hidden=hidden, layers=layers, decoder_layers=dec, ffn=ffn,
+                      vocab=_first(cfg, "vocab_size", default=0), heads=heads,
+                      classification=head == "classification", layout=layout,
+                      relative_bias=_first(cfg, "relative_attention_num_buckets", default=0) > 0)
 
 
 def device_type(cell) -> str:
