@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from ftbench.harness.contract.api import ENCODER_DECODER, FtbenchError
 from ftbench.harness.contract.activations import BlockLayout
+from ftbench.harness.contract.gpus import BY_NAME, CUDA_CONTEXT_BYTES, Gpu, find
 from ftbench.harness.contract.memory_model import MiB, ModelShape, ParamCounts, Prediction, harness_floor_bytes, predict
 
 
@@ -33,6 +34,10 @@ class CellPlan:
     compared: str = "device"
     suggestions: list[str] = field(default_factory=list)
     why_unknown: str | None = None
+    gpu: Gpu | None = None
+    #: With a GPU: what the ranks of one node offload to host memory, and whether this machine holds it.
+    host_need_bytes: int = 0
+    host_fits: bool | None = None
 
     @property
     def compared_bytes(self) -> int | None:
@@ -55,14 +60,24 @@ class _VocabOnly:
 
 
 _FACTS: dict = {}
+#: Training FLOPs of one micro-batch ``(batch, source_len, target_len) -> FLOPs``, per model, beside ``_FACTS``.
+_FLOPS: dict = {}
+#: The longest sequence a model directory's config allows (``max_position_embeddings``), by model name.
+_POSITIONS: dict = {}
 
 
 def model_facts(reg, cell) -> tuple[ParamCounts, ModelShape]:
     """Parameter counts and shape of a cell's model, built on the meta device (cached)."""
     key = (cell.model, cell.task, cell.data, cell.columns, cell.recipe.seed, cell.recipe.tuning)
     if key not in _FACTS:
-        _FACTS[key] = _build_facts(reg, cell)
+        _FACTS[key], _FLOPS[key] = _build_facts(reg, cell)
     return _FACTS[key]
+
+
+def model_flops(reg, cell):
+    """The FLOP model of a cell's model (:func:`ftbench.harness.cell.mfu.flop_model`), or None if unknown."""
+    model_facts(reg, cell)
+    return _FLOPS.get((cell.model, cell.task, cell.data, cell.columns, cell.recipe.seed, cell.recipe.tuning))
 
 
 def _preset_tokenizer(source, task, cell):
@@ -95,13 +110,15 @@ def _build_facts(reg, cell):
 
     tname, _ = cell.task_name_and_options()
     task = reg.task(tname)
-    source = resolve_model(cell.model, reg, task)
+    source = resolve_model(cell.model, reg, task, describe_only=True)
     tokenizer, labels = _preset_tokenizer(source, task, cell) if source.preset is not None else (None, None)
     with torch.device("meta"):
         if source.preset is not None:
             model = source.preset.build(tokenizer=tokenizer, head=task.head, num_labels=labels)
         else:
             model = _from_config(source, task)
+    cfg = getattr(model, "config", None)
+    _POSITIONS[cell.model] = _first(cfg, "max_position_embeddings", "n_positions") if cfg is not None else None
     tuning = cell.recipe.tuning
     mode, n = parse_tuning(tuning)
     model = apply_tuning(model, mode, n) or model  # a tuning that wraps the model (LoRA) returns the wrapper
@@ -112,14 +129,17 @@ def _build_facts(reg, cell):
     largest = max([sum(p.numel() for p in b.parameters()) for b in blocks] +
                   [sum(p.numel() for p in m.parameters(recurse=False) if id(p) not in in_blocks)
                    for m in model.modules()] + [0])
-    return ParamCounts(total, trainable, largest), shape_of(model, source.kind, task.head)
+    from ftbench.harness.cell.mfu import flop_model
+
+    return (ParamCounts(total, trainable, largest), shape_of(model, source.kind, task.head)), \
+        flop_model(model, source.kind)
 
 
 def _from_config(source, task):
     from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM,
                               AutoModelForSequenceClassification)
 
-    config = AutoConfig.from_pretrained(source.path)
+    config = AutoConfig.from_pretrained(source.path)  # a local directory (a hub id: its cached snapshot)
     if task.head == "classification":
         return AutoModelForSequenceClassification.from_config(config)
     cls = AutoModelForSeq2SeqLM if source.kind == ENCODER_DECODER else AutoModelForCausalLM
@@ -194,11 +214,36 @@ def device_type(cell) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def device_memory_bytes(dtype: str) -> int:
-    if dtype == "cuda":
-        import torch
+def present_gpu() -> Gpu | None:
+    """This machine's first CUDA device as a catalog entry (its own memory figure), or None without CUDA."""
+    import torch
 
-        return int(torch.cuda.get_device_properties(0).total_memory)
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(0)
+    return find(props.name, int(props.total_memory))
+
+
+def planning_gpu(cell, gpu: Gpu | None) -> Gpu | None:
+    """The GPU a cell is planned for: ``--gpu``, else the one present when the cell trains on CUDA.
+
+    ``--device cuda`` on a machine without CUDA and no ``--gpu`` is bad input (there is nothing to
+    compare a rank with).
+    """
+    if gpu is not None:
+        return gpu
+    if device_type(cell) != "cuda":
+        return None
+    found = present_gpu()
+    if found is None:
+        raise FtbenchError("--device cuda, but this machine has no CUDA device (torch "
+                           f"{__import__('torch').__version__} sees none), so there is no GPU memory to plan "
+                           "against. Name the GPU you plan for with --gpu NAME (e.g. --gpu h100-sxm --nproc 8; "
+                           f"known: {', '.join(BY_NAME)}), or plan for this machine with --device cpu.")
+    return found
+
+
+def host_memory_bytes() -> int:
     import psutil
 
     return int(psutil.virtual_memory().total)
@@ -210,8 +255,10 @@ def micro_batch_of(cell) -> int:
 
 
 def predict_cell(reg, cell, micro_batch: int | None = None, backend: str | None = None,
-                 nproc: int | None = None, checkpointing: bool | None = None) -> Prediction:
-    """The prediction for ``cell``, optionally with another micro-batch, backend, rank count or checkpointing."""
+                 nproc: int | None = None, checkpointing: bool | None = None,
+                 seq_len: int | None = None, device: str | None = None) -> Prediction:
+    """The prediction for ``cell``, optionally with another micro-batch, backend, rank count, checkpointing,
+    sequence length or device type (``cuda`` when planning for a named GPU)."""
     from ftbench.harness.contract.config import parse_spec
 
     bname, bopts = parse_spec(backend or cell.backend, "backend")
@@ -219,27 +266,47 @@ def predict_cell(reg, cell, micro_batch: int | None = None, backend: str | None 
     options = spec.engine.validate_options({**dict(spec.defaults), **bopts})
     world = nproc or cell.nproc
     counts, shape = model_facts(reg, cell)
-    recipe = cell.recipe if checkpointing is None else dataclasses.replace(cell.recipe,
-                                                                           grad_checkpointing=checkpointing)
+    recipe = cell.recipe
+    if checkpointing is not None:
+        recipe = dataclasses.replace(recipe, grad_checkpointing=checkpointing)
+    if seq_len is not None:
+        recipe = dataclasses.replace(recipe, seq_len=seq_len)
     return predict(counts, shape, recipe, spec.engine.memory_plan(options, world), world,
-                   micro_batch or micro_batch_of(cell), device_type(cell))
+                   micro_batch or micro_batch_of(cell), device or device_type(cell))
 
 
-def plan_cell(reg, cell, suggest: bool = True) -> CellPlan:
-    """Predict ``cell``'s peak and judge it against ``--memory-limit-mb`` or the device's memory."""
-    dtype = device_type(cell)
-    if cell.memory_limit_mb:
+def plan_cell(reg, cell, suggest: bool = True, gpu: Gpu | None = None) -> CellPlan:
+    """Predict ``cell``'s peak and judge it against ``--memory-limit-mb``, the named GPU or the device's memory.
+
+    With a GPU (``--gpu`` or the one present) each rank is compared with its own device, less what the
+    CUDA context takes, and what a rank offloads to host memory (times the ranks) with this machine's memory.
+    """
+    target = planning_gpu(cell, gpu)
+    dtype = "cuda" if target else device_type(cell)
+    if target is not None:
+        limit, source = target.memory_bytes - CUDA_CONTEXT_BYTES, f"{target.name} {target.memory_gib:g} GiB " \
+                                                                   "less 1 GiB CUDA context"
+    elif cell.memory_limit_mb:
         limit, source = int(cell.memory_limit_mb * MiB), "--memory-limit-mb"
     else:
-        limit, source = device_memory_bytes(dtype), f"{dtype} memory"
+        limit, source = host_memory_bytes(), "cpu memory"
     # On CPU the limit holds the cell's whole process tree; on a GPU each rank has its own device.
     compared = "process tree" if dtype == "cpu" else "device"
+    if target is not None:
+        cell = dataclasses.replace(cell, device="cuda")
     try:
         pred = predict_cell(reg, cell)
-    except Exception as e:  # noqa: BLE001 - a model that cannot be built on meta (or a hub id offline): no prediction
+    except FtbenchError as e:
+        if target is not None or cell.model not in reg.models:
+            raise  # the model named cannot be described: bad input, not an unknown verdict
+        return CellPlan(cell, None, limit, source, None, compared, why_unknown=str(e))
+    except Exception as e:  # noqa: BLE001 - a model that cannot be built on meta: no prediction
         return CellPlan(cell, None, limit, source, None, compared, why_unknown=f"{type(e).__name__}: {e}")
-    cp = CellPlan(cell, pred, limit, source, None, compared)
+    cp = CellPlan(cell, pred, limit, source, None, compared, gpu=target)
     cp.fits = cp.compared_bytes <= limit
+    if dtype == "cuda" and pred.host_bytes:
+        cp.host_need_bytes = pred.host_bytes * cell.nproc
+        cp.host_fits = cp.host_need_bytes <= host_memory_bytes() if gpu is None else None
     if suggest and not cp.fits:
         cp.suggestions = suggestions(reg, cell, limit, compared)
     return cp
@@ -295,6 +362,56 @@ def suggestions(reg, cell, limit: int, compared: str) -> list[str]:
     if not out:
         out.append("nothing predicted to fit: a smaller model, --seq-len, or more memory")
     return out
+
+
+#: Micro-batches and sequence lengths the frontier tries (powers of two).
+FRONTIER_MICRO_BATCHES = tuple(2**i for i in range(11))
+FRONTIER_SEQ_LENS = tuple(2**i for i in range(7, 21))
+
+
+@dataclass
+class Frontier:
+    """Per cell: the largest micro-batch at its ``--seq-len`` and the longest sequence at micro-batch 1
+    predicted to fit, without and with checkpointing (None: not even the smallest)."""
+
+    micro_batch: int | None
+    micro_batch_checkpointed: int | None
+    seq_len: int | None
+    seq_len_checkpointed: int | None
+
+
+def _largest(values, fits) -> int | None:
+    best = None
+    for v in values:
+        if not fits(v):
+            break  # memory grows with both: the first that does not fit ends the search
+        best = v
+    return best
+
+
+def frontier(reg, cp: CellPlan) -> Frontier | None:
+    """The capacity frontier of a planned cell on its limit (``ftbench plan --frontier``)."""
+    if cp.prediction is None:
+        return None
+    cell, limit = cp.cell, cp.limit_bytes
+    positions = _max_positions(reg, cell)
+    seqs = [s for s in FRONTIER_SEQ_LENS if positions is None or s <= positions]
+
+    def fits(**kw) -> bool:
+        return _bytes_of(predict_cell(reg, cell, **kw), cp.compared) <= limit
+
+    return Frontier(
+        _largest(FRONTIER_MICRO_BATCHES, lambda m: fits(micro_batch=m, checkpointing=False)),
+        _largest(FRONTIER_MICRO_BATCHES, lambda m: fits(micro_batch=m, checkpointing=True)),
+        _largest(seqs, lambda s: fits(micro_batch=1, seq_len=s, checkpointing=False)),
+        _largest(seqs, lambda s: fits(micro_batch=1, seq_len=s, checkpointing=True)))
+
+
+def _max_positions(reg, cell) -> int | None:
+    if cell.model in reg.models:
+        return getattr(reg.model(cell.model), "max_positions", None)
+    model_facts(reg, cell)
+    return _POSITIONS.get(cell.model)
 
 
 def check_memory_limits(reg, cells) -> None:
