@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ftbench.harness.analysis.plan_time import calibrated_mfu, step_time
 from ftbench.harness.contract.memory_model import MiB
-from ftbench.harness.grid.memplan import frontier, largest_fitting_micro_batch
+from ftbench.harness.grid.memplan import frontier, largest_fitting_micro_batch, model_facts
 
 #: The token volume the plan quotes a training time for.
 TOKENS_QUOTED = 1e9
@@ -68,6 +68,7 @@ def plan_json(reg, plans, search: bool, how: dict | None = None) -> list[dict]:
                "why_unknown": cp.why_unknown}
         if search:
             row["largest_micro_batch_predicted"] = _largest(reg, cp)
+        row["parameters"] = vars(model_facts(reg, c)[0]) if cp.prediction else None
         row["gpu"] = cp.gpu.name if cp.gpu else None
         row["host_need_bytes"], row["host_fits"] = cp.host_need_bytes, cp.host_fits
         st = _time(reg, cp, how)
