@@ -305,11 +305,13 @@ def _execute(reg, cells, out, view, how, force, fail_fast):
               help="Model FLOPs utilisation assumed for the predicted step time.")
 @click.option("--calibrate-from", "calibrate_from", metavar="RUNS",
               help="Take the MFU from the measured records of a result set (same backend, same GPU model).")
+@click.option("--host-memory-gb", type=float,
+              help="Host memory per node of the machine planned for: what the ranks offload is compared with it.")
 @click.option("--frontier", is_flag=True,
               help="Per cell: the largest micro-batch and the longest --seq-len predicted to fit.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def plan_cmd(grid_file, tasks, backends, models, datas, columns, shard, micro_batch, as_json, gpu_spec, mfu,
-             calibrate_from, frontier, **settings):
+             calibrate_from, frontier, host_memory_gb, **settings):
     """Predicted peak memory per rank of every cell, whether it fits, and its step time; trains nothing.
 
     Takes the same cell arguments as run. A model needs only what describes it: a directory with its
@@ -340,7 +342,8 @@ def plan_cmd(grid_file, tasks, backends, models, datas, columns, shard, micro_ba
         if (cell.cell_id) in seen:
             continue  # repeats share one prediction
         seen.add(cell.cell_id)
-        plans.append(plan_cell(reg, cell, gpu=gpu))
+        plans.append(plan_cell(reg, cell, gpu=gpu, host_memory=int(host_memory_gb * 2**30) if host_memory_gb
+                               else None))
     how = {"mfu": mfu, "calibrate_from": calibrate_from, "frontier": frontier}
     if as_json:
         click.echo(json.dumps(plan_json(reg, plans, search, how), indent=2))

@@ -21,7 +21,8 @@ def llama8b_plan():
     """The issue's question: Llama-3-8B, full fine-tuning, 8 x H100 SXM, bf16, seq 2048."""
     args = ["plan", "--task", "generation", "--model", str(LLAMA_8B), "--gpu", "h100-sxm", "--nproc", "8",
             "--precision", "bf16", "--seq-len", "2048", "--batch-size", "8", "--backend", "eager",
-            "--backend", "zero3", "--backend", "fsdp", "--frontier", "--json"]
+            "--backend", "zero3", "--backend", "fsdp", "--backend", "zero3-offload", "--host-memory-gb", "256",
+            "--frontier", "--json"]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
     return {row["backend"]: row for row in json.loads(res.output)}
@@ -40,6 +41,15 @@ def test_config_only_directory_plans_an_8b_llama_on_8_h100(llama8b_plan, tmp_pat
     assert st["mfu_source"].startswith("--mfu 0.4") and st["tokens_per_step"] == 8 * 2048
     p_matmul = 8.03e9 - 128256 * 4096  # Llama-3-8B less its input embedding (the untied head is a matmul)
     assert st["step_s"] == pytest.approx(6 * p_matmul * 2048 / (989e12 * 0.4), rel=0.1)
+
+
+def test_offloaded_parts_are_compared_with_host_memory(llama8b_plan):
+    off, z3 = llama8b_plan["zero3-offload"], llama8b_plan["zero3"]
+    P = off["parameters"]["total"]
+    # Eight ranks' weight shards (offload_param), fp32 gradient, moments, master and two staging copies of
+    # their partition: 4 + 4 + 8 + 4 + 8 = 28 bytes per parameter per node; 225 GB < 256 GiB.
+    assert off["host_need_bytes"] == pytest.approx(28 * P, rel=1e-6) and off["host_fits"] is True
+    assert off["compared_bytes"] < z3["compared_bytes"] and z3["host_need_bytes"] == 0
 
 
 def test_zero3_model_states_agree_with_deepspeeds_estimator(llama8b_plan):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 
+from ftbench.harness.cell.modeling import resolve_model
 from ftbench.harness.contract.api import ENCODER_DECODER, FtbenchError
 from ftbench.harness.contract.gpus import gpu_model
 from ftbench.harness.grid.memplan import micro_batch_of, model_flops
@@ -57,8 +58,6 @@ def step_time(reg, cp, mfu: float, source: str) -> StepTime | None:
 
 
 def _is_seq2seq(reg, cell) -> bool:
-    from ftbench.harness.cell.modeling import resolve_model
-
     task = reg.task(cell.task_name_and_options()[0])
     return resolve_model(cell.model, reg, task, describe_only=True).kind == ENCODER_DECODER
 

@@ -113,8 +113,8 @@ def print_plans(reg, plans, console, search: bool, how: dict | None = None) -> N
         _print_frontier(reg, plans, console)
     for cp in plans:
         if cp.host_need_bytes:
-            where = "" if cp.host_fits is None else (" (this machine holds it)" if cp.host_fits
-                                                     else " (more than this machine has)")
+            where = " (pass --host-memory-gb to check it)" if cp.host_fits is None else \
+                (" (fits host memory)" if cp.host_fits else " ([red]more than the host memory[/])")
             console.print(f"{escape(cp.cell.backend)}: host memory for what {cp.cell.nproc} rank(s) offload: "
                           f"{_mib(cp.host_need_bytes)} per node{where}")
     for cp in plans:

@@ -227,18 +227,19 @@ def present_gpu() -> Gpu | None:
 def planning_gpu(cell, gpu: Gpu | None) -> Gpu | None:
     """The GPU a cell is planned for: ``--gpu``, else the one present when the cell trains on CUDA.
 
-    ``--device cuda`` on a machine without CUDA and no ``--gpu`` is bad input (there is nothing to
-    compare a rank with).
+    ``--device cuda`` on a machine without CUDA, with neither ``--gpu`` nor ``--memory-limit-mb``, is bad
+    input (there is nothing to compare a rank with).
     """
     if gpu is not None:
         return gpu
     if device_type(cell) != "cuda":
         return None
     found = present_gpu()
+    if found is None and cell.memory_limit_mb:
+        return None  # each rank is compared with the limit given
     if found is None:
-        raise FtbenchError("--device cuda, but this machine has no CUDA device (torch "
-                           f"{__import__('torch').__version__} sees none), so there is no GPU memory to plan "
-                           "against. Name the GPU you plan for with --gpu NAME (e.g. --gpu h100-sxm --nproc 8; "
+        raise FtbenchError("--device cuda, but this machine has no CUDA device (torch sees none), so there is "
+                           "no GPU memory to plan against. Name the GPU you plan for with --gpu NAME (e.g. --gpu h100-sxm --nproc 8; "
                            f"known: {', '.join(BY_NAME)}), or plan for this machine with --device cpu.")
     return found
 
@@ -275,14 +276,18 @@ def predict_cell(reg, cell, micro_batch: int | None = None, backend: str | None 
                    micro_batch or micro_batch_of(cell), device or device_type(cell))
 
 
-def plan_cell(reg, cell, suggest: bool = True, gpu: Gpu | None = None) -> CellPlan:
+def plan_cell(reg, cell, suggest: bool = True, gpu: Gpu | None = None,
+              host_memory: int | None = None) -> CellPlan:
     """Predict ``cell``'s peak and judge it against ``--memory-limit-mb``, the named GPU or the device's memory.
 
     With a GPU (``--gpu`` or the one present) each rank is compared with its own device, less what the
-    CUDA context takes, and what a rank offloads to host memory (times the ranks) with this machine's memory.
+    CUDA context takes; what the node's ranks offload to host memory with ``host_memory`` (bytes per
+    node: ``--host-memory-gb``), else, for the GPU present, with this machine's memory.
     """
     target = planning_gpu(cell, gpu)
     dtype = "cuda" if target else device_type(cell)
+    if dtype == "cuda":
+        cell = dataclasses.replace(cell, device="cuda")
     if target is not None:
         limit, source = target.memory_bytes - CUDA_CONTEXT_BYTES, f"{target.name} {target.memory_gib:g} GiB " \
                                                                    "less 1 GiB CUDA context"
@@ -292,12 +297,10 @@ def plan_cell(reg, cell, suggest: bool = True, gpu: Gpu | None = None) -> CellPl
         limit, source = host_memory_bytes(), "cpu memory"
     # On CPU the limit holds the cell's whole process tree; on a GPU each rank has its own device.
     compared = "process tree" if dtype == "cpu" else "device"
-    if target is not None:
-        cell = dataclasses.replace(cell, device="cuda")
     try:
         pred = predict_cell(reg, cell)
     except FtbenchError as e:
-        if target is not None or cell.model not in reg.models:
+        if cell.model not in reg.models:
             raise  # the model named cannot be described: bad input, not an unknown verdict
         return CellPlan(cell, None, limit, source, None, compared, why_unknown=str(e))
     except Exception as e:  # noqa: BLE001 - a model that cannot be built on meta: no prediction
@@ -306,7 +309,8 @@ def plan_cell(reg, cell, suggest: bool = True, gpu: Gpu | None = None) -> CellPl
     cp.fits = cp.compared_bytes <= limit
     if dtype == "cuda" and pred.host_bytes:
         cp.host_need_bytes = pred.host_bytes * cell.nproc
-        cp.host_fits = cp.host_need_bytes <= host_memory_bytes() if gpu is None else None
+        host = host_memory or (host_memory_bytes() if gpu is None else None)
+        cp.host_fits = None if host is None else cp.host_need_bytes <= host
     if suggest and not cp.fits:
         cp.suggestions = suggestions(reg, cell, limit, compared)
     return cp
