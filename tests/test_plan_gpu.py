@@ -124,3 +124,25 @@ def test_calibrate_from_takes_the_measured_mfu_of_that_gpu_and_backend(tmp_path)
     mfu, source = calibrated_mfu(str(out), "H100 SXM", "zero3")
     assert mfu == pytest.approx(0.33) and "3 record" in source
     assert calibrated_mfu(str(out), "H100 SXM", "fsdp") is None
+
+
+def test_a_hub_id_plans_from_its_cached_config_alone(tmp_path, monkeypatch):
+    """A hub id whose config.json (only) is in the local Hugging Face cache: planned offline, nothing fetched."""
+    repo = tmp_path / "hub" / "models--meta-llama--Meta-Llama-3-8B"
+    snap = repo / "snapshots" / ("0" * 40)
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text((LLAMA_8B / "config.json").read_text())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    res = CliRunner().invoke(main, ["plan", "--task", "generation", "--model", "meta-llama/Meta-Llama-3-8B",
+                                    "--gpu", "h100-sxmx8", "--precision", "bf16", "--seq-len", "2048",
+                                    "--batch-size", "8", "--backend", "eager", "--json"])
+    assert res.exit_code == 0, res.output
+    row = json.loads(res.output)[0]
+    assert row["parameters"]["total"] == 8_030_261_248 and row["fits"] is False
+    # Sharded over more GPUs at the same global batch (smaller micro-batches per rank).
+    assert any("fsdp" in s and "--nproc" in s for s in row["suggestions"]), row["suggestions"]

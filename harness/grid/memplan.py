@@ -272,8 +272,11 @@ def predict_cell(reg, cell, micro_batch: int | None = None, backend: str | None 
         recipe = dataclasses.replace(recipe, grad_checkpointing=checkpointing)
     if seq_len is not None:
         recipe = dataclasses.replace(recipe, seq_len=seq_len)
-    return predict(counts, shape, recipe, spec.engine.memory_plan(options, world), world,
-                   micro_batch or micro_batch_of(cell), device or device_type(cell))
+    if micro_batch is None:
+        # Another rank count keeps the global batch: each rank's micro-batch shrinks (at least 1).
+        micro_batch = max(1, recipe.batch_size // (world * recipe.grad_accum)) if nproc else micro_batch_of(cell)
+    return predict(counts, shape, recipe, spec.engine.memory_plan(options, world), world, micro_batch,
+                   device or device_type(cell))
 
 
 def plan_cell(reg, cell, suggest: bool = True, gpu: Gpu | None = None,
