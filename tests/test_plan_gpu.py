@@ -146,3 +146,30 @@ def test_a_hub_id_plans_from_its_cached_config_alone(tmp_path, monkeypatch):
     assert row["parameters"]["total"] == 8_030_261_248 and row["fits"] is False
     # Sharded over more GPUs at the same global batch (smaller micro-batches per rank).
     assert any("fsdp" in s and "--nproc" in s for s in row["suggestions"]), row["suggestions"]
+
+
+def test_accelerates_training_estimate_against_the_plans_model_states(llama8b_plan):
+    """accelerate's estimator (its own functions, offline, on the fp32 meta model of the same config):
+    its fp32 "Training using Adam" peak is weights + gradients + two moments, 16 bytes per parameter,
+    exactly eager's model states in fp32; its bf16 figure is the largest single component (the
+    moments, 8 B/param), below what mixed precision over fp32 weights holds at once (docs/memory.md)."""
+    import torch
+    from accelerate import init_empty_weights
+    from accelerate.commands.estimate import estimate_training_usage
+    from accelerate.utils import calculate_maximum_sizes
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ftbench.harness.contract.memory_model import MemoryPlan, ParamCounts, model_state_bytes
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(LLAMA_8B), dtype=torch.float32)
+    total_bytes, _ = calculate_maximum_sizes(model)
+    P = llama8b_plan["eager"]["parameters"]["total"]
+    assert total_bytes - 4 * P < 2**20  # the plan's parameters (accelerate also counts the rotary buffers)
+    fp32 = max(estimate_training_usage(total_bytes, "float32").values())
+    eager_fp32, _ = model_state_bytes(ParamCounts(P, P), MemoryPlan())
+    assert sum(eager_fp32.values()) == 16 * P and fp32 == pytest.approx(16 * P, abs=2**22)
+    bf16 = max(estimate_training_usage(total_bytes, "bfloat16").values())
+    b = llama8b_plan["eager"]["prediction"]["breakdown"]
+    assert bf16 == pytest.approx(8 * P, abs=2**22)
+    assert sum(b[k] for k in ("weights", "gradients", "optimizer", "autocast_copies")) == 18 * P
