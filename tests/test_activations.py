@@ -38,28 +38,34 @@ def _families():
     }
 
 
-def saved_bytes(model, kind: str, b: int, s: int) -> int:
-    """Bytes of the unique storages autograd saves in one training forward (parameters excluded)."""
+def saved_bytes(model, kind: str, b: int, s: int, autocast: bool = False) -> int:
+    """Bytes of the unique storages autograd saves in one training forward.
+
+    Parameters are not activations, nor (under bf16 autocast) their cached bf16 copies, which the
+    memory model counts as model states (``autocast_copies``)."""
     import torch
 
     seen = {}
 
     def pack(t):
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        seen[t.untyped_storage().data_ptr()] = (t.untyped_storage().nbytes(), tuple(t.shape), t.dtype)
         return t
 
     ids = torch.randint(0, V, (b, s))
     mask = torch.ones_like(ids)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), \
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         if kind == "encoder":
             model(input_ids=ids, attention_mask=mask, labels=torch.zeros(b, dtype=torch.long))
         elif kind == "encoder-decoder":
             model(input_ids=ids, attention_mask=mask, labels=ids)
         else:
             logits = model(input_ids=ids, attention_mask=mask).logits
-            torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+            torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    return sum(v for k, v in seen.items() if k not in params)
+    shapes = {tuple(p.shape) for p in model.parameters()} | {tuple(p.shape)[::-1] for p in model.parameters()}
+    return sum(n for k, (n, shape, dtype) in seen.items()
+               if k not in params and not (autocast and dtype == torch.bfloat16 and shape in shapes))
 
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["saved", "checkpointed"])
@@ -77,6 +83,24 @@ def test_activation_estimate_per_family_within_15_percent(family, checkpointing,
     shape = shape_of(model, kind, "classification" if kind == "encoder" else "lm")
     predicted = saved_activation_bytes(shape, b, s, checkpointing, device_type="cpu")
     assert predicted == pytest.approx(measured, rel=0.15), (family, predicted / measured, shape.block())
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["saved", "checkpointed"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "bert", "t5"])
+def test_activation_estimate_under_bf16_autocast(family, checkpointing):
+    """fp32 weights under bf16 autocast (ftbench's mixed precision): matmul inputs and outputs in bf16, one
+    cast of the stream per projection, norms, masks and the residual stream in fp32."""
+    import torch
+
+    cls, config, kind = _families()[family]
+    torch.manual_seed(0)
+    model = cls(config).train()
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+    measured = saved_bytes(model, kind, 4, 64, autocast=True)
+    shape = shape_of(model, kind, "classification" if kind == "encoder" else "lm")
+    predicted = saved_activation_bytes(shape, 4, 64, checkpointing, element_bytes=2, device_type="cpu")
+    assert predicted == pytest.approx(measured, rel=0.15), (family, predicted / measured)
 
 
 def test_layouts_follow_the_family():

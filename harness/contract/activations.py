@@ -8,7 +8,8 @@ storages, tests/test_activations.py; docs/memory.md lists the terms):
   Mistral, T5) computed in fp32 keeps its input and the normalised tensor
   the weight multiplies;
 * ``linear inputs``: the normalised input of the attention and of the MLP
-  projections (autocast's low-precision copy under bf16/fp16);
+  projections; under bf16/fp16 autocast each projection keeps its own
+  low-precision copy (q, k, v: three; SwiGLU's gate and up: two);
 * ``attention``: q, k and v as the kernel keeps them (k and v at the key/value
   width under GQA when the kernel takes them unrepeated), the output and,
   on the math path (eager attention, or SDPA with attention dropout on a
@@ -91,7 +92,9 @@ def math_path(layout: BlockLayout, device_type: str) -> bool:
 def attention_terms(layout: BlockLayout, seq_len: int, math: bool, e: int, kv_source: int = 0) -> dict[str, float]:
     """Bytes per token of one attention (self, or cross over ``kv_source`` tokens per target token)."""
     h, kv = layout.hidden, layout.kv_hidden or layout.hidden
-    terms = {"linear inputs": h * e}
+    # Under autocast each projection casts the fp32 stream itself (one copy each); in fp32 they share it.
+    casts = 3 if e < FP32 and not layout.fused_qkv else 1
+    terms = {"linear inputs": casts * h * e}
     if math:
         # Eager and the math path repeat GQA's keys/values to the full width and keep the scores.
         probs = (3 if layout.attn_dropout else 1) * layout.heads * (kv_source or seq_len)
@@ -111,7 +114,9 @@ def block_bytes_per_token(layout: BlockLayout, seq_len: int, element_bytes: int 
         return {"block input": h * FP32}
     norm = (2 if layout.norm == "rmsnorm" else 1) * h * FP32
     attentions = 2 if layout.cross_attention else 1
-    terms: dict[str, float] = {"norms": norm * (attentions + 1), "linear inputs": h * e, "attention": 0.0}
+    mlp_inputs = 2 if layout.mlp == "swiglu" and e < FP32 else 1  # gate and up each cast the stream
+    terms: dict[str, float] = {"norms": norm * (attentions + 1), "linear inputs": mlp_inputs * h * e,
+                               "attention": 0.0}
     math = math_path(layout, device_type)
     for _ in range(attentions):
         for k, v in attention_terms(layout, seq_len, math, e).items():

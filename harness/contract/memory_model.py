@@ -236,9 +236,13 @@ def activation_terms(shape: ModelShape, micro_batch: int, seq_len: int, checkpoi
     base = shape.block()
     h = shape.hidden
     norm = (2 if base.norm == "rmsnorm" else 1) * h * FP32
-    outside = len(stacks) * (norm + (2 * h * FP32 if base.hidden_dropout else 0))
+    # Per stack: the final norm and the embeddings' dropout mask, and T5's dropout after its final norm.
+    masks = (1 + shape.relative_bias) if base.hidden_dropout else 0
+    outside = len(stacks) * (norm + masks * h * FP32)
     if not shape.classification:
-        outside += h * element_bytes  # the LM head's input (a classification head reads one row per sequence)
+        outside += h * element_bytes  # the LM head's input
+    elif shape.kind == "encoder" and element_bytes == FP32:
+        outside += h * FP32  # the pooler's first-token view keeps the whole last hidden state (autocast copies it)
     if shape.relative_bias:
         outside += len(stacks) * shape.heads * seq_len * FP32
     out["embeddings, final norm, head input"] = outside * tokens
