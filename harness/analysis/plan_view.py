@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ftbench.harness.analysis.plan_time import calibrated_mfu, step_time
 from ftbench.harness.contract.memory_model import MiB
-from ftbench.harness.grid.memplan import frontier, largest_fitting_micro_batch, model_facts
+from ftbench.harness.grid.memplan import FRONTIER_MICRO_BATCHES, frontier, largest_fitting_micro_batch, model_facts
 
 #: The token volume the plan quotes a training time for.
 TOKENS_QUOTED = 1e9
@@ -134,10 +134,10 @@ def _print_times(reg, plans, console, how: dict) -> None:
     if not rows:
         return
     t = Table(title=f"predicted step time per optimizer step (its FLOPs / the peak x MFU; {_gpu_text(rows[0][0])})")
-    for col in ("backend", "model", "tokens/step", "step", f"per {TOKENS_QUOTED:.0e} tokens", "MFU source"):
+    for col in ("task", "backend", "model", "tokens/step", "step", f"per {TOKENS_QUOTED:.0e} tokens", "MFU source"):
         t.add_column(col, overflow="fold")
     for cp, st in rows:
-        t.add_row(cp.cell.backend, cp.cell.model, f"{st.tokens:,}", _duration(st.step_s),
+        t.add_row(cp.cell.task, cp.cell.backend, cp.cell.model, f"{st.tokens:,}", _duration(st.step_s),
                   _duration(st.seconds_per(TOKENS_QUOTED)), st.mfu_source)
     console.print(t)
 
@@ -151,14 +151,16 @@ def _print_frontier(reg, plans, console) -> None:
     from rich.table import Table
 
     t = Table(title="capacity frontier (predicted; confirm a micro-batch on the hardware with --micro-batch auto)")
-    for col in ("backend", "model", "largest micro-batch at --seq-len", "with checkpointing",
+    for col in ("task", "backend", "model", "largest micro-batch at --seq-len", "with checkpointing",
                 "longest --seq-len at micro-batch 1", "with checkpointing"):
         t.add_column(col, overflow="fold")
+    top = FRONTIER_MICRO_BATCHES[-1]
     for cp in plans:
         fr = frontier(reg, cp)
         if fr is None:
             continue
-        t.add_row(cp.cell.backend, cp.cell.model, *(str(v) if v else "none" for v in
-                                                    (fr.micro_batch, fr.micro_batch_checkpointed, fr.seq_len,
-                                                     fr.seq_len_checkpointed)))
+        micro = [("none" if v is None else f"{v}+ (searched up to {top})" if v == top else str(v))
+                 for v in (fr.micro_batch, fr.micro_batch_checkpointed)]
+        seqs = ["none" if v is None else str(v) for v in (fr.seq_len, fr.seq_len_checkpointed)]
+        t.add_row(cp.cell.task, cp.cell.backend, cp.cell.model, *micro, *seqs)
     console.print(t)
