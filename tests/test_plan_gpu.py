@@ -173,3 +173,18 @@ def test_accelerates_training_estimate_against_the_plans_model_states(llama8b_pl
     b = llama8b_plan["eager"]["prediction"]["breakdown"]
     assert bf16 == pytest.approx(8 * P, abs=2**22)
     assert sum(b[k] for k in ("weights", "gradients", "optimizer", "autocast_copies")) == 18 * P
+
+
+def test_plan_says_which_mfu_its_step_time_uses(tmp_path):
+    out = tmp_path / "runs"
+    out.mkdir()
+    rec = {"cell_id": "a", "status": "ok", "backend": "eager", "mfu": 0.2,
+           "environment": {"device": {"name": "NVIDIA H100 80GB HBM3"}}}
+    (out / "results.jsonl").write_text(json.dumps(rec) + "\n")
+    base = ["plan", "--task", "generation", "--backend", "eager", "--gpu", "h100-sxm", "--json"]
+    assumed = json.loads(CliRunner().invoke(main, base).output)[0]["step_time"]
+    measured = json.loads(CliRunner().invoke(main, base + ["--calibrate-from", str(out)]).output)[0]["step_time"]
+    assert assumed["mfu_source"] == "--mfu 0.4 (assumed)" and measured["mfu_source"].startswith("measured MFU 0.200")
+    assert measured["step_s"] == pytest.approx(2 * assumed["step_s"])  # half the MFU, twice the time
+    res = CliRunner().invoke(main, base + ["--mfu", "1.5"])
+    assert res.exit_code == 2 and "--mfu" in res.output
