@@ -174,7 +174,7 @@ def cell_options(f):
 
 
 def _cells_from_options(reg, grid_file, tasks, backends, models, datas, columns, shard, micro_batch, settings,
-                        on_grid=None):
+                        on_grid=None, describe_only=False):
     """The checked cells of the grid the options describe, whether micro-batches are searched, and the grid.
 
     ``on_grid(grid)`` may adjust the grid before its cells are expanded (``run``'s launcher settings).
@@ -204,7 +204,7 @@ def _cells_from_options(reg, grid_file, tasks, backends, models, datas, columns,
     cells = apply_micro_batch(cells, micro)
     from ftbench.harness.grid.preflight import check_cells
 
-    check_cells(reg, cells)  # names, options, settings, data, seq_len, batch: before anything is written
+    check_cells(reg, cells, describe_only)  # names, options, settings, data, seq_len, batch: before anything is written
     return cells, micro == "auto", grid
 
 
@@ -309,31 +309,57 @@ def _execute(reg, cells, out, view, how, force, fail_fast):
 
 @main.command("plan")
 @cell_options
+@click.option("--gpu", "gpu_spec", metavar="NAME[xN]",
+              help="Plan for this GPU (e.g. h100-sxm, a100-40gb, h100-sxmx8 for 8 of them: --nproc 8) from any "
+                   "machine: each rank against its memory, step time from its peak.")
+@click.option("--mfu", type=float, default=0.4, show_default=True,
+              help="Model FLOPs utilisation assumed for the predicted step time.")
+@click.option("--calibrate-from", "calibrate_from", metavar="RUNS",
+              help="Take the MFU from the measured records of a result set (same backend, same GPU model).")
+@click.option("--host-memory-gb", type=float,
+              help="Host memory per node of the machine planned for: what the ranks offload is compared with it.")
+@click.option("--frontier", is_flag=True,
+              help="Per cell: the largest micro-batch and the longest --seq-len predicted to fit.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def plan_cmd(grid_file, tasks, backends, models, datas, columns, shard, micro_batch, as_json, **settings):
-    """Predicted peak memory per rank of every cell, and whether it fits; trains nothing.
+def plan_cmd(grid_file, tasks, backends, models, datas, columns, shard, micro_batch, as_json, gpu_spec, mfu,
+             calibrate_from, frontier, host_memory_gb, **settings):
+    """Predicted peak memory per rank of every cell, whether it fits, and its step time; trains nothing.
 
-    Takes the same cell arguments as run. A cell that does not fit lists what
-    would: a smaller micro-batch, checkpointing, another backend (a ZeRO stage,
-    offload) or more ranks.
+    Takes the same cell arguments as run. A model needs only what describes it: a directory with its
+    config.json, a hub id in the local Hugging Face cache, or a preset. A cell that does not fit lists
+    what would: a smaller micro-batch, checkpointing, another backend (a ZeRO stage, offload) or more ranks.
     """
-    from ftbench.harness.grid.memplan import plan_cell
-    from ftbench.harness.contract.registry import Registry
+    from ftbench.harness.analysis.plan_time import check_mfu
     from ftbench.harness.analysis.plan_view import plan_json, print_plans
+    from ftbench.harness.contract.gpus import parse_gpu
+    from ftbench.harness.contract.registry import Registry
+    from ftbench.harness.grid.memplan import plan_cell
 
+    check_mfu(mfu)
+    gpu = None
+    if gpu_spec:
+        gpu, count = parse_gpu(gpu_spec)
+        if count and settings.get("nproc") and settings["nproc"] != count:
+            raise FtbenchError(f"--gpu {gpu_spec} says {count} GPUs but --nproc says {settings['nproc']}; "
+                               "give one of them, or the same count")
+        if count:
+            settings["nproc"] = count
+        settings["device"] = "cuda"
     reg = Registry.load()
     cells, search, _ = _cells_from_options(reg, grid_file, tasks, backends, models, datas, columns, shard,
-                                           micro_batch, settings)
+                                           micro_batch, settings, describe_only=True)
     seen, plans = set(), []
     for cell in cells:
         if (cell.cell_id) in seen:
             continue  # repeats share one prediction
         seen.add(cell.cell_id)
-        plans.append(plan_cell(reg, cell))
+        plans.append(plan_cell(reg, cell, gpu=gpu, host_memory=int(host_memory_gb * 2**30) if host_memory_gb
+                               else None))
+    how = {"mfu": mfu, "calibrate_from": calibrate_from, "frontier": frontier}
     if as_json:
-        click.echo(json.dumps(plan_json(reg, plans, search), indent=2))
+        click.echo(json.dumps(plan_json(reg, plans, search, how), indent=2))
     else:
-        print_plans(reg, plans, _console(), search)
+        print_plans(reg, plans, _console(), search, how)
     sys.exit(0)
 
 

@@ -15,8 +15,8 @@ Encoder-decoder models apply encoder weights to source tokens and decoder
 weights (and the LM head) to target tokens.
 
 The peak is that of the dtype the matmuls actually ran in (autocast's, else
-the weights'; TF32 when CUDA allows it for fp32): a datasheet table of known
-GPUs matched by exact model name, or on CPU a short matmul measurement in
+the weights'; TF32 when CUDA allows it for fp32): the datasheet catalog of
+``ftbench.harness.contract.gpus`` (shared with ``ftbench plan --gpu``), matched by exact model name, or on CPU a short matmul measurement in
 that dtype, cached per CPU model, torch version and thread count.  Where no
 peak is known, MFU is ``None``: never a guess; nor is a figure above 1 (the
 record drops it and says why, see ``ftbench.harness.results.record``).
@@ -30,72 +30,7 @@ import time
 
 import torch
 
-#: Dense peak FLOP/s (no sparsity) by GPU model and matmul dtype, from the
-#: vendor datasheets.  ``fp32`` is plain FP32 on CUDA cores; ``tf32`` is fp32
-#: matmuls on tensor cores (TF32 allowed).  Keys are exact model names as
-#: :func:`gpu_model` derives them from ``torch.cuda.get_device_name``.
-GPU_PEAKS: dict[str, dict[str, float]] = {
-    "H200": {"bf16": 989e12, "fp16": 989e12, "tf32": 494.5e12, "fp32": 67e12},          # SXM
-    "H200 NVL": {"bf16": 835.5e12, "fp16": 835.5e12, "tf32": 417.5e12, "fp32": 60e12},
-    "H100 SXM": {"bf16": 989e12, "fp16": 989e12, "tf32": 494.5e12, "fp32": 67e12},
-    "H100 PCIe": {"bf16": 756e12, "fp16": 756e12, "tf32": 378e12, "fp32": 51e12},
-    "H100 NVL": {"bf16": 835.5e12, "fp16": 835.5e12, "tf32": 417.5e12, "fp32": 60e12},
-    "A100": {"bf16": 312e12, "fp16": 312e12, "tf32": 156e12, "fp32": 19.5e12},
-    "L40S": {"bf16": 362e12, "fp16": 362e12, "tf32": 183e12, "fp32": 91.6e12},
-    "L40": {"bf16": 181e12, "fp16": 181e12, "tf32": 90.5e12, "fp32": 90.5e12},
-    "L4": {"bf16": 121e12, "fp16": 121e12, "tf32": 60e12, "fp32": 30.3e12},
-    "A10G": {"bf16": 70e12, "fp16": 70e12, "tf32": 35e12, "fp32": 31.2e12},
-    "A10": {"bf16": 125e12, "fp16": 125e12, "tf32": 62.5e12, "fp32": 31.2e12},
-    "V100 SXM2": {"fp16": 125e12, "fp32": 15.7e12},
-    "V100 PCIe": {"fp16": 112e12, "fp32": 14e12},
-}
-
-#: (pattern over the normalised device name, table key); first match wins, so
-#: a more specific variant precedes its base name.  ``\b`` and ``$`` keep
-#: "L4" from matching "L40S" and "H200" from matching "H200 NVL".
-_GPU_PATTERNS = (
-    (r"^H200 NVL\b", "H200 NVL"),
-    (r"^H200\b", "H200"),
-    (r"^H100 NVL\b", "H100 NVL"),
-    (r"^H100 PCIE\b", "H100 PCIe"),
-    (r"^H100\b(?!.*\b(PCIE|NVL)\b)", "H100 SXM"),     # "H100 80GB HBM3", "H100 SXM5 80GB"
-    (r"^A100\b", "A100"),                               # SXM4 and PCIe share the dense peaks
-    (r"^L40S\b", "L40S"),
-    (r"^L40\b", "L40"),
-    (r"^L4\b", "L4"),
-    (r"^A10G\b", "A10G"),
-    (r"^A10\b", "A10"),
-    (r"^V100\b.*\bSXM2\b", "V100 SXM2"),
-    (r"^V100\b.*\bPCIE\b", "V100 PCIe"),
-)
-
-
-def gpu_model(device_name: str) -> str | None:
-    """The peak table's key for a CUDA device name, or None when unknown.
-
-    Example: ``gpu_model("NVIDIA H100 80GB HBM3") == "H100 SXM"``,
-    ``gpu_model("NVIDIA L40S") == "L40S"``, ``gpu_model("NVIDIA L4") == "L4"``.
-    """
-    import re
-
-    name = re.sub(r"^(NVIDIA|TESLA)\s+", "", device_name.strip().upper().replace("-", " "))
-    name = re.sub(r"^(NVIDIA|TESLA)\s+", "", name)
-    for pattern, key in _GPU_PATTERNS:
-        if re.search(pattern, name):
-            return key
-    return None
-
-
-def gpu_peak(device_name: str, dtype: str) -> tuple[float | None, str]:
-    """(dense peak FLOP/s, source) of a named GPU for matmuls in ``dtype``."""
-    key = gpu_model(device_name)
-    if key is None:
-        return None, f"unknown GPU {device_name!r}"
-    peak = GPU_PEAKS[key].get(dtype)
-    if peak is None:
-        return None, f"no {dtype} peak for {key}"
-    return peak, f"datasheet {key} {dtype} dense"
-
+from ftbench.harness.contract.gpus import GPU_PEAKS, gpu_model, gpu_peak  # noqa: F401 - the one GPU table
 
 def _is_matmul_module(m: torch.nn.Module) -> bool:
     if isinstance(m, torch.nn.Linear):

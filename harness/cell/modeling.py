@@ -32,39 +32,65 @@ class ModelSource:
     path: str | None = None
 
 
-def resolve_model(name: str, registry, task: Task) -> ModelSource:
-    """Find ``--model NAME``: preset name, then local directory, then hub id."""
+def resolve_model(name: str, registry, task: Task, describe_only: bool = False) -> ModelSource:
+    """Find ``--model NAME``: preset name, then local directory, then hub id.
+
+    ``describe_only`` (planning): a directory needs only its ``config.json``, and a hub id is read
+    from the local Hugging Face cache, never downloaded; weights and a tokenizer are needed to train.
+    """
     if name in registry.models:
         preset = registry.model(name)
         return ModelSource(name, preset.kind, preset=preset)
     if os.path.isdir(name):
-        _check_model_dir(name)
+        _check_model_dir(name, describe_only)
         return ModelSource(name, _kind_from_config(name), path=name)
     if "/" in name and not name.startswith((".", "/")):
-        return ModelSource(name, _kind_from_config(name), path=name)
+        path = cached_hub_config_dir(name) if describe_only else name
+        return ModelSource(name, _kind_from_config(path), path=path)
     registry.model(name)  # raises the "unknown model preset ... did you mean" error
     raise AssertionError("unreachable")
 
 
-def check_model_name(name: str, registry) -> None:
+def check_model_name(name: str, registry, describe_only: bool = False) -> None:
     """Fail fast (before any cell runs) on a model that cannot be found."""
     if name in registry.models:
         return
     if os.path.isdir(name):
-        _check_model_dir(name)
+        _check_model_dir(name, describe_only)
     elif "/" not in name or name.startswith((".", "/")):
         registry.model(name)  # raises "unknown model preset ... did you mean"
+    elif describe_only:
+        cached_hub_config_dir(name)
 
 
-def _check_model_dir(path: str) -> None:
+def cached_hub_config_dir(repo_id: str) -> str:
+    """The snapshot directory holding ``repo_id``'s ``config.json`` in the local Hugging Face cache.
+
+    Never downloads: planning must work offline.  Example: ``cached_hub_config_dir("meta-llama/Llama-3.1-8B")``.
+    """
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, "config.json")
+    if not isinstance(found, str):
+        raise FtbenchError(
+            f"hub model {repo_id!r}: its config.json is not in the local Hugging Face cache "
+            f"({constants.HF_HUB_CACHE}), and ftbench plan never downloads. Fetch it once with "
+            f"`hf download {repo_id} config.json` (or huggingface-cli download), or pass a directory holding "
+            "only its config.json, or a preset name (ftbench list)")
+    return str(Path(found).parent)
+
+
+def _check_model_dir(path: str, describe_only: bool = False) -> None:
     p = Path(path)
     if not (p / "config.json").exists():
         raise FtbenchError(f"model directory {path} has no config.json; pass a directory saved with "
                            "save_pretrained(), a hub id, or a preset name (ftbench list)")
+    if describe_only:
+        return  # planning builds the model on the meta device from the config alone
     weights = list(p.glob("*.safetensors")) + list(p.glob("*.bin"))
     if not weights:
         raise FtbenchError(f"model directory {path} has no weights (*.safetensors or *.bin); save the model "
-                           "with model.save_pretrained(DIR)")
+                           "with model.save_pretrained(DIR) (ftbench plan needs only its config.json)")
     if not any((p / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json",
                                           "spiece.model")):
         raise FtbenchError(f"model directory {path} has no tokenizer files; save one there with "

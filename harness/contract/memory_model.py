@@ -9,9 +9,11 @@ The model adds up, per rank:
   fp32: mixed precision in ftbench is autocast over fp32 weights, so a
   lower precision adds autocast's cached low-precision copies of the
   weights instead of shrinking them;
-* **activations** saved for backward, per model kind, per token of the
-  micro-batch, with or without activation checkpointing (an estimate fitted
-  to GPT-2, see docs/memory.md);
+* **activations** saved for backward, per block term by term as the
+  model's family builds it (:mod:`ftbench.harness.contract.activations`),
+  per token of the micro-batch, with or without activation checkpointing
+  (measured with saved-tensor hooks on GPT-2, Llama, Qwen2, Mistral, BERT
+  and T5, see docs/memory.md);
 * on CPU, the **harness's own footprint** (Python, torch, transformers, the
   data) and what the backend's runtime adds.
 
@@ -28,7 +30,10 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
+
+from ftbench.harness.contract.activations import BlockLayout, block_bytes_per_token
 
 MiB = 2**20
 FP32 = 4
@@ -116,7 +121,15 @@ class ModelShape:
     """What the activation estimate needs: kind, widths, depths and vocabulary.
 
     ``layers`` counts encoder (or decoder-only) blocks, ``decoder_layers``
-    the decoder blocks of an encoder-decoder model.
+    the decoder blocks of an encoder-decoder model.  ``layout`` says what a
+    block does (norms, MLP, attention kernel, dropout); left out, a GPT-2
+    block without dropout.  ``relative_bias``: each stack keeps a
+    ``heads x seq`` position bias per token (T5).
+
+    Example::
+
+        ModelShape("decoder", hidden=4096, layers=32, ffn=14336, vocab=128256, heads=32,
+                   layout=BlockLayout(4096, 14336, 32, 1024, norm="rmsnorm", mlp="swiglu", fused_qkv=False))
     """
 
     kind: str
@@ -127,6 +140,12 @@ class ModelShape:
     heads: int = 1
     decoder_layers: int = 0
     classification: bool = False
+    layout: BlockLayout | None = None
+    relative_bias: bool = False
+
+    def block(self, cross: bool = False) -> BlockLayout:
+        base = self.layout or BlockLayout(self.hidden, self.ffn, self.heads, self.hidden)
+        return dataclasses.replace(base, cross_attention=True) if cross else base
 
 
 @dataclass
@@ -196,34 +215,60 @@ def model_state_bytes(counts: ParamCounts, plan: MemoryPlan, weight_bytes: int =
     return {k: v for k, v in dev.items() if v}, host
 
 
-def saved_activation_bytes(shape: ModelShape, micro_batch: int, seq_len: int, checkpointing: bool,
-                           element_bytes: int = FP32) -> int:
-    """Activations one micro-batch's forward saves for backward.
+def activation_terms(shape: ModelShape, micro_batch: int, seq_len: int, checkpointing: bool,
+                     element_bytes: int = FP32, device_type: str = "cpu") -> dict[str, int]:
+    """Activations one micro-batch's forward saves for backward, by term (bytes).
 
-    Per token and block, eager Hugging Face blocks save about ``14 h + 4 f``
-    elements (``h`` hidden, ``f`` feed-forward width: 30 h for GPT-2, as
-    measured with saved-tensor hooks, docs/memory.md); attention through SDPA
-    saves no ``seq x seq`` scores.  With checkpointing a block keeps only its
-    input (``h``).  Embeddings and the final norm keep about ``2 h``; the
-    language-model loss keeps the fp32 log-softmax over the vocabulary.
-    Decoder blocks of an encoder-decoder model (cross-attention) count 1.5.
+    Every block's terms (:func:`~ftbench.harness.contract.activations.block_bytes_per_token`;
+    with checkpointing its input only), then outside the blocks: the
+    embeddings' dropout mask, the final norm, the head's input and the
+    language-model loss's fp32 log-softmax over the vocabulary (one row per
+    sequence for a classification head); T5's relative position bias.
     """
     tokens = micro_batch * seq_len
-    per_block = shape.hidden if checkpointing else 14 * shape.hidden + 4 * shape.ffn
-    blocks = shape.layers + 1.5 * shape.decoder_layers
-    head = micro_batch * FP32 * (1 if shape.classification else seq_len * shape.vocab)
-    return int(tokens * (blocks * per_block + 2 * shape.hidden) * element_bytes + head)
+    out: dict[str, float] = {}
+    stacks = [(shape.block(), shape.layers)]
+    if shape.decoder_layers:
+        stacks.append((shape.block(cross=True), shape.decoder_layers))
+    for layout, n in stacks:
+        for k, v in block_bytes_per_token(layout, seq_len, element_bytes, checkpointing, device_type).items():
+            out[f"blocks: {k}"] = out.get(f"blocks: {k}", 0) + n * v * tokens
+    base = shape.block()
+    h = shape.hidden
+    norm = (2 if base.norm == "rmsnorm" else 1) * h * FP32
+    # Per stack: the final norm and the embeddings' dropout mask, and T5's dropout after its final norm.
+    masks = (1 + shape.relative_bias) if base.hidden_dropout else 0
+    outside = len(stacks) * (norm + masks * h * FP32)
+    if not shape.classification:
+        outside += h * element_bytes  # the LM head's input
+    elif shape.kind == "encoder" and element_bytes == FP32:
+        outside += h * FP32  # the pooler's first-token view keeps the whole last hidden state (autocast copies it)
+    if shape.relative_bias:
+        outside += len(stacks) * shape.heads * seq_len * FP32
+    out["embeddings, final norm, head input"] = outside * tokens
+    out["loss"] = micro_batch * FP32 * (1 if shape.classification else seq_len * shape.vocab)
+    return {k: int(v) for k, v in out.items()}
+
+
+def saved_activation_bytes(shape: ModelShape, micro_batch: int, seq_len: int, checkpointing: bool,
+                           element_bytes: int = FP32, device_type: str = "cpu") -> int:
+    """The sum of :func:`activation_terms`."""
+    return sum(activation_terms(shape, micro_batch, seq_len, checkpointing, element_bytes, device_type).values())
 
 
 def activation_bytes(shape: ModelShape, micro_batch: int, seq_len: int, checkpointing: bool,
-                     element_bytes: int = FP32) -> int:
+                     element_bytes: int = FP32, device_type: str = "cpu") -> int:
     """Saved activations plus what backward adds at its peak: the loss's gradient and
     the logits' (two more fp32 vocabulary-wide tensors per token) and, with
     checkpointing, the one block being recomputed."""
-    saved = saved_activation_bytes(shape, micro_batch, seq_len, checkpointing, element_bytes)
+    saved = saved_activation_bytes(shape, micro_batch, seq_len, checkpointing, element_bytes, device_type)
     tokens = micro_batch * seq_len
     head = 2 * micro_batch * FP32 * (1 if shape.classification else seq_len * shape.vocab)
-    recompute = tokens * (14 * shape.hidden + 4 * shape.ffn) * element_bytes if checkpointing else 0
+    recompute = 0
+    if checkpointing:
+        block = shape.block(cross=bool(shape.decoder_layers))
+        recompute = int(tokens * sum(block_bytes_per_token(block, seq_len, element_bytes, False,
+                                                           device_type).values()))
     return saved + head + recompute
 
 
@@ -270,7 +315,7 @@ def predict(counts: ParamCounts, shape: ModelShape, recipe, plan: MemoryPlan, wo
     """
     low = LOW_PRECISION.get(recipe.precision, FP32)
     dev, host = model_state_bytes(counts, plan, FP32, low)
-    acts = activation_bytes(shape, micro_batch, recipe.seq_len, recipe.grad_checkpointing, low)
+    acts = activation_bytes(shape, micro_batch, recipe.seq_len, recipe.grad_checkpointing, low, device_type)
     phases = transient_phases(counts, plan, acts)
     if device_type == "cuda" and not plan.step_copies and not plan.offload_optimizer:
         # The recipe's torch.optim.AdamW runs its multi-tensor (foreach) step on CUDA, which

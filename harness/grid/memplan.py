@@ -17,6 +17,8 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from ftbench.harness.contract.api import ENCODER_DECODER, FtbenchError
+from ftbench.harness.contract.activations import BlockLayout
+from ftbench.harness.contract.gpus import BY_NAME, CUDA_CONTEXT_BYTES, Gpu, find
 from ftbench.harness.contract.memory_model import MiB, ModelShape, ParamCounts, Prediction, harness_floor_bytes, predict
 
 
@@ -32,6 +34,10 @@ class CellPlan:
     compared: str = "device"
     suggestions: list[str] = field(default_factory=list)
     why_unknown: str | None = None
+    gpu: Gpu | None = None
+    #: With a GPU: what the ranks of one node offload to host memory, and whether this machine holds it.
+    host_need_bytes: int = 0
+    host_fits: bool | None = None
 
     @property
     def compared_bytes(self) -> int | None:
@@ -54,14 +60,24 @@ class _VocabOnly:
 
 
 _FACTS: dict = {}
+#: Training FLOPs of one micro-batch ``(batch, source_len, target_len) -> FLOPs``, per model, beside ``_FACTS``.
+_FLOPS: dict = {}
+#: The longest sequence a model directory's config allows (``max_position_embeddings``), by model name.
+_POSITIONS: dict = {}
 
 
 def model_facts(reg, cell) -> tuple[ParamCounts, ModelShape]:
     """Parameter counts and shape of a cell's model, built on the meta device (cached)."""
     key = (cell.model, cell.task, cell.data, cell.columns, cell.recipe.seed, cell.recipe.tuning)
     if key not in _FACTS:
-        _FACTS[key] = _build_facts(reg, cell)
+        _FACTS[key], _FLOPS[key] = _build_facts(reg, cell)
     return _FACTS[key]
+
+
+def model_flops(reg, cell):
+    """The FLOP model of a cell's model (:func:`ftbench.harness.cell.mfu.flop_model`), or None if unknown."""
+    model_facts(reg, cell)
+    return _FLOPS.get((cell.model, cell.task, cell.data, cell.columns, cell.recipe.seed, cell.recipe.tuning))
 
 
 def _preset_tokenizer(source, task, cell):
@@ -94,13 +110,15 @@ def _build_facts(reg, cell):
 
     tname, _ = cell.task_name_and_options()
     task = reg.task(tname)
-    source = resolve_model(cell.model, reg, task)
+    source = resolve_model(cell.model, reg, task, describe_only=True)
     tokenizer, labels = _preset_tokenizer(source, task, cell) if source.preset is not None else (None, None)
     with torch.device("meta"):
         if source.preset is not None:
             model = source.preset.build(tokenizer=tokenizer, head=task.head, num_labels=labels)
         else:
             model = _from_config(source, task)
+    cfg = getattr(model, "config", None)
+    _POSITIONS[cell.model] = _first(cfg, "max_position_embeddings", "n_positions") if cfg is not None else None
     tuning = cell.recipe.tuning
     mode, n = parse_tuning(tuning)
     model = apply_tuning(model, mode, n) or model  # a tuning that wraps the model (LoRA) returns the wrapper
@@ -111,14 +129,17 @@ def _build_facts(reg, cell):
     largest = max([sum(p.numel() for p in b.parameters()) for b in blocks] +
                   [sum(p.numel() for p in m.parameters(recurse=False) if id(p) not in in_blocks)
                    for m in model.modules()] + [0])
-    return ParamCounts(total, trainable, largest), _shape(model, source.kind, task.head)
+    from ftbench.harness.cell.mfu import flop_model
+
+    return (ParamCounts(total, trainable, largest), shape_of(model, source.kind, task.head)), \
+        flop_model(model, source.kind)
 
 
 def _from_config(source, task):
     from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM,
                               AutoModelForSequenceClassification)
 
-    config = AutoConfig.from_pretrained(source.path)
+    config = AutoConfig.from_pretrained(source.path)  # a local directory (a hub id: its cached snapshot)
     if task.head == "classification":
         return AutoModelForSequenceClassification.from_config(config)
     cls = AutoModelForSeq2SeqLM if source.kind == ENCODER_DECODER else AutoModelForCausalLM
@@ -133,17 +154,56 @@ def _first(cfg, *names, default=None):
     return default
 
 
-def _shape(model, kind: str, head: str) -> ModelShape:
+def _dropout(cfg, *names) -> bool:
+    return any(isinstance(getattr(cfg, n, None), (int, float)) and getattr(cfg, n) > 0 for n in names)
+
+
+#: Activation functions that run as one op saving only their input (else: Python ops, e.g. ``gelu_new``).
+_ONE_OP_ACTIVATIONS = ("gelu", "relu", "silu", "swish", "gelu_pytorch_tanh", "quick_gelu", "gelu_fast")
+
+
+def _layout(model, cfg, hidden: int, ffn: int, heads: int) -> BlockLayout:
+    """What a block of this model does, read from its modules and config (docs/memory.md)."""
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    classes = {type(m).__name__ for m in model.modules()}
+    act = str(getattr(cfg, "hidden_act", None) or getattr(cfg, "activation_function", None)
+              or getattr(cfg, "feed_forward_proj", None) or "gelu")
+    gated = "gate_proj" in names or "wi_0" in names or act.startswith("gated")
+    mlp = "swiglu" if gated else "relu" if act == "relu" else "gelu" if act in _ONE_OP_ACTIVATIONS else "gelu_tanh"
+    kv_heads = _first(cfg, "num_key_value_heads", default=heads)
+    head_dim = _first(cfg, "head_dim", "d_kv", default=hidden // max(heads, 1))
+    attention = getattr(cfg, "_attn_implementation", None) or "sdpa"
+    if not getattr(model, "_supports_attention_backend", True):
+        attention = "eager"  # the family computes attention itself (T5): scores kept, whatever is configured
+    t5_like = _first(cfg, "relative_attention_num_buckets", default=0) > 0
+    return BlockLayout(hidden=hidden, ffn=ffn, heads=heads, kv_hidden=kv_heads * head_dim,
+                       norm="rmsnorm" if any("RMSNorm" in c or c == "T5LayerNorm" for c in classes) else "layernorm",
+                       mlp=mlp, attention=attention,
+                       attn_dropout=_dropout(cfg, "attn_pdrop", "attention_probs_dropout_prob", "attention_dropout",
+                                             "dropout_rate"),
+                       hidden_dropout=_dropout(cfg, "resid_pdrop", "hidden_dropout_prob", "dropout_rate",
+                                               "hidden_dropout"),
+                       inner_dropout=t5_like and _dropout(cfg, "dropout_rate"),
+                       fused_qkv=bool(names & {"c_attn", "qkv_proj", "query_key_value", "Wqkv"}))
+
+
+def shape_of(model, kind: str, head: str) -> ModelShape:
+    """The activation estimate's view of a (meta-device) model.
+
+    Example: ``shape_of(LlamaForCausalLM(cfg), "decoder", "lm").block().mlp == "swiglu"``.
+    """
     cfg = getattr(model, "config", None)
     cfg = getattr(cfg, "get_text_config", lambda: cfg)() or cfg
     hidden = _first(cfg, "hidden_size", "n_embd", "d_model", default=0)
     layers = _first(cfg, "num_hidden_layers", "n_layer", "num_layers", default=0)
     dec = _first(cfg, "num_decoder_layers", default=layers) if kind == ENCODER_DECODER else 0
-    return ModelShape(kind=kind, hidden=hidden, layers=layers, decoder_layers=dec,
-                      ffn=_first(cfg, "intermediate_size", "n_inner", "d_ff", default=4 * hidden),
-                      vocab=_first(cfg, "vocab_size", default=0), heads=_first(cfg, "num_attention_heads",
-                                                                                  "n_head", "num_heads", default=1),
-                      classification=head == "classification")
+    ffn = _first(cfg, "intermediate_size", "n_inner", "d_ff", default=4 * hidden)
+    heads = _first(cfg, "num_attention_heads", "n_head", "num_heads", default=1)
+    layout = _layout(model, cfg, hidden, ffn, heads)
+    return ModelShape(kind=kind, hidden=hidden, layers=layers, decoder_layers=dec, ffn=ffn,
+                      vocab=_first(cfg, "vocab_size", default=0), heads=heads,
+                      classification=head == "classification", layout=layout,
+                      relative_bias=_first(cfg, "relative_attention_num_buckets", default=0) > 0)
 
 
 def device_type(cell) -> str:
@@ -154,11 +214,37 @@ def device_type(cell) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def device_memory_bytes(dtype: str) -> int:
-    if dtype == "cuda":
-        import torch
+def present_gpu() -> Gpu | None:
+    """This machine's first CUDA device as a catalog entry (its own memory figure), or None without CUDA."""
+    import torch
 
-        return int(torch.cuda.get_device_properties(0).total_memory)
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(0)
+    return find(props.name, int(props.total_memory))
+
+
+def planning_gpu(cell, gpu: Gpu | None) -> Gpu | None:
+    """The GPU a cell is planned for: ``--gpu``, else the one present when the cell trains on CUDA.
+
+    ``--device cuda`` on a machine without CUDA, with neither ``--gpu`` nor ``--memory-limit-mb``, is bad
+    input (there is nothing to compare a rank with).
+    """
+    if gpu is not None:
+        return gpu
+    if device_type(cell) != "cuda":
+        return None
+    found = present_gpu()
+    if found is None and cell.memory_limit_mb:
+        return None  # each rank is compared with the limit given
+    if found is None:
+        raise FtbenchError("--device cuda, but this machine has no CUDA device (torch sees none), so there is "
+                           "no GPU memory to plan against. Name the GPU you plan for with --gpu NAME (e.g. --gpu h100-sxm --nproc 8; "
+                           f"known: {', '.join(BY_NAME)}), or plan for this machine with --device cpu.")
+    return found
+
+
+def host_memory_bytes() -> int:
     import psutil
 
     return int(psutil.virtual_memory().total)
@@ -170,8 +256,10 @@ def micro_batch_of(cell) -> int:
 
 
 def predict_cell(reg, cell, micro_batch: int | None = None, backend: str | None = None,
-                 nproc: int | None = None, checkpointing: bool | None = None) -> Prediction:
-    """The prediction for ``cell``, optionally with another micro-batch, backend, rank count or checkpointing."""
+                 nproc: int | None = None, checkpointing: bool | None = None,
+                 seq_len: int | None = None, device: str | None = None) -> Prediction:
+    """The prediction for ``cell``, optionally with another micro-batch, backend, rank count, checkpointing,
+    sequence length or device type (``cuda`` when planning for a named GPU)."""
     from ftbench.harness.contract.config import parse_spec
 
     bname, bopts = parse_spec(backend or cell.backend, "backend")
@@ -179,27 +267,53 @@ def predict_cell(reg, cell, micro_batch: int | None = None, backend: str | None 
     options = spec.engine.validate_options({**dict(spec.defaults), **bopts})
     world = nproc or cell.nproc
     counts, shape = model_facts(reg, cell)
-    recipe = cell.recipe if checkpointing is None else dataclasses.replace(cell.recipe,
-                                                                           grad_checkpointing=checkpointing)
-    return predict(counts, shape, recipe, spec.engine.memory_plan(options, world), world,
-                   micro_batch or micro_batch_of(cell), device_type(cell))
+    recipe = cell.recipe
+    if checkpointing is not None:
+        recipe = dataclasses.replace(recipe, grad_checkpointing=checkpointing)
+    if seq_len is not None:
+        recipe = dataclasses.replace(recipe, seq_len=seq_len)
+    if micro_batch is None:
+        # Another rank count keeps the global batch: each rank's micro-batch shrinks (at least 1).
+        micro_batch = max(1, recipe.batch_size // (world * recipe.grad_accum)) if nproc else micro_batch_of(cell)
+    return predict(counts, shape, recipe, spec.engine.memory_plan(options, world), world, micro_batch,
+                   device or device_type(cell))
 
 
-def plan_cell(reg, cell, suggest: bool = True) -> CellPlan:
-    """Predict ``cell``'s peak and judge it against ``--memory-limit-mb`` or the device's memory."""
-    dtype = device_type(cell)
-    if cell.memory_limit_mb:
+def plan_cell(reg, cell, suggest: bool = True, gpu: Gpu | None = None,
+              host_memory: int | None = None) -> CellPlan:
+    """Predict ``cell``'s peak and judge it against ``--memory-limit-mb``, the named GPU or the device's memory.
+
+    With a GPU (``--gpu`` or the one present) each rank is compared with its own device, less what the
+    CUDA context takes; what the node's ranks offload to host memory with ``host_memory`` (bytes per
+    node: ``--host-memory-gb``), else, for the GPU present, with this machine's memory.
+    """
+    target = planning_gpu(cell, gpu)
+    dtype = "cuda" if target else device_type(cell)
+    if dtype == "cuda":
+        cell = dataclasses.replace(cell, device="cuda")
+    if target is not None:
+        limit, source = target.memory_bytes - CUDA_CONTEXT_BYTES, f"{target.name} {target.memory_gib:g} GiB " \
+                                                                   "less 1 GiB CUDA context"
+    elif cell.memory_limit_mb:
         limit, source = int(cell.memory_limit_mb * MiB), "--memory-limit-mb"
     else:
-        limit, source = device_memory_bytes(dtype), f"{dtype} memory"
+        limit, source = host_memory_bytes(), "cpu memory"
     # On CPU the limit holds the cell's whole process tree; on a GPU each rank has its own device.
     compared = "process tree" if dtype == "cpu" else "device"
     try:
         pred = predict_cell(reg, cell)
-    except Exception as e:  # noqa: BLE001 - a model that cannot be built on meta (or a hub id offline): no prediction
+    except FtbenchError as e:
+        if cell.model not in reg.models:
+            raise  # the model named cannot be described: bad input, not an unknown verdict
+        return CellPlan(cell, None, limit, source, None, compared, why_unknown=str(e))
+    except Exception as e:  # noqa: BLE001 - a model that cannot be built on meta: no prediction
         return CellPlan(cell, None, limit, source, None, compared, why_unknown=f"{type(e).__name__}: {e}")
-    cp = CellPlan(cell, pred, limit, source, None, compared)
+    cp = CellPlan(cell, pred, limit, source, None, compared, gpu=target)
     cp.fits = cp.compared_bytes <= limit
+    if dtype == "cuda" and pred.host_bytes:
+        cp.host_need_bytes = pred.host_bytes * cell.nproc
+        host = host_memory or (host_memory_bytes() if gpu is None else None)
+        cp.host_fits = None if host is None else cp.host_need_bytes <= host
     if suggest and not cp.fits:
         cp.suggestions = suggestions(reg, cell, limit, compared)
     return cp
@@ -255,6 +369,56 @@ def suggestions(reg, cell, limit: int, compared: str) -> list[str]:
     if not out:
         out.append("nothing predicted to fit: a smaller model, --seq-len, or more memory")
     return out
+
+
+#: Micro-batches and sequence lengths the frontier tries (powers of two).
+FRONTIER_MICRO_BATCHES = tuple(2**i for i in range(11))
+FRONTIER_SEQ_LENS = tuple(2**i for i in range(7, 21))
+
+
+@dataclass
+class Frontier:
+    """Per cell: the largest micro-batch at its ``--seq-len`` and the longest sequence at micro-batch 1
+    predicted to fit, without and with checkpointing (None: not even the smallest)."""
+
+    micro_batch: int | None
+    micro_batch_checkpointed: int | None
+    seq_len: int | None
+    seq_len_checkpointed: int | None
+
+
+def _largest(values, fits) -> int | None:
+    best = None
+    for v in values:
+        if not fits(v):
+            break  # memory grows with both: the first that does not fit ends the search
+        best = v
+    return best
+
+
+def frontier(reg, cp: CellPlan) -> Frontier | None:
+    """The capacity frontier of a planned cell on its limit (``ftbench plan --frontier``)."""
+    if cp.prediction is None:
+        return None
+    cell, limit = cp.cell, cp.limit_bytes
+    positions = _max_positions(reg, cell)
+    seqs = [s for s in FRONTIER_SEQ_LENS if positions is None or s <= positions]
+
+    def fits(**kw) -> bool:
+        return _bytes_of(predict_cell(reg, cell, **kw), cp.compared) <= limit
+
+    return Frontier(
+        _largest(FRONTIER_MICRO_BATCHES, lambda m: fits(micro_batch=m, checkpointing=False)),
+        _largest(FRONTIER_MICRO_BATCHES, lambda m: fits(micro_batch=m, checkpointing=True)),
+        _largest(seqs, lambda s: fits(micro_batch=1, seq_len=s, checkpointing=False)),
+        _largest(seqs, lambda s: fits(micro_batch=1, seq_len=s, checkpointing=True)))
+
+
+def _max_positions(reg, cell) -> int | None:
+    if cell.model in reg.models:
+        return getattr(reg.model(cell.model), "max_positions", None)
+    model_facts(reg, cell)
+    return _POSITIONS.get(cell.model)
 
 
 def check_memory_limits(reg, cells) -> None:

@@ -28,8 +28,11 @@ from ftbench.harness.contract.resolve import check_seq_len, resolve_cell
 DEVICES = ("auto", "cpu", "cuda")
 
 
-def check_cells(reg, cells) -> None:
-    """Raise :class:`FtbenchError` on the first cell that cannot run as configured."""
+def check_cells(reg, cells, describe_only: bool = False) -> None:
+    """Raise :class:`FtbenchError` on the first cell that cannot run as configured.
+
+    ``describe_only`` (``ftbench plan``): a model needs only what describes it (a config), not its
+    weights or tokenizer."""
     n_train: dict = {}
     positions: dict = {}
     skeletons: dict = {}
@@ -37,7 +40,7 @@ def check_cells(reg, cells) -> None:
         resolved = resolve_cell(reg, cell)  # names, options, ranks, batch split: the worker's own rules
         _check_settings(cell)
         recipe = resolved.recipe
-        _check_model(reg, cell.model, resolved.task, positions)
+        _check_model(reg, cell.model, resolved.task, positions, describe_only)
         check_finetuning(reg, cell, resolved, skeletons)  # packing fits, LoRA options and targets
         check_seq_len(recipe.seq_len, positions.get(cell.model), cell.model)
         key = (cell.task, cell.data, cell.columns, recipe.seed, recipe.steps, recipe.batch_size, cell.eval_examples)
@@ -85,7 +88,7 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _check_model(reg, name: str, task, positions: dict) -> None:
+def _check_model(reg, name: str, task, positions: dict, describe_only: bool = False) -> None:
     if name in positions:
         return
     if name in reg.models:
@@ -94,12 +97,12 @@ def _check_model(reg, name: str, task, positions: dict) -> None:
     elif os.path.isdir(name):
         from ftbench.harness.cell.modeling import resolve_model
 
-        kind = resolve_model(name, reg, task).kind  # checks config, weights and tokenizer files
+        kind = resolve_model(name, reg, task, describe_only).kind  # checks config (weights, tokenizer files)
         positions[name] = _config_positions(Path(name) / "config.json")
     else:
         from ftbench.harness.cell.modeling import check_model_name
 
-        check_model_name(name, reg)  # an unknown preset name fails here; a hub id passes
+        check_model_name(name, reg, describe_only)  # an unknown preset fails here; a hub id passes (or is cached)
         positions[name] = None  # a hub id: only the cell can look at it
         return
     from ftbench.harness.cell.modeling import ModelSource, choose_kind
