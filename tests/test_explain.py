@@ -66,4 +66,6 @@ def test_commits_between_two_sides_are_listed_from_the_repository(tmp_path):
     (d,) = [d for d in explain(rb, rn, ROOT) if "commit" in d.what]
     subject = subprocess.run(["git", "-C", str(ROOT), "log", "-1", "--format=%s"], capture_output=True,
                              text=True).stdout.strip()
-    assert "1 commit(s)" in d.what and subject[:40] in d.what
+    count = subprocess.run(["git", "-C", str(ROOT), "rev-list", "--count", f"{parent}..{head}"], capture_output=True,
+                           text=True).stdout.strip()
+    assert f"{count} commit(s)" in d.what and subject[:40] in d.what

@@ -381,20 +381,7 @@ def compare_result_sets(base: ResultSet, new: ResultSet, thresholds: dict | None
             continue
         note = config_diff(rb[0], rn[0]) if cb != cn else []
         cmp.rows += _compare_cell(label, task, cb, rb, rn, th, alpha, note)
-    explained: dict = {}
-    for row in cmp.rows:
-        if row.verdict in (REGRESSION, IMPROVEMENT):
-            key = row.cell_id
-            if key not in explained:
-                pair = next(((cb, cn) for cb, cn in pairs if cb == key), None)
-                explained[key] = explain(b[pair[0]], n[pair[1]]) if pair else []
-            row.why = explained[key]
-    loaded = [r.cell for r in cmp.rows if r.figure == "speed" and r.verdict in (REGRESSION, IMPROVEMENT)
-              and "other's load" in r.evidence]
-    if loaded:
-        cmp.warnings.append(f"{len(loaded)} speed change(s) come with a load difference between the two runs "
-                            f"({', '.join(loaded)}): the machine, not the code, may explain them; rerun both "
-                            "sides together with ftbench ab (docs/comparisons.md)")
+    _explain_flagged(cmp, dict(pairs), b, n)
     shift = whole_run_shift(cmp.rows, th["speed"])
     if shift:
         cmp.warnings.append(shift)
@@ -405,6 +392,23 @@ def compare_result_sets(base: ResultSet, new: ResultSet, thresholds: dict | None
                            f"{', '.join(sorted({_describe(r[0]) for r in b.values()}))}; {new.path} holds "
                            f"{', '.join(sorted({_describe(r[0]) for r in n.values()}))}")
     return cmp
+
+
+def _explain_flagged(cmp: Comparison, pairs: dict, b: dict, n: dict) -> None:
+    """Attach to each regression or improvement what else differed (analysis.explain), and warn of load."""
+    explained: dict = {}
+    for row in cmp.rows:
+        if row.verdict in (REGRESSION, IMPROVEMENT):
+            if row.cell_id not in explained:
+                cn = pairs.get(row.cell_id)
+                explained[row.cell_id] = explain(b[row.cell_id], n[cn]) if cn else []
+            row.why = explained[row.cell_id]
+    loaded = [r.cell for r in cmp.rows if r.figure == "speed" and r.verdict in (REGRESSION, IMPROVEMENT)
+              and "other's load" in r.evidence]
+    if loaded:
+        cmp.warnings.append(f"{len(loaded)} speed change(s) come with a load difference between the two runs "
+                            f"({', '.join(loaded)}): the machine, not the code, may explain them; rerun both "
+                            "sides together with ftbench ab (docs/comparisons.md)")
 
 
 def whole_run_shift(rows: list[Row], threshold: float) -> str | None:
