@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -62,3 +63,17 @@ def assert_none_left(timeout: float = 10, poll: float = 0.2, **wanted: str) -> N
         time.sleep(poll)
     left = processes_with_env(**wanted)
     assert not left, f"processes left behind: {[(p.pid, p.cmdline()) for p in left]}"
+
+
+def make_repo(tmp_path: Path, extra: tuple[str, ...] = ()) -> Path:
+    """A small git repository holding this source tree, committed once (a version ``ftbench ab`` can name)."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for name in ("ftbench", "harness", "plugins", "tasks", *extra):
+        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", repo / "pyproject.toml")
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(git[:3] + ["init", "-q"], check=True)
+    subprocess.run(git + ["add", "-A"], check=True)
+    subprocess.run(git + ["commit", "-qm", "base"], check=True)
+    return repo

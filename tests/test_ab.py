@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -19,6 +18,8 @@ import pytest
 
 from ftbench.harness.analysis.abtest import check_run_args, dependencies, paired_judgement, round_order
 from ftbench.harness.contract.api import FtbenchError
+
+from conftest import make_repo
 
 ROOT = Path(__file__).resolve().parent.parent
 CELL = ["--task", "generation", "--backend", "eager", "--steps", "6", "--warmup", "2", "--batch-size", "4",
@@ -55,19 +56,6 @@ def test_ab_owns_out_repeat_and_shard():
     check_run_args(CELL)
 
 
-def _repo(tmp_path: Path) -> Path:
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    for name in ("ftbench", "harness", "plugins", "tasks"):
-        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(ROOT / "pyproject.toml", repo / "pyproject.toml")
-    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
-    subprocess.run(git[:3] + ["init", "-q"], check=True)
-    subprocess.run(git + ["add", "-A"], check=True)
-    subprocess.run(git + ["commit", "-qm", "base"], check=True)
-    return repo
-
-
 def _plant_slow_step(repo: Path) -> None:
     engine = repo / "harness" / "contract" / "engine.py"
     text = engine.read_text()
@@ -83,7 +71,7 @@ def _ab(repo: Path, out: Path, *extra: str, env: dict):
 
 
 def test_a_planted_slowdown_in_the_working_tree_is_a_regression_and_versions_are_reused(tmp_path):
-    repo = _repo(tmp_path)
+    repo = make_repo(tmp_path)
     _plant_slow_step(repo)
     env = {**os.environ, "FTBENCH_CACHE": str(tmp_path / "cache")}
     proc = _ab(repo, tmp_path / "ab1", env=env)

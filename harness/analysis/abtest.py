@@ -39,8 +39,8 @@ from pathlib import Path
 from typing import Callable
 
 from ftbench.harness.analysis.compare import (CONFIDENCE, DEFAULT_ALPHA, IMPROVEMENT, REGRESSION, RESAMPLES,
-                                              UNCHANGED, Comparison, Judgement, Row, compare_result_sets,
-                                              whole_run_shift)
+                                              UNCHANGED, Comparison, Judgement, Row, by_cell, compare_result_sets,
+                                              explain_flagged, pair_cells, whole_run_shift)
 from ftbench.harness.analysis.resultset import ResultSet, as_float, load_result_set, repeat_of
 from ftbench.harness.cell.tokenization import cache_root
 from ftbench.harness.contract.api import FtbenchError
@@ -167,10 +167,12 @@ def ref_side(name: str, root: Path, ref: str, cache: Path, say: Callable[[str], 
         if not (shim / "ftbench").exists():
             make_shim(tree, shim)
         how = f"overlay of {ref} ({commit[:9]}) on the installed packages"
-        return Side(name, ref, commit, sys.executable, _overlay_env(shim), how, tree, time.perf_counter() - t0)
+        env = {**_overlay_env(shim), "FTBENCH_GIT_COMMIT": commit}
+        return Side(name, ref, commit, sys.executable, env, how, tree, time.perf_counter() - t0)
     python = _own_venv(home, tree, say)
     how = f"{ref} ({commit[:9]}) in its own environment {home / 'venv'} (its dependencies differ)"
-    return Side(name, ref, commit, python, {"PYTHONSAFEPATH": "1"}, how, tree, time.perf_counter() - t0)
+    env = {"PYTHONSAFEPATH": "1", "FTBENCH_GIT_COMMIT": commit}
+    return Side(name, ref, commit, python, env, how, tree, time.perf_counter() - t0)
 
 
 def _own_venv(home: Path, tree: Path, say: Callable[[str], None]) -> str:
@@ -339,6 +341,8 @@ def paired_comparison(base: ResultSet, new: ResultSet, thresholds: dict | None,
         rows.append(row)
     old_shift = whole_run_shift(cmp.rows, cmp.thresholds["speed"])
     cmp.rows = rows
+    b, n = by_cell(base), by_cell(new)
+    explain_flagged(cmp, dict(pair_cells(b, n, [])[0]), b, n)
     cmp.warnings = [w for w in cmp.warnings if w != old_shift]
     shift = whole_run_shift(rows, cmp.thresholds["speed"])
     if shift:

@@ -283,7 +283,7 @@ def judge(base: list[float], new: list[float], higher_is_better: bool, threshold
 # ------------------------------------------------------------------ pairing
 
 
-def _by_cell(rs: ResultSet) -> dict[str, list[dict]]:
+def by_cell(rs: ResultSet) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {}
     for r in rs.records:
         out.setdefault(r["cell_id"], []).append(r)
@@ -292,7 +292,7 @@ def _by_cell(rs: ResultSet) -> dict[str, list[dict]]:
     return out
 
 
-def _pairs(base: dict, new: dict, refused: list[str]) -> tuple[list[tuple], list[str], list[str]]:
+def pair_cells(base: dict, new: dict, refused: list[str]) -> tuple[list[tuple], list[str], list[str]]:
     pairs = [(cid, cid) for cid in base if cid in new]
     rest_b = [c for c in base if c not in new]
     rest_n = [c for c in new if c not in base]
@@ -357,8 +357,8 @@ def compare_result_sets(base: ResultSet, new: ResultSet, thresholds: dict | None
         if len(envs) > 1:
             cmp.warnings.append(f"the {side} set mixes {len(envs)} environments")
 
-    b, n = _by_cell(base), _by_cell(new)
-    pairs, only_b, only_n = _pairs(b, n, cmp.refused)
+    b, n = by_cell(base), by_cell(new)
+    pairs, only_b, only_n = pair_cells(b, n, cmp.refused)
     cmp.only_base = [f"{_describe(b[c][0])} ({c})" for c in only_b]
     cmp.only_new = [f"{_describe(n[c][0])} ({c})" for c in only_n]
     labels = variant_labels([recs[0] for recs in list(b.values()) + list(n.values())])
@@ -381,7 +381,7 @@ def compare_result_sets(base: ResultSet, new: ResultSet, thresholds: dict | None
             continue
         note = config_diff(rb[0], rn[0]) if cb != cn else []
         cmp.rows += _compare_cell(label, task, cb, rb, rn, th, alpha, note)
-    _explain_flagged(cmp, dict(pairs), b, n)
+    explain_flagged(cmp, dict(pairs), b, n)
     shift = whole_run_shift(cmp.rows, th["speed"])
     if shift:
         cmp.warnings.append(shift)
@@ -394,7 +394,7 @@ def compare_result_sets(base: ResultSet, new: ResultSet, thresholds: dict | None
     return cmp
 
 
-def _explain_flagged(cmp: Comparison, pairs: dict, b: dict, n: dict) -> None:
+def explain_flagged(cmp: Comparison, pairs: dict, b: dict, n: dict) -> None:
     """Attach to each regression or improvement what else differed (analysis.explain), and warn of load."""
     explained: dict = {}
     for row in cmp.rows:

@@ -50,6 +50,10 @@ def cpu_model() -> str:
 
 
 def git_commit() -> str | None:
+    """The project's commit (``-dirty`` with uncommitted changes); ``$FTBENCH_GIT_COMMIT`` when set, for a
+    tree extracted from git without its history (``ftbench ab``'s versions)."""
+    if os.environ.get("FTBENCH_GIT_COMMIT"):
+        return os.environ["FTBENCH_GIT_COMMIT"]
     root = Path(__file__).resolve().parent.parent
     try:
         out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
