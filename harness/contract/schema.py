@@ -393,12 +393,13 @@ def _short(text: str, limit: int = 160) -> str:
 
 
 def parse_line(raw: bytes):
-    """A line of ``results.jsonl`` parsed as strict JSON: NaN, Infinity and overflowing numbers refused.
+    """A line of ``results.jsonl`` parsed as strict JSON: UTF-8 only (json.loads would also take
+    UTF-16 or -32 bytes), NaN, Infinity and overflowing numbers refused.
 
-    Raises ValueError (RecursionError included, as ValueError) for anything else.
+    Raises ValueError for anything that is not such a line (a RecursionError becomes one).
     """
     try:
-        return json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite_float)
+        return json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant, parse_float=_finite_float)
     except RecursionError:
         raise ValueError("nested deeper than Python can parse") from None
 
