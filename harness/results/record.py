@@ -21,7 +21,7 @@ CUDA_MEMORY_KIND = "cuda_peak_allocated"
 
 
 def build_record(spec: CellSpec, outcome: CellOutcome, environment: dict, started_at: float) -> dict:
-    """One result record from a finished cell's rank reports (see the README's record table)."""
+    """One result record from a finished cell's rank reports (every key: docs/records.md)."""
     ranks = outcome.ranks
     main = next((r for r in ranks if r.get("rank") == 0), ranks[0] if ranks else {})
     step = main.get("step_time") or {}
