@@ -187,7 +187,7 @@ def test_each_bad_line_is_skipped_with_a_warning_naming_file_and_line(tmp_path, 
 
 def test_the_good_line_variants_are_accepted():
     assert validate_record(GOOD) is None
-    assert validate_record({**GOOD, "tokens_per_s": "inf", "eval_loss": "nan"}) is None  # the writer's encoding
+    assert validate_record({**GOOD, "eval_loss": "nan", "train_loss": [1.0, "inf"]}) is None  # the writer's encoding
     assert validate_record({**GOOD, "a_key_from_a_newer_ftbench": [1]}) is None
     assert validate_record({"cell_id": "a", "status": "ok"}) is None  # older and minimal records
 
@@ -298,3 +298,28 @@ def test_the_record_of_a_cell_that_reported_nothing_is_valid_and_complete():
     assert validate_record(json.loads(json.dumps(record))) is None
     # The driver adds the memory model's keys after building the record.
     assert set(always_present()) - set(record) == {"micro_batch", "memory_predicted_bytes"}
+
+
+# ------------------------------------------------------------------ non-finite values the writer itself stores
+
+
+def test_times_and_throughput_are_finite_but_losses_and_metrics_may_not_be():
+    assert validate_record({**GOOD, "train_loss": [4.0, "nan"], "eval_loss": "inf", "metric_value": "nan",
+                            "metrics": {"perplexity": "inf"}}) is None
+    for key, value in (("tokens_per_s", "inf"), ("step_time_s", "nan"), ("step_times_s", [0.1, "inf"]),
+                       ("setup_s", "inf"), ("step_time", {**GOOD["step_time"], "median": "nan"})):
+        assert validate_record({**GOOD, key: value}) is not None, key
+
+
+def test_a_diverged_curve_and_a_nan_metric_are_reported_not_crashed_on(tmp_path):
+    """The writer stores an infinite parity deviation and a NaN metric as strings; report reads them."""
+    ref = {**GOOD, "parity": {"status": "reference", "reason": "reference backend"}}
+    bad = {**make_record(backend="compile"), "parity": {"status": "compared", "max_rel_dev": "inf",
+                                                         "window_max_rel_dev": "inf", "tolerance": 1e-5,
+                                                         "passed": False, "left_tolerance_at_step": 3},
+           "eval_curve": [{"step": 6, "train_s": 0.1, "metrics": {"perplexity": "nan"}},
+                          {"step": 12, "train_s": 0.2, "metrics": {"perplexity": 50.0}}]}
+    d = write_set(tmp_path / "rs", [ref, json.loads(json.dumps(bad))])
+    code, out = invoke("report", d, "--out", tmp_path / "rep")
+    assert code == 0, out
+    assert "✗ inf, drift inf from step 3" in (tmp_path / "rep" / "summary.md").read_text()

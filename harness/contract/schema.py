@@ -99,8 +99,11 @@ class Key:
         return self.source == RANK0 and self.how is None
 
 
-# JSON has no NaN or infinity: the writer stores them as these strings, so a float may be one.
+# A float is a finite number (the reader refuses NaN, Infinity and 1e400 as it parses). JSON has no
+# NaN or infinity, so the writer stores a non-finite value as one of these strings: only losses and
+# metrics may be one (a diverging run), never a time, a throughput or a size.
 _NON_FINITE = ("nan", "inf", "-inf")
+_NUMBER = {"type": "number"}
 _FLOAT = {"type": ["number", "string"], "pattern": "^(nan|inf|-inf)$"}
 # A list of floats (a loss curve, every step's time) is checked by one keyword of ours, in one
 # loop: jsonschema's per-item descent costs ~50 us an item, seconds for a history of long runs.
@@ -110,18 +113,32 @@ FLOAT_ITEMS = "ftbenchFloatItems"
 TYPES = {
     "str": {"type": "string"},
     "int": {"type": "integer"},
-    "float": _FLOAT,
+    "float": _NUMBER,
+    "float|nan|inf": _FLOAT,
     "bool": {"type": "boolean"},
     "object": {"type": "object"},
-    "list[float]": {"type": "array", FLOAT_ITEMS: True},
+    "list[float]": {"type": "array", FLOAT_ITEMS: "finite"},
+    "list[float|nan|inf]": {"type": "array", FLOAT_ITEMS: "any"},
     "list[str]": {"type": "array", "items": {"type": "string"}},
     "list[object]": {"type": "array", "items": {"type": "object"}},
 }
 
-_STEP_STATS = {"properties": {k: {**_FLOAT, "type": _FLOAT["type"] + ["null"]}
+_COUNTS = {"additionalProperties": {"type": "integer"}}
+_NULLABLE_NUMBER = {"type": ["number", "null"]}
+_NULLABLE_FLOAT = {**_FLOAT, "type": _FLOAT["type"] + ["null"]}
+_STEP_STATS = {"properties": {k: _NULLABLE_NUMBER
                               for k in ("median", "mean", "min", "max", "iqr", "stdev")}
                | {"n": {"type": "integer"}}}
-_COUNTS = {"additionalProperties": {"type": "integer"}}
+#: Task metrics by name (``Task.evaluate`` returns ``dict[str, float]``).
+_METRICS = {"additionalProperties": _NULLABLE_FLOAT}
+_EVAL_POINT = {"type": "object", "required": ["step", "train_s"],
+               "properties": {"step": {"type": "integer"}, "train_s": _NUMBER, "metrics": {"type": "object", **_METRICS}}}
+_PROFILE = {"properties": {"phases_s": {"type": "object", "additionalProperties": _NUMBER}, "step_s": _NULLABLE_NUMBER,
+                           "traces": {"type": "object", "additionalProperties": {"type": "string"}}}}
+_PARITY = {"properties": {"status": {"type": "string"}, "passed": {"type": "boolean"},
+                          **{k: _NULLABLE_FLOAT for k in ("max_rel_dev", "window_max_rel_dev")},
+                          "tolerance": _NULLABLE_NUMBER,
+                          **{k: {"type": ["integer", "null"]} for k in ("worst_step", "left_tolerance_at_step")}}}
 
 
 def _k(name, type_, unit, source, meaning, **kw) -> Key:
@@ -241,24 +258,26 @@ RECORD: tuple[Key, ...] = (
     _k("micro_batch_search", "object", "", DRIVER, "what --micro-batch auto probed and chose",
        when="--micro-batch auto", shape={"properties": {"cell_id": {"type": "string"}}}),
     # ---- quality
-    _k("train_loss", "list[float]", "loss", RANK0, "global loss of every optimizer step", nullable=False,
+    _k("train_loss", "list[float|nan|inf]", "loss", RANK0, "global loss of every optimizer step", nullable=False,
        empty=list),
-    _k("eval_loss", "float", "loss", RANK0, "held-out loss after training"),
+    _k("eval_loss", "float|nan|inf", "loss", RANK0, "held-out loss after training"),
     _k("metric", "str", "", RANK0, "the task's primary metric, e.g. `perplexity`, `accuracy`"),
-    _k("metric_value", "float", "", RANK0, "its value after training"),
+    _k("metric_value", "float|nan|inf", "", RANK0, "its value after training"),
     _k("higher_is_better", "bool", "", RANK0, "the metric's direction"),
     _k("metrics", "object", "", RANK0, "every metric of the task, by name (eval_loss among them)",
-       nullable=False, empty=dict),
-    _k("metrics_before", "object", "", RANK0, "a pretrained model's metrics before tuning; null for presets"),
+       nullable=False, empty=dict, shape=_METRICS),
+    _k("metrics_before", "object", "", RANK0, "a pretrained model's metrics before tuning; null for presets",
+       shape=_METRICS),
     _k("eval_examples", "int", "examples", RANK0, "validation examples evaluated"),
     _k("eval_s", "float", "s", RANK0, "the evaluation after training"),
     _k("eval_before_s", "float", "s", RANK0, "the evaluation before tuning"),
     _k("diverged_at_step", "int", "step", AGGREGATED, "first step whose loss was not finite",
        how="the first rank that says so"),
     _k("parity", "object", "", DRIVER, "the loss curve against the reference backend's (status, max_rel_dev, "
-       "tolerance, passed...)", when="written by `ftbench run`"),
+       "tolerance, passed...)", when="written by `ftbench run`", shape=_PARITY),
     # ---- time to quality (docs/time-to-quality.md)
-    _k("eval_curve", "list[object]", "", RANK0, "evaluations during training: step, train_s, metrics"),
+    _k("eval_curve", "list[object]", "", RANK0, "evaluations during training: step, train_s, metrics",
+       shape={"items": _EVAL_POINT}),
     _k("eval_every", "int", "steps", RANK0, "steps between evaluations during training"),
     _k("eval_during_training_s", "float", "s", RANK0, "time spent evaluating during training (outside the step "
        "clock)"),
@@ -269,7 +288,7 @@ RECORD: tuple[Key, ...] = (
     _k("stopped_at_target", "bool", "", RANK0, "training stopped when it reached the target"),
     # ---- extras
     _k("profile", "object", "", AGGREGATED, "--profile: rank 0's phase breakdown, every rank's trace and phases",
-       how="rank 0's breakdown, every rank's trace path"),
+       how="rank 0's breakdown, every rank's trace path", shape=_PROFILE),
     _k("slurm", "object", "", DRIVER, "job id, state and host", when="--launcher slurm"),
     _k("warnings", "list[str]", "", DRIVER, "what a reader of the figures must know (leftover processes, "
        "tuning that made the loss worse)", when="there is something to warn about"),
@@ -327,15 +346,16 @@ def json_schema() -> dict:
             "type": "object", "required": ["cell_id", "status"], "properties": props}
 
 
-def _is_float(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) or x in _NON_FINITE
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def _float_items(validator, wanted, instance, schema):
-    if not wanted or not validator.is_type(instance, "array"):
+    """``wanted`` "finite": every item a number; "any": a number or the writer's "nan", "inf", "-inf"."""
+    if not validator.is_type(instance, "array"):
         return
     for i, x in enumerate(instance):
-        if not _is_float(x):
+        if not (_is_number(x) or wanted == "any" and isinstance(x, str) and x in _NON_FINITE):
             yield jsonschema.ValidationError(f"{_short(repr(x), 60)} is not a number", path=(i,))
             return
 
@@ -454,7 +474,9 @@ def render_markdown() -> str:
         "**Reading.** Each line is checked against this schema as it is read: a line that is not a JSON",
         "object, is nested deeper than " f"{MAX_DEPTH} levels, holds a non-finite number or gives a known key",
         "a value of the wrong type is skipped with a warning naming the file and line, in every command.",
-        "JSON has no NaN or infinity, so a `float` may also be the string `\"nan\"`, `\"inf\"` or `\"-inf\"`.",
+        "A `float` is a finite number. JSON has no NaN or infinity, so the writer stores a non-finite value",
+        "as the string `\"nan\"`, `\"inf\"` or `\"-inf\"`; only losses and metrics (`float|nan|inf`, and the",
+        "values of `metrics`) may hold one, never a time, a throughput or a size.",
         "",
         "**Source** says where a value comes from: *rank 0* — rank 0's report (`rank0.json`), whose",
         "figures are already global (throughput over all ranks, all-reduced losses, one evaluation);",
