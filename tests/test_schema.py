@@ -148,7 +148,7 @@ BAD_LINES = {
     "unknown status": (_line(status="fine"), "status: 'fine' is not one of"),
     "task: [a]": (_line(task=["a"]), "task: ['a'] is not str"),
     "tokens_per_s: 1e400": (_line(tokens_per_s=1.0).replace(b'"tokens_per_s": 1.0', b'"tokens_per_s": 1e400'),
-                            "1e400 is not a finite number"),
+                            "tokens_per_s: inf is not a finite number"),
     "NaN": (_line(eval_loss=1.5).replace(b'"eval_loss": 1.5', b'"eval_loss": NaN'), "NaN is not valid JSON"),
     "config: null": (_line(config=None), "config: None is not object"),
     "config.repeat: x": (_line(config={**GOOD["config"], "repeat": "x"}), "config/repeat"),

@@ -99,7 +99,7 @@ class Key:
         return self.source == RANK0 and self.how is None
 
 
-# A float is a finite number (the reader refuses NaN, Infinity and 1e400 as it parses). JSON has no
+# A float is a finite number (NaN, Infinity and an overflowing 1e400 are refused as read). JSON has no
 # NaN or infinity, so the writer stores a non-finite value as one of these strings: only losses and
 # metrics may be one (a diverging run), never a time, a throughput or a size.
 _NON_FINITE = ("nan", "inf", "-inf")
@@ -395,25 +395,32 @@ def validate_record(record) -> str | None:
     return f"{'/'.join(map(str, path)) or 'record'}: {_short(error.message)}"
 
 
-def _walk(value) -> str | None:
-    """Depth, non-finite numbers and unwritable text, without recursion (a line may nest deeply)."""
-    stack = [(value, 1, "")]
+def _walk(record: dict) -> str | None:
+    """Depth, non-finite numbers and unwritable text, without recursion (a line may nest deeply).
+
+    Paths are tuples until something is wrong: a loss curve has thousands of items.
+    """
+    stack = [(record, 1, ())]
     while stack:
-        v, depth, where = stack.pop()
+        value, depth, path = stack.pop()
         if depth > MAX_DEPTH:
-            return f"{where or 'record'}: nested deeper than {MAX_DEPTH} levels"
-        if isinstance(v, dict):
-            for key, item in v.items():
-                if not _writable(key):
-                    return f"{where or 'record'}: a key is not valid text"
-                stack.append((item, depth + 1, f"{where}/{key}" if where else key))
-        elif isinstance(v, list):
-            stack.extend((item, depth + 1, f"{where}/{i}") for i, item in enumerate(v))
-        elif isinstance(v, float) and not math.isfinite(v):
-            return f"{where}: {v} is not a finite number"
-        elif isinstance(v, str) and not _writable(v):
-            return f"{where}: text that is not valid Unicode"
+            return f"{_where(path)}: nested deeper than {MAX_DEPTH} levels"
+        for key, item in (value.items() if isinstance(value, dict) else enumerate(value)):
+            if type(item) is float:
+                if not math.isfinite(item):
+                    return f"{_where(path + (key,))}: {item} is not a finite number"
+            elif isinstance(item, str):
+                if not _writable(item):
+                    return f"{_where(path + (key,))}: text that is not valid Unicode"
+            elif isinstance(item, (dict, list)):
+                stack.append((item, depth + 1, path + (key,)))
+            if isinstance(key, str) and not _writable(key):
+                return f"{_where(path)}: a key is not valid text"
     return None
+
+
+def _where(path: tuple) -> str:
+    return "/".join(map(str, path)) or "record"
 
 
 def _writable(s: str) -> bool:
@@ -430,25 +437,19 @@ def _short(text: str, limit: int = 160) -> str:
 
 def parse_line(raw: bytes):
     """A line of ``results.jsonl`` parsed as strict JSON: UTF-8 only (json.loads would also take
-    UTF-16 or -32 bytes), NaN, Infinity and overflowing numbers refused.
+    UTF-16 or -32 bytes), and no NaN or Infinity (an overflowing 1e400 parses as inf, which
+    :func:`validate_record` refuses).
 
     Raises ValueError for anything that is not such a line (a RecursionError becomes one).
     """
     try:
-        return json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant, parse_float=_finite_float)
+        return json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
     except RecursionError:
         raise ValueError("nested deeper than Python can parse") from None
 
 
 def _refuse_constant(name: str):
     raise ValueError(f"{name} is not valid JSON")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"{_short(text, 40)} is not a finite number")
-    return value
 
 
 # ---------------------------------------------------------- documentation
