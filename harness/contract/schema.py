@@ -333,11 +333,16 @@ def version_of(record: dict) -> int:
 MAX_DEPTH = 32
 
 
-def json_schema() -> dict:
-    """The record schema as JSON Schema (draft 2020-12); unknown keys are allowed (newer writers, plugins)."""
+def json_schema(portable: bool = False) -> dict:
+    """The record schema as JSON Schema (draft 2020-12); unknown keys are allowed (newer writers, plugins).
+
+    ``portable`` spells float lists with the standard ``items`` (slower here) for other tools.
+    """
     props = {}
     for k in RECORD:
         typed = {**TYPES[k.type], **(k.shape or {})}
+        if portable and FLOAT_ITEMS in typed:
+            typed["items"] = _NUMBER if typed.pop(FLOAT_ITEMS) == "finite" else _FLOAT
         if k.nullable:
             kinds = typed["type"] if isinstance(typed["type"], list) else [typed["type"]]
             typed = {**typed, "type": kinds + ["null"]}
@@ -483,13 +488,14 @@ def render_markdown() -> str:
         "figures are already global (throughput over all ranks, all-reduced losses, one evaluation);",
         "*all ranks* — one entry per rank; *aggregated* — computed over every rank's report; *driver* —",
         "the process running the grid (the cell's configuration, its processes, checks after the cell).",
-        "**When** is empty for keys every record carries (possibly as null).",
+        "**When** is empty for keys every record carries (possibly as null). The same schema as JSON Schema",
+        "(draft 2020-12, for other tools): `python -m ftbench.harness.contract.schema --json`.",
         "",
         "| key | type | unit | source | when | meaning |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for k in RECORD:
-        kind = k.type + ("" if k.nullable else ", never null")
+        kind = k.type.replace("|", "\\|") + ("" if k.nullable else ", never null")
         meaning = k.meaning + (f" ({k.how})" if k.how else "")
         lines.append(f"| `{k.name}` | {kind} | {k.unit} | {k.source} | {k.when or ''} | {meaning} |")
     lines += ["", "A rank's report also holds: " +
@@ -499,6 +505,6 @@ def render_markdown() -> str:
 
 if __name__ == "__main__":
     if sys.argv[1:] == ["--json"]:
-        print(json.dumps(json_schema(), indent=2))
+        print(json.dumps(json_schema(portable=True), indent=2))
     else:
         sys.stdout.write(render_markdown())
