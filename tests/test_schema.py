@@ -10,6 +10,9 @@ naming the file and line.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -75,21 +78,15 @@ def test_a_rank_key_the_schema_does_not_know_is_caught():
 @pytest.fixture(scope="module")
 def real_cells(tmp_path_factory):
     """An eager cell and a ddp cell on two ranks, through the real CLI; their rank reports and records."""
-    out = tmp_path_factory.mktemp("schema") / "run"
-    outcomes = []
-    real = driver.run_cell_process
-
-    def keep(spec, *args, **kwargs):
-        outcome = real(spec, *args, **kwargs)
-        outcomes.append(outcome)
-        return outcome
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(driver, "run_cell_process", keep)
-        res = CliRunner().invoke(main, ["run", "--task", "generation", "--backend", "eager", "--backend", "ddp",
-                                        "--nproc", "2", *TINY, "--out", str(out)])
-    assert res.exit_code == 0, (res.output, res.exception)
-    return [r for o in outcomes for r in o.ranks], read_records(out)
+    tmp = tmp_path_factory.mktemp("schema")
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "rank_reports.py"), str(tmp / "reports.json"),
+                           "run", "--task", "generation", "--backend", "eager", "--backend", "ddp", "--nproc", "2",
+                           *TINY, "--out", str(tmp / "run")],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT,
+                          env={**os.environ, "FTBENCH_CACHE": os.environ.get("FTBENCH_CACHE",
+                                                                             str(ROOT / ".pytest-ftbench-cache"))})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads((tmp / "reports.json").read_text()), read_records(tmp / "run")
 
 
 def test_the_worker_writes_no_key_the_schema_does_not_know(real_cells):
