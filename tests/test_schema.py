@@ -248,8 +248,8 @@ def test_resume_skips_every_bad_line_and_reruns_nothing_it_has(tmp_path, monkeyp
 
     def fake_cell(spec, *args, **kwargs):
         ran.append(spec.cell_id)
-        rank = {"rank": 0, "status": "ok", "tokens_per_s": 1000.0, "step_time": {"median": 0.01, "mean": 0.01, "min": 0.01, "max": 0.01,
-                                                                   "iqr": 0.0, "stdev": 0.0, "n": 3},
+        step = {"median": 0.01, "mean": 0.01, "min": 0.01, "max": 0.01, "iqr": 0.0, "stdev": 0.0, "n": 3}
+        rank = {"rank": 0, "status": "ok", "tokens_per_s": 1000.0, "step_time": step,
                 "memory": {"host_peak_rss_bytes": 1 << 28}, "train_loss": [4.0] * 4}
         return CellOutcome(ranks=[rank], status="ok", error=None, wall_s=0.01, returncode=0, tree_peak_bytes=1)
 

@@ -62,7 +62,8 @@ def table_rows(h: History) -> list[dict]:
 def markdown(h: History) -> str:
     import pandas as pd
 
-    lines = ["# ftbench history", "", f"Read {h.read}.", "", f"{len(h.included)} result set(s) in measurement order:", "",
+    lines = ["# ftbench history", "", f"Read {h.read}.", "",
+             f"{len(h.included)} result set(s) in measurement order:", "",
              "| # | set | started | commit |", "|---:|---|---|---|"]
     lines += [f"| {s.position + 1} | {s.name} | {s.started_at[:19]} | {_short(s.commit)} |" for s in h.included]
     lines += ["", "Thresholds: " + ", ".join(f"{k} {v:.0%}" for k, v in h.thresholds.items()),

@@ -132,8 +132,10 @@ _STEP_STATS = {"properties": {k: _NULLABLE_NUMBER
 #: Task metrics by name (``Task.evaluate`` returns ``dict[str, float]``).
 _METRICS = {"additionalProperties": _NULLABLE_FLOAT}
 _EVAL_POINT = {"type": "object", "required": ["step", "train_s"],
-               "properties": {"step": {"type": "integer"}, "train_s": _NUMBER, "metrics": {"type": "object", **_METRICS}}}
-_PROFILE = {"properties": {"phases_s": {"type": "object", "additionalProperties": _NUMBER}, "step_s": _NULLABLE_NUMBER,
+               "properties": {"step": {"type": "integer"}, "train_s": _NUMBER,
+                              "metrics": {"type": "object", **_METRICS}}}
+_PROFILE = {"properties": {"phases_s": {"type": "object", "additionalProperties": _NUMBER},
+                           "step_s": _NULLABLE_NUMBER,
                            "traces": {"type": "object", "additionalProperties": {"type": "string"}}}}
 _PARITY = {"properties": {"status": {"type": "string"}, "passed": {"type": "boolean"},
                           **{k: _NULLABLE_FLOAT for k in ("max_rel_dev", "window_max_rel_dev")},
