@@ -456,6 +456,7 @@ def report_cmd(result_dir, out, quiet, loss_x):
 
     for p in rep.problems:
         _console(stderr=True).print(f"[yellow]warning:[/] {escape(p)}", soft_wrap=True)
+    con.print(f"read {escape(rep.read)} from {escape(str(result_dir))}")
     if not quiet:
         print_table(display, con, f"ftbench report: {result_dir}")
         if rep.time_to_target is not None:
@@ -580,7 +581,7 @@ def merge_cmd(out, sources, allow_mixed_environments):
     for w in summary.warnings:
         _console(stderr=True).print(f"[yellow]warning:[/] {w}", soft_wrap=True)
     for src, n in summary.sources.items():
-        con.print(f"{src}: {n} record(s)")
+        con.print(f"{src}: {n} record(s), {summary.versions.get(src, 'no records')}")
     extra = f" ({summary.duplicates} identical duplicate(s) kept once)" if summary.duplicates else ""
     con.print(f"merged {summary.written} record(s) into {out}/results.jsonl{extra}")
 

@@ -9,6 +9,7 @@ fsdp and the DeepSpeed stages.
 from __future__ import annotations
 
 import functools
+import json
 import tempfile
 from pathlib import Path
 
@@ -88,3 +89,24 @@ def test_default_targets_follow_the_model_family():
         assert lora_names == set(targets), name
         trainable = {n for n, p in tuned.named_parameters() if p.requires_grad}
         assert trainable and all("lora_" in n or "classifier" in n or "score" in n for n in trainable), name
+
+
+def test_plan_counts_gradients_and_optimizer_state_of_the_lora_parameters_only():
+    """`ftbench plan --tuning lora` tunes the model as the worker does: the same trainable count as a real cell."""
+    recs = lora_run(FAST)
+    by_tuning = {r["config"]["recipe"]["tuning"]: r for r in recs if r["backend"] == "eager"}
+    full, lora = by_tuning["full"], by_tuning["lora:r=4,alpha=8"]
+    settings = [a for k, v in RECIPE.items() if k != "nproc" for a in (f"--{k.replace('_', '-')}", v)]
+    proc = ftbench("plan", "--task", "generation", "--backend", "eager", "--tuning", "lora:r=4,alpha=8",
+                   *settings, "--json", check=True)
+    [cell] = json.loads(proc.stdout)
+    planned = cell["prediction"]["breakdown"]
+    trainable = lora["trainable_params"]
+    assert 0 < trainable < 0.05 * full["trainable_params"]
+    # fp32 gradients and two fp32 AdamW moments for the adapters; the frozen weights are still held.
+    assert planned["gradients"] == 4 * trainable
+    assert planned["optimizer"] == 2 * 4 * trainable
+    assert planned["weights"] == 4 * lora["total_params"]
+    # The prediction each run records comes from the same count.
+    assert lora["memory_predicted"]["breakdown"]["gradients"] == 4 * trainable
+    assert full["memory_predicted"]["breakdown"]["gradients"] == 4 * full["trainable_params"]

@@ -17,7 +17,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from ftbench.harness.results.store import RECORD_KEYS, append_record, finished_keys, read_records
+from ftbench.harness.contract.schema import always_present
+from ftbench.harness.results.store import append_record, finished_keys, read_records
 
 from conftest import ROOT, assert_none_left, ftbench, records
 
@@ -128,7 +129,7 @@ def test_fault_grid_runs_every_cell_and_keeps_every_record(fault_grid):
     rr = read_records(out)
     assert not rr.problems and len(rr.records) == len(FAULTS)
     for rec in rr.records:
-        assert not [k for k in RECORD_KEYS if k not in rec]
+        assert not [k for k in always_present() if k not in rec]
 
 
 def test_segfault_is_an_error_with_the_signal_and_frame(fault_grid):

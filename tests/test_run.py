@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ftbench.harness.results.store import RECORD_KEYS
+from ftbench.harness.contract.schema import always_present
 
 from conftest import TINY, ftbench, records
 
@@ -23,7 +23,7 @@ def test_record_has_every_key_and_is_ok(seeded_pair):
     _, recs, _ = seeded_pair
     assert len(recs) == 2
     for rec in recs:
-        missing = [k for k in RECORD_KEYS if k not in rec]
+        missing = [k for k in always_present() if k not in rec]
         assert not missing
         assert rec["status"] == "ok", rec["error"]
         assert rec["error"] is None

@@ -116,6 +116,8 @@ class Comparison:
     alpha: float = DEFAULT_ALPHA
     #: Where the thresholds came from ("defaults", a calibration file, ...).
     threshold_source: str = "defaults"
+    #: What each side read: ``["base: 12 record(s) of schema version 1", ...]``.
+    read: list[str] = field(default_factory=list)
 
     @property
     def regressions(self) -> list[Row]:
@@ -140,6 +142,7 @@ class Comparison:
     def markdown(self, base: str, new: str) -> str:
         c = self.counts()
         lines = [f"# ftbench compare", "", f"- base: `{base}`", f"- new: `{new}`",
+                 *(f"- read {r}" for r in self.read),
                  f"- verdict: **{c[REGRESSION]} regression(s)**, {c[IMPROVEMENT]} improvement(s), "
                  f"{c[UNCHANGED]} unchanged, {c[REFUSED]} refused",
                  f"- thresholds ({self.threshold_source}): "
@@ -337,6 +340,7 @@ def compare_sets(base_dir, new_dir, thresholds: dict | None = None, alpha: float
     cmp = compare_result_sets(base, new, thresholds, alpha)
     cmp.threshold_source = source
     cmp.warnings[:0] = [f"base: {p}" for p in base.problems] + [f"new: {p}" for p in new.problems]
+    cmp.read = [f"base: {base.versions_read()}", f"new: {new.versions_read()}"]
     return cmp
 
 
@@ -560,6 +564,8 @@ def print_comparison(cmp: Comparison, console, base: str, new: str) -> None:
         console.print(f"only in base: {escape(w)}")
     for w in cmp.only_new:
         console.print(f"only in new: {escape(w)}")
+    for r in cmp.read:
+        console.print(f"read {escape(r)}")
     console.print("thresholds (" + escape(cmp.threshold_source) + "): "
                   + ", ".join(f"{k} {v:.1%}" for k, v in cmp.thresholds.items()), soft_wrap=True)
     t = Table(title=f"ftbench compare: {base} -> {new}")

@@ -27,8 +27,9 @@ from pathlib import Path
 from ftbench.harness.contract.api import FtbenchError
 from ftbench.harness.analysis.calibrate import machine_view
 from ftbench.harness.analysis.compare import DEFAULT_THRESHOLDS, IMPROVEMENT, REGRESSION
-from ftbench.harness.analysis.resultset import as_float, environment_diff, load_result_set, variant_labels
-from ftbench.harness.results.store import RESULTS_FILE
+from ftbench.harness.analysis.resultset import (ResultSet, as_float, environment_diff, load_result_set,
+                                                variant_labels)
+from ftbench.harness.results.store import RESULTS_FILE, describe_versions
 
 SHIFT, TRANSIENT = "shift", "transient"
 #: Figures followed over time: (figure, record key, higher is better, unit).
@@ -109,6 +110,8 @@ class History:
     series: list[Series]
     warnings: list[str] = field(default_factory=list)
     thresholds: dict = field(default_factory=dict)
+    #: What was read: ``"3 result set(s), 36 record(s) of schema version 1"``.
+    read: str = ""
 
     @property
     def included(self) -> list[SetInfo]:
@@ -140,8 +143,7 @@ def find_sets(paths: list[str | os.PathLike]) -> list[Path]:
     return found
 
 
-def _set_info(path: Path) -> SetInfo | None:
-    rs = load_result_set(path)
+def _set_info(path: Path, rs: ResultSet) -> SetInfo | None:
     if not rs.records:
         return None
     starts = sorted(str(r.get("started_at")) for r in rs.records if r.get("started_at"))
@@ -153,11 +155,16 @@ def _set_info(path: Path) -> SetInfo | None:
                    records=rs.records)
 
 
-def load_sets(paths) -> tuple[list[SetInfo], list[str]]:
-    """The sets in measurement order, with the majority machine's sets included."""
+def load_sets(paths, versions: Counter | None = None) -> tuple[list[SetInfo], list[str]]:
+    """The sets in measurement order, with the majority machine's sets included; ``versions`` counts the
+    schema versions of the records read."""
     sets, warnings = [], []
     for p in find_sets(paths):
-        info = _set_info(p)
+        rs = load_result_set(p)
+        warnings += rs.problems
+        if versions is not None:
+            versions.update(rs.versions)
+        info = _set_info(p, rs)
         if info is None:
             warnings.append(f"{p} has no readable records; left out")
         else:
@@ -232,7 +239,8 @@ def build_history(paths, thresholds: dict | None = None, calibration: str | None
     from ftbench.harness.analysis.calibrate import read_calibration
     from ftbench.harness.analysis.changepoints import detect
 
-    sets, warnings = load_sets(paths)
+    versions: Counter = Counter()
+    sets, warnings = load_sets(paths, versions)
     included = [s for s in sets if s.included]
     calibrated = read_calibration(calibration, included) if calibration else {}
     th = {**DEFAULT_THRESHOLDS, **calibrated, **(thresholds or {})}
@@ -242,7 +250,8 @@ def build_history(paths, thresholds: dict | None = None, calibration: str | None
     for sr in series:
         threshold = th.get(sr.figure, th["metric"])
         sr.events, sr.note = detect(sr, included, threshold)
-    return History(sets=sets, series=series, warnings=warnings, thresholds=th)
+    read = f"{len(sets)} result set(s), {sum(versions.values())} record(s) of {describe_versions(versions)}"
+    return History(sets=sets, series=series, warnings=warnings, thresholds=th, read=read)
 
 
 def verdict_of(change: float, higher_is_better: bool) -> str:

@@ -62,7 +62,8 @@ def table_rows(h: History) -> list[dict]:
 def markdown(h: History) -> str:
     import pandas as pd
 
-    lines = ["# ftbench history", "", f"{len(h.included)} result set(s) in measurement order:", "",
+    lines = ["# ftbench history", "", f"Read {h.read}.", "",
+             f"{len(h.included)} result set(s) in measurement order:", "",
              "| # | set | started | commit |", "|---:|---|---|---|"]
     lines += [f"| {s.position + 1} | {s.name} | {s.started_at[:19]} | {_short(s.commit)} |" for s in h.included]
     lines += ["", "Thresholds: " + ", ".join(f"{k} {v:.0%}" for k, v in h.thresholds.items()),
@@ -161,6 +162,7 @@ def print_history(h: History, console) -> None:
 
     for w in h.warnings:
         console.print(f"[yellow]note:[/] {escape(w)}", soft_wrap=True)
+    console.print(f"read {escape(h.read)}")
     t = Table(title=f"ftbench history: {len(h.included)} result sets")
     for col in ("task", "cell", "figure", "points", "series (medians)", "changes", "newest point"):
         t.add_column(col, overflow="fold")

@@ -22,7 +22,7 @@ import statistics
 from pathlib import Path
 
 from ftbench.harness.contract.format import fmt_num
-from ftbench.harness.analysis.resultset import ResultSet, variant_labels
+from ftbench.harness.analysis.resultset import ResultSet, as_float, variant_labels
 
 
 def _groups(rs: ResultSet) -> dict[tuple, list[dict]]:
@@ -86,7 +86,8 @@ def plot_quality_vs_time(rs: ResultSet, path: Path) -> Path | None:
         metric = (mine[0].get("target") or {}).get("metric") or mine[0].get("metric")
         shown = set()
         for r in mine:
-            pts = [(p["train_s"], (p.get("metrics") or {}).get(metric)) for p in r["eval_curve"]]
+            # as_float: a diverged evaluation's metric is stored as the string "nan"
+            pts = [(p["train_s"], as_float((p.get("metrics") or {}).get(metric))) for p in r["eval_curve"]]
             pts = [(x, y) for x, y in pts if y is not None and math.isfinite(y)]
             if not pts:
                 continue

@@ -40,6 +40,8 @@ class Report:
     html: Path
     plots: dict[str, Path] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    #: What was read: ``"12 record(s) of schema version 1"``.
+    read: str = ""
     #: The time-to-target table (a DataFrame) when any cell had a target.
     time_to_target: object = None
 
@@ -397,10 +399,10 @@ def write_report(result_dir, out: str | os.PathLike | None = None, loss_x: str =
     summary = summary_frame(df)
     display = display_frame(summary)
     rep = Report(out=out, markdown=out / "summary.md", csv=out / "summary.csv", records_csv=out / "records.csv",
-                 html=out / "report.html", problems=problems)
+                 html=out / "report.html", problems=problems, read=rs.versions_read())
     df.to_csv(rep.records_csv, index=False)
     summary.to_csv(rep.csv, index=False)
-    md = [f"# ftbench report: {result_dir}", "",
+    md = [f"# ftbench report: {result_dir}", "", f"Read {rep.read}.", "",
           "Median over repeats, [min–max] when there are several.", "", display.to_markdown(index=False), ""]
     micro = micro_batch_frame(summary)
     if len(micro):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ftbench.harness.contract.api import FtbenchError
 from ftbench.harness.contract.environment import comparable_view
-from ftbench.harness.results.store import RESULTS_FILE, append_record, read_records
+from ftbench.harness.results.store import RESULTS_FILE, append_record, describe_versions, read_records
 
 #: Parts of a cell's configuration that identify it in a table, besides the recipe.
 SLOT_KEYS = ("task", "backend", "model", "data", "nproc")
@@ -37,6 +37,12 @@ class ResultSet:
     records: list[dict] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     replaced: int = 0
+    #: schema version -> records read (see ftbench.harness.contract.schema)
+    versions: Counter = field(default_factory=Counter)
+
+    def versions_read(self) -> str:
+        """What was read, for a command to say: ``"12 record(s) of schema version 1"``."""
+        return f"{len(self.records)} record(s) of {describe_versions(self.versions)}"
 
     def environments(self) -> list[dict]:
         """Distinct comparable environments of the records, most common first."""
@@ -64,7 +70,8 @@ def load_result_set(path: str | os.PathLike) -> ResultSet:
     """
     rr = read_records(path)
     records, replaced = latest_per_repeat(rr.records)
-    return ResultSet(path=Path(path), records=records, problems=list(rr.problems), replaced=replaced)
+    return ResultSet(path=Path(path), records=records, problems=list(rr.problems), replaced=replaced,
+                     versions=rr.versions)
 
 
 def as_float(value) -> float | None:
@@ -146,6 +153,8 @@ class MergeSummary:
     written: int = 0
     duplicates: int = 0
     sources: dict[str, int] = field(default_factory=dict)
+    #: per source, the schema versions of its records (``"schema version 1"``)
+    versions: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
 
@@ -171,6 +180,7 @@ def merge_result_sets(out: str | os.PathLike, sources: list[str | os.PathLike], 
     for src in sources:
         rs = load_result_set(src)
         summary.warnings += rs.problems
+        summary.versions[str(rs.path)] = describe_versions(rs.versions)
         if not rs.records:
             summary.warnings.append(f"{src}: no readable records")
         sets.append(rs)

@@ -340,7 +340,8 @@ def block_stacks(model: torch.nn.Module) -> list[torch.nn.ModuleList]:
 
 
 def apply_tuning(model: torch.nn.Module, mode: str, n: int) -> None:
-    """Freeze parameters for partial fine-tuning (``full`` trains everything).
+    """Freeze parameters for partial fine-tuning (``full`` trains everything); called through
+    :func:`ftbench.harness.cell.tuning.tune`, the one entry point the worker and the planner share.
 
     ``freeze-embeddings`` freezes the input embeddings (and an output layer
     tied to them); ``freeze-lower:N`` freezes the N lowest blocks of every

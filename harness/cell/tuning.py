@@ -3,6 +3,8 @@
 ``full`` trains everything; ``freeze-embeddings`` and ``freeze-lower:N``
 freeze parameters in place (:func:`ftbench.harness.cell.modeling.apply_tuning`);
 ``lora[:options]`` injects peft LoRA adapters (:mod:`ftbench.harness.cell.lora`).
+The worker and ``ftbench plan`` (on the meta device) both call :func:`tune`, so
+the planned trainable count is the trained one.
 
 Example::
 

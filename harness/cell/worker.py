@@ -54,7 +54,9 @@ class Cell:
     ``run()`` goes: resolve -> load data -> build the model -> encode and
     plan batches -> set up the engine -> train -> evaluate.  Each phase adds
     its figures to ``self.out`` (this rank's part of the record); setup
-    phases are timed by one :class:`PhaseClock`.
+    phases are timed by one :class:`PhaseClock`.  Every key written there is
+    defined in :mod:`ftbench.harness.contract.schema`, which also decides how
+    it reaches the record.
     """
 
     def __init__(self, spec_dict: dict, t_launch: float):

@@ -105,8 +105,8 @@ def _preset_tokenizer(source, task, cell):
 def _build_facts(reg, cell):
     import torch
 
-    from ftbench.harness.cell.modeling import apply_tuning, block_stacks, resolve_model
-    from ftbench.harness.contract.config import parse_tuning
+    from ftbench.harness.cell.modeling import block_stacks, count_params, resolve_model
+    from ftbench.harness.cell.tuning import tune
 
     tname, _ = cell.task_name_and_options()
     task = reg.task(tname)
@@ -117,13 +117,11 @@ def _build_facts(reg, cell):
             model = source.preset.build(tokenizer=tokenizer, head=task.head, num_labels=labels)
         else:
             model = _from_config(source, task)
-    cfg = getattr(model, "config", None)
-    _POSITIONS[cell.model] = _first(cfg, "max_position_embeddings", "n_positions") if cfg is not None else None
-    tuning = cell.recipe.tuning
-    mode, n = parse_tuning(tuning)
-    model = apply_tuning(model, mode, n) or model  # a tuning that wraps the model (LoRA) returns the wrapper
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        cfg = getattr(model, "config", None)
+        _POSITIONS[cell.model] = _first(cfg, "max_position_embeddings", "n_positions") if cfg is not None else None
+        # The worker's own call: LoRA adapters are injected (on meta too), frozen parameters frozen.
+        model = tune(model, cell.recipe.tuning, task.head, source.kind)
+    trainable, total = count_params(model)
     blocks = [b for stack in block_stacks(model) for b in stack]
     in_blocks = {id(p) for b in blocks for p in b.parameters()}
     largest = max([sum(p.numel() for p in b.parameters()) for b in blocks] +

@@ -136,10 +136,11 @@ def parity_label(p: dict | None) -> str:
         return "reference"
     if p.get("max_rel_dev") is None:
         return str(p.get("reason", "-"))
-    judged = p.get("window_max_rel_dev", p["max_rel_dev"])
+    # float(): a curve that left every bound is stored with the deviation "inf" (JSON has no infinity)
+    judged, worst = float(p.get("window_max_rel_dev", p["max_rel_dev"])), float(p["max_rel_dev"])
     text = f"{'✓' if p.get('passed') else '✗'} {judged:.1e}"
-    if p["max_rel_dev"] > p.get("tolerance", math.inf):
-        text += f", drift {p['max_rel_dev']:.1e}"
+    if worst > (p.get("tolerance") or math.inf):
+        text += f", drift {worst:.1e}"
         if p.get("left_tolerance_at_step") is not None:
             text += f" from step {p['left_tolerance_at_step']}"
     return text

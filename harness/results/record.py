@@ -1,4 +1,10 @@
-"""Turning a finished cell process into a result record (DESIGN §5)."""
+"""Turning a finished cell process into a result record.
+
+Every key, its meaning and where it comes from is in
+:mod:`ftbench.harness.contract.schema` (and docs/records.md, generated from it):
+the rank-0 figures are copied from there, so a figure the worker adds is one
+line of the schema.
+"""
 
 from __future__ import annotations
 
@@ -8,39 +14,20 @@ from ftbench.harness.cell.hostalloc import MEMORY_KIND as CPU_MEMORY_KIND
 from ftbench.harness.cell.machineload import combine as combine_load
 from ftbench.harness.running.cellproc import CellOutcome
 from ftbench.harness.contract.config import CellSpec
+from ftbench.harness.contract.schema import SCHEMA_VERSION, copied_from_rank0
 
 #: What a CUDA memory figure is: torch.cuda.max_memory_allocated, max over ranks.  A CPU figure is
 #: each rank's peak resident set, max over ranks, named by its --cpu-memory mode (CPU_MEMORY_KIND).
 CUDA_MEMORY_KIND = "cuda_peak_allocated"
 
 
-#: Figures the record takes unchanged from rank 0's report (the global ones:
-#: throughput is already global, losses are all-reduced, metrics come from
-#: one evaluation).
-FROM_RANK0 = (
-    "tokens_per_s", "samples_per_s", "padded_tokens_per_s", "loss_tokens_per_s", "step_times_s", "tokens",
-    "rss_before_model_bytes", "state_bytes_theory", "peak_flops_source", "setup_s", "setup_phases",
-    "compile_s", "eval_s", "eval_loss", "metric", "metric_value", "higher_is_better", "trainable_params",
-    "total_params", "model_kind", "vocab_size", "truncated_examples", "truncated_tokens",
-    "metrics_before", "eval_before_s", "pad_fraction", "packed_rows", "cpu_memory", "cpu_memory_note",
-    # rows of each split the cell read (batches, tokenizer sample, evaluation examples; docs/data.md)
-    "rows_read",
-    # content digests of the model, the rows read and the tokenizer (ftbench.harness.cell.provenance)
-    "provenance",
-    # dtypes (ftbench.harness.cell.weights)
-    "weights_stored_dtype", "weights_dtype", "matmul_dtype",
-    # time to quality (ftbench.harness.cell.quality)
-    "eval_curve", "eval_every", "eval_during_training_s", "target", "target_reached", "steps_to_target",
-    "time_to_target_s", "stopped_at_target",
-)
-
-
 def build_record(spec: CellSpec, outcome: CellOutcome, environment: dict, started_at: float) -> dict:
-    """One result record from a finished cell's rank reports (see the README's record table)."""
+    """One result record from a finished cell's rank reports (every key: docs/records.md)."""
     ranks = outcome.ranks
     main = next((r for r in ranks if r.get("rank") == 0), ranks[0] if ranks else {})
     step = main.get("step_time") or {}
     record = {
+        "schema_version": SCHEMA_VERSION,
         "cell_id": spec.cell_id, "recipe_fingerprint": spec.fingerprint(), "task": spec.task,
         "backend": spec.backend, "model": spec.model, "data": spec.data, "nproc": spec.nproc,
         # Ranks per node x nodes. A multi-node cell's record comes from node 0, whose own ranks are in
@@ -48,13 +35,10 @@ def build_record(spec: CellSpec, outcome: CellOutcome, environment: dict, starte
         "nnodes": spec.nnodes, "world_size": main.get("world_size") or spec.nproc * spec.nnodes,
         "repeat": spec.repeat, "status": outcome.status, "error": outcome.error,
         "step_time_s": step.get("median"), "step_time": step or None,
-        **{key: main.get(key) for key in FROM_RANK0},
+        **{key.name: _from_rank0(main, key) for key in copied_from_rank0()},
         **_memory(ranks, main, outcome),
         "flops_per_s": _sum_or_none(r.get("flops_per_s") for r in ranks),
         "peak_flops": _sum_or_none(r.get("peak_flops") for r in ranks),
-        "train_loss": main.get("train_loss") or [],
-        "metrics": main.get("metrics") or {},
-        "backend_stats": main.get("backend_stats") or {},
         "diverged_at_step": next((r.get("diverged_at_step") for r in ranks if "diverged_at_step" in r), None),
         "wall_s": outcome.wall_s,
         "machine_load": combine_load([r.get("machine_load_reading") for r in ranks]),
@@ -71,9 +55,15 @@ def build_record(spec: CellSpec, outcome: CellOutcome, environment: dict, starte
     return record
 
 
+def _from_rank0(main: dict, key) -> object:
+    value = main.get(key.name)
+    return key.empty() if value is None and key.empty is not None else value
+
+
 def _memory(ranks: list[dict], main: dict, outcome: CellOutcome) -> dict:
     """Peak memory: the largest rank's, with what kind of figure it is, both windows, and every rank's."""
-    per_rank = [{"rank": r.get("rank"), **(r.get("memory") or {})} for r in ranks]
+    per_rank = [{"rank": r.get("rank"), **(r.get("memory") or {}),
+                 **({"after_eval": r["memory_after_eval"]} if r.get("memory_after_eval") else {})} for r in ranks]
     on_cuda = (main.get("device") or {}).get("type") == "cuda"
     return {**memory_windows(per_rank, on_cuda),
             "memory_kind": CUDA_MEMORY_KIND if on_cuda else CPU_MEMORY_KIND[main.get("cpu_memory") or "resident"],

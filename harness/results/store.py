@@ -2,8 +2,14 @@
 
 Writes are append-only, one ``os.write`` of a whole line on a file opened
 with ``O_APPEND`` followed by ``fsync``, so a reader never sees half a record
-and a kill during a write can at worst leave a torn *last* line, which
-:func:`read_records` reports by line number and skips.
+and a kill during a write can at worst leave a torn *last* line.
+
+:func:`read_records` is the one reader of a result set, for every command
+(report, compare, history, merge, and the resume of run): each line is parsed
+as strict JSON and checked against the record schema
+(:mod:`ftbench.harness.contract.schema`); a line that fails either (torn,
+binary, another encoding, nested too deep, a known key of the wrong type) is
+reported with its file and line number, and skipped.
 """
 
 from __future__ import annotations
@@ -11,25 +17,14 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ftbench.harness.contract.api import FtbenchError
+from ftbench.harness.contract.schema import SCHEMA_VERSION, parse_line, validate_record, version_of
 
 RESULTS_FILE = "results.jsonl"
-
-#: Keys every record carries (DESIGN §5).
-RECORD_KEYS = (
-    "cell_id", "task", "backend", "model", "status", "error",
-    "tokens_per_s", "samples_per_s", "step_time_s",
-    "peak_memory_bytes", "memory_kind", "setup_s", "compile_s",
-    "train_loss", "eval_loss", "metric", "metric_value", "metrics",
-    "config", "environment",
-)
-
-#: `cancelled`: a Slurm job cancelled or preempted before its cell finished (--launcher slurm).
-STATUSES = ("ok", "error", "oom", "diverged", "timeout", "skipped", "cancelled")
-
 
 def _clean(value):
     """JSON has no NaN/inf: store them as strings so every reader can parse the line."""
@@ -95,10 +90,26 @@ def _ends_with_newline(path: Path) -> bool:
 
 @dataclass
 class ReadResult:
-    """Records read from a result set, and the lines that could not be used."""
+    """Records read from a result set, the lines that could not be used, and the schema versions read."""
 
     records: list[dict] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    #: schema version -> how many records follow it (1: written before records said so)
+    versions: Counter = field(default_factory=Counter)
+
+    def versions_read(self) -> str:
+        """``"schema version 1"``, or ``"schema versions 1 (3 records), 2 (9 records)"``."""
+        return describe_versions(self.versions)
+
+
+def describe_versions(versions: Counter) -> str:
+    """How many records of each schema version were read, in one phrase."""
+    if not versions:
+        return "no records"
+    if len(versions) == 1:
+        return f"schema version {next(iter(versions))}"
+    return "schema versions " + ", ".join(f"{v} ({n} record{'s' if n != 1 else ''})"
+                                          for v, n in sorted(versions.items()))
 
 
 def read_records(out_dir: str | os.PathLike, strict: bool = False) -> ReadResult:
@@ -107,7 +118,8 @@ def read_records(out_dir: str | os.PathLike, strict: bool = False) -> ReadResult
     Example::
 
         rr = read_records("runs/today")
-        for p in rr.problems: print("warning:", p)
+        for p in rr.problems: print("warning:", p)   # ".../results.jsonl line 3: invalid record (...); skipped"
+        rr.versions_read()                           # "schema version 2"
     """
     path = Path(out_dir)
     if path.is_dir():
@@ -121,20 +133,31 @@ def read_records(out_dir: str | os.PathLike, strict: bool = False) -> ReadResult
             if not raw.strip():
                 continue
             try:
-                rec = json.loads(raw)
-                if not isinstance(rec, dict):
-                    raise ValueError("not a JSON object")
-                missing = [k for k in ("cell_id", "status") if k not in rec]
-                if missing:
-                    raise ValueError(f"missing keys {missing}")
+                rec = parse_line(raw)
             except ValueError as e:
-                msg = f"{path} line {lineno}: unreadable record ({e}); skipped"
+                problem = f"unreadable record ({_first_line(e)})"
+            else:
+                why = validate_record(rec)
+                problem = f"invalid record ({why})" if why else None
+            if problem:
+                msg = f"{path} line {lineno}: {problem}; skipped"
                 if strict:
                     raise FtbenchError(msg) from None
                 rr.problems.append(msg)
                 continue
             rr.records.append(rec)
+            rr.versions[version_of(rec)] += 1
+    newer = sorted(v for v in rr.versions if v > SCHEMA_VERSION)
+    if newer:
+        rr.problems.append(f"{path}: {sum(rr.versions[v] for v in newer)} record(s) follow schema version "
+                           f"{newer[-1]}, newer than this ftbench's {SCHEMA_VERSION}; keys it does not know are "
+                           "ignored (upgrade ftbench to read them)")
     return rr
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return text if len(text) <= 160 else text[:160] + "..."
 
 
 def finished_keys(out_dir: str | os.PathLike) -> set[tuple[str, int]]:
