@@ -152,6 +152,8 @@ _CELL_OPTIONS = (
                  help="CPU memory peak: resident (glibc defaults, default) or live (freed tensors leave the resident "
                       "set at once; about 0.6x the tokens/s; for memory studies)."),
     click.option("--shard", help="Run shard i of N of the cells: i/N (1-based)."),
+    click.option("--trust-remote-code", is_flag=True, default=None,
+                 help="Let a model directory or hub model run its own Python code (auto_map); off by default."),
 )
 
 

@@ -222,6 +222,9 @@ class CellSpec:
     #: What a CPU cell's memory peak counts: ``resident`` (glibc's defaults) or ``live``
     #: (freed tensors leave the resident set; slower), see ftbench.harness.cell.hostalloc.
     cpu_memory: str = "resident"
+    #: Let a model directory or hub model run its own Python code (``--trust-remote-code``); a
+    #: permission, not a setting of the cell, so it stays out of the cell id.
+    trust_remote_code: bool = False
 
     def task_name_and_options(self) -> tuple[str, dict]:
         return parse_spec(self.task, "task")
@@ -232,7 +235,8 @@ class CellSpec:
     def identity(self) -> dict:
         """The configuration that defines the cell (no repeat index, no limits)."""
         d = self.to_dict()
-        for k in ("repeat", "time_limit_s", "memory_limit_mb", "launcher", "profile_steps", "profile_dir"):
+        for k in ("repeat", "time_limit_s", "memory_limit_mb", "launcher", "profile_steps", "profile_dir",
+                  "trust_remote_code"):
             d.pop(k)
         d = _without_later_defaults(d, CellSpec)
         if self.nnodes > 1:
@@ -281,7 +285,7 @@ class CellSpec:
 #: result sets keep pairing with new runs).  A new field of Recipe or CellSpec
 #: belongs here; ``tests/test_grid.py`` checks the committed baseline's ids.
 ADDED_LATER: frozenset[str] = frozenset({"eval_every", "target", "stop_at_target", "recipe_defaults",
-                                          "packing", "cpu_memory"})
+                                          "packing", "cpu_memory", "trust_remote_code"})
 
 
 def _without_later_defaults(d: dict, cls) -> dict:

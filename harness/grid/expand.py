@@ -25,7 +25,7 @@ from ftbench.harness.contract.targets import check_grid_targets, target_for_task
 
 AXES = ("task", "backend", "model", "data")
 CELL_SETTINGS = ("nproc", "time_limit_s", "memory_limit_mb", "eval_examples", "device", "columns", "launcher",
-                 "eval_every", "stop_at_target", "profile_steps", "cpu_memory")
+                 "eval_every", "stop_at_target", "profile_steps", "cpu_memory", "trust_remote_code")
 #: Settings a grid may sweep as extra axes: the recipe, and the rank count.
 SWEEPABLE = tuple(RECIPE_FIELDS) + ("nproc", "eval_examples")
 #: Settings a ``per_cell`` rule may set: how a cell runs, never what it computes.

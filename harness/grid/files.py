@@ -41,7 +41,7 @@ SETTING_KEYS = set(RECIPE_FIELDS) | set(CELL_SETTINGS)
 _RECIPE_TYPES = typing.get_type_hints(Recipe)
 _CELL_TYPES = {"nproc": int, "time_limit_s": float, "memory_limit_mb": float, "eval_examples": int, "device": str,
                "eval_every": int, "stop_at_target": bool, "profile_steps": int,
-               "cpu_memory": str}
+               "cpu_memory": str, "trust_remote_code": bool}
 
 
 def load_grid_text(text: str, name: str) -> dict:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from ftbench.harness.cell.remote_code import hf_kwargs
 from ftbench.harness.contract.api import ENCODER_DECODER, FtbenchError
 from ftbench.harness.contract.memory_model import MiB, ModelShape, ParamCounts, Prediction, harness_floor_bytes, predict
 
@@ -94,7 +95,7 @@ def _build_facts(reg, cell):
 
     tname, _ = cell.task_name_and_options()
     task = reg.task(tname)
-    source = resolve_model(cell.model, reg, task)
+    source = resolve_model(cell.model, reg, task, cell.trust_remote_code)
     tokenizer, labels = _preset_tokenizer(source, task, cell) if source.preset is not None else (None, None)
     with torch.device("meta"):
         if source.preset is not None:
@@ -118,11 +119,11 @@ def _from_config(source, task):
     from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM,
                               AutoModelForSequenceClassification)
 
-    config = AutoConfig.from_pretrained(source.path)
+    config = AutoConfig.from_pretrained(source.path, **hf_kwargs(source.trust_remote_code))
     if task.head == "classification":
-        return AutoModelForSequenceClassification.from_config(config)
+        return AutoModelForSequenceClassification.from_config(config, **hf_kwargs(source.trust_remote_code))
     cls = AutoModelForSeq2SeqLM if source.kind == ENCODER_DECODER else AutoModelForCausalLM
-    return cls.from_config(config)
+    return cls.from_config(config, **hf_kwargs(source.trust_remote_code))
 
 
 def _first(cfg, *names, default=None):

@@ -37,7 +37,7 @@ def check_cells(reg, cells) -> None:
         resolved = resolve_cell(reg, cell)  # names, options, ranks, batch split: the worker's own rules
         _check_settings(cell)
         recipe = resolved.recipe
-        _check_model(reg, cell.model, resolved.task, positions)
+        _check_model(reg, cell.model, resolved.task, positions, cell.trust_remote_code)
         check_finetuning(reg, cell, resolved, skeletons)  # packing fits, LoRA options and targets
         check_seq_len(recipe.seq_len, positions.get(cell.model), cell.model)
         key = (cell.task, cell.data, cell.columns, recipe.seed, recipe.steps, recipe.batch_size, cell.eval_examples)
@@ -85,7 +85,7 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _check_model(reg, name: str, task, positions: dict) -> None:
+def _check_model(reg, name: str, task, positions: dict, trusted: bool = False) -> None:
     if name in positions:
         return
     if name in reg.models:
@@ -94,7 +94,7 @@ def _check_model(reg, name: str, task, positions: dict) -> None:
     elif os.path.isdir(name):
         from ftbench.harness.cell.modeling import resolve_model
 
-        kind = resolve_model(name, reg, task).kind  # checks config, weights and tokenizer files
+        kind = resolve_model(name, reg, task, trusted).kind  # checks config, weights, tokenizer, code
         positions[name] = _config_positions(Path(name) / "config.json")
     else:
         from ftbench.harness.cell.modeling import check_model_name
