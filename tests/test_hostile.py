@@ -8,20 +8,24 @@ any cell runs) or the bounded cost that replaced it.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import pty
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 from click.testing import CliRunner
 
 from ftbench.harness.cli import main
 from ftbench.harness.contract.config import CellSpec
 
-from conftest import ROOT
+from conftest import ROOT, processes_with_env, records
 
 TINY = ["--steps", "6", "--warmup", "1", "--seq-len", "32", "--batch-size", "4"]
 
@@ -98,3 +102,94 @@ def test_grid_key_and_flag_reach_the_cells(tmp_path):
                                                            {}).cells(Registry.load()))
     assert all(c.trust_remote_code for c in build_grid(None, {"task": ["generation"], "backend": ["eager"]},
                                                        {"trust_remote_code": True}).cells(Registry.load()))
+
+
+# ------------------------------------------------------------- listening sockets
+
+
+def _listening(processes) -> set:
+    found = set()
+    for p in processes:
+        try:
+            conns = p.net_connections(kind="inet")
+        except psutil.Error:
+            continue
+        found |= {(c.laddr.ip, c.laddr.port) for c in conns if c.status == psutil.CONN_LISTEN}
+    return found
+
+
+def test_a_multi_rank_cell_listens_on_loopback_only(tmp_path):
+    """Every socket the ddp x2 cell's processes listen on, sampled while it runs, is on the loopback interface."""
+    mark = f"listen-{os.getpid()}"
+    env = {**os.environ, "FTBENCH_CACHE": str(ROOT / ".pytest-ftbench-cache"), "FTBENCH_TEST_MARK": mark}
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "ftbench.harness.cli", "run", "--task", "generation",
+                             "--backend", "ddp", "--nproc", "2", "--steps", "12", "--warmup", "2", "--batch-size", "4",
+                             "--seq-len", "32", "--eval-examples", "8", "--out", str(out)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    seen: set = set()
+    try:
+        while proc.poll() is None:
+            seen |= _listening(p for p in processes_with_env(FTBENCH_TEST_MARK=mark) if p.pid != proc.pid)
+            time.sleep(0.05)
+        output = proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, output
+    record = records(out)[0]
+    assert record["status"] == "ok", record
+    store = record["launch"]["store"]
+    assert store["bind"] == "127.0.0.1" and (store["bind"], store["port"]) in seen, (store, seen)
+    assert seen and all(ipaddress.ip_address(ip).is_loopback for ip, _ in seen), seen
+
+
+def test_a_store_binds_only_the_address_it_serves():
+    from ftbench.harness.running.listen import bound_store
+
+    store, where = bound_store("127.0.0.1", 0, 1)
+    try:
+        mine = _listening([psutil.Process()])
+        assert ("127.0.0.1", where["port"]) in mine
+        assert not [a for a in mine if a[1] == where["port"] and a[0] != "127.0.0.1"], mine
+        store.set("k", "v")
+        assert store.get("k") == b"v"
+    finally:
+        del store
+
+
+# ------------------------------------------------------------ waits and signals
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_ends_node_0_waiting_for_the_others(tmp_path, signum):
+    """Node 0 waiting for node 1 says what it waits for and until when, and a signal ends it at once."""
+    from ftbench.harness.running.nodes import free_port
+
+    port = free_port()
+    env = {**os.environ, "FTBENCH_CACHE": str(ROOT / ".pytest-ftbench-cache")}
+    node0 = subprocess.Popen([sys.executable, "-m", "ftbench.harness.cli", "run", "--task", "generation",
+                              "--backend", "ddp", *TINY, "--nnodes", "2", "--node-rank", "0", "--master-addr",
+                              "127.0.0.1", "--master-port", str(port), "--out", str(tmp_path / "out")],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    try:
+        lines = []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = node0.stdout.readline()
+            lines.append(line)
+            if "waiting for node(s) 1" in line or not line:
+                break
+        assert "waiting for node(s) 1 of 2" in lines[-1] and "until" in lines[-1], "".join(lines)
+        listening = _listening([psutil.Process(node0.pid)])
+        assert listening == {("127.0.0.1", port)}, listening  # the interface of --master-addr only
+        t0 = time.monotonic()
+        node0.send_signal(signum)
+        rest = node0.communicate(timeout=30)[0]
+        took = time.monotonic() - t0
+    finally:
+        if node0.poll() is None:
+            node0.kill()
+    assert took < 5, took
+    assert node0.returncode == 128 + signum, (node0.returncode, rest)
+    assert "interrupted" in rest and "Traceback" not in rest, rest
