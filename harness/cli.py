@@ -152,6 +152,8 @@ _CELL_OPTIONS = (
                  help="CPU memory peak: resident (glibc defaults, default) or live (freed tensors leave the resident "
                       "set at once; about 0.6x the tokens/s; for memory studies)."),
     click.option("--shard", help="Run shard i of N of the cells: i/N (1-based)."),
+    click.option("--yes", "confirm_large", is_flag=True, default=None,
+                 help="Run a grid of more than 500 cells (grid file: max_cells: N)."),
     click.option("--trust-remote-code", is_flag=True, default=None,
                  help="Let a model directory or hub model run its own Python code (auto_map); off by default."),
 )
@@ -164,6 +166,10 @@ def cell_options(f):
     return f
 
 
+def _expansion_progress(done: int, total: int) -> None:
+    click.echo(f"expanding the grid: {done:,} of up to {total:,} cells", err=True)
+
+
 def _cells_from_options(reg, grid_file, tasks, backends, models, datas, columns, shard, micro_batch, settings,
                         on_grid=None):
     """The checked cells of the grid the options describe, whether micro-batches are searched, and the grid.
@@ -173,6 +179,7 @@ def _cells_from_options(reg, grid_file, tasks, backends, models, datas, columns,
     from ftbench.harness.grid.files import build_grid
     from ftbench.harness.grid.microbatch import apply_micro_batch, parse_micro_batch
 
+    confirmed = bool(settings.pop("confirm_large", None))
     launcher = {k: settings.pop(k) for k in ("nnodes", "node_rank", "master_addr", "master_port")
                 if settings.get(k) is not None}
     for k in ("nnodes", "node_rank", "master_addr", "master_port"):
@@ -187,7 +194,8 @@ def _cells_from_options(reg, grid_file, tasks, backends, models, datas, columns,
     grid = build_grid(grid_file, axes, overrides)
     if on_grid:
         on_grid(grid)
-    cells = grid.cells(reg)
+    grid.check_size(reg, confirmed)  # counted, not expanded: a million-cell typo costs nothing
+    cells = grid.cells(reg, progress=_expansion_progress)
     if shard:
         from ftbench.harness.grid.files import select_shard
 

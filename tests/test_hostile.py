@@ -193,3 +193,133 @@ def test_a_signal_ends_node_0_waiting_for_the_others(tmp_path, signum):
     assert took < 5, took
     assert node0.returncode == 128 + signum, (node0.returncode, rest)
     assert "interrupted" in rest and "Traceback" not in rest, rest
+
+
+# ------------------------------------------------------- bounded work before validation
+
+
+def _refused_in_process(args, *phrases):
+    result = CliRunner().invoke(main, list(map(str, args)))
+    text = result.output + (result.stderr if result.stderr_bytes is not None else "")
+    assert result.exit_code == 2, (result.exit_code, text[:2000], result.exception)
+    assert "Traceback" not in text, text[:2000]
+    message = " ".join(text.split())
+    for phrase in phrases:
+        assert phrase in message, (phrase, message[:2000])
+    return message
+
+
+def _alias_bomb(levels: int = 9) -> str:
+    defs = ["&a0 [1,1,1,1,1,1,1,1,1]"] + [f"&a{i} [{','.join([f'*a{i - 1}'] * 9)}]" for i in range(1, levels)]
+    return "task: [generation]\nbackend: [eager]\nrepeat: [" + ", ".join(defs) + "]\n"
+
+
+def test_a_yaml_alias_bomb_is_refused_in_bounded_time_and_memory(tmp_path):
+    import tracemalloc
+
+    grid = tmp_path / "bomb.yaml"
+    grid.write_text(_alias_bomb())
+    assert grid.stat().st_size < 500
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    try:
+        message = _refused_in_process(["run", "--grid", grid, "--out", tmp_path / "out"], "expands to", "aliases")
+        took = time.perf_counter() - t0
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert took < 2 and peak < 100 * 2**20, (took, peak)
+    assert len(message) < 1000  # no repr of the expanded value
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_huge_value_is_shortened_in_the_message(tmp_path):
+    grid = tmp_path / "long.yaml"
+    grid.write_text("task: [generation]\nbackend: [eager]\nrepeat: [" + ", ".join(["12345"] * 20000) + "]\n")
+    message = _refused_in_process(["run", "--grid", grid, "--out", tmp_path / "out"], "repeat must be an integer")
+    assert len(message) < 1000, len(message)
+
+
+def test_a_grid_file_too_large_or_not_utf8_is_refused(tmp_path):
+    big = tmp_path / "big.yaml"
+    big.write_text("task: [generation]\n# " + "x" * (2 << 20) + "\n")
+    _refused_in_process(["run", "--grid", big, "--out", tmp_path / "out"], "bytes, over the", "a grid file")
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("task: [generation]\nbackend: [eager]\n# caf\xe9\n".encode("latin-1"))
+    _refused_in_process(["run", "--grid", latin, "--out", tmp_path / "out"], "is not UTF-8", "line 3",
+                        "save it as UTF-8")
+
+
+def test_columns_that_are_not_a_mapping_are_refused(tmp_path):
+    grid = tmp_path / "cols.yaml"
+    grid.write_text("task: [generation]\nbackend: [eager]\nsettings: {columns: [text, review]}\n")
+    _refused_in_process(["run", "--grid", grid, "--out", tmp_path / "out"], "columns must be a mapping")
+
+
+@pytest.mark.parametrize("args,phrases", [
+    (["--steps", "100000000000000000000000000"], ["invalid steps=", "at most 10,000,000"]),
+    (["--batch-size", "10000000"], ["invalid batch_size=", "at most"]),
+    (["--batch-size", "1000000"], ["batch size 1000000 is larger than the"]),
+    (["--repeat", "1000000000"], ["--repeat", "at most 1000"]),
+    (["--nproc", "100000", "--backend", "ddp"], ["invalid nproc=", "from 1 to 1024"]),
+])
+def test_numbers_past_sane_bounds_are_refused_at_once(tmp_path, args, phrases):
+    import ftbench.harness.cell.modeling  # noqa: F401 - torch's import is not the work being timed
+
+    t0 = time.perf_counter()
+    _refused_in_process(["run", "--task", "generation", *(["--backend", "eager"] if "--backend" not in args else []),
+                         *args, "--out", tmp_path / "out"], *phrases)
+    assert time.perf_counter() - t0 < 5
+
+
+def test_a_grid_of_a_million_cells_asks_before_expanding(tmp_path):
+    grid = tmp_path / "sweep.yaml"
+    grid.write_text("task: [generation]\nbackend: [eager]\nsweep: {seed: [" + ", ".join(map(str, range(1000)))
+                    + "]}\nrepeat: 1000\n")
+    t0 = time.perf_counter()
+    _refused_in_process(["run", "--grid", grid, "--out", tmp_path / "out"], "expands to up to 1,000,000 cells",
+                        "--yes", "max_cells: 1000000")
+    assert time.perf_counter() - t0 < 2
+
+
+def test_a_confirmed_large_grid_says_how_far_its_expansion_got(tmp_path):
+    from ftbench.harness.contract.registry import Registry
+    from ftbench.harness.grid.files import build_grid
+
+    grid_file = tmp_path / "sweep.yaml"
+    grid_file.write_text("task: [generation]\nbackend: [eager]\nsweep: {seed: [" + ", ".join(map(str, range(100)))
+                         + "]}\nrepeat: 120\nmax_cells: 12000\n")
+    grid, reg = build_grid(str(grid_file), {}, {}), Registry.load()
+    assert grid.check_size(reg, confirmed=False) == 12000  # declared in the file: no --yes needed
+    heard = []
+    cells = grid.cells(reg, progress=lambda done, total: heard.append((done, total)))
+    assert len(cells) == 12000
+    assert heard and heard[0][1] == 12000 and heard == sorted(heard) and heard[-1][0] <= 12000, heard
+
+
+def test_the_batch_plan_costs_the_same_for_two_million_steps_as_for_twenty():
+    """The plan's setup (rows to read, first step) is flat in --steps; steps are computed when read."""
+    import tracemalloc
+
+    from ftbench.harness.cell.batches import batch_plan
+    from ftbench.harness.cell.rowsource import plan_indices
+    from ftbench.harness.contract.config import Recipe
+
+    def setup(steps):
+        recipe = Recipe(steps=steps, warmup=1, batch_size=8)
+        tracemalloc.start()
+        t0 = time.perf_counter()
+        rows = plan_indices(5000, recipe, 2)
+        plan = batch_plan(5000, recipe, 2, 1, recipe.seed)
+        first, last = plan[0], plan[len(plan) - 1]
+        took, peak = time.perf_counter() - t0, tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return rows, first, last, took, peak
+
+    rows_short, first_short, _, _, peak_short = setup(1000)  # 8,000 draws: every row once already
+    rows_long, first_long, last_long, took_long, peak_long = setup(2_000_000)
+    assert first_short == first_long and rows_long == rows_short and sorted(rows_long) == list(range(5000))
+    assert len(last_long[0]) == 8 and len(last_long[1]) == 1 and len(last_long[1][0]) == 4
+    assert peak_long < 1.1 * peak_short, (peak_short, peak_long)
+    assert setup(20)[0] == rows_short[:160]  # a short run reads only the rows it draws
+    assert took_long < 5, took_long  # the last step replays 3,200 permutations of 5,000 rows, nothing more

@@ -21,11 +21,15 @@ import os
 from pathlib import Path
 
 from ftbench.harness.contract.api import FtbenchError
+from ftbench.harness.contract.format import shown
 from ftbench.harness.cell.hostalloc import MODES as CPU_MEMORY_MODES
+from ftbench.harness.grid.expand import MAX_NPROC
 from ftbench.harness.grid.finetune_checks import check_finetuning
 from ftbench.harness.contract.resolve import check_seq_len, resolve_cell
 
 DEVICES = ("auto", "cpu", "cuda")
+#: Held-out examples per evaluation, far past real use (a typo costs an error line, not a machine).
+MAX_EVAL_EXAMPLES = 10**6
 
 
 def check_cells(reg, cells) -> None:
@@ -54,21 +58,21 @@ def check_cells(reg, cells) -> None:
 
 def _check_settings(cell) -> None:
     def bad(key, value, want):
-        raise FtbenchError(f"invalid {key}={value!r} (a grid file setting or its command-line flag): {want}")
+        raise FtbenchError(f"invalid {key}={shown(value)} (a grid file setting or its command-line flag): {want}")
 
     for key in ("time_limit_s", "memory_limit_mb"):
         v = getattr(cell, key)
         if v is not None and (not _is_number(v) or not v > 0):
             bad(key, v, "must be a number > 0, or left out for no limit")
-    if not _is_int(cell.eval_examples) or cell.eval_examples < 1:
-        bad("eval_examples", cell.eval_examples, "must be an integer >= 1")
+    if not _is_int(cell.eval_examples) or not 1 <= cell.eval_examples <= MAX_EVAL_EXAMPLES:
+        bad("eval_examples", cell.eval_examples, f"must be an integer from 1 to {MAX_EVAL_EXAMPLES:,}")
     if not _is_int(cell.eval_every) or cell.eval_every < 0:
         bad("eval_every", cell.eval_every, "must be an integer >= 0 (0: evaluate only after training)")
     if cell.stop_at_target and not cell.target:
         bad("stop_at_target", cell.stop_at_target, f"needs a target for task {cell.task!r}: add "
             "--target METRIC=VALUE (e.g. --target perplexity=20)")
-    if not _is_int(cell.nproc) or cell.nproc < 1:
-        bad("nproc", cell.nproc, "must be an integer >= 1")
+    if not _is_int(cell.nproc) or not 1 <= cell.nproc <= MAX_NPROC:
+        bad("nproc", cell.nproc, f"must be an integer from 1 to {MAX_NPROC} (ranks per node)")
     if cell.device not in DEVICES:
         bad("device", cell.device, f"choose one of {', '.join(DEVICES)}")
     if cell.cpu_memory not in CPU_MEMORY_MODES:
