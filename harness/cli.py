@@ -56,6 +56,8 @@ def main():
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def list_cmd(as_json):
     """Tasks, backends and model presets, which plugin gave each, and availability."""
+    from rich.markup import escape
+
     from ftbench.harness.contract.registry import Registry
 
     reg = Registry.load()
@@ -66,6 +68,7 @@ def list_cmd(as_json):
         "backends": [],
         "models": [{"name": e.name, "plugin": e.plugin, "kind": e.obj.kind, "default": e.obj.default,
                     "description": e.obj.description} for e in reg.models.values()],
+        "broken_plugins": [{"plugin": name, "error": error} for name, error in sorted(reg.broken.items())],
     }
     for e in reg.backends.values():
         why = reg.backend_availability(e.name)
@@ -103,6 +106,13 @@ def list_cmd(as_json):
         t.add_row(d["name"] + (" (default)" if d["default"] else ""), d["kind"], d["plugin"], d["description"])
     con.print(t)
     con.print("Any local Hugging Face model directory or hub id also works as --model.")
+    if data["broken_plugins"]:
+        t = Table(title="broken plugins (left out; everything else works)")
+        for col in ("plugin", "error"):
+            t.add_column(col)
+        for d in data["broken_plugins"]:
+            t.add_row(d["plugin"], f"[red]{escape(d['error'])}[/]")
+        con.print(t)
 
 
 # ------------------------------------------------------------------- run
@@ -179,6 +189,9 @@ def _cells_from_options(reg, grid_file, tasks, backends, models, datas, columns,
     from ftbench.harness.grid.files import build_grid
     from ftbench.harness.grid.microbatch import apply_micro_batch, parse_micro_batch
 
+    for name, error in sorted(reg.broken.items()):
+        click.echo(f"warning: plugin {name} is broken and left out ({error}); the other plugins work "
+                   "(ftbench list)", err=True)
     confirmed = bool(settings.pop("confirm_large", None))
     launcher = {k: settings.pop(k) for k in ("nnodes", "node_rank", "master_addr", "master_port")
                 if settings.get(k) is not None}

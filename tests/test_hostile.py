@@ -323,3 +323,73 @@ def test_the_batch_plan_costs_the_same_for_two_million_steps_as_for_twenty():
     assert peak_long < 1.1 * peak_short, (peak_short, peak_long)
     assert setup(20)[0] == rows_short[:160]  # a short run reads only the rows it draws
     assert took_long < 5, took_long  # the last step replays 3,200 permutations of 5,000 rows, nothing more
+
+
+# ------------------------------------------------------------------- broken plugins
+
+BROKEN = ROOT / "tests" / "broken_plugins_pkg"
+
+
+@pytest.fixture(scope="module")
+def broken_site(tmp_path_factory) -> Path:
+    """A package of plugins broken every way a plugin can break (and one that works), pip-installed offline."""
+    import shutil
+
+    source = tmp_path_factory.mktemp("src") / BROKEN.name
+    shutil.copytree(BROKEN, source)
+    target = tmp_path_factory.mktemp("site")
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--no-index", "--target", str(target), str(source)], check=True)
+    return target
+
+
+def test_broken_plugins_are_listed_and_the_others_keep_working(broken_site, tmp_path, monkeypatch):
+    from conftest import TINY as CELL, ftbench
+
+    env = {"PYTHONPATH": str(broken_site)}
+    listing = ftbench("list", "--json", env=env)
+    assert listing.returncode == 0, listing.stderr
+    data = json.loads(listing.stdout)
+    broken = {b["plugin"]: b["error"] for b in data["broken_plugins"]}
+    assert set(broken) == {"unimportable", "misspelled", "raising"}, broken
+    assert "ftbench_dependency_that_is_not_installed" in broken["unimportable"]
+    assert "register_task" in broken["misspelled"]
+    assert "the plugin's own bug while registering" in broken["raising"]
+    backends = {b["name"] for b in data["backends"]}
+    assert {"eager", "ddp", "sturdy"} <= backends and "half-registered" not in backends
+    assert {"generation", "classification"} <= {t["name"] for t in data["tasks"]}
+
+    out = tmp_path / "out"
+    run = ftbench("run", "--task", "generation", "--backend", "sturdy", *CELL, "--out", out, env=env)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "plugin raising is broken" in run.stderr
+    assert [r["status"] for r in records(out)] == ["ok"]
+
+    monkeypatch.syspath_prepend(str(broken_site))  # the same installation, seen in this process
+    plan = CliRunner().invoke(main, ["plan", "--task", "generation", "--backend", "sturdy", *CELL])
+    assert plan.exit_code == 0, plan.output
+    _refused_in_process(["run", "--backend", "half-registered", "--out", tmp_path / "never"],
+                        "unknown backend 'half-registered'", "raising: register_backends raised")
+
+
+def test_a_misspelled_hook_leaves_out_that_plugin_only():
+    from ftbench import hookimpl
+    from ftbench.harness.contract.plugins import get_plugin_manager
+    from ftbench.harness.contract.registry import Registry
+
+    class Misspelled:
+        @hookimpl
+        def register_task(self, register):
+            pass
+
+    reg = Registry.load(get_plugin_manager(extra=(Misspelled(),)))
+    assert "register_task" in reg.broken["Misspelled"] and "generation" in reg.tasks and "eager" in reg.backends
+
+
+def test_device_cuda_without_a_gpu_is_a_clear_error(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here")
+    _refused_in_process(["run", "--task", "generation", "--backend", "eager", "--device", "cuda", *TINY,
+                         "--out", tmp_path / "out"], "invalid device='cuda'", "--device auto or cpu")

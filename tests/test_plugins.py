@@ -7,13 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pluggy
 import pytest
 
 from ftbench import hookimpl
 from ftbench.harness.contract.api import BackendSpec, FtbenchError
 from ftbench.harness.contract.engine import StandardEngine
-from ftbench.harness.contract.plugins import DEFAULT_PLUGINS, get_plugin_manager
+from ftbench.harness.contract.plugins import DEFAULT_PLUGINS, broken_plugins, get_plugin_manager
 from ftbench.harness.contract.registry import DuplicateName, Registry
 
 from conftest import ROOT, TINY, ftbench, records
@@ -91,8 +90,10 @@ class _Misspelled:
 
 
 def test_misspelled_hook_fails_loudly():
-    with pytest.raises(pluggy.PluginValidationError, match="register_task"):
-        get_plugin_manager(extra=(_Misspelled(),))
+    # Loudly for that plugin only: it is left out and listed as broken, the others keep working.
+    pm = get_plugin_manager(extra=(_Misspelled(),))
+    assert "register_task" in broken_plugins(pm)["_Misspelled"]
+    assert "_Misspelled" not in {pm.get_name(p) for p in pm.get_plugins()}
 
 
 def test_builtins_are_ordinary_plugins():

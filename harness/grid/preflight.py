@@ -20,6 +20,8 @@ import math
 import os
 from pathlib import Path
 
+import torch
+
 from ftbench.harness.contract.api import FtbenchError
 from ftbench.harness.contract.format import shown
 from ftbench.harness.cell.hostalloc import MODES as CPU_MEMORY_MODES
@@ -75,6 +77,11 @@ def _check_settings(cell) -> None:
         bad("nproc", cell.nproc, f"must be an integer from 1 to {MAX_NPROC} (ranks per node)")
     if cell.device not in DEVICES:
         bad("device", cell.device, f"choose one of {', '.join(DEVICES)}")
+    if cell.device == "cuda" and not torch.cuda.is_available():
+        built = f"torch {torch.__version__} is built without CUDA" if torch.version.cuda is None else \
+            "no CUDA device is visible (driver, CUDA_VISIBLE_DEVICES?)"
+        bad("device", cell.device, f"{built}; use --device auto or cpu here, or run on a GPU machine with a CUDA "
+            "build of torch (docs/gpu.md)")
     if cell.cpu_memory not in CPU_MEMORY_MODES:
         bad("cpu_memory", cell.cpu_memory, f"choose {' or '.join(CPU_MEMORY_MODES)} (docs/memory.md)")
     if not isinstance(cell.launcher, dict):
