@@ -434,8 +434,10 @@ def _install_sigterm():
               help="x-axis of the loss plot: optimizer steps or training seconds.")
 def report_cmd(result_dir, out, quiet, loss_x):
     """Tables (terminal, Markdown, CSV), PNG plots and an HTML page for a result set."""
+    from ftbench.harness.analysis.outputs import refuse_record_files
     from ftbench.harness.analysis.report import print_table, write_report
 
+    refuse_record_files(out, "--out", "report")
     rep, display = write_report(result_dir, out, loss_x=loss_x)
     con = _console()
     from rich.markup import escape
@@ -475,7 +477,10 @@ def compare_cmd(base_dir, new_dir, thresholds, calibration, calibrate, output, a
     and the noise they show becomes per-figure thresholds written to -o FILE.
     """
     from ftbench.harness.analysis.compare import DEFAULT_ALPHA, compare_sets, parse_threshold, print_comparison
+    from ftbench.harness.analysis.outputs import refuse_record_files
 
+    refuse_record_files(markdown_file, "--markdown", "Markdown")
+    refuse_record_files(output, "-o", "calibration")
     if calibrate:
         _calibrate(base_dir, new_dir, output)
         return
@@ -527,7 +532,9 @@ def history_cmd(sets, out, thresholds, calibration, quiet):
     """
     from ftbench.harness.analysis.compare import parse_threshold
     from ftbench.harness.analysis.historyreport import print_history, write_history
+    from ftbench.harness.analysis.outputs import refuse_record_files
 
+    refuse_record_files(out, "--out", "report")
     th = dict(parse_threshold(t) for t in thresholds)
     h, files = write_history(sets, out, th, calibration)
     con = _console()

@@ -393,3 +393,29 @@ def test_device_cuda_without_a_gpu_is_a_clear_error(tmp_path):
         pytest.skip("a GPU is here")
     _refused_in_process(["run", "--task", "generation", "--backend", "eager", "--device", "cuda", *TINY,
                          "--out", tmp_path / "out"], "invalid device='cuda'", "--device auto or cpu")
+
+
+# --------------------------------------------------------- outputs over a result set
+
+
+@pytest.mark.parametrize("command", [
+    ["compare", "{a}", "{b}", "--markdown", "{b}/results.jsonl"],
+    ["compare", "{a}", "{b}", "--markdown", "{link}"],
+    ["compare", "--calibrate", "{a}", "{b}", "-o", "{a}/results.jsonl"],
+    ["compare", "--calibrate", "{a}", "{b}", "-o", "{a}/environment.json"],
+    ["report", "{a}", "--out", "{a}/results.jsonl"],
+    ["history", "{a}", "{b}", "--out", "{b}/environment.json"],
+])
+def test_an_output_over_a_result_sets_records_is_refused(tmp_path, command):
+    from results_factory import grid_records, write_set
+
+    a = write_set(tmp_path / "a", grid_records(repeats=2))
+    b = write_set(tmp_path / "b", grid_records(repeats=2))
+    for d in (a, b):
+        (d / "environment.json").write_text("{}")
+    link = tmp_path / "comparison.md"
+    link.symlink_to(b / "results.jsonl")
+    before = {p: p.read_bytes() for d in (a, b) for p in d.iterdir()}
+    args = [c.format(a=a, b=b, link=link) for c in command]
+    _refused_in_process(args, "would overwrite a result set's", "write the")
+    assert {p: p.read_bytes() for d in (a, b) for p in d.iterdir()} == before
