@@ -419,3 +419,78 @@ def test_an_output_over_a_result_sets_records_is_refused(tmp_path, command):
     args = [c.format(a=a, b=b, link=link) for c in command]
     _refused_in_process(args, "would overwrite a result set's", "write the")
     assert {p: p.read_bytes() for d in (a, b) for p in d.iterdir()} == before
+
+
+# ------------------------------------------------------ environment identity and shards
+
+
+def _env(cpu="Test CPU", threads=2):
+    from results_factory import ENV
+
+    return {**ENV, "cpu": cpu, "device": {"type": "cpu", "torch_threads": threads, "cpu": cpu, "name": cpu}}
+
+
+def test_one_machines_single_and_multi_rank_cells_are_one_environment(tmp_path):
+    from ftbench.harness.analysis.compare import compare_sets
+    from ftbench.harness.analysis.resultset import merge_result_sets
+    from results_factory import make_record, write_set
+
+    shard1 = write_set(tmp_path / "s1", [make_record(backend="eager", env=_env(threads=2))])
+    shard2 = write_set(tmp_path / "s2", [make_record(backend="ddp", env=_env(threads=1))])
+    merged = merge_result_sets(tmp_path / "all", [shard1, shard2])
+    assert merged.written == 2 and not merged.warnings, merged.warnings
+    cmp = compare_sets(tmp_path / "all", tmp_path / "all")
+    assert not [w for w in cmp.warnings if "environment" in w], cmp.warnings
+
+    other = write_set(tmp_path / "s3", [make_record(backend="fsdp", env=_env(cpu="Another CPU", threads=1))])
+    with pytest.raises(Exception, match="different environments"):
+        merge_result_sets(tmp_path / "mixed", [shard1, other])
+
+
+@pytest.mark.slow
+def test_the_readme_shard_workflow_merges_on_one_machine(tmp_path):
+    """--shard 1/2 and 2/2 of a grid with a one-process and a two-rank cell, then ftbench merge."""
+    from conftest import TINY as CELL, ftbench
+
+    grid = ["--task", "generation", "--backend", "eager", "--backend", "ddp", "--nproc", "2", *CELL]
+    for i in (1, 2):
+        ftbench("run", *grid, "--shard", f"{i}/2", "--out", tmp_path / f"shard{i}", check=True)
+    kinds = {r["nproc"] for i in (1, 2) for r in records(tmp_path / f"shard{i}")}
+    assert kinds == {1, 2}, kinds
+    merge = ftbench("merge", tmp_path / "all", tmp_path / "shard1", tmp_path / "shard2")
+    assert merge.returncode == 0, merge.stderr
+    assert len(records(tmp_path / "all")) == 2
+    compare = ftbench("compare", tmp_path / "all", tmp_path / "all")
+    assert "environment" not in compare.stdout + compare.stderr, compare.stdout
+
+
+# ----------------------------------------------------------------- labels and names
+
+
+def test_a_huge_class_label_is_a_data_error_naming_it(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"text": f"row {i}", "label": i % 2} for i in range(40)]
+    rows[7]["label"] = 10**12
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (data / "validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:8] if r["label"] < 2))
+    t0 = time.perf_counter()
+    message = _refused_in_process(["run", "--task", "classification", "--backend", "eager", "--data", data, *TINY,
+                                   "--out", tmp_path / "out"], "train.jsonl line 8", "1000000000000",
+                                  "not a usable class id")
+    assert "oom" not in message and "memory" not in message
+    assert time.perf_counter() - t0 < 30
+
+
+def test_html_in_names_is_shown_as_text_in_summary_md(tmp_path):
+    from results_factory import make_record, write_set
+
+    from ftbench.harness.analysis.report import write_report
+
+    evil = "<img src=x onerror=alert(1)>|x"
+    rec = make_record(backend="eager", model=evil)
+    write_set(tmp_path / "set", [rec])
+    rep, _ = write_report(tmp_path / "set", tmp_path / "report")
+    text = rep.markdown.read_text()
+    assert "<img" not in text and "&lt;img src=x onerror=alert(1)&gt;\\|x" in text, text
+    assert "<img src=x" not in rep.html.read_text().split("data:image/png")[0]

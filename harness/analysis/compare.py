@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 
 from ftbench.harness.contract.api import FtbenchError
 from ftbench.harness.contract.format import fmt_bytes, fmt_num
+from ftbench.harness.analysis.markdown import md_table
 from ftbench.harness.analysis.resultset import (ResultSet, as_float, config_diff, environment_diff, load_result_set, repeat_of,
                         slot_of, variant_labels)
 
@@ -150,7 +151,7 @@ class Comparison:
             lines += [f"- only in new: {w}" for w in self.only_new]
             lines.append("")
         if self.rows:
-            lines += ["## Figures", "", self.frame().to_markdown(index=False), ""]
+            lines += ["## Figures", "", md_table(self.frame()), ""]
         return "\n".join(lines)
 
 
