@@ -25,7 +25,7 @@ from click.testing import CliRunner
 from ftbench.harness.cli import main
 from ftbench.harness.contract.config import CellSpec
 
-from conftest import ROOT, processes_with_env, records
+from conftest import ROOT, pip_install_copy, processes_with_env, records
 
 TINY = ["--steps", "6", "--warmup", "1", "--seq-len", "32", "--batch-size", "4"]
 
@@ -333,14 +333,7 @@ BROKEN = ROOT / "tests" / "broken_plugins_pkg"
 @pytest.fixture(scope="module")
 def broken_site(tmp_path_factory) -> Path:
     """A package of plugins broken every way a plugin can break (and one that works), pip-installed offline."""
-    import shutil
-
-    source = tmp_path_factory.mktemp("src") / BROKEN.name
-    shutil.copytree(BROKEN, source)
-    target = tmp_path_factory.mktemp("site")
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--no-index", "--target", str(target), str(source)], check=True)
-    return target
+    return pip_install_copy(BROKEN, tmp_path_factory)
 
 
 def test_broken_plugins_are_listed_and_the_others_keep_working(broken_site, tmp_path, monkeypatch):
