@@ -487,3 +487,16 @@ def test_html_in_names_is_shown_as_text_in_summary_md(tmp_path):
     text = rep.markdown.read_text()
     assert "<img" not in text and "&lt;img src=x onerror=alert(1)&gt;\\|x" in text, text
     assert "<img src=x" not in rep.html.read_text().split("data:image/png")[0]
+
+
+def test_a_multi_node_cell_records_where_its_stores_listened():
+    from torch.distributed import HashStore
+
+    from ftbench.harness.contract.config import CellSpec
+    from ftbench.harness.running.nodes import NodeGroup
+
+    group = NodeGroup(2, 0, "127.0.0.1", 29500, store=HashStore(), bind={"bind": "127.0.0.1", "port": 29500})
+    spec = group.announce(0, CellSpec(task="generation", backend="ddp", model="tiny-gpt2", nproc=1), run=True)
+    details = group.launch_details(0)
+    assert details["grid_store"] == {"bind": "127.0.0.1", "port": 29500}
+    assert details["store"]["port"] == spec.launcher["master_port"] and details["store"]["by"] == "torchrun"

@@ -228,6 +228,7 @@ def _measure_spread(spec: CellSpec, group, k: int, environment: dict) -> tuple[C
     started = time.time()
     outcome = run_cell_process(group.announce(k, spec, run=True), env_extra=group.cell_env(spec),
                                abort_if=group.leader_watch(k))
+    outcome.launch = group.launch_details(k)
     group.finished(k, outcome.status)
     record = build_record(spec, outcome, environment, started)
     record.update(memory_fields(None, spec))

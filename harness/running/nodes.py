@@ -121,6 +121,7 @@ class NodeGroup:
     #: node rank -> what that node said at the rendezvous (host, cpus, fingerprint).
     peers: dict = field(default_factory=dict)
     _beats: dict = field(default_factory=dict)
+    _cell_ports: dict = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
 
     @classmethod
@@ -241,7 +242,13 @@ class NodeGroup:
             return spec
         port = free_port()
         self.store.set(f"cell/{k}", json.dumps({"cell_id": spec.cell_id, "repeat": spec.repeat, "port": port}))
+        self._cell_ports[k] = port
         return self.with_port(spec, port)
+
+    def launch_details(self, k: int) -> dict:
+        """For the record's ``launch``: where the grid's store and multi-node cell ``k``'s store listened."""
+        # The cell's own store is torchrun's, which listens on every interface (docs/reliability.md).
+        return {"grid_store": self.bind, "store": {"bind": "*", "port": self._cell_ports.get(k), "by": "torchrun"}}
 
     def finished(self, k: int, status: str) -> None:
         self._safe(lambda: self.store.set(f"end/{k}", status))
