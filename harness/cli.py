@@ -57,6 +57,8 @@ def main():
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def list_cmd(as_json):
     """Tasks, backends and model presets, which plugin gave each, and availability."""
+    from rich.markup import escape
+
     from ftbench.harness.contract.registry import Registry
 
     reg = Registry.load()
@@ -70,6 +72,7 @@ def list_cmd(as_json):
         "sinks": [{"name": e.name, "plugin": e.plugin, "available": e.obj.unavailable() is None,
                    "unavailable_because": e.obj.unavailable(), "options": dict(e.obj.options),
                    "description": e.obj.description} for e in reg.sinks.values()],
+        "broken_plugins": [{"plugin": name, "error": error} for name, error in sorted(reg.broken.items())],
     }
     for e in reg.backends.values():
         why = reg.backend_availability(e.name)
@@ -114,6 +117,13 @@ def list_cmd(as_json):
         avail = "[green]yes[/]" if d["available"] else f"[red]no[/]: {escape(d['unavailable_because'])}"
         t.add_row(d["name"], avail, ", ".join(d["options"]), d["plugin"], d["description"])
     con.print(t)
+    if data["broken_plugins"]:
+        t = Table(title="broken plugins (left out; everything else works)")
+        for col in ("plugin", "error"):
+            t.add_column(col)
+        for d in data["broken_plugins"]:
+            t.add_row(d["plugin"], f"[red]{escape(d['error'])}[/]")
+        con.print(t)
 
 
 # ------------------------------------------------------------------- run
@@ -163,6 +173,10 @@ _CELL_OPTIONS = (
                  help="CPU memory peak: resident (glibc defaults, default) or live (freed tensors leave the resident "
                       "set at once; about 0.6x the tokens/s; for memory studies)."),
     click.option("--shard", help="Run shard i of N of the cells: i/N (1-based)."),
+    click.option("--yes", "confirm_large", is_flag=True, default=None,
+                 help="Run a grid of more than 500 cells (grid file: max_cells: N)."),
+    click.option("--trust-remote-code", is_flag=True, default=None,
+                 help="Let a model directory or hub model run its own Python code (auto_map); off by default."),
 )
 
 
@@ -171,6 +185,10 @@ def cell_options(f):
     for option in reversed(_CELL_OPTIONS):
         f = option(f)
     return f
+
+
+def _expansion_progress(done: int, total: int) -> None:
+    click.echo(f"expanding the grid: {done:,} of up to {total:,} cells", err=True)
 
 
 def _cells_from_options(reg, grid_file, tasks, backends, models, datas, columns, shard, micro_batch, settings,
@@ -182,6 +200,10 @@ def _cells_from_options(reg, grid_file, tasks, backends, models, datas, columns,
     from ftbench.harness.grid.files import build_grid
     from ftbench.harness.grid.microbatch import apply_micro_batch, parse_micro_batch
 
+    for name, error in sorted(reg.broken.items()):
+        click.echo(f"warning: plugin {name} is broken and left out ({error}); the other plugins work "
+                   "(ftbench list)", err=True)
+    confirmed = bool(settings.pop("confirm_large", None))
     launcher = {k: settings.pop(k) for k in ("nnodes", "node_rank", "master_addr", "master_port")
                 if settings.get(k) is not None}
     for k in ("nnodes", "node_rank", "master_addr", "master_port"):
@@ -196,7 +218,8 @@ def _cells_from_options(reg, grid_file, tasks, backends, models, datas, columns,
     grid = build_grid(grid_file, axes, overrides)
     if on_grid:
         on_grid(grid)
-    cells = grid.cells(reg)
+    grid.check_size(reg, confirmed)  # counted, not expanded: a million-cell typo costs nothing
+    cells = grid.cells(reg, progress=_expansion_progress)
     if shard:
         from ftbench.harness.grid.files import select_shard
 
@@ -448,8 +471,10 @@ def _install_sigterm():
               help="x-axis of the loss plot: optimizer steps or training seconds.")
 def report_cmd(result_dir, out, quiet, loss_x):
     """Tables (terminal, Markdown, CSV), PNG plots and an HTML page for a result set."""
+    from ftbench.harness.analysis.outputs import refuse_record_files
     from ftbench.harness.analysis.report import print_table, write_report
 
+    refuse_record_files(out, "--out", "report")
     rep, display = write_report(result_dir, out, loss_x=loss_x)
     con = _console()
     from rich.markup import escape
@@ -492,7 +517,10 @@ def compare_cmd(base_dir, new_dir, thresholds, calibration, calibrate, output, a
     and the noise they show becomes per-figure thresholds written to -o FILE.
     """
     from ftbench.harness.analysis.compare import DEFAULT_ALPHA, compare_sets, parse_threshold, print_comparison
+    from ftbench.harness.analysis.outputs import refuse_record_files
 
+    refuse_record_files(markdown_file, "--markdown", "Markdown")
+    refuse_record_files(output, "-o", "calibration")
     if calibrate:
         _calibrate(base_dir, new_dir, output)
         return
@@ -550,7 +578,9 @@ def history_cmd(sets, out, thresholds, calibration, quiet):
     """
     from ftbench.harness.analysis.compare import parse_threshold
     from ftbench.harness.analysis.historyreport import print_history, write_history
+    from ftbench.harness.analysis.outputs import refuse_record_files
 
+    refuse_record_files(out, "--out", "report")
     th = dict(parse_threshold(t) for t in thresholds)
     h, files = write_history(sets, out, th, calibration)
     con = _console()

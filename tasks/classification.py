@@ -48,6 +48,9 @@ def synthetic_examples(n: int, seed: int) -> list[dict]:
 
 
 _INT = re.compile(r"-?\d+")
+#: Integer labels are class ids, numbered from 0; a head of more classes than this is a data error
+#: (a stray 10**12 would otherwise ask for a label set of a trillion entries).
+MAX_CLASSES = 100_000
 
 
 def label_value(value):
@@ -107,6 +110,11 @@ class ClassificationTask(Task):
                 i = next(i for i, v in enumerate(values) if not isinstance(v, int))
                 raise DataError(f"{where(splits['train'], i)}: field 'label': {values[i]!r} is a name but other "
                                 "labels are integer ids; use one or the other")
+            if ints and max(ints) >= MAX_CLASSES:
+                i = values.index(max(ints))
+                raise DataError(f"{where(splits['train'], i)}: field 'label': {max(ints)} is not a usable class id; "
+                                f"integer labels number the classes from 0 (at most {MAX_CLASSES:,} of them). Fix "
+                                "the row, or give class names (--task classification:labels=A|B|...)")
             label_set = list(range(max(ints) + 1)) if ints else sorted(set(values))
         if all(isinstance(v, int) for v in label_set):
             ids = {v: v for v in label_set}  # integer labels are the class ids themselves
@@ -118,8 +126,9 @@ class ClassificationTask(Task):
             for i, row in enumerate(rows):
                 v = label_value(row["label"])
                 if v not in ids or ids[v] >= n:
-                    raise DataError(f"{where(rows, i)}: field 'label': {row['label']!r} is not in the label set "
-                                    f"{label_set} (read from the training rows the run reads, or "
+                    shown = f"{label_set[:10]}"[:-1] + (", ...]" if len(label_set) > 10 else "]")
+                    raise DataError(f"{where(rows, i)}: field 'label': {repr(row['label'])[:80]} is not in the "
+                                    f"label set {shown} (read from the training rows the run reads, or "
                                     "set with --task classification:labels=A|B|...)")
         return {"num_labels": n, "label_ids": {str(k): v for k, v in ids.items()},
                 "label_names": [str(x) for x in label_set]}

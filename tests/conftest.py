@@ -38,6 +38,19 @@ def records(out_dir) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def pip_install_copy(package: Path, tmp_path_factory) -> Path:
+    """Install a plugin package offline into a private target dir (put it on PYTHONPATH); built from a
+    copy, since setuptools leaves build/ and *.egg-info beside the sources."""
+    import shutil
+
+    source = tmp_path_factory.mktemp("src") / package.name
+    shutil.copytree(package, source)
+    target = tmp_path_factory.mktemp("site")
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--no-index", "--target", str(target), str(source)], check=True)
+    return target
+
+
 @pytest.fixture
 def run_cli():
     return ftbench

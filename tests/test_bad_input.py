@@ -329,7 +329,22 @@ def _unsafe_calls(source: str, filename: str) -> list[str]:
             found.append(f"{where} load(allow_pickle=True)")
         if const.get("trust_remote_code") is True:
             found.append(f"{where} trust_remote_code=True")
+        if name in ("from_pretrained", "from_config") and not _says_trust(node):
+            found.append(f"{where} {name} without an explicit trust_remote_code (it would prompt)")
     return found
+
+
+def _says_trust(call) -> bool:
+    """A transformers load names ``trust_remote_code``, itself or through ``**hf_kwargs(...)``."""
+    import ast
+
+    for k in call.keywords:
+        if k.arg == "trust_remote_code":
+            return True
+        f = getattr(k.value, "func", None)
+        if k.arg is None and isinstance(k.value, ast.Call) and getattr(f, "id", getattr(f, "attr", "")) == "hf_kwargs":
+            return True
+    return False
 
 
 def test_nothing_loaded_from_a_file_can_run_code():
@@ -347,3 +362,7 @@ def test_the_scan_would_catch_an_unsafe_loader():
           "torch.load(p, weights_only=False)\nAutoModel.from_pretrained(p, trust_remote_code=True)\n"
     assert len(_unsafe_calls(bad, "x.py")) == 6
     assert not _unsafe_calls("yaml.safe_load(s)\ntorch.load(p, weights_only=True)\nmodel.eval()\n", "y.py")
+    # A load that leaves trust_remote_code unset prompts on the terminal for a directory with auto_map.
+    assert len(_unsafe_calls("AutoConfig.from_pretrained(p)\nM.from_config(c, **kw)\n", "z.py")) == 2
+    assert not _unsafe_calls("AutoConfig.from_pretrained(p, trust_remote_code=False)\n"
+                             "M.from_config(c, **hf_kwargs(t))\n", "w.py")

@@ -39,6 +39,7 @@ from ftbench.harness.cell.machineload import load_differs
 from ftbench.harness.contract.api import FtbenchError
 from ftbench.harness.contract.format import fmt_bytes, fmt_num
 from ftbench.harness.analysis.explain import explain
+from ftbench.harness.analysis.markdown import md_table, md_text
 from ftbench.harness.analysis.resultset import (ResultSet, as_float, config_diff, environment_diff, load_result_set, repeat_of,
                         slot_of, variant_labels)
 
@@ -157,13 +158,13 @@ class Comparison:
             lines += [f"- only in new: {w}" for w in self.only_new]
             lines.append("")
         if self.rows:
-            lines += ["## Figures", "", self.frame().to_markdown(index=False), ""]
+            lines += ["## Figures", "", md_table(self.frame()), ""]
         flagged = self.flagged()
         if flagged:
             lines += ["## What differed between the two sides", ""]
             for (cell, figure, verdict), why in flagged:
-                lines.append(f"- **{cell}**, {figure} ({verdict}): "
-                             + ("; ".join(f"{d.kind}: {d.what}" for d in why) if why else
+                lines.append(f"- **{md_text(cell)}**, {md_text(figure)} ({verdict}): "
+                             + (md_text("; ".join(f"{d.kind}: {d.what}" for d in why)) if why else
                                 "nothing recorded differs (same software, machine, cell, data; no profiles)"))
             lines.append("")
         return "\n".join(lines)

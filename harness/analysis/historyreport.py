@@ -19,6 +19,7 @@ from pathlib import Path
 from ftbench.harness.contract.format import fmt_bytes, fmt_num
 from ftbench.harness.analysis.history import History, Series, build_history
 from ftbench.harness.analysis.historystore import write_db
+from ftbench.harness.analysis.markdown import md_table
 
 
 @dataclass
@@ -70,7 +71,7 @@ def markdown(h: History) -> str:
               f"; newest point regressed in **{len(h.regressions)}** series.", ""]
     if h.warnings:
         lines += ["## Notes", ""] + [f"- {w}" for w in h.warnings] + [""]
-    lines += ["## Series", "", pd.DataFrame(table_rows(h)).to_markdown(index=False), ""]
+    lines += ["## Series", "", md_table(pd.DataFrame(table_rows(h))), ""]
     return "\n".join(lines)
 
 

@@ -59,7 +59,7 @@ def step_time(reg, cp, mfu: float, source: str) -> StepTime | None:
 
 def _is_seq2seq(reg, cell) -> bool:
     task = reg.task(cell.task_name_and_options()[0])
-    return resolve_model(cell.model, reg, task, describe_only=True).kind == ENCODER_DECODER
+    return resolve_model(cell.model, reg, task, cell.trust_remote_code, describe_only=True).kind == ENCODER_DECODER
 
 
 def calibrated_mfu(runs: str, gpu_name: str, backend: str) -> tuple[float, str] | None:

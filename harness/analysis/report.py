@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ftbench.harness.contract.format import fmt_bytes, fmt_num
+from ftbench.harness.analysis.markdown import md_table, md_text
 from ftbench.harness.analysis.profiles import profile_html, profile_markdown, profile_rows
 from ftbench.harness.analysis.quality_report import plot_quality_vs_time, time_to_target_frame
 from ftbench.harness.analysis.resultset import ResultSet, as_float, load_result_set, repeat_of, variant_labels
@@ -402,17 +403,17 @@ def write_report(result_dir, out: str | os.PathLike | None = None, loss_x: str =
                  html=out / "report.html", problems=problems, read=rs.versions_read())
     df.to_csv(rep.records_csv, index=False)
     summary.to_csv(rep.csv, index=False)
-    md = [f"# ftbench report: {result_dir}", "", f"Read {rep.read}.", "",
-          "Median over repeats, [min–max] when there are several.", "", display.to_markdown(index=False), ""]
+    md = [f"# ftbench report: {md_text(result_dir)}", "", f"Read {rep.read}.", "",
+          "Median over repeats, [min–max] when there are several.", "", md_table(display), ""]
     micro = micro_batch_frame(summary)
     if len(micro):
-        md += ["## Largest micro-batch per backend (--micro-batch auto)", "", micro.to_markdown(index=False), ""]
+        md += ["## Largest micro-batch per backend (--micro-batch auto)", "", md_table(micro), ""]
     ttt = time_to_target_frame(rs)
     if len(ttt):
         rep.time_to_target = ttt
-        md += ["## Time to target", "", TTT_NOTE, "", ttt.to_markdown(index=False), ""]
+        md += ["## Time to target", "", TTT_NOTE, "", md_table(ttt), ""]
     if problems:
-        md += ["## Warnings", ""] + [f"- {p}" for p in problems] + [""]
+        md += ["## Warnings", ""] + [f"- {md_text(p)}" for p in problems] + [""]
     profiled = profile_rows(rs, out)
     md += profile_markdown(profiled)
     ok = summary[summary["ok"] > 0] if len(summary) else summary

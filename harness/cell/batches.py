@@ -6,7 +6,9 @@ data in the same order; a rank takes its contiguous slice of each global
 batch.  The plan holds only indices; each step's micro-batches are collated
 (and, on CUDA, page-locked) when the loop asks for them, *before* that
 step's clock starts, so the timed part does no host-side data work and
-memory does not grow with ``--steps`` (:class:`StepStream`).
+memory does not grow with ``--steps`` (:class:`StepStream`).  The plan
+itself is computed step by step as it is read (:class:`BatchPlan`), so its
+setup cost and memory are flat in ``--steps`` and in the batch size.
 
 Example::
 
@@ -16,28 +18,89 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Callable
 
+import numpy as np
 
-def batch_plan(n_train: int, recipe, world_size: int, rank: int, seed: int):
+
+class BatchPlan(Sequence):
+    """``plan[step]`` is ``(global_indices, my_micro_batches)``, computed when read.
+
+    The data order is one stream: a seeded permutation of the training
+    rows, then another, and so on; step ``k`` takes positions ``k*g`` to
+    ``(k+1)*g`` of it (``g`` the global batch), and each rank its contiguous
+    slice.  Only the permutation being read is kept (O(rows), whatever the
+    steps); reading the steps in order draws each permutation once, and a
+    step behind the kept one replays the stream from the seed.
+
+    Example: ``BatchPlan(100, Recipe(steps=10**6, batch_size=8), 2, 0, 0)[999_999]``
+    costs what ``[0]`` does, once the permutations before it are drawn.
+    """
+
+    def __init__(self, n_train: int, recipe, world_size: int, rank: int, seed: int):
+        self.n, self.g, self.steps, self.accum = n_train, recipe.batch_size, recipe.steps, recipe.grad_accum
+        self.world, self.rank, self.seed = world_size, rank, seed
+        self.micro = self.g // (world_size * recipe.grad_accum)
+        self._restart()
+
+    def _restart(self) -> None:
+        self._rng = np.random.default_rng(self.seed)
+        self._epoch, self._perm = -1, None
+
+    def _permutation(self, epoch: int):
+        if epoch < self._epoch:
+            self._restart()
+        while self._epoch < epoch:
+            self._perm = self._rng.permutation(self.n)
+            self._epoch += 1
+        return self._perm
+
+    def global_indices(self, step: int) -> list[int]:
+        """The example indices of step ``step``'s global batch, in order."""
+        out: list[int] = []
+        position = step * self.g
+        while len(out) < self.g:
+            epoch, offset = divmod(position + len(out), self.n)
+            out += self._permutation(epoch)[offset:offset + self.g - len(out)].tolist()
+        return out
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, step):
+        if isinstance(step, slice):
+            return [self[i] for i in range(*step.indices(self.steps))]
+        if step < 0:
+            step += self.steps
+        if not 0 <= step < self.steps:
+            raise IndexError(step)
+        global_idx = self.global_indices(step)
+        g, w = self.g, self.world
+        mine = global_idx[self.rank * g // w:(self.rank + 1) * g // w]
+        return global_idx, [mine[i * self.micro:(i + 1) * self.micro] for i in range(self.accum)]
+
+    def __eq__(self, other) -> bool:
+        # Equal to the list of its steps (what the plan was before it became lazy): tests compare plans.
+        return isinstance(other, (Sequence, list)) and len(self) == len(other) and list(self) == list(other)
+
+    __hash__ = None
+
+    def first_use(self) -> list[int]:
+        """Every row the plan draws, once, in the order first drawn.
+
+        The stream begins with a whole permutation, so the rows first drawn
+        are its first ``steps * g`` entries (all of it when the run is longer
+        than one pass): no step needs to be walked.
+        """
+        used = min(self.steps * self.g, self.n)
+        return self._permutation(0)[:used].tolist()
+
+
+def batch_plan(n_train: int, recipe, world_size: int, rank: int, seed: int) -> BatchPlan:
     """For each optimizer step: the example indices of the global batch and of
     this rank's micro-batches.  Identical for every backend and world size."""
-    import numpy as np
-
-    g = recipe.batch_size
-    micro = g // (world_size * recipe.grad_accum)
-    rng = np.random.default_rng(seed)
-    # A numpy buffer sliced by views: memory and time stay O(n_train) int64s,
-    # not a Python list of n_train ints copied at every step.
-    order = np.empty(0, dtype=np.int64)
-    plan = []
-    for _ in range(recipe.steps):
-        while len(order) < g:
-            order = np.concatenate([order, rng.permutation(n_train)])
-        global_idx, order = order[:g].tolist(), order[g:]
-        mine = global_idx[rank * g // world_size:(rank + 1) * g // world_size]
-        plan.append((global_idx, [mine[i * micro:(i + 1) * micro] for i in range(recipe.grad_accum)]))
-    return plan
+    return BatchPlan(n_train, recipe, world_size, rank, seed)
 
 
 class StepStream:

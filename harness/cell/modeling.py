@@ -20,6 +20,8 @@ import torch.nn.functional as F
 
 from ftbench.harness.contract.api import (DECODER, ENCODER, ENCODER_DECODER, IGNORE_INDEX, Encoded, FtbenchError, ModelPreset,
                   Task)
+from ftbench.harness.contract.format import shorten
+from ftbench.harness.cell.remote_code import as_user_error, hf_kwargs, refuse_remote_code
 
 
 @dataclass
@@ -30,11 +32,16 @@ class ModelSource:
     kind: str
     preset: ModelPreset | None = None
     path: str | None = None
+    #: Whether the model's own Python code may run (``--trust-remote-code``); see remote_code.py.
+    trust_remote_code: bool = False
 
 
-def resolve_model(name: str, registry, task: Task, describe_only: bool = False) -> ModelSource:
+def resolve_model(name: str, registry, task: Task, trust_remote_code: bool = False,
+                  describe_only: bool = False) -> ModelSource:
     """Find ``--model NAME``: preset name, then local directory, then hub id.
 
+    A directory whose ``auto_map`` names its own Python code is refused
+    unless ``trust_remote_code`` (before any of it is read by transformers).
     ``describe_only`` (planning): a directory needs only its ``config.json``, and a hub id is read
     from the local Hugging Face cache, never downloaded; weights and a tokenizer are needed to train.
     """
@@ -43,10 +50,13 @@ def resolve_model(name: str, registry, task: Task, describe_only: bool = False) 
         return ModelSource(name, preset.kind, preset=preset)
     if os.path.isdir(name):
         _check_model_dir(name, describe_only)
-        return ModelSource(name, _kind_from_config(name), path=name)
+        refuse_remote_code(name, trust_remote_code)
+        return ModelSource(name, _kind_from_config(name, trust_remote_code), path=name,
+                           trust_remote_code=trust_remote_code)
     if "/" in name and not name.startswith((".", "/")):
         path = cached_hub_config_dir(name) if describe_only else name
-        return ModelSource(name, _kind_from_config(path), path=path)
+        return ModelSource(name, _kind_from_config(path, trust_remote_code), path=path,
+                           trust_remote_code=trust_remote_code)
     registry.model(name)  # raises the "unknown model preset ... did you mean" error
     raise AssertionError("unreachable")
 
@@ -97,13 +107,16 @@ def _check_model_dir(path: str, describe_only: bool = False) -> None:
                            "tokenizer.save_pretrained(DIR)")
 
 
-def _kind_from_config(name: str) -> str:
+def _kind_from_config(name: str, trust_remote_code: bool = False) -> str:
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(name)
+        config = AutoConfig.from_pretrained(name, **hf_kwargs(trust_remote_code))
     except Exception as e:  # noqa: BLE001 - report any loading problem as user input
-        raise FtbenchError(f"cannot load model config {name!r}: {e}. Pass a local model directory, a hub id "
+        refused = as_user_error(name, e)
+        if refused is not None:
+            raise refused from None
+        raise FtbenchError(f"cannot load model config {shorten(name)!r}: {shorten(str(e), 300)}. Pass a local model directory, a hub id "
                            "(needs network), or a preset name (ftbench list)") from None
     if getattr(config, "is_encoder_decoder", False):
         return ENCODER_DECODER
@@ -129,7 +142,7 @@ def load_tokenizer(source: ModelSource, texts):
         return train_tokenizer(texts, source.preset.vocab_size)
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(source.path)
+    tok = AutoTokenizer.from_pretrained(source.path, **hf_kwargs(source.trust_remote_code))
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token or tok.unk_token
     return tok
@@ -149,12 +162,13 @@ def build_model(source: ModelSource, tokenizer, head: str, num_labels: int | Non
 
     fp32 = load_kwargs()
     if head == "classification":
-        model = AutoModelForSequenceClassification.from_pretrained(source.path, num_labels=num_labels, **fp32)
+        model = AutoModelForSequenceClassification.from_pretrained(source.path, num_labels=num_labels, **fp32,
+                                                                   **hf_kwargs(source.trust_remote_code))
         if model.config.pad_token_id is None:
             model.config.pad_token_id = tokenizer.pad_token_id
         return model
     cls = AutoModelForSeq2SeqLM if kind == ENCODER_DECODER else AutoModelForCausalLM
-    return cls.from_pretrained(source.path, **fp32)
+    return cls.from_pretrained(source.path, **fp32, **hf_kwargs(source.trust_remote_code))
 
 
 # ---------------------------------------------------------------- encoding

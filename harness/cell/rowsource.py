@@ -130,10 +130,7 @@ def plan_indices(n_train: int, recipe, world_size: int) -> list[int]:
     """Training rows the batch plan draws, each once, in first-use order (the same for every rank)."""
     from ftbench.harness.cell.batches import batch_plan
 
-    seen: dict[int, None] = {}
-    for global_idx, _ in batch_plan(n_train, recipe, world_size, 0, recipe.seed):
-        seen.update(dict.fromkeys(global_idx))
-    return list(seen)
+    return batch_plan(n_train, recipe, world_size, 0, recipe.seed).first_use()
 
 
 def sample_indices(n_train: int) -> list[int]:

@@ -56,7 +56,7 @@ def _config_dtype(path: str) -> str | None:
         else:
             from transformers import AutoConfig
 
-            cfg = AutoConfig.from_pretrained(path).to_dict()
+            cfg = AutoConfig.from_pretrained(path, trust_remote_code=False).to_dict()  # information only: no code
     except Exception:  # noqa: BLE001 - the stored dtype is information, never a reason to fail
         return None
     value = cfg.get("dtype") or cfg.get("torch_dtype")

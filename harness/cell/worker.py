@@ -149,7 +149,7 @@ class Cell:
     def load_tokenizer(self) -> None:
         from ftbench.harness.cell.modeling import choose_kind, load_tokenizer, resolve_model
 
-        self.source = resolve_model(self.spec.model, self.reg, self.task)
+        self.source = resolve_model(self.spec.model, self.reg, self.task, self.spec.trust_remote_code)
         self.kind = choose_kind(self.source, self.task)
         from ftbench.harness.cell.rowsource import sample_texts
 

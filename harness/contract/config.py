@@ -16,11 +16,16 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any
 
 from ftbench.harness.contract.api import FtbenchError
+from ftbench.harness.contract.format import shown
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULES = ("constant", "linear", "cosine")
 PADDINGS = ("max_length", "longest")
 RECIPE_DEFAULTS = ("scratch", "pretrained")
+#: Upper bounds of the recipe's integers: far past any real run, checked before anything is built, so
+#: that a typo (``steps: 10000000000``) costs an error line instead of minutes and gigabytes.
+LIMITS = {"steps": 10**7, "warmup": 10**7, "batch_size": 2**20, "grad_accum": 2**20, "seq_len": 2**20,
+          "lr_warmup_steps": 10**7, "seed": 2**63 - 1}
 
 
 @dataclass(frozen=True)
@@ -60,7 +65,7 @@ class Recipe:
 
     def validate(self) -> "Recipe":
         def bad(key, value, want):
-            raise FtbenchError(f"invalid {key}={value!r}: {want}")
+            raise FtbenchError(f"invalid {key}={shown(value)}: {want}")
 
         for key in ("steps", "batch_size", "grad_accum", "seq_len"):
             v = getattr(self, key)
@@ -86,6 +91,10 @@ class Recipe:
                 bad(key, v, "must be an integer >= 0")
         if not isinstance(self.grad_checkpointing, bool):
             bad("grad_checkpointing", self.grad_checkpointing, "must be true or false")
+        for key, most in LIMITS.items():
+            v = getattr(self, key)
+            if v > most:
+                bad(key, v, f"must be at most {most:,} (a bound far past any real run)")
         if not isinstance(self.tuning, str):
             bad("tuning", self.tuning, "choose full, freeze-embeddings, freeze-lower:N or lora[:options]")
         if not (self.lr > 0):
@@ -137,7 +146,7 @@ def parse_tuning(value: str) -> tuple[str, int]:
             n = -1
         if n > 0:
             return "freeze-lower", n
-    raise FtbenchError(f"invalid tuning={value!r}: choose full, freeze-embeddings, freeze-lower:N (N > 0 blocks) "
+    raise FtbenchError(f"invalid tuning={shown(value)}: choose full, freeze-embeddings, freeze-lower:N (N > 0 blocks) "
                        "or lora[:r=8,alpha=16,dropout=0,targets=NAME+NAME]")
 
 
@@ -157,7 +166,7 @@ def parse_spec(text: str, what: str = "backend") -> tuple[str, dict[str, Any]]:
             key = key.strip()
             if not eq or not key:
                 raise FtbenchError(
-                    f"malformed {what} option {item!r} in {text!r}: write NAME:key=value,key=value "
+                    f"malformed {what} option {shown(item)} in {shown(text)}: write NAME:key=value,key=value "
                     f"(e.g. deepspeed:stage=3,offload=cpu)")
             options[key] = _scalar(value.strip())
     return name.strip(), options
@@ -222,6 +231,9 @@ class CellSpec:
     #: What a CPU cell's memory peak counts: ``resident`` (glibc's defaults) or ``live``
     #: (freed tensors leave the resident set; slower), see ftbench.harness.cell.hostalloc.
     cpu_memory: str = "resident"
+    #: Let a model directory or hub model run its own Python code (``--trust-remote-code``); a
+    #: permission, not a setting of the cell, so it stays out of the cell id.
+    trust_remote_code: bool = False
 
     def task_name_and_options(self) -> tuple[str, dict]:
         return parse_spec(self.task, "task")
@@ -232,7 +244,8 @@ class CellSpec:
     def identity(self) -> dict:
         """The configuration that defines the cell (no repeat index, no limits)."""
         d = self.to_dict()
-        for k in ("repeat", "time_limit_s", "memory_limit_mb", "launcher", "profile_steps", "profile_dir"):
+        for k in ("repeat", "time_limit_s", "memory_limit_mb", "launcher", "profile_steps", "profile_dir",
+                  "trust_remote_code"):
             d.pop(k)
         d = _without_later_defaults(d, CellSpec)
         if self.nnodes > 1:
@@ -281,7 +294,7 @@ class CellSpec:
 #: result sets keep pairing with new runs).  A new field of Recipe or CellSpec
 #: belongs here; ``tests/test_grid.py`` checks the committed baseline's ids.
 ADDED_LATER: frozenset[str] = frozenset({"eval_every", "target", "stop_at_target", "recipe_defaults",
-                                          "packing", "cpu_memory"})
+                                          "packing", "cpu_memory", "trust_remote_code"})
 
 
 def _without_later_defaults(d: dict, cls) -> dict:

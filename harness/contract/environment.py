@@ -94,14 +94,27 @@ def _affinity() -> int | None:
         return None
 
 
+#: Facts of a record's ``device`` that say how its cell was launched, not what machine ran it: a
+#: one-process cell computes on every core's thread, each rank of a multi-rank cell on one (torchrun's
+#: rule).  The same cell is launched the same way on both sides of a comparison, so they stay out of
+#: the machine's identity (else one grid of both kinds "mixes 2 environments").
+LAUNCH_FACTS = ("torch_threads",)
+
+
 def comparable_view(env: dict) -> dict:
-    """The parts of an environment that change measured figures (for compare)."""
+    """The parts of an environment that change measured figures (for compare and merge); the
+    same for every record of one machine and software, whatever the cell's launch.
+
+    Example: ``comparable_view({"cpu": "X", "device": {"type": "cpu", "torch_threads": 2}})["device"]``
+    is ``{"type": "cpu"}``.
+    """
+    device = env.get("device")
     return {
         "cpu": env.get("cpu"),
         "cpu_count": env.get("cpu_count"),
         "cpu_affinity": env.get("cpu_affinity"),
         "omp_num_threads": env.get("omp_num_threads"),
-        "device": env.get("device"),
+        "device": {k: v for k, v in device.items() if k not in LAUNCH_FACTS} if isinstance(device, dict) else device,
         "versions": {k: v for k, v in (env.get("versions") or {}).items() if k in ("torch", "transformers",
                                                                                "deepspeed")},
     }

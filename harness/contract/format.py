@@ -1,6 +1,34 @@
-"""Human-readable numbers for tables."""
+"""Human-readable numbers for tables, and values short enough for a message."""
 
 from __future__ import annotations
+
+import reprlib
+
+# A value quoted in an error message may be anything a file held (a list of a
+# million items, a string of megabytes): reprlib bounds both the work and the text.
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxlong, _SHORT.maxother = 2, 80, 40, 80
+_SHORT.maxtuple = _SHORT.maxlist = _SHORT.maxarray = _SHORT.maxdict = _SHORT.maxset = _SHORT.maxfrozenset = 6
+
+
+def shown(value) -> str:
+    """``repr(value)`` for a message, bounded in size and depth.
+
+    Example: ``shown(list(range(10**6)))`` is ``'[0, 1, 2, 3, 4, 5, ...]'``.
+    """
+    return shorten(_SHORT.repr(value), 160)
+
+
+def shorten(text: str, limit: int = 120) -> str:
+    """``text`` cut to ``limit`` characters, saying how much was left out.
+
+    Example: ``shorten("x" * 500, 20) == "xxxxxxxxxx… (490 more characters)"``.
+    """
+    text = str(text)
+    if len(text) <= limit:
+        return text
+    keep = max(1, limit // 2)
+    return f"{text[:keep]}… ({len(text) - keep} more characters)"
 
 
 def fmt_num(x, digits: int = 3) -> str:

@@ -18,6 +18,12 @@ Two environment switches, in the spirit of pytest's ``-p no:NAME`` and llm's
 
 A plugin's name is its entry-point name, or for built-ins the last part of
 the module path (``ftbench.plugins.eager`` -> ``eager``).
+
+One broken plugin never takes the others down: a plugin that fails to
+import, implements a hook that does not exist (pluggy's validation, e.g. a
+misspelled ``register_task``) or raises in a registration hook is left out
+and listed as *broken* with its error (:func:`broken_plugins`, ``ftbench
+list``); every other plugin keeps working.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from importlib.metadata import entry_points
 import pluggy
 
 from ftbench.harness.contract import hookspecs
-from ftbench.harness.contract.api import FtbenchError
+from ftbench.harness.contract.format import shorten
 
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "ftbench.plugins.eager",
@@ -72,27 +78,50 @@ def get_plugin_manager(extra: tuple = ()) -> pluggy.PluginManager:
     def wanted(name: str) -> bool:
         return name not in blocked and (only is None or name in only)
 
+    broken: dict[str, str] = {}
+    pm.ftbench_broken = broken  # read through broken_plugins(pm)
+
+    def add(name: str, load, where: str) -> None:
+        try:
+            pm.register(load(), name=name)
+        except Exception as e:  # noqa: BLE001 - any failure of one plugin is that plugin's, reported per plugin
+            broken[name] = f"{where}: {type(e).__name__}: {shorten(str(e), 300)}"
+
     for module_path in DEFAULT_PLUGINS:
         name = module_path.rsplit(".", 1)[-1]
         if wanted(name):
-            pm.register(importlib.import_module(module_path), name=name)
+            add(name, lambda m=module_path: importlib.import_module(m), f"cannot import {module_path}")
     for ep in entry_points(group=ENTRY_POINT_GROUP):
-        if not wanted(ep.name) or pm.get_plugin(ep.name) is not None:
+        if not wanted(ep.name) or pm.get_plugin(ep.name) is not None or ep.name in broken:
             continue
-        pm.register(ep.load(), name=ep.name)
+        add(ep.name, ep.load, f"cannot load entry point {ep.value}")
     # Named explicitly, so FTBENCH_LOAD_PLUGINS does not filter them; blocking still does.
     for module_path in sorted(_names_from_env("FTBENCH_PLUGINS_EXTRA") or ()):
         name = module_path.rsplit(".", 1)[-1]
         if name in blocked or pm.get_plugin(name) is not None:
             continue
-        try:
-            module = importlib.import_module(module_path)
-        except ImportError as e:
-            raise FtbenchError(f"FTBENCH_PLUGINS_EXTRA names {module_path!r}, which cannot be imported ({e}); "
-                               "fix the module path or add its folder to PYTHONPATH") from None
-        pm.register(module, name=name)
+        add(name, lambda m=module_path: importlib.import_module(m),
+            f"FTBENCH_PLUGINS_EXTRA names {module_path}, which cannot be imported (fix the module path or add "
+            "its folder to PYTHONPATH)")
     for obj in extra:
-        pm.register(obj, name=getattr(obj, "__name__", None) or type(obj).__name__)
-    # A misspelled hook (e.g. ``register_task``) fails here, loudly.
-    pm.check_pending()
+        add(getattr(obj, "__name__", None) or type(obj).__name__, lambda o=obj: o, "cannot register")
+    _drop_invalid(pm, broken)
     return pm
+
+
+def _drop_invalid(pm: pluggy.PluginManager, broken: dict) -> None:
+    """pluggy's validation (a misspelled hook such as ``register_task``), plugin by plugin: each plugin
+    it rejects is unregistered and listed as broken, and the rest is checked again."""
+    while True:
+        try:
+            pm.check_pending()
+            return
+        except pluggy.PluginValidationError as e:
+            name = pm.get_name(e.plugin) or repr(e.plugin)
+            broken[name] = f"invalid hook: {shorten(str(e), 300)}"
+            pm.unregister(e.plugin)
+
+
+def broken_plugins(pm: pluggy.PluginManager | None) -> dict[str, str]:
+    """Plugins left out because they failed to import, validate or register: name -> error."""
+    return getattr(pm, "ftbench_broken", {}) if pm is not None else {}

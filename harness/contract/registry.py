@@ -11,6 +11,8 @@ import pluggy
 from ftbench.harness.contract.api import BackendSpec, FtbenchError, ModelPreset, Task, Unavailable
 from ftbench.harness.contract.plugins import get_plugin_manager
 from ftbench.harness.contract.sinks import SinkSpec
+from ftbench.harness.contract.format import shorten, shown
+from ftbench.harness.contract.plugins import broken_plugins, get_plugin_manager
 
 
 class DuplicateName(FtbenchError):
@@ -56,23 +58,42 @@ class Registry:
             # Call each implementation separately so we know who registered what.
             for impl in hook.get_hookimpls():
                 plugin = pm.get_name(impl.plugin) or repr(impl.plugin)
+                if plugin in broken_plugins(pm):
+                    continue
                 _refuse_wrapper(impl, hook_name, plugin)
-                impl.function(register=_registrar(table, kind, plugin))
+                try:
+                    impl.function(register=_registrar(table, kind, plugin))
+                except DuplicateName:
+                    raise  # two plugins disagree: the user must choose (the message names both)
+                except Exception as e:  # noqa: BLE001 - one plugin's bug leaves the others working
+                    reg._set_broken(plugin, f"{hook_name} raised {type(e).__name__}: {shorten(str(e), 300)}")
         return reg
+
+    @property
+    def broken(self) -> dict[str, str]:
+        """Plugins left out, with their errors (listed by ``ftbench list``)."""
+        return broken_plugins(self.pm)
+
+    def _set_broken(self, plugin: str, error: str) -> None:
+        # What the plugin registered before it failed goes too: it is broken as a whole.
+        self.broken[plugin] = error
+        for table in (self.tasks, self.backends, self.models, self.sinks):
+            for name in [n for n, e in table.items() if e.plugin == plugin]:
+                del table[name]
 
     # ------------------------------------------------------------ lookups
 
     def task(self, name: str) -> Task:
-        return _lookup(self.tasks, name, "task", "--task").obj
+        return _lookup(self.tasks, name, "task", "--task", self.broken).obj
 
     def backend(self, name: str) -> BackendSpec:
-        return _lookup(self.backends, name, "backend", "--backend").obj
+        return _lookup(self.backends, name, "backend", "--backend", self.broken).obj
 
     def model(self, name: str) -> ModelPreset:
-        return _lookup(self.models, name, "model preset", "--model").obj
+        return _lookup(self.models, name, "model preset", "--model", self.broken).obj
 
     def sink(self, name: str) -> SinkSpec:
-        return _lookup(self.sinks, name, "sink", "--sink").obj
+        return _lookup(self.sinks, name, "sink", "--sink", self.broken).obj
 
     def backend_availability(self, name: str, options: dict | None = None) -> str | None:
         """None if the backend can run here, else why not (with the install hint)."""
@@ -113,11 +134,13 @@ def _registrar(table: dict, kind: type, plugin: str):
     return register
 
 
-def _lookup(table: dict[str, Entry], name: str, what: str, flag: str) -> Entry:
+def _lookup(table: dict[str, Entry], name: str, what: str, flag: str, broken: dict | None = None) -> Entry:
     if name in table:
         return table[name]
-    close = difflib.get_close_matches(name, list(table), n=1)
+    close = difflib.get_close_matches(str(name)[:100], list(table), n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     available = ", ".join(sorted(table)) or "(none: are the plugins blocked?)"
-    raise FtbenchError(f"unknown {what} {name!r}.{hint} Available: {available}. "
+    left_out = (f" Broken plugins, left out (their {what}s are missing): "
+                f"{'; '.join(f'{p}: {e}' for p, e in sorted(broken.items()))}." if broken else "")
+    raise FtbenchError(f"unknown {what} {shown(name)}.{hint} Available: {available}.{left_out} "
                        f"Run 'ftbench list' to see them, then pass one to {flag}.")

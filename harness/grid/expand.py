@@ -25,13 +25,19 @@ from ftbench.harness.contract.targets import check_grid_targets, target_for_task
 
 AXES = ("task", "backend", "model", "data")
 CELL_SETTINGS = ("nproc", "time_limit_s", "memory_limit_mb", "eval_examples", "device", "columns", "launcher",
-                 "eval_every", "stop_at_target", "profile_steps", "cpu_memory")
+                 "eval_every", "stop_at_target", "profile_steps", "cpu_memory", "trust_remote_code")
 #: Settings a grid may sweep as extra axes: the recipe, and the rank count.
 SWEEPABLE = tuple(RECIPE_FIELDS) + ("nproc", "eval_examples")
 #: Settings a ``per_cell`` rule may set: how a cell runs, never what it computes.
 PER_CELL_SETTINGS = ("time_limit_s", "memory_limit_mb", "eval_examples", "device", "launcher", "eval_every", "cpu_memory",
                      "profile_steps")
 AUTO_MODEL = "auto"
+#: Ranks per node, far past any machine (a typo costs an error line).
+MAX_NPROC = 1024
+#: A grid of more cells runs only when confirmed (``--yes`` or the grid key ``max_cells``).
+LARGE_GRID = 500
+#: Cells between two progress lines while a large grid expands.
+PROGRESS_EVERY = 5000
 
 
 @dataclass
@@ -58,9 +64,44 @@ class Grid:
     slurm: dict | None = None
     #: Quality targets, ``[TASK:]METRIC=VALUE`` (see :mod:`ftbench.harness.contract.targets`).
     targets: list[str] = field(default_factory=list)
+    #: The most cells the grid's author expects (grid key ``max_cells``); past :data:`LARGE_GRID`
+    #: cells, a grid runs only with it (or ``--yes``), see :meth:`check_size`.
+    max_cells: int | None = None
 
-    def cells(self, registry) -> list[CellSpec]:
+    def size(self, registry) -> int:
+        """How many cells the grid expands to at most (exclusions not yet taken off), computed
+        without expanding it.
+
+        Example: 2 tasks x 3 backends x a sweep of 4 values x repeat 5 gives 120.
+        """
+        n = self.repeat
+        for a in AXES:
+            values = list(self.axes.get(a) or []) or ["-"]
+            if a == "task":
+                values = _expand_all(values, lambda: list(registry.tasks))
+            elif a == "backend":
+                values = _expand_all(values, lambda: available_backends(registry))
+            n *= len(values)
+        for values in self.sweep.values():
+            n *= len(values)
+        return n
+
+    def check_size(self, registry, confirmed: bool) -> int:
+        """Refuse a grid of more than :data:`LARGE_GRID` cells unless confirmed (``--yes``) or
+        declared (``max_cells``); the cell count otherwise."""
+        n = self.size(registry)
+        if n > LARGE_GRID and not confirmed and (self.max_cells is None or n > self.max_cells):
+            sizes = " x ".join(f"{len(v)} {k}" for k, v in {**self.axes, **self.sweep}.items() if len(v) > 1)
+            declared = f" (its max_cells is {self.max_cells:,})" if self.max_cells is not None else ""
+            raise FtbenchError(f"{self.source or 'the grid'} expands to up to {n:,} cells ({sizes or 'axes'} x "
+                               f"repeat {self.repeat}){declared}, more than {LARGE_GRID} without asking; pass "
+                               f"--yes (or put max_cells: {n} in the grid file) to run it, or narrow the grid")
+        return n
+
+    def cells(self, registry, progress=None) -> list[CellSpec]:
         """Every cell of the grid, repeats included, in axis order.
+
+        ``progress(done, total)`` hears about a large expansion as it goes.
 
         Example: ``Grid(axes={"task": ["generation"], "backend": ["eager"]},
         sweep={"lr": [1e-3, 3e-3]}, repeat=2).cells(reg)`` gives 4 cells.
@@ -72,18 +113,26 @@ class Grid:
             check_grid_targets(self.targets, [registry.task(n) for n in sorted(tasks)])
         base_settings = {k: v for k, v in self.settings.items() if k not in self.sweep}
         sweep_keys = list(self.sweep)
-        cells = []
+        cells: list[CellSpec] = []
+        total = self.size(registry) if progress else 0
+        made = [0]
+
+        def tell():
+            made[0] += 1
+            if made[0] % PROGRESS_EVERY == 0:
+                progress(made[0], total)
+        tell = tell if progress and total > LARGE_GRID else None
         for values in itertools.product(*(self.sweep[k] for k in sweep_keys)):
             point = dict(zip(sweep_keys, values))
             try:
-                cells += self._cells_at({**base_settings, **point}, point, registry)
+                cells += self._cells_at({**base_settings, **point}, point, registry, tell)
             except FtbenchError as e:
                 if not where or str(e).startswith(where):
                     raise
                 raise FtbenchError(f"{where}{e}") from None
         return reference_first(cells, registry)
 
-    def _cells_at(self, settings: dict, point: dict, registry) -> list[CellSpec]:
+    def _cells_at(self, settings: dict, point: dict, registry, tell=None) -> list[CellSpec]:
         axes = {a: list(self.axes.get(a) or []) for a in AXES}
         axes["model"] = axes["model"] or [AUTO_MODEL]
         axes["data"] = axes["data"] or ["builtin"]
@@ -105,8 +154,8 @@ class Grid:
             raise FtbenchError(f"invalid recipe setting: {e}") from None
         cell_kw = {k: v for k, v in settings.items() if k in CELL_SETTINGS}
         nproc = int(cell_kw.pop("nproc", 1) or 1)
-        if nproc < 1:
-            raise FtbenchError(f"invalid nproc={nproc}: must be >= 1")
+        if not 1 <= nproc <= MAX_NPROC:
+            raise FtbenchError(f"invalid nproc={nproc}: must be from 1 to {MAX_NPROC} (ranks per node)")
         if "columns" in cell_kw:
             cell_kw["columns"] = tuple(sorted(dict(cell_kw["columns"]).items()))
         cells = []
@@ -132,6 +181,8 @@ class Grid:
             for r in range(self.repeat):
                 cells.append(CellSpec(task=task, backend=backend, model=model, data=data, recipe=cell_recipe,
                                       nproc=nproc if bspec.data_parallel else 1, repeat=r, target=target, **own))
+                if tell:
+                    tell()
         # Sweeping nproc over a single-process backend would repeat the same cell.
         seen, unique = set(), []
         for c in cells:

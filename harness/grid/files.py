@@ -24,41 +24,64 @@ from __future__ import annotations
 import difflib
 import hashlib
 import re
+import tomllib
 import typing
 from importlib import resources
 from pathlib import Path
 
+import yaml
+
 from ftbench.harness.contract.api import FtbenchError
+from ftbench.harness.contract.format import shorten, shown
 from ftbench.harness.contract.config import RECIPE_FIELDS, Recipe
 from ftbench.harness.grid.expand import (AXES, CELL_SETTINGS, INTERLEAVED, ORDERS, PER_CELL_SETTINGS, SWEEPABLE,
                                         Grid)
 
 DEFAULT_GRID = "default_grid.yaml"
 TOP_KEYS = set(AXES) | {"settings", "exclude", "repeat", "sweep", "time_limit", "per_cell", "target", "order",
-                        "launcher", "slurm"}
+                        "launcher", "slurm", "max_cells"}
 LAUNCHERS = ("local", "slurm")
 SETTING_KEYS = set(RECIPE_FIELDS) | set(CELL_SETTINGS)
 _RECIPE_TYPES = typing.get_type_hints(Recipe)
 _CELL_TYPES = {"nproc": int, "time_limit_s": float, "memory_limit_mb": float, "eval_examples": int, "device": str,
                "eval_every": int, "stop_at_target": bool, "profile_steps": int,
-               "cpu_memory": str}
+               "cpu_memory": str, "trust_remote_code": bool}
+
+
+#: The most a grid file may hold: its bytes, and its YAML values once aliases are expanded.  A grid of
+#: a thousand cells is a few kilobytes; these bounds keep a hostile file's cost to milliseconds.
+MAX_GRID_BYTES = 1 << 20
+MAX_GRID_NODES = 100_000
+#: Repeats of one cell: enough for any noise study.
+MAX_REPEAT = 1000
+
+
+def read_grid_file(path: Path) -> str:
+    """A grid file's text: refused when too large or not UTF-8, before any parsing."""
+    size = path.stat().st_size
+    if size > MAX_GRID_BYTES:
+        raise FtbenchError(f"grid file {path} is {size:,} bytes, over the {MAX_GRID_BYTES:,} a grid file may "
+                           "have; a grid lists axes and settings (see grids/), not data")
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise FtbenchError(f"grid file {path} is not UTF-8 text (byte {e.start}, line {line}: "
+                           f"{raw[e.start:e.start + 4]!r}); save it as UTF-8") from None
 
 
 def load_grid_text(text: str, name: str) -> dict:
+    if len(text) > MAX_GRID_BYTES:
+        raise FtbenchError(f"grid file {name} is {len(text):,} characters, over the {MAX_GRID_BYTES:,} a grid "
+                           "file may have")
     if name.endswith(".toml"):
-        import tomllib
-
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
             raise FtbenchError(f"grid file {name}: invalid TOML: {e}") from None
     else:
-        import yaml
-
-        try:
-            data = yaml.safe_load(text)  # safe: a grid file can never run code
-        except yaml.YAMLError as e:
-            raise FtbenchError(f"grid file {name}: invalid YAML: {e}") from None
+        data = _safe_yaml(text, name)
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -66,17 +89,52 @@ def load_grid_text(text: str, name: str) -> dict:
     return data
 
 
+def _safe_yaml(text: str, name: str):
+    """``yaml.safe_load`` (a grid file can never run code), refusing a document whose aliases expand
+    past :data:`MAX_GRID_NODES` values (a few hundred bytes of nested aliases can stand for billions)."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is not None:
+            size = _expanded_size(node, {})
+            if size > MAX_GRID_NODES:
+                raise FtbenchError(f"grid file {name}: its YAML expands to {size:,} values (aliases repeat "
+                                   f"what they point to), over the {MAX_GRID_NODES:,} a grid may have; write "
+                                   "the grid without nested aliases")
+        return loader.construct_document(node) if node is not None else None
+    except yaml.YAMLError as e:
+        raise FtbenchError(f"grid file {name}: invalid YAML: {shorten(str(e), 400)}") from None
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(node, memo: dict) -> int:
+    """Values the node stands for once every alias is expanded; each distinct node is visited once."""
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    memo[key] = 1  # a recursive alias counts once here; the constructor handles recursion itself
+    if isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_expanded_size(child, memo) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size = 1 + sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
+    else:
+        size = 1
+    memo[key] = size
+    return size
+
+
 def _unknown(name: str, where: str, keys, allowed) -> None:
     """Raise naming the first unknown key, the closest allowed one and all allowed ones."""
     bad = sorted(set(keys) - set(allowed), key=str)
     if not bad:
         return
-    close = difflib.get_close_matches(str(bad[0]), [str(a) for a in allowed], n=1)
+    close = difflib.get_close_matches(str(bad[0])[:100], [str(a) for a in allowed], n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     if where == "" and str(bad[0]) in SETTING_KEYS:
         hint = f" (a setting: put it under 'settings:', or under 'sweep:' to vary it)"
     place = f" in {where}" if where else ""
-    raise FtbenchError(f"grid file {name}: unknown key {bad[0]!r}{place}{hint}; allowed: "
+    raise FtbenchError(f"grid file {name}: unknown key {shown(bad[0])}{place}{hint}; allowed: "
                        f"{', '.join(sorted(map(str, allowed)))}")
 
 
@@ -89,7 +147,7 @@ def parse_duration(value, what: str) -> float:
         return float(value)
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([smh]?)\s*", str(value)) if isinstance(value, str) else None
     if not m or float(m.group(1)) <= 0:
-        raise FtbenchError(f"{what}: invalid duration {value!r}; write seconds (900) or 90s, 15m, 1.5h")
+        raise FtbenchError(f"{what}: invalid duration {shown(value)}; write seconds (900) or 90s, 15m, 1.5h")
     return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
 
 
@@ -97,23 +155,28 @@ def coerce_setting(key: str, value, where: str):
     """Check one setting's type (YAML reads ``1e-3`` as a string; accept it as a number)."""
     if key in ("time_limit_s",) and isinstance(value, str):
         return parse_duration(value, f"{where}{key}")
+    if key == "columns":
+        if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            raise FtbenchError(f"{where}columns must be a mapping of task field to data column, e.g. "
+                               f"{{text: review, label: stars}}; got {shown(value)}")
+        return value
     want = _RECIPE_TYPES.get(key) or _CELL_TYPES.get(key)
     if want is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise FtbenchError(f"{where}{key} must be an integer, got {value!r}")
+            raise FtbenchError(f"{where}{key} must be an integer, got {shown(value)}")
     elif want is float:
         if isinstance(value, str):
             try:
                 value = float(value)
             except ValueError:
-                raise FtbenchError(f"{where}{key} must be a number, got {value!r}") from None
+                raise FtbenchError(f"{where}{key} must be a number, got {shown(value)}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise FtbenchError(f"{where}{key} must be a number, got {value!r}")
+            raise FtbenchError(f"{where}{key} must be a number, got {shown(value)}")
         value = float(value)
     elif want is str and not isinstance(value, str):
-        raise FtbenchError(f"{where}{key} must be a string, got {value!r}")
+        raise FtbenchError(f"{where}{key} must be a string, got {shown(value)}")
     elif want is bool and not isinstance(value, bool):
-        raise FtbenchError(f"{where}{key} must be true or false, got {value!r}")
+        raise FtbenchError(f"{where}{key} must be true or false, got {shown(value)}")
     return value
 
 
@@ -130,15 +193,19 @@ def grid_from_dict(data: dict, name: str) -> Grid:
     exclude = _exclude(data, name, sweep, match_keys)
     rules = _per_cell(data, name, match_keys)
     repeat = data.get("repeat", 1)
-    if not isinstance(repeat, int) or isinstance(repeat, bool) or repeat < 1:
-        raise FtbenchError(f"grid file {name}: repeat must be an integer >= 1, got {repeat!r}")
+    if not isinstance(repeat, int) or isinstance(repeat, bool) or not 1 <= repeat <= MAX_REPEAT:
+        raise FtbenchError(f"grid file {name}: repeat must be an integer >= 1 and at most {MAX_REPEAT}, got {shown(repeat)}")
     order = data.get("order", INTERLEAVED)
     if order not in ORDERS:
-        raise FtbenchError(f"grid file {name}: order must be one of {', '.join(ORDERS)}, got {order!r}")
+        raise FtbenchError(f"grid file {name}: order must be one of {', '.join(ORDERS)}, got {shown(order)}")
     launcher, slurm = _launcher(data, name)
+    max_cells = data.get("max_cells")
+    if max_cells is not None and (not isinstance(max_cells, int) or isinstance(max_cells, bool) or max_cells < 1):
+        raise FtbenchError(f"grid file {name}: max_cells must be an integer >= 1 (the most cells this grid may "
+                           f"expand to), got {shown(max_cells)}")
     return Grid(axes=axes, settings=settings, exclude=exclude, repeat=repeat, sweep=sweep, per_cell=rules,
                 order=order, source=f"grid file {name}", targets=_targets(data, name), launcher=launcher,
-                slurm=slurm)
+                slurm=slurm, max_cells=max_cells)
 
 
 def _targets(data: dict, name: str) -> list[str]:
@@ -153,7 +220,7 @@ def _targets(data: dict, name: str) -> list[str]:
     if isinstance(v, dict) and all(isinstance(k, str) and isinstance(x, str) for k, x in v.items()):
         return [f"{task}:{target}" for task, target in v.items()]
     raise FtbenchError(f"grid file {name}: target must be a string like perplexity=20, a list of them, or a "
-                       f"mapping of task to target like {{generation: perplexity=20}}, got {v!r}")
+                       f"mapping of task to target like {{generation: perplexity=20}}, got {shown(v)}")
 
 
 def _axes(data: dict, name: str) -> dict:
@@ -165,7 +232,7 @@ def _axes(data: dict, name: str) -> dict:
         if isinstance(v, str):
             v = [v]
         if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
-            raise FtbenchError(f"grid file {name}: {a} must be a list of strings, got {v!r}")
+            raise FtbenchError(f"grid file {name}: {a} must be a list of strings, got {shown(v)}")
         if not v:
             raise FtbenchError(f"grid file {name}: {a} is an empty list; list at least one {a}")
         axes[a] = v
@@ -175,7 +242,7 @@ def _axes(data: dict, name: str) -> dict:
 def _settings(data: dict, name: str) -> dict:
     settings = data.get("settings") or {}
     if not isinstance(settings, dict):
-        raise FtbenchError(f"grid file {name}: settings must be a mapping, got {settings!r}")
+        raise FtbenchError(f"grid file {name}: settings must be a mapping, got {shown(settings)}")
     _unknown(name, "settings", settings, SETTING_KEYS)
     settings = {k: coerce_setting(k, v, f"grid file {name}: settings.") for k, v in settings.items()}
     if "time_limit" in data:
@@ -191,7 +258,7 @@ def _sweep(data: dict, name: str, settings: dict) -> dict:
     _unknown(name, "sweep", sweep, SWEEPABLE)
     for k, values in sweep.items():
         if not isinstance(values, list) or not values:
-            raise FtbenchError(f"grid file {name}: sweep.{k} must be a non-empty list of values, got {values!r}")
+            raise FtbenchError(f"grid file {name}: sweep.{k} must be a non-empty list of values, got {shown(values)}")
         sweep[k] = [coerce_setting(k, v, f"grid file {name}: sweep.") for v in values]
         if k in settings:
             raise FtbenchError(f"grid file {name}: {k} is both in settings and in sweep; keep one")
@@ -237,7 +304,7 @@ def _launcher(data: dict, name: str) -> tuple[str | None, dict | None]:
     """``launcher: local|slurm`` and the ``slurm:`` mapping (checked now, used with the slurm launcher)."""
     launcher = data.get("launcher")
     if launcher is not None and launcher not in LAUNCHERS:
-        raise FtbenchError(f"grid file {name}: launcher must be one of {', '.join(LAUNCHERS)}, got {launcher!r} "
+        raise FtbenchError(f"grid file {name}: launcher must be one of {', '.join(LAUNCHERS)}, got {shown(launcher)} "
                            "(multi-node settings such as nnodes go under settings.launcher)")
     slurm = data.get("slurm")
     if slurm is not None:
@@ -254,7 +321,9 @@ def build_grid(grid_file: str | None, cli_axes: dict, overrides: dict) -> Grid:
         path = Path(grid_file)
         if not path.exists():
             raise FtbenchError(f"grid file {grid_file} does not exist")
-        grid = grid_from_dict(load_grid_text(path.read_text(), str(path)), str(path))
+        if not path.is_file():
+            raise FtbenchError(f"grid file {grid_file} is not a file; pass a YAML or TOML grid file")
+        grid = grid_from_dict(load_grid_text(read_grid_file(path), str(path)), str(path))
     elif not given_axes.get("task") and not given_axes.get("backend"):
         text = resources.files("ftbench.harness.grid").joinpath(DEFAULT_GRID).read_text()
         grid = grid_from_dict(load_grid_text(text, DEFAULT_GRID), DEFAULT_GRID)
@@ -270,8 +339,8 @@ def build_grid(grid_file: str | None, cli_axes: dict, overrides: dict) -> Grid:
         grid.settings.pop("seed", None)
     repeat = overrides.pop("repeat", None)
     if repeat is not None:
-        if repeat < 1:
-            raise FtbenchError(f"invalid --repeat {repeat}: must be >= 1")
+        if not 1 <= repeat <= MAX_REPEAT:
+            raise FtbenchError(f"invalid --repeat {shown(repeat)}: must be >= 1 and at most {MAX_REPEAT}")
         grid.repeat = repeat
     order = overrides.pop("order", None)
     if order is not None:
@@ -300,7 +369,7 @@ def select_shard(cells: list, shard: str) -> list:
     except ValueError:
         i = n = 0
     if not (n >= 1 and 1 <= i <= n):
-        raise FtbenchError(f"invalid --shard {shard!r}: write i/N with 1 <= i <= N, e.g. --shard 1/4")
+        raise FtbenchError(f"invalid --shard {shown(shard)}: write i/N with 1 <= i <= N, e.g. --shard 1/4")
     ids = sorted({c.cell_id for c in cells}, key=lambda cid: (hashlib.sha256(cid.encode()).hexdigest(), cid))
     mine = {cid for k, cid in enumerate(ids) if k % n == i - 1}
     return [c for c in cells if c.cell_id in mine]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 
+from ftbench.harness.cell.remote_code import hf_kwargs
 from ftbench.harness.contract.lora_options import is_lora, parse_lora, require_peft
 
 
@@ -33,7 +34,7 @@ def check_finetuning(reg, cell, resolved, skeletons: dict) -> None:
     if recipe.packing:
         from ftbench.harness.cell.packing import check_can_pack
 
-        kind = _model_kind(reg, cell.model, task)
+        kind = _model_kind(reg, cell.model, task, cell.trust_remote_code)
         if kind is not None:
             check_can_pack(task.head, kind, resolved.task_name, cell.model)
     if is_lora(recipe.tuning):
@@ -41,24 +42,24 @@ def check_finetuning(reg, cell, resolved, skeletons: dict) -> None:
         opts = parse_lora(recipe.tuning)
         key = (cell.model, task.head)
         if key not in skeletons:
-            skeletons[key] = _skeleton(reg, cell.model, task)
+            skeletons[key] = _skeleton(reg, cell.model, task, cell.trust_remote_code)
         if skeletons[key] is not None:
             from ftbench.harness.cell.lora import resolve_targets
 
             resolve_targets(skeletons[key], opts)
 
 
-def _model_kind(reg, name: str, task) -> str | None:
+def _model_kind(reg, name: str, task, trusted: bool = False) -> str | None:
     if name in reg.models:
         return reg.model(name).kind
     if os.path.isdir(name):
         from ftbench.harness.cell.modeling import resolve_model
 
-        return resolve_model(name, reg, task).kind
+        return resolve_model(name, reg, task, trusted).kind
     return None
 
 
-def _skeleton(reg, name: str, task):
+def _skeleton(reg, name: str, task, trusted: bool = False):
     """The model's modules on the meta device (no memory, no weights read); None for a hub id."""
     import torch
 
@@ -72,8 +73,8 @@ def _skeleton(reg, name: str, task):
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, \
             AutoModelForSequenceClassification
 
-        config = AutoConfig.from_pretrained(name)
-        kind = _model_kind(reg, name, task)
+        config = AutoConfig.from_pretrained(name, **hf_kwargs(trusted))
+        kind = _model_kind(reg, name, task, trusted)
         cls = (AutoModelForSequenceClassification if task.head == "classification" else
                AutoModelForSeq2SeqLM if kind == ENCODER_DECODER else AutoModelForCausalLM)
-        return cls.from_config(config)
+        return cls.from_config(config, **hf_kwargs(trusted))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from ftbench.harness.cell.remote_code import hf_kwargs
 from ftbench.harness.contract.api import ENCODER_DECODER, FtbenchError
 from ftbench.harness.contract.activations import BlockLayout
 from ftbench.harness.contract.gpus import BY_NAME, CUDA_CONTEXT_BYTES, Gpu, find
@@ -110,7 +111,7 @@ def _build_facts(reg, cell):
 
     tname, _ = cell.task_name_and_options()
     task = reg.task(tname)
-    source = resolve_model(cell.model, reg, task, describe_only=True)
+    source = resolve_model(cell.model, reg, task, cell.trust_remote_code, describe_only=True)
     tokenizer, labels = _preset_tokenizer(source, task, cell) if source.preset is not None else (None, None)
     with torch.device("meta"):
         if source.preset is not None:
@@ -137,11 +138,11 @@ def _from_config(source, task):
     from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM,
                               AutoModelForSequenceClassification)
 
-    config = AutoConfig.from_pretrained(source.path)  # a local directory (a hub id: its cached snapshot)
+    config = AutoConfig.from_pretrained(source.path, **hf_kwargs(source.trust_remote_code))  # a hub id: its cached snapshot
     if task.head == "classification":
-        return AutoModelForSequenceClassification.from_config(config)
+        return AutoModelForSequenceClassification.from_config(config, **hf_kwargs(source.trust_remote_code))
     cls = AutoModelForSeq2SeqLM if source.kind == ENCODER_DECODER else AutoModelForCausalLM
-    return cls.from_config(config)
+    return cls.from_config(config, **hf_kwargs(source.trust_remote_code))
 
 
 def _first(cfg, *names, default=None):

@@ -20,12 +20,18 @@ import math
 import os
 from pathlib import Path
 
+import torch
+
 from ftbench.harness.contract.api import FtbenchError
+from ftbench.harness.contract.format import shown
 from ftbench.harness.cell.hostalloc import MODES as CPU_MEMORY_MODES
+from ftbench.harness.grid.expand import MAX_NPROC
 from ftbench.harness.grid.finetune_checks import check_finetuning
 from ftbench.harness.contract.resolve import check_seq_len, resolve_cell
 
 DEVICES = ("auto", "cpu", "cuda")
+#: Held-out examples per evaluation, far past real use (a typo costs an error line, not a machine).
+MAX_EVAL_EXAMPLES = 10**6
 
 
 def check_cells(reg, cells, describe_only: bool = False) -> None:
@@ -40,7 +46,7 @@ def check_cells(reg, cells, describe_only: bool = False) -> None:
         resolved = resolve_cell(reg, cell)  # names, options, ranks, batch split: the worker's own rules
         _check_settings(cell)
         recipe = resolved.recipe
-        _check_model(reg, cell.model, resolved.task, positions, describe_only)
+        _check_model(reg, cell.model, resolved.task, positions, cell.trust_remote_code, describe_only)
         check_finetuning(reg, cell, resolved, skeletons)  # packing fits, LoRA options and targets
         check_seq_len(recipe.seq_len, positions.get(cell.model), cell.model)
         key = (cell.task, cell.data, cell.columns, recipe.seed, recipe.steps, recipe.batch_size, cell.eval_examples)
@@ -57,23 +63,28 @@ def check_cells(reg, cells, describe_only: bool = False) -> None:
 
 def _check_settings(cell) -> None:
     def bad(key, value, want):
-        raise FtbenchError(f"invalid {key}={value!r} (a grid file setting or its command-line flag): {want}")
+        raise FtbenchError(f"invalid {key}={shown(value)} (a grid file setting or its command-line flag): {want}")
 
     for key in ("time_limit_s", "memory_limit_mb"):
         v = getattr(cell, key)
         if v is not None and (not _is_number(v) or not v > 0):
             bad(key, v, "must be a number > 0, or left out for no limit")
-    if not _is_int(cell.eval_examples) or cell.eval_examples < 1:
-        bad("eval_examples", cell.eval_examples, "must be an integer >= 1")
+    if not _is_int(cell.eval_examples) or not 1 <= cell.eval_examples <= MAX_EVAL_EXAMPLES:
+        bad("eval_examples", cell.eval_examples, f"must be an integer from 1 to {MAX_EVAL_EXAMPLES:,}")
     if not _is_int(cell.eval_every) or cell.eval_every < 0:
         bad("eval_every", cell.eval_every, "must be an integer >= 0 (0: evaluate only after training)")
     if cell.stop_at_target and not cell.target:
         bad("stop_at_target", cell.stop_at_target, f"needs a target for task {cell.task!r}: add "
             "--target METRIC=VALUE (e.g. --target perplexity=20)")
-    if not _is_int(cell.nproc) or cell.nproc < 1:
-        bad("nproc", cell.nproc, "must be an integer >= 1")
+    if not _is_int(cell.nproc) or not 1 <= cell.nproc <= MAX_NPROC:
+        bad("nproc", cell.nproc, f"must be an integer from 1 to {MAX_NPROC} (ranks per node)")
     if cell.device not in DEVICES:
         bad("device", cell.device, f"choose one of {', '.join(DEVICES)}")
+    if cell.device == "cuda" and not torch.cuda.is_available():
+        built = f"torch {torch.__version__} is built without CUDA" if torch.version.cuda is None else \
+            "no CUDA device is visible (driver, CUDA_VISIBLE_DEVICES?)"
+        bad("device", cell.device, f"{built}; use --device auto or cpu here, or run on a GPU machine with a CUDA "
+            "build of torch (docs/gpu.md)")
     if cell.cpu_memory not in CPU_MEMORY_MODES:
         bad("cpu_memory", cell.cpu_memory, f"choose {' or '.join(CPU_MEMORY_MODES)} (docs/memory.md)")
     if not isinstance(cell.launcher, dict):
@@ -88,7 +99,7 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _check_model(reg, name: str, task, positions: dict, describe_only: bool = False) -> None:
+def _check_model(reg, name: str, task, positions: dict, trusted: bool = False, describe_only: bool = False) -> None:
     if name in positions:
         return
     if name in reg.models:
@@ -97,7 +108,7 @@ def _check_model(reg, name: str, task, positions: dict, describe_only: bool = Fa
     elif os.path.isdir(name):
         from ftbench.harness.cell.modeling import resolve_model
 
-        kind = resolve_model(name, reg, task, describe_only).kind  # checks config (weights, tokenizer files)
+        kind = resolve_model(name, reg, task, trusted, describe_only).kind  # checks config, weights, tokenizer, code
         positions[name] = _config_positions(Path(name) / "config.json")
     else:
         from ftbench.harness.cell.modeling import check_model_name

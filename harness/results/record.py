@@ -46,6 +46,8 @@ def build_record(spec: CellSpec, outcome: CellOutcome, environment: dict, starte
         "started_at": _dt.datetime.fromtimestamp(started_at, _dt.timezone.utc).isoformat(),
         "recipe_defaults": spec.recipe.recipe_defaults,
         "config": spec.to_dict(),
+        # Where the cell's rendezvous store listened ({"store": {"bind", "port"}}); None for one process.
+        "launch": getattr(outcome, "launch", None),
         "environment": {**environment, "device": main.get("device") or {}},
     }
     record["mfu"], note = _mfu(record, len(ranks) == spec.nproc)

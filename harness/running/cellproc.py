@@ -25,7 +25,7 @@ import psutil
 
 from ftbench.harness.cell import reaper
 from ftbench.harness.running import launch
-from ftbench.harness.running.ranks import first_failure
+from ftbench.harness.running.ranks import first_failure, launch_details
 from ftbench.harness.contract.config import CellSpec
 
 #: Exit code conventions of the worker: 0 finished (ok/diverged/skipped), 1 failed.
@@ -122,6 +122,8 @@ class CellOutcome:
     stderr_tail: str = ""
     #: Processes still alive after the cell's main process ended on its own (killed by the driver).
     leftovers: list = field(default_factory=list)
+    #: How the cell was launched, e.g. where its rendezvous store listened (ranks.write_launch).
+    launch: dict | None = None
 
 
 def run_cell_process(spec: CellSpec, env_extra: dict | None = None, abort_if=None) -> CellOutcome:
@@ -176,12 +178,13 @@ def run_cell_process(spec: CellSpec, env_extra: dict | None = None, abort_if=Non
                 continue
         stderr_tail = _tail(stderr_path)
         culprit = first_failure(tmp)
+        launched = launch_details(tmp)
     status, error = _verdict(spec, proc.returncode, timed_out, watch.over_limit, ranks, stderr_tail, culprit)
     if aborted and status != "timeout":
         status, error = "error", aborted + (f" (first failure reported: {error})" if error else "")
     return CellOutcome(ranks=sorted(ranks, key=lambda r: r.get("rank", 0)), status=status, error=error,
                        wall_s=wall, returncode=proc.returncode, tree_peak_bytes=watch.peak_bytes,
-                       stderr_tail=stderr_tail, leftovers=leftovers if ended_by_itself else [])
+                       stderr_tail=stderr_tail, leftovers=leftovers if ended_by_itself else [], launch=launched)
 
 
 def _wait(proc, limit_s, abort_if) -> tuple[bool, str | None]:

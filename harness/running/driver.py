@@ -149,7 +149,8 @@ def run_cells(cells: list[CellSpec], out: str | os.PathLike, environment: dict, 
     summary = RunSummary()
     with OutputLock(out_dir):
         if group is not None:
-            group.rendezvous(cells)  # before anything is written: a mismatched grid leaves no trace
+            # Before anything is written: a mismatched grid leaves no trace.
+            group.rendezvous(cells, lambda line: progress and progress("note", 0, len(cells), None, line))
         try:
             _lead(cells, out_dir, environment, summary, force, fail_fast, progress, annotate, registry,
                   search_micro_batch, order, group)
@@ -227,6 +228,7 @@ def _measure_spread(spec: CellSpec, group, k: int, environment: dict) -> tuple[C
     started = time.time()
     outcome = run_cell_process(group.announce(k, spec, run=True), env_extra=group.cell_env(spec),
                                abort_if=group.leader_watch(k))
+    outcome.launch = group.launch_details(k)
     group.finished(k, outcome.status)
     record = build_record(spec, outcome, environment, started)
     record.update(memory_fields(None, spec))
@@ -246,7 +248,7 @@ def _existing(out_dir: Path, summary: RunSummary, progress, total: int) -> list[
 def _follow(cells, group, progress) -> RunSummary:
     """A node other than 0: run this node's share of each multi-node cell node 0 starts; record nothing."""
     summary = RunSummary()
-    group.rendezvous(cells)
+    group.rendezvous(cells, lambda line: progress and progress("note", 0, len(cells), None, line))
     pin_extensions_dir()  # as node 0 does: the ranks of one world build and load native ops alike
     shared = [c for c in cells if multi_node(c)]
     try:

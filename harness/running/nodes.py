@@ -8,7 +8,8 @@ multi-node cells, starting their share of each world when node 0 says so.
 
 They talk through a key-value store that node 0's driver hosts at
 ``--master-addr:--master-port`` (torch's ``TCPStore``, the store torchrun
-itself uses); each cell's own torchrun rendezvous gets a fresh port that
+itself uses), listening on the interface of ``--master-addr`` only
+(:mod:`ftbench.harness.running.listen`); each cell's own torchrun rendezvous gets a fresh port that
 node 0 picks and publishes.  At the first contact every node checks that
 all of them expanded the same grid (a fingerprint of the cell list) and
 refuses to start otherwise.  Every follower sends a heartbeat; node 0 ends
@@ -34,12 +35,16 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 from ftbench.harness.contract.api import FtbenchError
+from ftbench.harness.running.listen import bound_store
 
 #: How long the nodes wait for each other at the start of a grid (override: FTBENCH_RENDEZVOUS_TIMEOUT_S).
 RENDEZVOUS_TIMEOUT_S = 900.0
 #: A follower silent this long is taken for dead (override: FTBENCH_NODE_TIMEOUT_S).
 NODE_TIMEOUT_S = 30.0
 HEARTBEAT_S = 1.0
+#: How often a wait looks again, and the longest single connection try: the most a signal waits.
+POLL_S = 0.2
+CONNECT_TRY_S = 1.0
 
 
 class NodeLost(RuntimeError):
@@ -74,6 +79,20 @@ def _host_identity() -> str:
     return f"{socket.gethostname()}/{boot}"
 
 
+def _poll(ready, deadline: float) -> bool:
+    """Wait until ``ready()`` or the deadline, in short sleeps that a signal interrupts."""
+    while not ready():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(POLL_S)
+    return True
+
+
+def _clock(seconds_from_now: float) -> str:
+    """Local wall-clock time ``seconds_from_now`` ahead, as a progress line shows it."""
+    return time.strftime("%H:%M:%S", time.localtime(time.time() + seconds_from_now))
+
+
 def is_loopback(addr: str) -> bool:
     try:
         return ipaddress.ip_address(socket.gethostbyname(addr)).is_loopback
@@ -97,9 +116,12 @@ class NodeGroup:
     master_addr: str
     master_port: int
     store: object = None
+    #: Where node 0's store listens: {"bind": ADDRESS, "port": PORT} (node 0 only).
+    bind: dict | None = None
     #: node rank -> what that node said at the rendezvous (host, cpus, fingerprint).
     peers: dict = field(default_factory=dict)
     _beats: dict = field(default_factory=dict)
+    _cell_ports: dict = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
 
     @classmethod
@@ -120,14 +142,23 @@ class NodeGroup:
 
     # ------------------------------------------------------------ rendezvous
 
-    def rendezvous(self, cells) -> None:
-        """Meet the other nodes and check they expanded the same grid; raise :class:`FtbenchError` if not."""
-        from torch.distributed import TCPStore
+    def rendezvous(self, cells, say=None) -> None:
+        """Meet the other nodes and check they expanded the same grid; raise :class:`FtbenchError` if not.
 
+        Every wait here polls, so that Ctrl-C and SIGTERM end it at once (a
+        wait inside torch's store would hold the signal until its time-out),
+        and ``say(line)`` is told what this node waits for and until when.
+        """
         timeout = _env_float("FTBENCH_RENDEZVOUS_TIMEOUT_S", RENDEZVOUS_TIMEOUT_S)
+        deadline = time.monotonic() + timeout
+        say = say or (lambda line: None)
         try:
-            self.store = TCPStore(self.master_addr, self.master_port, None, self.leader,
-                                  timedelta(seconds=timeout), wait_for_workers=False)
+            if self.leader:
+                self.store, self.bind = bound_store(self.master_addr, self.master_port, None, timeout)
+            else:
+                say(f"node {self.node_rank}: connecting to node 0 at {self.master_addr}:{self.master_port} "
+                    f"until {_clock(timeout)} (Ctrl-C stops)")
+                self.store = self._connect(deadline)
         except Exception as e:  # noqa: BLE001 - torch raises RuntimeError/DistNetworkError variants
             where = "listen on" if self.leader else "reach node 0 at"
             raise FtbenchError(f"node {self.node_rank} could not {where} {self.master_addr}:{self.master_port} "
@@ -137,9 +168,11 @@ class NodeGroup:
               "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()}
         self.store.set(f"node/{self.node_rank}", json.dumps(me))
         keys = [f"node/{r}" for r in range(self.nnodes)]
-        try:
-            self.store.wait(keys, timedelta(seconds=timeout))
-        except Exception:  # noqa: BLE001
+        if not self.store.check(keys):
+            others = ", ".join(str(r) for r in range(self.nnodes) if r != self.node_rank)
+            say(f"node {self.node_rank}: waiting for node(s) {others} of {self.nnodes} at {self.master_addr}:"
+                f"{self.master_port} until {_clock(timeout)} (Ctrl-C stops)")
+        if not _poll(lambda: self.store.check(keys), deadline):
             missing = [k.split("/")[1] for k in keys if not self.store.check([k])]
             raise FtbenchError(f"node(s) {', '.join(missing)} of {self.nnodes} did not join within {timeout:g} s; "
                                "start every node with the same command (same grid, --nnodes, --master-addr, "
@@ -148,9 +181,24 @@ class NodeGroup:
         self.store.set(f"checked/{self.node_rank}", "1")
         if self.leader:
             # Hold the store open until every node has read what it needs, mismatch or not.
-            self.store.wait([f"checked/{r}" for r in range(self.nnodes)], timedelta(seconds=60))
+            checked = [f"checked/{r}" for r in range(self.nnodes)]
+            _poll(lambda: self.store.check(checked), time.monotonic() + 60)
         self._check_same_grid()
         self._start_heartbeat()
+
+    def _connect(self, deadline: float):
+        """A follower's client store, retried in short tries so that a signal is never held for long."""
+        from torch.distributed import TCPStore
+
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                return TCPStore(self.master_addr, self.master_port, None, False,
+                                timedelta(seconds=max(0.1, min(CONNECT_TRY_S, left))), wait_for_workers=False)
+            except Exception:  # noqa: BLE001 - node 0 not listening yet
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(POLL_S)
 
     def _check_same_grid(self) -> None:
         mine = self.peers[self.node_rank]
@@ -194,7 +242,13 @@ class NodeGroup:
             return spec
         port = free_port()
         self.store.set(f"cell/{k}", json.dumps({"cell_id": spec.cell_id, "repeat": spec.repeat, "port": port}))
+        self._cell_ports[k] = port
         return self.with_port(spec, port)
+
+    def launch_details(self, k: int) -> dict:
+        """For the record's ``launch``: where the grid's store and multi-node cell ``k``'s store listened."""
+        # The cell's own store is torchrun's, which listens on every interface (docs/reliability.md).
+        return {"grid_store": self.bind, "store": {"bind": "*", "port": self._cell_ports.get(k), "by": "torchrun"}}
 
     def finished(self, k: int, status: str) -> None:
         self._safe(lambda: self.store.set(f"end/{k}", status))

@@ -13,8 +13,10 @@ torchrun's part on one node:
   process group with ``init_method=env://``;
 * the rendezvous store is hosted by the leader on a port the kernel picks
   (``TCPStore(port=0)``, torchrun ``--standalone``'s way), so concurrent
-  cells on one machine never race for a port; the ranks connect to it as
-  clients (``TORCHELASTIC_USE_AGENT_STORE``);
+  cells on one machine never race for a port, and it listens on the
+  loopback interface only (:mod:`ftbench.harness.running.listen`); the ranks
+  connect to it as clients (``TORCHELASTIC_USE_AGENT_STORE``); where it
+  listened goes to ``RESULT_DIR/launch.json`` and the record's ``launch``;
 * ``OMP_NUM_THREADS``: as torchrun, a rank gets 1 thread when the variable
   is unset, else the variable's value (applied with ``torch.set_num_threads``:
   the OpenMP runtime read the environment when the server loaded it);
@@ -38,11 +40,12 @@ import sys
 from pathlib import Path
 
 from ftbench.harness.running.childexit import exit_child
+from ftbench.harness.running.listen import LOOPBACK, bound_store
 
 _PR_SET_PDEATHSIG = 1
 
 #: How a forked rank's process group finds the leader's store (torchrun's agent-store protocol).
-MASTER_ADDR = "127.0.0.1"
+MASTER_ADDR = LOOPBACK
 
 
 def rank_env(rank: int, nproc: int, port: int, environ: dict) -> dict:
@@ -76,13 +79,12 @@ def lead(argv: list[str], nproc: int, run_rank) -> int:
         pipes.append((rank, w))
         pids[pid] = rank
     # The store's server thread starts only now: nothing multi-threaded is ever forked.
-    from torch.distributed import TCPStore
-
-    store = TCPStore(MASTER_ADDR, 0, nproc, True, wait_for_workers=False)
+    store, where = bound_store(MASTER_ADDR, 0, nproc)
     for _, w in pipes:
         os.write(w, str(store.port).encode())
         os.close(w)
     result_dir = Path(argv[1])
+    write_launch(result_dir, {"store": where, "ranks": "forked"})
     first = None
     while pids:
         pid, status = os.waitpid(-1, 0)
@@ -171,6 +173,23 @@ def _write_first_failure(result_dir: Path, rank: int, nproc: int, code: int) -> 
         (result_dir / "first_failure.json").write_text(json.dumps({"rank": rank, "nproc": nproc, "exitcode": code}))
     except OSError:
         pass
+
+
+def write_launch(result_dir: Path, details: dict) -> None:
+    """How the cell was launched (where its store listened), for the record's ``launch``."""
+    try:
+        (result_dir / "launch.json").write_text(json.dumps(details))
+    except OSError:
+        pass
+
+
+def launch_details(result_dir: Path) -> dict | None:
+    """What :func:`write_launch` left, if anything."""
+    try:
+        details = json.loads((result_dir / "launch.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return details if isinstance(details, dict) else None
 
 
 def first_failure(result_dir: Path) -> dict | None:
