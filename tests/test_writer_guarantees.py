@@ -130,7 +130,14 @@ def _slurm_up() -> str | None:
     return _slurm_state["why"]
 
 
-@pytest.fixture(params=["local", "nodes", "slurm"])
+def on_launchers(*slow: str):
+    """Run the test once per launcher; those named in ``slow`` only under ``-m slow`` (the default suite
+    stays short, and each guarantee is still held by some launcher there)."""
+    return pytest.mark.parametrize("launcher", [pytest.param(name, marks=pytest.mark.slow) if name in slow else name
+                                                for name in ("local", "nodes", "slurm")], indirect=True)
+
+
+@pytest.fixture
 def launcher(request):
     if request.param == "slurm" and _slurm_up():
         pytest.skip(_slurm_up())
@@ -148,6 +155,7 @@ def _says(ran: Ran, *phrases: str) -> None:
 # ----------------------------------------------------------------- every launcher, for real
 
 
+@on_launchers("nodes")
 def test_records_carry_prediction_and_run_order_and_a_rerun_resumes(launcher, tmp_path, monkeypatch):
     out = tmp_path / "out"
     ran = launcher.run(GRID, out)
@@ -184,6 +192,7 @@ def test_records_carry_prediction_and_run_order_and_a_rerun_resumes(launcher, tm
     assert len(rr.problems) == 1 and not kept.exists()
 
 
+@on_launchers("nodes", "slurm")
 def test_fail_fast_stops_at_the_first_failed_cell(launcher, tmp_path):
     out = tmp_path / "out"
     args = ["--task", "generation", "--task", "classification", "--backend", "fault:kind=raise,at_step=0",
@@ -194,6 +203,7 @@ def test_fail_fast_stops_at_the_first_failed_cell(launcher, tmp_path):
     assert rec["status"] == "error" and rec["run_order"]["position"] == 1, rec
 
 
+@on_launchers()
 def test_a_locked_result_set_is_refused(launcher, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -204,6 +214,7 @@ def test_a_locked_result_set_is_refused(launcher, tmp_path):
     assert not (out / "environment.json").exists() and not (out / "results.jsonl").exists()
 
 
+@on_launchers()
 def test_a_symlinked_results_file_is_refused_and_its_target_untouched(launcher, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -219,6 +230,7 @@ def test_a_symlinked_results_file_is_refused_and_its_target_untouched(launcher, 
     assert elsewhere.read_text() == line and not (out / "environment.json").exists()
 
 
+@on_launchers("local", "nodes")  # local: also tests/test_full_disk.py
 def test_a_full_disk_keeps_the_record_and_exits_3(launcher, small_fs, tmp_path):
     out = small_fs / "out"
     if launcher.name == "slurm":
