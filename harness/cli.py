@@ -298,22 +298,23 @@ def _execute(reg, cells, out, view, how, force, fail_fast):
 
     ``how`` is (Slurm options or None, multi-node settings, repeat order, micro-batch search).
     """
-    from ftbench.harness.running.driver import run_cells
+    from ftbench.harness.running.driver import RunOptions, run_cells
     from ftbench.harness.running.nodes import NodeLost
+    from ftbench.harness.results.writer import WriteOptions
     from ftbench.harness.contract.environment import collect
     from ftbench.harness.results.parity import annotate_parity
     from ftbench.harness.results.recovery import EXIT_RESULTS_NOT_WRITTEN, ResultsNotWritten
     from rich.markup import escape
 
     slurm, nodes, order, search = how
+    write = WriteOptions(force=force, fail_fast=fail_fast, order=order, annotate=annotate_parity, registry=reg,
+                         progress=view.event)
     try:
         if slurm is not None:
             from ftbench.harness.running.slurm import run_cells_slurm
 
-            return run_cells_slurm(cells, out, collect(reg.pm), slurm, force=force, fail_fast=fail_fast,
-                                   progress=view.event, annotate=annotate_parity)
-        return run_cells(cells, out, collect(reg.pm), force=force, fail_fast=fail_fast, progress=view.event,
-                         annotate=annotate_parity, registry=reg, search_micro_batch=search, order=order, nodes=nodes)
+            return run_cells_slurm(cells, out, collect(reg.pm), slurm, write)
+        return run_cells(cells, out, collect(reg.pm), RunOptions(write, search_micro_batch=search, nodes=nodes))
     except KeyboardInterrupt as e:
         view.interrupted(out)
         sys.exit(128 + getattr(e, "signum", signal.SIGINT))

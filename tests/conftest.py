@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -90,3 +91,28 @@ def make_repo(tmp_path: Path, extra: tuple[str, ...] = ()) -> Path:
     subprocess.run(git + ["add", "-A"], check=True)
     subprocess.run(git + ["commit", "-qm", "base"], check=True)
     return repo
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 256 KiB tmpfs: room for the records of a small grid, until the test fills it."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a size-limited tmpfs here (needs root): {proc.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def fill_up(directory: Path) -> None:
+    """Write zeros into ``directory`` until its file system is full (it must be the small tmpfs)."""
+    with open(directory / "filler", "wb", buffering=0) as f:
+        try:
+            for _ in range(16384):  # at most 64 MiB: never fill a real disk if the mount went wrong
+                f.write(b"\0" * 4096)
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+            return
+    raise AssertionError(f"{directory} did not fill up: is it the small tmpfs?")

@@ -24,34 +24,10 @@ from ftbench.harness.results.recovery import (EXIT_RESULTS_NOT_WRITTEN, ResultsN
 from ftbench.harness.results.store import append_record, read_records
 from ftbench.harness.cell.reaper import DRIVER_PID_ENV
 
-from conftest import ROOT, ftbench, records
+from conftest import ROOT, fill_up, ftbench, records
 
 CELLS = ["--task", "generation", "--task", "classification", "--backend", "eager"]
 TINY = ["--steps", "4", "--warmup", "1", "--seq-len", "32", "--batch-size", "4", "--eval-examples", "8"]
-
-
-@pytest.fixture
-def small_fs(tmp_path):
-    """A 256 KiB tmpfs: room for the records of a small grid, until the test fills it."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a size-limited tmpfs here (needs root): {proc.stderr.strip()}")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
-
-
-def _fill(directory: Path) -> None:
-    with open(directory / "filler", "wb", buffering=0) as f:
-        try:
-            for _ in range(16384):  # at most 64 MiB: never fill a real disk if the mount went wrong
-                f.write(b"\0" * 4096)
-        except OSError as e:
-            assert e.errno == errno.ENOSPC
-            return
-    raise AssertionError(f"{directory} did not fill up: is it the small tmpfs?")
 
 
 def _processes_of(driver_pid: int) -> list[psutil.Process]:
@@ -75,7 +51,7 @@ def test_full_disk_keeps_the_record_stops_cleanly_and_resumes_elsewhere(small_fs
     while not (out / "environment.json").exists():  # preflight passed, the first cell is about to train
         assert run.poll() is None and time.time() < deadline, run.stdout.read()
         time.sleep(0.05)
-    _fill(small_fs)
+    fill_up(small_fs)
     output, _ = run.communicate(timeout=600)
 
     assert run.returncode == EXIT_RESULTS_NOT_WRITTEN, output

@@ -14,6 +14,8 @@ import pytest
 from click.testing import CliRunner
 
 import ftbench.harness.running.driver as driver
+from ftbench.harness.results.writer import WriteOptions
+from ftbench.harness.running.driver import RunOptions
 from ftbench.harness.running.cellproc import CellOutcome
 from ftbench.harness.cli import main
 from ftbench.harness.grid.files import build_grid, select_shard
@@ -77,7 +79,7 @@ def test_resume_runs_only_the_missing_cells(cells, tmp_path, monkeypatch):
     assert driver.run_cells(cells, out, ENV).skipped_done == len(cells) and third.ran == []
     forced = FakeRunner()
     monkeypatch.setattr(driver, "run_cell_process", forced)
-    driver.run_cells(cells, out, ENV, force=True)
+    driver.run_cells(cells, out, ENV, RunOptions(WriteOptions(force=True)))
     assert len(forced.ran) == len(cells)
 
 
@@ -182,7 +184,7 @@ def test_repeats_run_round_robin_by_default_and_back_to_back_on_request(cells, t
 
     seq = FakeRunner()
     monkeypatch.setattr(driver, "run_cell_process", seq)
-    driver.run_cells(cells, tmp_path / "seq", ENV, order="sequential")
+    driver.run_cells(cells, tmp_path / "seq", ENV, RunOptions(WriteOptions(order="sequential")))
     assert seq.ran == [(cid, r) for cid in ids for r in (0, 1)]
 
 

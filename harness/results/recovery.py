@@ -44,6 +44,8 @@ _CAUSES = {
     errno.ENOENT: ("{out} no longer exists (deleted or unmounted while the grid ran)", "recreate or remount it"),
     errno.EACCES: ("{out} is no longer writable", "restore write permission"),
     errno.EIO: ("the disk holding {out} reported an I/O error", "check the disk (dmesg)"),
+    errno.ELOOP: ("{out}/results.jsonl became a symbolic link while the grid ran (ftbench does not write "
+                  "through links)", "replace the link by a plain file"),
 }
 
 
@@ -88,14 +90,21 @@ def keep_record(out: str | os.PathLike, record: dict, environment: dict) -> Path
             path.mkdir(parents=True, exist_ok=True)
             env = path / "environment.json"
             if not env.exists():
-                env.write_text(json.dumps(environment, indent=2, default=str))
-            (path / "ORIGIN").write_text(f"{Path(out).resolve()}\n")
+                _write_here(env, json.dumps(environment, indent=2, default=str))
+            _write_here(path / "ORIGIN", f"{Path(out).resolve()}\n")
             append_record(path, record)
             return path
         except OSError:
             continue
     print(json.dumps(record, sort_keys=True, default=str), file=sys.stderr, flush=True)
     return None
+
+
+def _write_here(path: Path, text: str) -> None:
+    # Not through a link: a recovery set, like a result set, is written where it says it is.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
 
 
 def restore_into(out: Path) -> tuple[int, list[Path]]:

@@ -38,16 +38,16 @@ def _clean(value):
 
 
 def append_record(out_dir: str | os.PathLike, record: dict) -> None:
-    """Append one record durably."""
+    """Append one record durably (never through a symbolic link: that raises ``OSError`` ELOOP)."""
     line = (json.dumps(_clean(record), sort_keys=True, allow_nan=False) + "\n").encode()
     path = Path(out_dir) / RESULTS_FILE
     created = not path.exists()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     size = os.fstat(fd).st_size
     try:
         # If an earlier writer was killed mid-line, start on a fresh line so
         # the torn fragment stays one bad line instead of corrupting this one.
-        if size and not _ends_with_newline(path):
+        if size and os.pread(fd, 1, size - 1) != b"\n":
             line = b"\n" + line
         view = memoryview(line)
         while view:
@@ -68,6 +68,27 @@ def append_record(out_dir: str | os.PathLike, record: dict) -> None:
         _fsync_dir(path.parent)
 
 
+def end_torn_line(path: Path) -> bool:
+    """End a torn last line (a writer killed mid-append) with a newline; True when there was one.
+
+    The fragment stays, as one line that readers report and skip; what is
+    appended next starts on a line of its own.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return False
+    try:
+        size = os.fstat(fd).st_size
+        if not size or os.pread(fd, 1, size - 1) == b"\n":
+            return False
+        os.write(fd, b"\n")
+        os.fsync(fd)
+        return True
+    finally:
+        os.close(fd)
+
+
 def _fsync_dir(path: Path) -> None:
     # A new file's name lives in its directory: without this, a power cut can lose the whole file.
     try:
@@ -80,12 +101,6 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def _ends_with_newline(path: Path) -> bool:
-    with open(path, "rb") as f:
-        f.seek(-1, os.SEEK_END)
-        return f.read(1) == b"\n"
 
 
 @dataclass

@@ -10,7 +10,10 @@ from ftbench.harness.contract.format import fmt_bytes, fmt_num
 
 
 class RunView:
-    """Progress events from :func:`ftbench.harness.running.driver.run_cells`, rendered with rich."""
+    """Progress events from the launchers and their result-set writer, rendered with rich.
+
+    Example: ``RunView(console, 4, "runs/x").event("skip", 1, 4, spec, None)``.
+    """
 
     def __init__(self, console, total: int, out: str, follower: bool = False):
         self.con = console

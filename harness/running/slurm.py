@@ -4,11 +4,13 @@ The driver stays where the user started it (a login node): it submits the
 cells that are not yet in the result set as job arrays through
 `submitit <https://github.com/facebookincubator/submitit>`_, one array per
 shape of job (nodes x ranks), and writes each record itself as its job ends,
-with the local launcher's guarantees: one atomic append per record into the
-one ``results.jsonl``, resume skips finished cells, and a job that Slurm
+through the same :class:`~ftbench.harness.results.writer.ResultSetWriter` as
+the local launcher, so with the same guarantees (lock, environment, resume,
+recovered records put back, a full disk's record kept and exit 3, memory
+prediction and run order in every record, fail-fast).  A job that Slurm
 ends without a result (cancelled, preempted, timed out, out of memory, a
-failed node) becomes a record whose status says so.  Ctrl-C cancels every
-job this run submitted.
+failed node) becomes a record whose status says so.  Ctrl-C, fail-fast and
+a record that cannot be written cancel every job this run submitted.
 
 Inside a job, the cell runs exactly as on the local launcher (its own
 process tree, torchrun for several ranks); a multi-node job runs one task
@@ -23,7 +25,6 @@ Example::
 from __future__ import annotations
 
 import difflib
-import json
 import math
 import os
 import re
@@ -33,9 +34,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ftbench.harness.cell import reaper
 from ftbench.harness.contract.api import FtbenchError
+from ftbench.harness.contract.config import CellSpec
+from ftbench.harness.results.record import build_record
+from ftbench.harness.results.writer import ResultSetWriter, RunSummary, WriteOptions
+from ftbench.harness.running.cellproc import CellOutcome, run_cell_process
 
-#: Slurm job states that are final (squeue/scontrol/sacct spelling).
+#: Slurm job states of a job that has not ended yet (squeue/scontrol/sacct spelling).
 _ACTIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
            "RESIZING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT", "RESV_DEL_HOLD", "PREEMPTED_REQUEUE"}
 #: A job that ended without a result, by its final state: (record status, what happened).
@@ -165,16 +171,12 @@ def job_main(spec_dict: dict):
     In a multi-node job every node's task starts its share of the world and
     only the first node's task returns the outcome.
     """
-    from ftbench.harness.contract.config import CellSpec
-    from ftbench.harness.cell import reaper
-    from ftbench.harness.running.cellproc import run_cell_process
-
     reaper.become_subreaper()
     os.environ[reaper.DRIVER_PID_ENV] = str(os.getpid())  # the cell dies with the job
     spec = CellSpec.from_dict(spec_dict)
     node = {"job_id": os.environ.get("SLURM_JOB_ID"), "host": os.uname().nodename}
     if spec.nnodes > 1:
-        import submitit
+        import submitit  # optional dependency (ftbench[slurm]), installed only where Slurm is used
 
         env = submitit.JobEnvironment()
         port = 20000 + int(str(env.job_id).split("_")[0]) % 20000  # same on every node of the job
@@ -196,50 +198,34 @@ class _Pending:
     first_seen_ended: float | None = None
 
 
-def run_cells_slurm(cells, out, environment: dict, opts: SlurmOptions, *, force: bool = False,
-                    fail_fast: bool = False, progress=None, annotate=None):
+def run_cells_slurm(cells, out, environment: dict, opts: SlurmOptions,
+                    write: WriteOptions = WriteOptions()) -> RunSummary:
     """Submit every cell not already in ``out`` and append each record as its job ends."""
-    from ftbench.harness.results.store import append_record, finished_keys, read_records
-    from ftbench.harness.running.driver import OutputLock, RunSummary, _write_atomic, prepare_out_dir
-
-    out_dir = prepare_out_dir(out)
-    summary = RunSummary()
-    with OutputLock(out_dir):
-        _write_atomic(out_dir / "environment.json", json.dumps(environment, indent=2, default=str))
-        done = set() if force else finished_keys(out_dir)
-        earlier = []
-        if (out_dir / "results.jsonl").exists():
-            existing = read_records(out_dir)
-            earlier, summary.problems = existing.records, existing.problems
-            for problem in existing.problems if progress else ():
-                progress("problem", 0, len(cells), None, problem)
-        total = len(cells)
+    with ResultSetWriter(out, environment, cells, write) as writer:
+        writer.open()
         todo = []
-        for i, spec in enumerate(cells, start=1):
-            if (spec.cell_id, spec.repeat) in done:
-                summary.skipped_done += 1
-                if progress:
-                    progress("skip", i, total, spec, None)
+        for i, spec in writer.cells:
+            if writer.finished(spec):
+                writer.skip(i, spec)
             else:
                 todo.append((i, spec))
         if not todo:
-            return summary
-        pending = _submit(todo, out_dir, opts)
-        if progress:
-            progress("submitted", len(pending), total, None, sorted({_array_id(p.job) for p in pending}))
+            return writer.summary
+        pending = _submit(todo, writer.out_dir, opts)
+        if write.progress:
+            write.progress("submitted", len(pending), writer.total, None, sorted({_array_id(p.job) for p in pending}))
         try:
-            _collect(pending, cells, out_dir, environment, summary, earlier, fail_fast, progress, annotate,
-                     append_record)
+            _collect(pending, writer)
         except _FailFast:
             _cancel(pending)
         except BaseException:
-            _cancel(pending)  # Ctrl-C, SIGTERM or a bug: nothing this run submitted keeps running
+            _cancel(pending)  # Ctrl-C, SIGTERM, a record --out cannot take, or a bug: nothing keeps running
             raise
-    return summary
+    return writer.summary
 
 
 def _submit(todo, out_dir: Path, opts: SlurmOptions) -> list[_Pending]:
-    import submitit
+    import submitit  # optional dependency (ftbench[slurm]); check_slurm has made sure it is there
 
     folder = out_dir / "slurm" / time.strftime("%Y%m%d-%H%M%S")
     groups: dict = {}
@@ -269,10 +255,8 @@ def _submit(todo, out_dir: Path, opts: SlurmOptions) -> list[_Pending]:
     return pending
 
 
-def _collect(pending, cells, out_dir, environment, summary, earlier, fail_fast, progress, annotate, append):
-    from ftbench.harness.results.record import build_record
-
-    total = len(cells)
+def _collect(pending, writer: ResultSetWriter) -> None:
+    """Write each job's record through ``writer`` as it ends; raise :class:`_FailFast` when it says stop."""
     outcomes: dict = {}  # grid index -> (record, spec)
     waiting = {p.index for p in pending}
     by_fingerprint: dict = {}
@@ -287,7 +271,7 @@ def _collect(pending, cells, out_dir, environment, summary, earlier, fail_fast, 
             state = states.get(p.job.job_id, "UNKNOWN")
             if state == "RUNNING" and p.index not in started:
                 started[p.index] = time.time()
-            rec = _finished(p, state, environment, started.get(p.index), build_record)
+            rec = _finished(p, state, writer.environment, started.get(p.index))
             if rec is not None:
                 outcomes[p.index] = rec
         # Write in completion order, except that a cell waits for the earlier cells of its recipe
@@ -298,15 +282,8 @@ def _collect(pending, cells, out_dir, environment, summary, earlier, fail_fast, 
             record, spec = outcomes[index]
             if any(j < index and j in waiting for j in by_fingerprint[spec.fingerprint()]):
                 continue
-            if annotate:
-                annotate(record, earlier)
-            append(out_dir, record)
-            earlier.append(record)
-            summary.records.append(record)
             waiting.discard(index)
-            if progress:
-                progress("end", index, total, spec, record)
-            if fail_fast and record["status"] not in ("ok", "skipped"):
+            if writer.write(index, spec, record):
                 raise _FailFast()
         if waiting:
             time.sleep(1.0)
@@ -316,7 +293,7 @@ class _FailFast(Exception):
     pass
 
 
-def _finished(p: _Pending, state: str, environment: dict, started: float | None, build_record):
+def _finished(p: _Pending, state: str, environment: dict, started: float | None):
     """The record of a job that has ended, else None.
 
     Slurm's word wins over a failed cell's: a cancelled or timed-out job
@@ -332,7 +309,7 @@ def _finished(p: _Pending, state: str, environment: dict, started: float | None,
         except Exception as e:  # noqa: BLE001 - the job's own exception (e.g. ftbench not importable there)
             failure = f"Slurm job {job.job_id} failed: {str(e).strip().splitlines()[-1][:300]}"
         if outcome is not None and outcome.status == "ok":
-            return _from_outcome(p, outcome, node, environment, started, build_record), p.spec
+            return _from_outcome(p, outcome, node, environment, started), p.spec
     elif active:
         return None
     # Ended without a good outcome: give Slurm a moment to settle the job's final state (and a shared file
@@ -346,23 +323,20 @@ def _finished(p: _Pending, state: str, environment: dict, started: float | None,
         status, what = _ENDED[base]
         return _record_without_outcome(p, status, f"Slurm job {job.job_id} {what}", environment, base), p.spec
     if outcome is not None:
-        return _from_outcome(p, outcome, node, environment, started, build_record), p.spec
+        return _from_outcome(p, outcome, node, environment, started), p.spec
     if failure:
         return _record_without_outcome(p, "error", failure, environment, base), p.spec
     status, what = _ENDED.get(base, ("error", f"ended in state {base}"))
     return _record_without_outcome(p, status, f"Slurm job {job.job_id} {what}", environment, base), p.spec
 
 
-def _from_outcome(p: _Pending, outcome, node: dict, environment: dict, started, build_record) -> dict:
+def _from_outcome(p: _Pending, outcome, node: dict, environment: dict, started) -> dict:
     record = build_record(p.spec, outcome, environment, started or time.time() - outcome.wall_s)
     record["slurm"] = {"job_id": p.job.job_id, "state": "COMPLETED", "host": node.get("host")}
     return record
 
 
 def _record_without_outcome(p: _Pending, status: str, message: str, environment: dict, state: str) -> dict:
-    from ftbench.harness.results.record import build_record
-    from ftbench.harness.running.cellproc import CellOutcome
-
     log = _log_tail(p.job)
     outcome = CellOutcome(ranks=[], status=status, error=message, wall_s=0.0, returncode=None, tree_peak_bytes=0,
                           stderr_tail=log)
