@@ -11,9 +11,28 @@ import os
 import signal
 import sys
 
-import click
+from dataclasses import dataclass
 
+import click
+from rich.markup import escape
+
+from ftbench.harness.analysis.plan_view import plan_json, print_plans
 from ftbench.harness.contract.api import FtbenchError
+from ftbench.harness.contract.config import Launch
+from ftbench.harness.contract.environment import collect
+from ftbench.harness.contract.registry import Registry
+from ftbench.harness.grid.files import build_grid, parse_duration, select_shard
+from ftbench.harness.grid.memplan import plan_cell
+from ftbench.harness.grid.microbatch import AUTO, apply_micro_batch, parse_micro_batch
+from ftbench.harness.grid.preflight import check_cells
+from ftbench.harness.grid.request import GridRequest
+from ftbench.harness.results.parity import annotate_parity
+from ftbench.harness.results.recovery import EXIT_RESULTS_NOT_WRITTEN, ResultsNotWritten, check_free_space
+from ftbench.harness.running.driver import run_cells
+from ftbench.harness.running.nodes import NodeLost
+from ftbench.harness.running.progress import RunView
+from ftbench.harness.running.slurm import (SlurmOptions, check_slurm, options_from, parse_option_flags,
+                                           run_cells_slurm)
 
 EXIT_USAGE = 2
 EXIT_REGRESSION = 1
@@ -56,8 +75,6 @@ def main():
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def list_cmd(as_json):
     """Tasks, backends and model presets, which plugin gave each, and availability."""
-    from ftbench.harness.contract.registry import Registry
-
     reg = Registry.load()
     data = {
         "tasks": [{"name": e.name, "plugin": e.plugin, "metric": e.obj.metric,
@@ -162,39 +179,45 @@ def cell_options(f):
     return f
 
 
-def _cells_from_options(reg, grid_file, tasks, backends, models, datas, columns, shard, micro_batch, settings,
-                        on_grid=None):
-    """The checked cells of the grid the options describe, whether micro-batches are searched, and the grid.
+_LAUNCH_KEYS = ("nnodes", "node_rank", "master_addr", "master_port")
+#: Cell options the request holds in fields of their own (the rest are grid settings).
+_REQUEST_KEYS = ("grid_file", "tasks", "backends", "models", "datas", "columns", "shard", "micro_batch", "targets",
+                 "repeat", "seeds", *_LAUNCH_KEYS)
 
-    ``on_grid(grid)`` may adjust the grid before its cells are expanded (``run``'s launcher settings).
-    """
-    from ftbench.harness.grid.files import build_grid
-    from ftbench.harness.grid.microbatch import apply_micro_batch, parse_micro_batch
 
-    launcher = {k: settings.pop(k) for k in ("nnodes", "node_rank", "master_addr", "master_port")
-                if settings.get(k) is not None}
-    for k in ("nnodes", "node_rank", "master_addr", "master_port"):
-        settings.pop(k, None)
-    overrides = {k: v for k, v in settings.items() if v is not None and v != ()}
-    if columns:
-        overrides["columns"] = _parse_columns(columns)
-    if launcher:
-        overrides["launcher"] = launcher
-    micro = parse_micro_batch(micro_batch, overrides)
-    axes = {"task": list(tasks), "backend": list(backends), "model": list(models), "data": list(datas)}
-    grid = build_grid(grid_file, axes, overrides)
-    if on_grid:
-        on_grid(grid)
+def grid_request(cell: dict, **run_settings) -> GridRequest:
+    """The :class:`GridRequest` that the cell options (click's values, only read) and ``run``'s own
+    settings (``order``, ``profile_steps``; None: not given) describe."""
+    order = run_settings.pop("order", None)
+    settings = {k: v for k, v in cell.items() if k not in _REQUEST_KEYS and v is not None}
+    settings.update({k: v for k, v in run_settings.items() if v is not None})
+    if cell["columns"]:
+        settings["columns"] = _parse_columns(cell["columns"])
+    sweep = {}
+    if cell["seeds"]:
+        if "seed" in settings:
+            raise FtbenchError("--seed and --seeds both set the seed; pass --seeds 1,2,3 alone to run every cell "
+                               "under each seed")
+        sweep["seed"] = tuple(cell["seeds"])
+    micro = parse_micro_batch(cell["micro_batch"], settings)
+    return GridRequest(grid_file=cell["grid_file"],
+                       axes={"task": cell["tasks"], "backend": cell["backends"], "model": cell["models"],
+                             "data": cell["datas"]},
+                       settings=settings, sweep=sweep, targets=tuple(cell["targets"]), repeat=cell["repeat"],
+                       order=order, launch=Launch(**{k: cell[k] for k in _LAUNCH_KEYS}),
+                       micro_batch=() if micro is None else (micro,), shard=cell["shard"])
+
+
+def checked_cells(reg, grid, request: GridRequest) -> tuple[list, bool]:
+    """The grid's cells, sharded and split into micro-batches as requested, checked before anything is
+    written; and whether micro-batches are searched (``--micro-batch auto``)."""
     cells = grid.cells(reg)
-    if shard:
-        from ftbench.harness.grid.files import select_shard
-
-        cells = select_shard(cells, shard)
+    if request.shard:
+        cells = select_shard(cells, request.shard)
+    micro = request.micro_batch[0] if request.micro_batch else None
     cells = apply_micro_batch(cells, micro)
-    from ftbench.harness.grid.preflight import check_cells
-
     check_cells(reg, cells)  # names, options, settings, data, seq_len, batch: before anything is written
-    return cells, micro == "auto", grid
+    return cells, micro == AUTO
 
 
 @main.command("run")
@@ -215,8 +238,8 @@ def _cells_from_options(reg, grid_file, tasks, backends, models, datas, columns,
 @click.option("--out", default=None, help="Result set directory (default runs/<timestamp>).")
 @click.option("--force", is_flag=True, help="Rerun cells already in the result set.")
 @click.option("--fail-fast", is_flag=True, help="Stop at the first failed cell.")
-def run_cmd(grid_file, tasks, backends, models, datas, columns, out, force, fail_fast, shard, micro_batch,
-            **settings):
+def run_cmd(out, force, fail_fast, order, profile_steps, launcher_kind, slurm_partition, slurm_time,
+            slurm_gpus_per_node, slurm_nodes, slurm_flags, **cell):
     """Run a grid of cells and append their records to OUT/results.jsonl.
 
     With no arguments, runs the embedded default grid.  Exit status: 0 done;
@@ -224,62 +247,55 @@ def run_cmd(grid_file, tasks, backends, models, datas, columns, out, force, fail
     record could not be written to OUT (kept elsewhere, the message says
     where); 128+N stopped by signal N.
     """
-    from ftbench.harness.contract.registry import Registry
-    from ftbench.harness.running.progress import RunView
-
     reg = Registry.load()
-    slurm_cli = {k: settings.pop(k) for k in ("launcher_kind", "slurm_partition", "slurm_time",
-                                               "slurm_gpus_per_node", "slurm_nodes", "slurm_flags")}
-    where: dict = {}
-
-    def on_grid(grid):
-        where["slurm"] = _slurm_options(grid, slurm_cli)
-
-    cells, search, grid = _cells_from_options(reg, grid_file, tasks, backends, models, datas, columns, shard,
-                                              micro_batch, settings, on_grid)
-    slurm, nodes = where["slurm"], grid.settings.get("launcher") or {}
+    request = grid_request(cell, order=order, profile_steps=profile_steps)
+    grid = build_grid(request)
+    slurm = _slurm_options(grid, SlurmFlags(launcher_kind, slurm_partition, slurm_time, slurm_gpus_per_node,
+                                            slurm_nodes, slurm_flags))
+    if slurm is not None and isinstance(slurm.nodes, int) and slurm.nodes > 1:
+        grid = grid.with_launch(Launch(nnodes=slurm.nodes))  # data-parallel cells span the job's nodes
+    cells, search = checked_cells(reg, grid, request)
     if slurm is not None:
-        from ftbench.harness.running.slurm import check_slurm
-
         if search:
             raise FtbenchError("--micro-batch auto searches with probe cells on this machine, which --launcher "
                                "slurm does not run; pass a number (--micro-batch 4), or run the search locally")
         check_slurm(slurm)
-    follower = int(nodes.get("nnodes", 1) or 1) > 1 and int(nodes.get("node_rank", 0) or 0) > 0
+    how = Launching(slurm=slurm, nodes=grid.launch, order=grid.order, search_micro_batch=search)
     out = out or _default_out()
-    from ftbench.harness.results.recovery import check_free_space
-
-    if not follower:
+    if not how.follower:
         check_free_space(out, cells)
-    view = RunView(_console(), len(cells), out, follower=follower)
+    view = RunView(_console(), len(cells), out, follower=how.follower)
     _install_sigterm()
-    summary = _execute(reg, cells, out, view, (slurm, nodes, grid.order, search), force, fail_fast)
+    summary = _execute(reg, cells, out, view, how, force, fail_fast)
     view.finish(summary)
     bad = [r for r in summary.records if r["status"] not in ("ok", "skipped")]
     sys.exit(1 if bad and fail_fast else 0)
 
 
-def _execute(reg, cells, out, view, how, force, fail_fast):
-    """Run the checked cells here (one node of several, maybe) or through Slurm; exit on an interruption.
+@dataclass(frozen=True)
+class Launching:
+    """Where and how the checked cells of a run go: Slurm (options) or here, maybe as one node of several."""
 
-    ``how`` is (Slurm options or None, multi-node settings, repeat order, micro-batch search).
-    """
-    from ftbench.harness.running.driver import run_cells
-    from ftbench.harness.running.nodes import NodeLost
-    from ftbench.harness.contract.environment import collect
-    from ftbench.harness.results.parity import annotate_parity
-    from ftbench.harness.results.recovery import EXIT_RESULTS_NOT_WRITTEN, ResultsNotWritten
-    from rich.markup import escape
+    slurm: SlurmOptions | None
+    nodes: Launch
+    order: str
+    search_micro_batch: bool
 
-    slurm, nodes, order, search = how
+    @property
+    def follower(self) -> bool:
+        """This process is a node other than 0 of a multi-node grid: node 0 writes the records."""
+        return self.nodes.nnodes_or_1 > 1 and self.nodes.rank > 0
+
+
+def _execute(reg, cells, out, view, how: Launching, force, fail_fast):
+    """Run the checked cells here (one node of several, maybe) or through Slurm; exit on an interruption."""
     try:
-        if slurm is not None:
-            from ftbench.harness.running.slurm import run_cells_slurm
-
-            return run_cells_slurm(cells, out, collect(reg.pm), slurm, force=force, fail_fast=fail_fast,
+        if how.slurm is not None:
+            return run_cells_slurm(cells, out, collect(reg.pm), how.slurm, force=force, fail_fast=fail_fast,
                                    progress=view.event, annotate=annotate_parity)
         return run_cells(cells, out, collect(reg.pm), force=force, fail_fast=fail_fast, progress=view.event,
-                         annotate=annotate_parity, registry=reg, search_micro_batch=search, order=order, nodes=nodes)
+                         annotate=annotate_parity, registry=reg, search_micro_batch=how.search_micro_batch,
+                         order=how.order, nodes=how.nodes)
     except KeyboardInterrupt as e:
         view.interrupted(out)
         sys.exit(128 + getattr(e, "signum", signal.SIGINT))
@@ -299,26 +315,22 @@ def _execute(reg, cells, out, view, how, force, fail_fast):
 @main.command("plan")
 @cell_options
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def plan_cmd(grid_file, tasks, backends, models, datas, columns, shard, micro_batch, as_json, **settings):
+def plan_cmd(as_json, **cell):
     """Predicted peak memory per rank of every cell, and whether it fits; trains nothing.
 
     Takes the same cell arguments as run. A cell that does not fit lists what
     would: a smaller micro-batch, checkpointing, another backend (a ZeRO stage,
     offload) or more ranks.
     """
-    from ftbench.harness.grid.memplan import plan_cell
-    from ftbench.harness.contract.registry import Registry
-    from ftbench.harness.analysis.plan_view import plan_json, print_plans
-
     reg = Registry.load()
-    cells, search, _ = _cells_from_options(reg, grid_file, tasks, backends, models, datas, columns, shard,
-                                           micro_batch, settings)
+    request = grid_request(cell)
+    cells, search = checked_cells(reg, build_grid(request), request)
     seen, plans = set(), []
-    for cell in cells:
-        if (cell.cell_id) in seen:
+    for c in cells:
+        if c.cell_id in seen:
             continue  # repeats share one prediction
-        seen.add(cell.cell_id)
-        plans.append(plan_cell(reg, cell))
+        seen.add(c.cell_id)
+        plans.append(plan_cell(reg, c))
     if as_json:
         click.echo(json.dumps(plan_json(reg, plans, search), indent=2))
     else:
@@ -326,36 +338,46 @@ def plan_cmd(grid_file, tasks, backends, models, datas, columns, shard, micro_ba
     sys.exit(0)
 
 
-def _slurm_options(grid, cli: dict):
-    """The Slurm settings (grid file's ``slurm:``, then the flags), or None for the local launcher."""
-    kind = cli["launcher_kind"] or grid.launcher or "local"
-    flags = {k: v for k, v in cli.items() if k != "launcher_kind" and v not in (None, ())}
-    if kind != "slurm":
-        if flags:
-            names = ", ".join("--" + k.replace("_", "-").replace("flags", "option") for k in sorted(flags))
-            raise FtbenchError(f"{names} only apply with --launcher slurm; add --launcher slurm, or drop them to "
-                               "run here")
-        return None
-    from ftbench.harness.grid.files import parse_duration
-    from ftbench.harness.running.slurm import options_from, parse_option_flags
+@dataclass(frozen=True)
+class SlurmFlags:
+    """The ``--launcher`` and ``--slurm-*`` flags as given (None: not given)."""
 
+    launcher_kind: str | None
+    partition: str | None
+    time: str | None
+    gpus_per_node: int | None
+    nodes: int | None
+    options: tuple[str, ...]
+
+    def given(self) -> list[str]:
+        """The ``--slurm-*`` flags given, as the user spelled them."""
+        names = {"partition": "--slurm-partition", "time": "--slurm-time", "gpus_per_node": "--slurm-gpus-per-node",
+                 "nodes": "--slurm-nodes", "options": "--slurm-option"}
+        return [flag for key, flag in names.items() if getattr(self, key) not in (None, ())]
+
+
+def _slurm_options(grid, flags: SlurmFlags) -> SlurmOptions | None:
+    """The Slurm settings (grid file's ``slurm:``, then the flags), or None for the local launcher."""
+    kind = flags.launcher_kind or grid.launcher or "local"
+    if kind != "slurm":
+        if flags.given():
+            raise FtbenchError(f"{', '.join(sorted(flags.given()))} only apply with --launcher slurm; add "
+                               "--launcher slurm, or drop them to run here")
+        return None
     opts = options_from(grid.slurm or {}, grid.source or "grid")
-    if cli["slurm_partition"]:
-        opts.partition = cli["slurm_partition"]
-    if cli["slurm_time"]:
-        opts.time_s = parse_duration(cli["slurm_time"], "--slurm-time")
-    if cli["slurm_gpus_per_node"] is not None:
-        opts.gpus_per_node = cli["slurm_gpus_per_node"]
-    if cli["slurm_nodes"] is not None:
-        opts.nodes = cli["slurm_nodes"]
-    opts.options.update(parse_option_flags(cli["slurm_flags"] or ()))
-    if (grid.settings.get("launcher") or {}).get("node_rank") is not None:
+    if flags.partition:
+        opts.partition = flags.partition
+    if flags.time:
+        opts.time_s = parse_duration(flags.time, "--slurm-time")
+    if flags.gpus_per_node is not None:
+        opts.gpus_per_node = flags.gpus_per_node
+    if flags.nodes is not None:
+        opts.nodes = flags.nodes
+    opts.options.update(parse_option_flags(flags.options or ()))
+    if grid.launch.node_rank is not None:
         raise FtbenchError("--node-rank starts one node of a grid by hand; with --launcher slurm, Slurm starts "
                            "the nodes: drop --nnodes/--node-rank/--master-addr/--master-port and pass "
                            "--slurm-nodes N instead")
-    if isinstance(opts.nodes, int) and opts.nodes > 1:
-        # Data-parallel cells span the job's nodes; single-process cells still run on one.
-        grid.settings["launcher"] = {"nnodes": opts.nodes}
     return opts
 
 

@@ -36,8 +36,8 @@ def plan_json(reg, plans, search: bool) -> list[dict]:
     out = []
     for cp in plans:
         c = cp.cell
-        row = {"task": c.task, "backend": c.backend, "model": c.model, "nproc": c.nproc,
-               "micro_batch": c.recipe.batch_size // (c.nproc * c.recipe.grad_accum),
+        row = {"task": str(c.task), "backend": str(c.backend), "model": c.model, "nproc": c.nproc,
+               "micro_batch": c.micro_batch,
                "grad_accum": c.recipe.grad_accum,
                "prediction": cp.prediction.to_dict() if cp.prediction else None,
                "compared": cp.compared, "compared_bytes": cp.compared_bytes, "limit_bytes": cp.limit_bytes,
@@ -65,7 +65,7 @@ def print_plans(reg, plans, console, search: bool) -> None:
         ranks = f" ×{c.nproc}" if c.nproc > 1 else ""
         verdict = ("[green]fits[/]" if cp.fits else "[red]does NOT fit[/]") if cp.fits is not None else \
             f"unknown: {escape(cp.why_unknown or '')[:80]}"
-        row = [c.task, c.backend + ranks, c.model, str(c.recipe.batch_size // (c.nproc * c.recipe.grad_accum)),
+        row = [str(c.task), f"{c.backend}{ranks}", c.model, str(c.micro_batch),
                f"{_mib(p.device_bytes)}, peak in {p.peak_phase}" if p else "-",
                escape(breakdown_text(p.breakdown)) if p else "-",
                f"{cp.compared} {_mib(cp.compared_bytes)} / {_mib(cp.limit_bytes)} ({escape(cp.limit_source)})",
@@ -77,7 +77,7 @@ def print_plans(reg, plans, console, search: bool) -> None:
     for cp in plans:
         if cp.fits is False:
             c = cp.cell
-            console.print(f"[bold]{escape(c.task)} · {escape(c.backend)} · {escape(c.model)}[/] does not fit "
+            console.print(f"[bold]{escape(str(c.task))} · {escape(str(c.backend))} · {escape(c.model)}[/] does not fit "
                           f"({_mib(cp.compared_bytes)} > {_mib(cp.limit_bytes)}); would fit:")
             for s in cp.suggestions:
                 console.print(f"  - {escape(s)}", soft_wrap=True)

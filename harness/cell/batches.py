@@ -25,7 +25,7 @@ def batch_plan(n_train: int, recipe, world_size: int, rank: int, seed: int):
     import numpy as np
 
     g = recipe.batch_size
-    micro = g // (world_size * recipe.grad_accum)
+    micro = recipe.micro_batch(world_size)
     rng = np.random.default_rng(seed)
     # A numpy buffer sliced by views: memory and time stay O(n_train) int64s,
     # not a Python list of n_train ints copied at every step.

@@ -65,7 +65,7 @@ def _check_settings(cell) -> None:
     if not _is_int(cell.eval_every) or cell.eval_every < 0:
         bad("eval_every", cell.eval_every, "must be an integer >= 0 (0: evaluate only after training)")
     if cell.stop_at_target and not cell.target:
-        bad("stop_at_target", cell.stop_at_target, f"needs a target for task {cell.task!r}: add "
+        bad("stop_at_target", cell.stop_at_target, f"needs a target for task {str(cell.task)!r}: add "
             "--target METRIC=VALUE (e.g. --target perplexity=20)")
     if not _is_int(cell.nproc) or cell.nproc < 1:
         bad("nproc", cell.nproc, "must be an integer >= 1")
@@ -73,8 +73,6 @@ def _check_settings(cell) -> None:
         bad("device", cell.device, f"choose one of {', '.join(DEVICES)}")
     if cell.cpu_memory not in CPU_MEMORY_MODES:
         bad("cpu_memory", cell.cpu_memory, f"choose {' or '.join(CPU_MEMORY_MODES)} (docs/memory.md)")
-    if not isinstance(cell.launcher, dict):
-        bad("launcher", cell.launcher, "must be a mapping such as {nnodes: 2, master_addr: host}")
 
 
 def _is_number(v) -> bool:

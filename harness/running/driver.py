@@ -17,7 +17,7 @@ from ftbench.harness.running.prepare import pin_extensions_dir, prepare_engines
 from ftbench.harness.contract.api import FtbenchError
 from ftbench.harness.running.cellproc import run_cell_process
 from ftbench.harness.running.nodes import NodeGroup, NodeLost, multi_node
-from ftbench.harness.contract.config import CellSpec
+from ftbench.harness.contract.config import CellSpec, Launch
 from ftbench.harness.grid.expand import INTERLEAVED, order_repeats
 from ftbench.harness.results.record import build_record
 from ftbench.harness.results.recovery import ResultsNotWritten, keep_record, restore_into
@@ -121,7 +121,7 @@ def _append_or_keep(out_dir: Path, record: dict, environment: dict, cell_id: str
 
 def run_cells(cells: list[CellSpec], out: str | os.PathLike, environment: dict, *, force: bool = False,
               fail_fast: bool = False, progress=None, annotate=None, registry=None,
-              search_micro_batch: bool = False, order: str = INTERLEAVED, nodes: dict | None = None) -> RunSummary:
+              search_micro_batch: bool = False, order: str = INTERLEAVED, nodes: Launch | None = None) -> RunSummary:
     """Run every cell not already in ``out`` and append its record.
 
     ``order`` arranges the repeats (:func:`~ftbench.harness.grid.expand.order_repeats`):
@@ -134,13 +134,13 @@ def run_cells(cells: list[CellSpec], out: str | os.PathLike, environment: dict, 
     memory model's ``memory_predicted_bytes``; ``search_micro_batch`` first
     finds each cell's largest fitting micro-batch with probe cells
     (:mod:`ftbench.harness.running.fit`), once per cell for all its repeats
-    (single-node cells).  ``nodes`` holds the multi-node settings (``nnodes``,
-    ``node_rank``, ``master_addr``, ``master_port``): with ``nnodes`` > 1 this
+    (single-node cells).  ``nodes`` holds the multi-node settings (a
+    :class:`~ftbench.harness.contract.config.Launch`): with ``nnodes`` > 1 this
     driver is one node of the grid (:mod:`.nodes`), and a node other than 0
     writes nothing to ``out``.
     """
     cells = order_repeats(cells, order)
-    group = NodeGroup.from_launcher(nodes or {})
+    group = NodeGroup.from_launcher(nodes or Launch())
     reaper.become_subreaper()
     os.environ[reaper.DRIVER_PID_ENV] = str(os.getpid())  # before the first cell (or fork server) starts
     if group is not None and not group.leader:
@@ -345,8 +345,7 @@ def _no_fit_outcome(fit):
 
 def memory_fields(registry, spec: CellSpec, fit=None) -> dict:
     """The record's memory-model keys: the prediction for the cell as run, and the micro-batch search."""
-    r = spec.recipe
-    fields = {"micro_batch": r.batch_size // (spec.nproc * r.grad_accum), "memory_predicted_bytes": None}
+    fields = {"micro_batch": spec.micro_batch, "memory_predicted_bytes": None}
     if fit is not None:
         fields["micro_batch_search"] = fit.to_dict()
     if registry is None:
