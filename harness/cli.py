@@ -21,16 +21,17 @@ from ftbench.harness.contract.api import FtbenchError
 from ftbench.harness.contract.config import Launch
 from ftbench.harness.contract.environment import collect
 from ftbench.harness.contract.registry import Registry
+from ftbench.harness.grid.expand import SWEEPABLE, order_repeats
 from ftbench.harness.grid.files import build_grid, parse_duration, select_shard
 from ftbench.harness.grid.memplan import plan_cell
 from ftbench.harness.grid.microbatch import AUTO, apply_micro_batch, parse_micro_batch
 from ftbench.harness.grid.preflight import check_cells
-from ftbench.harness.grid.request import GridRequest
+from ftbench.harness.grid.request import GridRequest, distinct, parse_sweep
 from ftbench.harness.results.parity import annotate_parity
 from ftbench.harness.results.recovery import EXIT_RESULTS_NOT_WRITTEN, ResultsNotWritten, check_free_space
 from ftbench.harness.running.driver import run_cells
 from ftbench.harness.running.nodes import NodeLost
-from ftbench.harness.running.progress import RunView
+from ftbench.harness.running.progress import RunView, print_cells
 from ftbench.harness.running.slurm import (SlurmOptions, check_slurm, options_from, parse_option_flags,
                                            run_cells_slurm)
 
@@ -125,50 +126,73 @@ def list_cmd(as_json):
 # ------------------------------------------------------------------- run
 
 
+def _setting(*decls, then=None, **kw):
+    """An option that sets one grid setting.  Repeated, it is an axis of the grid when a grid can sweep
+    that setting (its values are a tuple), and an error otherwise, never last-wins; ``then`` converts
+    a single value."""
+    def values(ctx, param, given):
+        given = distinct(given)
+        if param.name in CLI_AXES:
+            return given
+        if len(given) > 1:
+            raise FtbenchError(f"{param.opts[0]} was given {len(given)} values ({', '.join(map(str, given))}), but "
+                               f"it is not an axis of the grid: give it once")
+        value = given[0] if given else None
+        return then(value) if then else value
+
+    return click.option(*decls, multiple=True, callback=values, **kw)
+
+
+#: Settings whose option, repeated, makes an axis: what a grid can sweep, and the micro-batch split.
+CLI_AXES = frozenset(SWEEPABLE) | {"micro_batch"}
+
+#: The options that define a grid's cells.  A setting's option is one line here; if the grid can
+#: sweep that setting (a Recipe field, nproc, eval_examples), repeating the option sweeps it.
 _CELL_OPTIONS = (
-    click.option("--grid", "grid_file", type=click.Path(dir_okay=False), help="Grid file (YAML or TOML)."),
+    _setting("--grid", "grid_file", type=click.Path(dir_okay=False), help="Grid file (YAML or TOML)."),
     click.option("--task", "tasks", multiple=True, help="Task, NAME or NAME:key=value (repeatable)."),
     click.option("--backend", "backends", multiple=True, help="Backend, NAME or NAME:key=value (repeatable)."),
     click.option("--model", "models", multiple=True, help="Preset name, local model dir or hub id (repeatable)."),
     click.option("--data", "datas", multiple=True, help="'builtin', a directory, or hf:NAME[/CONFIG] (repeatable)."),
     click.option("--column", "columns", multiple=True, help="Map a data column onto a task field: FIELD=COLUMN."),
-    click.option("--steps", type=int, help="Optimizer steps per cell (warmup included)."),
-    click.option("--warmup", type=int, help="First steps excluded from timing."),
-    click.option("--batch-size", type=int, help="Global batch: examples per optimizer step over all ranks."),
-    click.option("--grad-accum", type=int, help="Micro-batches accumulated per optimizer step."),
-    click.option("--micro-batch", "micro_batch", default=None, metavar="N|auto",
-                 help="Examples per rank per forward pass (sets --grad-accum; the global batch stays); "
-                      "'auto': the largest that fits, per backend, found by probe cells."),
-    click.option("--seq-len", type=int, help="Maximum tokens per example (longer ones are truncated and counted)."),
-    click.option("--lr", type=float, help="Peak learning rate of AdamW."),
-    click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), help="Mixed precision (GPU)."),
-    click.option("--tuning", help="full | freeze-embeddings | freeze-lower:N | lora[:r=8,alpha=16,dropout=0,targets=A+B]"),
-    click.option("--packing/--no-packing", default=None,
-                 help="Concatenate decoder examples (EOS-separated) into full --seq-len rows."),
-    click.option("--recipe-defaults", type=click.Choice(["scratch", "pretrained"]),
-                 help="Defaults for unset recipe settings (default: pretrained for a checkpoint, else scratch)."),
-    click.option("--grad-checkpointing/--no-grad-checkpointing", default=None, help="Activation checkpointing."),
-    click.option("--seed", type=int, help="Seed for data order and initialisation."),
-    click.option("--repeat", type=int, help="Run each cell K times, each in a fresh process."),
-    click.option("--nproc", type=int, help="Ranks for data-parallel backends (others use 1)."),
-    click.option("--nnodes", type=int, help="Nodes for multi-node runs (passed to torchrun)."),
-    click.option("--node-rank", type=int, help="This node's rank (multi-node)."),
-    click.option("--master-addr", help="Rendezvous address (multi-node)."),
-    click.option("--master-port", type=int, help="Rendezvous port (multi-node)."),
-    click.option("--time-limit", "time_limit_s", type=float, help="Seconds before a cell is killed (status timeout)."),
-    click.option("--memory-limit-mb", type=float, help="Host memory per cell before it is killed (status oom)."),
-    click.option("--eval-examples", type=int, help="Held-out examples evaluated per cell (and per evaluation)."),
-    click.option("--eval-every", type=int, help="Evaluate every N optimizer steps during training (time to quality)."),
+    _setting("--steps", type=int, help="Optimizer steps per cell (warmup included)."),
+    _setting("--warmup", type=int, help="First steps excluded from timing."),
+    _setting("--batch-size", type=int, help="Global batch: examples per optimizer step over all ranks."),
+    _setting("--grad-accum", type=int, help="Micro-batches accumulated per optimizer step."),
+    _setting("--micro-batch", "micro_batch", metavar="N|auto",
+             help="Examples per rank per forward pass (sets --grad-accum; the global batch stays); "
+                  "'auto': the largest that fits, per backend, found by probe cells."),
+    _setting("--seq-len", type=int, help="Maximum tokens per example (longer ones are truncated and counted)."),
+    _setting("--lr", type=float, help="Peak learning rate of AdamW (default: by model origin and tuning scope)."),
+    _setting("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), help="Mixed precision (GPU)."),
+    _setting("--tuning", help="full | freeze-embeddings | freeze-lower:N | lora[:r=8,alpha=16,dropout=0,targets=A+B]"),
+    _setting("--packing/--no-packing", help="Concatenate decoder examples (EOS-separated) into full --seq-len rows."),
+    _setting("--recipe-defaults", type=click.Choice(["scratch", "pretrained"]),
+             help="Defaults for unset recipe settings (default: pretrained for a checkpoint, else scratch)."),
+    _setting("--grad-checkpointing/--no-grad-checkpointing", help="Activation checkpointing."),
+    _setting("--seed", type=int, help="Seed for data order and initialisation."),
+    click.option("--sweep", "sweeps", multiple=True, metavar="KEY=V1,V2",
+                 help="Sweep any other setting a grid file can sweep: --sweep warmup=2,4 (repeatable)."),
+    _setting("--repeat", type=int, help="Run each cell K times, each in a fresh process."),
+    _setting("--nproc", type=int, help="Ranks for data-parallel backends (others use 1)."),
+    _setting("--nnodes", type=int, help="Nodes for multi-node runs (passed to torchrun)."),
+    _setting("--node-rank", type=int, help="This node's rank (multi-node)."),
+    _setting("--master-addr", help="Rendezvous address (multi-node)."),
+    _setting("--master-port", type=int, help="Rendezvous port (multi-node)."),
+    _setting("--time-limit", "time_limit_s", type=float, help="Seconds before a cell is killed (status timeout)."),
+    _setting("--memory-limit-mb", type=float, help="Host memory per cell before it is killed (status oom)."),
+    _setting("--eval-examples", type=int, help="Held-out examples evaluated per cell (and per evaluation)."),
+    _setting("--eval-every", type=int, help="Evaluate every N optimizer steps during training (time to quality)."),
     click.option("--target", "targets", multiple=True,
                  help="Quality target [TASK:]METRIC=VALUE, e.g. perplexity=20 or accuracy>=0.85 (repeatable)."),
     click.option("--stop-at-target", is_flag=True, default=None, help="End a cell once its target is reached."),
-    click.option("--seeds", callback=lambda ctx, p, v: _parse_seeds(v),
-                 help="Run every cell under each seed: 1,2,3 (time to quality varies with the seed)."),
-    click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where to train (default auto)."),
-    click.option("--cpu-memory", type=click.Choice(["resident", "live"]),
-                 help="CPU memory peak: resident (glibc defaults, default) or live (freed tensors leave the resident "
-                      "set at once; about 0.6x the tokens/s; for memory studies)."),
-    click.option("--shard", help="Run shard i of N of the cells: i/N (1-based)."),
+    _setting("--seeds", then=lambda v: _parse_seeds(v),
+             help="Run every cell under each seed: 1,2,3 (time to quality varies with the seed)."),
+    _setting("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where to train (default auto)."),
+    _setting("--cpu-memory", type=click.Choice(["resident", "live"]),
+             help="CPU memory peak: resident (glibc defaults, default) or live (freed tensors leave the resident "
+                  "set at once; about 0.6x the tokens/s; for memory studies)."),
+    _setting("--shard", help="Run shard i of N of the cells: i/N (1-based)."),
 )
 
 
@@ -182,30 +206,58 @@ def cell_options(f):
 _LAUNCH_KEYS = ("nnodes", "node_rank", "master_addr", "master_port")
 #: Cell options the request holds in fields of their own (the rest are grid settings).
 _REQUEST_KEYS = ("grid_file", "tasks", "backends", "models", "datas", "columns", "shard", "micro_batch", "targets",
-                 "repeat", "seeds", *_LAUNCH_KEYS)
+                 "repeat", "seeds", "sweeps", *_LAUNCH_KEYS)
 
 
 def grid_request(cell: dict, **run_settings) -> GridRequest:
     """The :class:`GridRequest` that the cell options (click's values, only read) and ``run``'s own
-    settings (``order``, ``profile_steps``; None: not given) describe."""
+    settings (``order``, ``profile_steps``; None: not given) describe.
+
+    An axis option's values come as a tuple: one value is a shared setting, several an axis.
+    """
     order = run_settings.pop("order", None)
-    settings = {k: v for k, v in cell.items() if k not in _REQUEST_KEYS and v is not None}
+    settings, sweep = {}, {}
+    for key, value in cell.items():
+        if key in _REQUEST_KEYS or value is None or value == ():
+            continue
+        if isinstance(value, tuple) and len(value) > 1:
+            sweep[key] = value
+        else:
+            settings[key] = value[0] if isinstance(value, tuple) else value
     settings.update({k: v for k, v in run_settings.items() if v is not None})
     if cell["columns"]:
         settings["columns"] = _parse_columns(cell["columns"])
-    sweep = {}
+    micro = tuple(cell["micro_batch"])
+    for text in cell["sweeps"]:
+        key, values = parse_sweep(text)
+        option = "--" + key.replace("_", "-")
+        if key in settings or key in sweep or (key == "micro_batch" and micro):
+            raise FtbenchError(f"{key} is set by {option} and swept by --sweep {text}; keep one (repeating "
+                               f"{option} sweeps it too)")
+        if key == "micro_batch":
+            micro = tuple(str(v) for v in values)
+        else:
+            sweep[key] = values
     if cell["seeds"]:
-        if "seed" in settings:
+        if "seed" in settings or "seed" in sweep:
             raise FtbenchError("--seed and --seeds both set the seed; pass --seeds 1,2,3 alone to run every cell "
                                "under each seed")
         sweep["seed"] = tuple(cell["seeds"])
-    micro = parse_micro_batch(cell["micro_batch"], settings)
     return GridRequest(grid_file=cell["grid_file"],
                        axes={"task": cell["tasks"], "backend": cell["backends"], "model": cell["models"],
                              "data": cell["datas"]},
                        settings=settings, sweep=sweep, targets=tuple(cell["targets"]), repeat=cell["repeat"],
                        order=order, launch=Launch(**{k: cell[k] for k in _LAUNCH_KEYS}),
-                       micro_batch=() if micro is None else (micro,), shard=cell["shard"])
+                       micro_batch=_micro_batches(micro, settings, sweep), shard=cell["shard"])
+
+
+def _micro_batches(values: tuple, settings: dict, sweep: dict) -> tuple:
+    """The ``--micro-batch`` values, checked: numbers (several: an axis) or ``auto`` alone."""
+    micro = tuple(parse_micro_batch(v, {**settings, **sweep}) for v in values)
+    if AUTO in micro and len(micro) > 1:
+        raise FtbenchError("--micro-batch auto searches the micro-batch itself and cannot be swept with "
+                           f"numbers ({', '.join(map(str, values))}); pass auto alone, or numbers only")
+    return micro
 
 
 def checked_cells(reg, grid, request: GridRequest) -> tuple[list, bool]:
@@ -214,31 +266,32 @@ def checked_cells(reg, grid, request: GridRequest) -> tuple[list, bool]:
     cells = grid.cells(reg)
     if request.shard:
         cells = select_shard(cells, request.shard)
-    micro = request.micro_batch[0] if request.micro_batch else None
-    cells = apply_micro_batch(cells, micro)
+    if request.micro_batch:  # several values: an axis, each micro-batch splitting every cell
+        cells = [split for c in cells for micro in request.micro_batch for split in apply_micro_batch([c], micro)]
     check_cells(reg, cells)  # names, options, settings, data, seq_len, batch: before anything is written
-    return cells, micro == AUTO
+    return cells, AUTO in request.micro_batch
 
 
 @main.command("run")
 @cell_options
-@click.option("--order", type=click.Choice(["interleaved", "sequential"]),
-              help="Repeats round-robin over the cells (interleaved, default) or back to back (sequential).")
+@_setting("--order", type=click.Choice(["interleaved", "sequential"]),
+          help="Repeats round-robin over the cells (interleaved, default) or back to back (sequential).")
 @click.option("--profile", "profile_steps", flag_value=3, default=None, type=int,
               help="After each cell's training and evaluation, trace 3 more steps with torch.profiler: a Chrome "
                    "trace per rank in OUT/traces and a per-phase breakdown in the record.")
-@click.option("--launcher", "launcher_kind", type=click.Choice(["local", "slurm"]), default=None,
-              help="Where cells run: here (local, default) or as Slurm jobs (slurm).")
-@click.option("--slurm-partition", help="Slurm partition for the jobs (--launcher slurm).")
-@click.option("--slurm-time", help="Slurm time limit per job: 30m, 2h or seconds (default: the cell's limit + 5 min).")
-@click.option("--slurm-gpus-per-node", type=int, help="GPUs per node of each job (--launcher slurm).")
-@click.option("--slurm-nodes", type=int, help="Nodes per data-parallel cell, each running --nproc ranks.")
+@_setting("--launcher", "launcher_kind", type=click.Choice(["local", "slurm"]),
+          help="Where cells run: here (local, default) or as Slurm jobs (slurm).")
+@_setting("--slurm-partition", help="Slurm partition for the jobs (--launcher slurm).")
+@_setting("--slurm-time", help="Slurm time limit per job: 30m, 2h or seconds (default: the cell's limit + 5 min).")
+@_setting("--slurm-gpus-per-node", type=int, help="GPUs per node of each job (--launcher slurm).")
+@_setting("--slurm-nodes", type=int, help="Nodes per data-parallel cell, each running --nproc ranks.")
 @click.option("--slurm-option", "slurm_flags", multiple=True, metavar="NAME=VALUE",
               help="Any other sbatch option, long name without dashes (repeatable), e.g. account=perf.")
-@click.option("--out", default=None, help="Result set directory (default runs/<timestamp>).")
+@_setting("--out", help="Result set directory (default runs/<timestamp>).")
 @click.option("--force", is_flag=True, help="Rerun cells already in the result set.")
 @click.option("--fail-fast", is_flag=True, help="Stop at the first failed cell.")
-def run_cmd(out, force, fail_fast, order, profile_steps, launcher_kind, slurm_partition, slurm_time,
+@click.option("--dry-run", is_flag=True, help="List the cells this command line makes, checked; run nothing.")
+def run_cmd(out, force, fail_fast, dry_run, order, profile_steps, launcher_kind, slurm_partition, slurm_time,
             slurm_gpus_per_node, slurm_nodes, slurm_flags, **cell):
     """Run a grid of cells and append their records to OUT/results.jsonl.
 
@@ -260,11 +313,14 @@ def run_cmd(out, force, fail_fast, order, profile_steps, launcher_kind, slurm_pa
             raise FtbenchError("--micro-batch auto searches with probe cells on this machine, which --launcher "
                                "slurm does not run; pass a number (--micro-batch 4), or run the search locally")
         check_slurm(slurm)
+    if dry_run:
+        print_cells(_console(), order_repeats(cells, grid.order))
+        sys.exit(0)
     how = Launching(slurm=slurm, nodes=grid.launch, order=grid.order, search_micro_batch=search)
     out = out or _default_out()
     if not how.follower:
         check_free_space(out, cells)
-    view = RunView(_console(), len(cells), out, follower=how.follower)
+    view = RunView(_console(), len(cells), out, follower=how.follower, cells=cells)
     _install_sigterm()
     summary = _execute(reg, cells, out, view, how, force, fail_fast)
     view.finish(summary)
