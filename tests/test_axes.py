@@ -94,3 +94,17 @@ def test_report_rows_tell_tunings_apart_and_show_repeats_as_repeats(tmp_path):
     assert sorted(set(variant_labels(rs.records).values())) == ["eager · full", "eager · lora"]
     summary = summary_frame(records_frame(rs))
     assert sorted(zip(summary["variant"], summary["repeats"])) == [("eager · full", 3), ("eager · lora", 3)]
+
+
+def test_compare_lines_tell_tunings_and_precisions_apart(tmp_path):
+    from ftbench.harness.analysis.compare import compare_result_sets
+
+    def recs(jitter_seed):
+        return [make_record(recipe=Recipe(steps=12, warmup=2, seq_len=32, batch_size=4, tuning=t, precision=p),
+                            repeat=r, seed=jitter_seed)
+                for t in ("full", "lora") for p in ("fp32", "bf16") for r in range(2)]
+
+    base = load_result_set(write_set(tmp_path / "base", recs(0)))
+    new = load_result_set(write_set(tmp_path / "new", recs(1)))
+    cells = {row.cell for row in compare_result_sets(base, new).rows}
+    assert cells == {"eager · full · fp32", "eager · full · bf16", "eager · lora · fp32", "eager · lora · bf16"}
