@@ -108,3 +108,20 @@ def test_compare_lines_tell_tunings_and_precisions_apart(tmp_path):
     new = load_result_set(write_set(tmp_path / "new", recs(1)))
     cells = {row.cell for row in compare_result_sets(base, new).rows}
     assert cells == {"eager · full · fp32", "eager · full · bf16", "eager · lora · fp32", "eager · lora · bf16"}
+
+
+def test_the_run_summary_shows_a_cells_repeats_as_one_row_with_their_spread():
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from ftbench.harness.running.progress import RunView
+
+    recs = [make_record(recipe=Recipe(steps=12, warmup=2, seq_len=32, batch_size=4, seed=s), repeat=r, jitter=0.3)
+            for s in (1, 2) for r in range(3)]
+    con = Console(record=True, width=200)
+    RunView(con, len(recs), "out").finish(SimpleNamespace(records=recs, skipped_done=0))
+    rows = [line for line in con.export_text().splitlines() if line.strip().startswith("generation")]
+    assert len(rows) == 2, rows
+    assert "eager · seed 1" in rows[0] and "eager · seed 2" in rows[1]
+    assert all(re.search(r"\s3\s+ok\s", row) and "–" in row for row in rows), rows  # n runs, [min–max]
