@@ -121,7 +121,9 @@ def test_the_run_summary_shows_a_cells_repeats_as_one_row_with_their_spread():
             for s in (1, 2) for r in range(3)]
     con = Console(record=True, width=200)
     RunView(con, len(recs), "out").finish(SimpleNamespace(records=recs, skipped_done=0))
-    rows = [line for line in con.export_text().splitlines() if line.strip().startswith("generation")]
+    text = con.export_text()
+    rows = [line for line in text.splitlines() if line.strip().startswith("generation")]
     assert len(rows) == 2, rows
     assert "eager · seed 1" in rows[0] and "eager · seed 2" in rows[1]
     assert all(re.search(r"\s3\s+ok\s", row) and "–" in row for row in rows), rows  # n runs, [min–max]
+    assert "median [min–max] over its ok runs" in " ".join(text.split())

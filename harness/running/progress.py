@@ -141,7 +141,7 @@ class RunView:
         t = Table(title=f"ftbench run: {len(recs)} record(s) of {len(groups)} cell(s) in "
                         f"{time.perf_counter() - self.t0:.0f} s", box=box.SIMPLE_HEAD, pad_edge=False,
                   caption="step: median ± IQR of the measured steps" + (
-                      "; a cell's repeats: median [min–max] over its ok runs" if several else "")
+                      "; a cell's repeats: median \\[min–max] over its ok runs" if several else "")
                   + "; mem: " + ", ".join(sorted({r.get("memory_kind") or "-" for r in recs})))
         # Short headers, unwrapped figures and no all-empty columns keep the
         # table readable in 80 columns.
@@ -149,7 +149,8 @@ class RunView:
                    ("status", {})] + [
             (c, {"justify": "right", "no_wrap": True}) for c in ("tok/s", "step ms", "mem", "setup s", "compile s")
         ] + [("metric", {"overflow": "fold"}), ("parity", {"overflow": "fold"})]
-        rows = [[f"{rs[0]['task']} · {labels[cid]}", str(len(rs)), *_figures(rs)] for cid, rs in groups.items()]
+        rows = [[escape(f"{rs[0]['task']} · {labels[cid]}"), str(len(rs)), *_figures(rs)]
+                for cid, rs in groups.items()]
         keep = [i for i in range(len(columns)) if i in (0, 2) or (i == 1 and several)
                 or (i > 2 and any(row[i] != "-" for row in rows))]
         for i in keep:
