@@ -145,7 +145,8 @@ class RunView:
                   + "; mem: " + ", ".join(sorted({r.get("memory_kind") or "-" for r in recs})))
         # Short headers, unwrapped figures and no all-empty columns keep the
         # table readable in 80 columns.
-        columns = [("cell", {"overflow": "fold", "min_width": 22}), ("runs", {"justify": "right"}),
+        width = min(40, max((len(f"{rs[0]['task']} · {labels[cid]}") for cid, rs in groups.items()), default=22))
+        columns = [("cell", {"overflow": "fold", "min_width": width}), ("runs", {"justify": "right"}),
                    ("status", {})] + [
             (c, {"justify": "right", "no_wrap": True}) for c in ("tok/s", "step ms", "mem", "setup s", "compile s")
         ] + [("metric", {"overflow": "fold"}), ("parity", {"overflow": "fold"})]
