@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ftbench.harness.contract.memory_model import MiB
+from ftbench.harness.grid.labels import varying_labels
 
 #: Breakdown keys, shortest first in the table.
 SHORT = {"weights": "weights", "gradients": "grads", "gradient_buffers": "grad buckets", "optimizer": "AdamW",
@@ -34,9 +35,10 @@ def _largest(reg, cp):
 
 def plan_json(reg, plans, search: bool) -> list[dict]:
     out = []
+    labels = varying_labels({cp.cell.cell_id: cp.cell.to_dict() for cp in plans})
     for cp in plans:
         c = cp.cell
-        row = {"task": str(c.task), "backend": str(c.backend), "model": c.model, "nproc": c.nproc,
+        row = {"task": str(c.task), "cell": labels[c.cell_id], "backend": str(c.backend), "model": c.model, "nproc": c.nproc,
                "micro_batch": c.micro_batch,
                "grad_accum": c.recipe.grad_accum,
                "prediction": cp.prediction.to_dict() if cp.prediction else None,
@@ -54,7 +56,9 @@ def print_plans(reg, plans, console, search: bool) -> None:
     from rich.table import Table
 
     t = Table(title="ftbench plan: predicted peak memory (nothing was trained)")
-    cols = ["task", "backend", "model", "micro-batch", "per rank", "breakdown (per rank)", "vs limit", "verdict"]
+    # Cells that differ only in a setting (tuning, precision, ...) must not read as duplicate rows.
+    labels = varying_labels({cp.cell.cell_id: cp.cell.to_dict() for cp in plans})
+    cols = ["task", "cell", "model", "micro-batch", "per rank", "breakdown (per rank)", "vs limit", "verdict"]
     if search:
         cols.insert(4, "largest micro-batch (predicted)")
     for col in cols:
@@ -65,7 +69,8 @@ def print_plans(reg, plans, console, search: bool) -> None:
         ranks = f" ×{c.nproc}" if c.nproc > 1 else ""
         verdict = ("[green]fits[/]" if cp.fits else "[red]does NOT fit[/]") if cp.fits is not None else \
             f"unknown: {escape(cp.why_unknown or '')[:80]}"
-        row = [str(c.task), f"{c.backend}{ranks}", c.model, str(c.micro_batch),
+        label = labels[c.cell_id]
+        row = [str(c.task), label if f"×{c.nproc}" in label else f"{label}{ranks}", c.model, str(c.micro_batch),
                f"{_mib(p.device_bytes)}, peak in {p.peak_phase}" if p else "-",
                escape(breakdown_text(p.breakdown)) if p else "-",
                f"{cp.compared} {_mib(cp.compared_bytes)} / {_mib(cp.limit_bytes)} ({escape(cp.limit_source)})",
