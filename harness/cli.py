@@ -140,6 +140,9 @@ def _setting(*decls, then=None, **kw):
         value = given[0] if given else None
         return then(value) if then else value
 
+    name = next((d for d in decls if not d.startswith("-")), decls[0].split("/")[0].lstrip("-").replace("-", "_"))
+    if name in CLI_AXES and kw.get("help"):
+        kw["help"] += " Repeat it to sweep (an axis)."
     return click.option(*decls, multiple=True, callback=values, **kw)
 
 
