@@ -56,8 +56,6 @@ class FtbenchGroup(click.Group):
         try:
             return super().invoke(ctx)
         except FtbenchError as e:
-            from rich.markup import escape
-
             # Escaped: a fix such as pip install 'ftbench[slurm]' must print as written.
             _console(stderr=True).print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
             ctx.exit(EXIT_USAGE)
@@ -496,8 +494,6 @@ def report_cmd(result_dir, out, quiet, loss_x):
 
     rep, display = write_report(result_dir, out, loss_x=loss_x)
     con = _console()
-    from rich.markup import escape
-
     for p in rep.problems:
         _console(stderr=True).print(f"[yellow]warning:[/] {escape(p)}", soft_wrap=True)
     if not quiet:
