@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY, assert_none_left, ftbench, records
-from ftbench.harness.contract.config import CellSpec
+from ftbench.harness.contract.config import CellSpec, Launch
 
 #: A third-party backend plugin, installed the way pip would leave it: a module plus a
 #: dist-info with an ``ftbench`` entry point, found on PYTHONPATH by the driver and every rank.
@@ -115,8 +115,8 @@ def test_multi_node_settings_apply_to_data_parallel_backends_only():
     cells = Grid(axes={"task": ["generation"], "backend": ["eager", "ddp"]},
                  settings={"nproc": 2, "launcher": launcher}).cells(Registry.load())
     by_backend = {str(c.backend): c for c in cells}
-    assert by_backend["eager"].nproc == 1 and by_backend["eager"].launcher == {}
-    assert by_backend["ddp"].nproc == 2 and by_backend["ddp"].launcher == launcher
+    assert by_backend["eager"].nproc == 1 and by_backend["eager"].launcher == Launch()
+    assert by_backend["ddp"].nproc == 2 and by_backend["ddp"].launcher.to_dict() == launcher
 
 
 # ------------------------------------------------ ranks forked from the fork server
