@@ -10,11 +10,42 @@ import json
 import os
 import signal
 import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 import click
 from rich.markup import escape
 
+from ftbench.harness.analysis.abtest import checkout_root, run_ab
+from ftbench.harness.analysis.calibrate import calibrate, write_calibration
+from ftbench.harness.analysis.compare import DEFAULT_ALPHA, compare_sets, parse_threshold, print_comparison
+from ftbench.harness.analysis.historyreport import print_history, write_history
+from ftbench.harness.analysis.outputs import refuse_record_files
+from ftbench.harness.analysis.plan_time import check_mfu
+from ftbench.harness.analysis.plan_view import plan_json, print_plans
+from ftbench.harness.analysis.report import print_table, write_report
+from ftbench.harness.analysis.resultset import merge_result_sets
 from ftbench.harness.contract.api import FtbenchError
+from ftbench.harness.contract.config import Launch
+from ftbench.harness.contract.environment import collect
+from ftbench.harness.contract.gpus import parse_gpu
+from ftbench.harness.contract.registry import Registry
+from ftbench.harness.grid.expand import SWEEPABLE, order_repeats
+from ftbench.harness.grid.files import build_grid, parse_duration, select_shard
+from ftbench.harness.grid.memplan import plan_cell
+from ftbench.harness.grid.microbatch import AUTO, apply_micro_batch, parse_micro_batch
+from ftbench.harness.grid.preflight import check_cells
+from ftbench.harness.grid.request import GridRequest, distinct, parse_sweep
+from ftbench.harness.results.parity import annotate_parity
+from ftbench.harness.results.recovery import EXIT_RESULTS_NOT_WRITTEN, ResultsNotWritten, check_free_space
+from ftbench.harness.results.sinkhub import check_sink_specs, open_sinks
+from ftbench.harness.results.store import read_records
+from ftbench.harness.results.writer import WriteOptions
+from ftbench.harness.running.driver import RunOptions, run_cells
+from ftbench.harness.running.nodes import NodeLost
+from ftbench.harness.running.progress import RunView, print_cells
+from ftbench.harness.running.slurm import (SlurmOptions, check_slurm, options_from, parse_option_flags,
+                                           run_cells_slurm)
 
 EXIT_USAGE = 2
 EXIT_REGRESSION = 1
@@ -37,8 +68,6 @@ class FtbenchGroup(click.Group):
         try:
             return super().invoke(ctx)
         except FtbenchError as e:
-            from rich.markup import escape
-
             # Escaped: a fix such as pip install 'ftbench[slurm]' must print as written.
             _console(stderr=True).print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
             ctx.exit(EXIT_USAGE)
@@ -57,10 +86,6 @@ def main():
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def list_cmd(as_json):
     """Tasks, backends and model presets, which plugin gave each, and availability."""
-    from rich.markup import escape
-
-    from ftbench.harness.contract.registry import Registry
-
     reg = Registry.load()
     data = {
         "tasks": [{"name": e.name, "plugin": e.plugin, "metric": e.obj.metric,
@@ -129,54 +154,80 @@ def list_cmd(as_json):
 # ------------------------------------------------------------------- run
 
 
+def _setting(*decls, then=None, **kw):
+    """An option that sets one grid setting.  Repeated, it is an axis of the grid when a grid can sweep
+    that setting (its values are a tuple), and an error otherwise, never last-wins; ``then`` converts
+    a single value."""
+    def values(ctx, param, given):
+        given = distinct(given)
+        if param.name in CLI_AXES:
+            return given
+        if len(given) > 1:
+            raise FtbenchError(f"{param.opts[0]} was given {len(given)} values ({', '.join(map(str, given))}), but "
+                               f"it is not an axis of the grid: give it once")
+        value = given[0] if given else None
+        return then(value) if then else value
+
+    name = next((d for d in decls if not d.startswith("-")), decls[0].split("/")[0].lstrip("-").replace("-", "_"))
+    if name in CLI_AXES and kw.get("help"):
+        kw["help"] += " Repeat it to sweep (an axis)."
+    return click.option(*decls, multiple=True, callback=values, **kw)
+
+
+#: Settings whose option, repeated, makes an axis: what a grid can sweep, and the micro-batch split.
+CLI_AXES = frozenset(SWEEPABLE) | {"micro_batch"}
+
+#: The options that define a grid's cells.  A setting's option is one line here; if the grid can
+#: sweep that setting (a Recipe field, nproc, eval_examples), repeating the option sweeps it.
 _CELL_OPTIONS = (
-    click.option("--grid", "grid_file", type=click.Path(dir_okay=False), help="Grid file (YAML or TOML)."),
+    _setting("--grid", "grid_file", type=click.Path(dir_okay=False), help="Grid file (YAML or TOML)."),
     click.option("--task", "tasks", multiple=True, help="Task, NAME or NAME:key=value (repeatable)."),
     click.option("--backend", "backends", multiple=True, help="Backend, NAME or NAME:key=value (repeatable)."),
     click.option("--model", "models", multiple=True, help="Preset name, local model dir or hub id (repeatable)."),
     click.option("--data", "datas", multiple=True, help="'builtin', a directory, or hf:NAME[/CONFIG] (repeatable)."),
     click.option("--column", "columns", multiple=True, help="Map a data column onto a task field: FIELD=COLUMN."),
-    click.option("--steps", type=int, help="Optimizer steps per cell (warmup included)."),
-    click.option("--warmup", type=int, help="First steps excluded from timing."),
-    click.option("--batch-size", type=int, help="Global batch: examples per optimizer step over all ranks."),
-    click.option("--grad-accum", type=int, help="Micro-batches accumulated per optimizer step."),
-    click.option("--micro-batch", "micro_batch", default=None, metavar="N|auto",
-                 help="Examples per rank per forward pass (sets --grad-accum; the global batch stays); "
-                      "'auto': the largest that fits, per backend, found by probe cells."),
-    click.option("--seq-len", type=int, help="Maximum tokens per example (longer ones are truncated and counted)."),
-    click.option("--lr", type=float, help="Peak learning rate of AdamW."),
-    click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), help="Mixed precision (GPU)."),
-    click.option("--tuning", help="full | freeze-embeddings | freeze-lower:N | lora[:r=8,alpha=16,dropout=0,targets=A+B]"),
-    click.option("--packing/--no-packing", default=None,
-                 help="Concatenate decoder examples (EOS-separated) into full --seq-len rows."),
-    click.option("--recipe-defaults", type=click.Choice(["scratch", "pretrained"]),
-                 help="Defaults for unset recipe settings (default: pretrained for a checkpoint, else scratch)."),
-    click.option("--grad-checkpointing/--no-grad-checkpointing", default=None, help="Activation checkpointing."),
-    click.option("--seed", type=int, help="Seed for data order and initialisation."),
-    click.option("--repeat", type=int, help="Run each cell K times, each in a fresh process."),
-    click.option("--nproc", type=int, help="Ranks for data-parallel backends (others use 1)."),
-    click.option("--nnodes", type=int, help="Nodes for multi-node runs (passed to torchrun)."),
-    click.option("--node-rank", type=int, help="This node's rank (multi-node)."),
-    click.option("--master-addr", help="Rendezvous address (multi-node)."),
-    click.option("--master-port", type=int, help="Rendezvous port (multi-node)."),
-    click.option("--time-limit", "time_limit_s", type=float, help="Seconds before a cell is killed (status timeout)."),
-    click.option("--memory-limit-mb", type=float, help="Host memory per cell before it is killed (status oom)."),
-    click.option("--eval-examples", type=int, help="Held-out examples evaluated per cell (and per evaluation)."),
-    click.option("--eval-every", type=int, help="Evaluate every N optimizer steps during training (time to quality)."),
+    _setting("--steps", type=int, help="Optimizer steps per cell (warmup included)."),
+    _setting("--warmup", type=int, help="First steps excluded from timing."),
+    _setting("--batch-size", type=int, help="Global batch: examples per optimizer step over all ranks."),
+    _setting("--grad-accum", type=int, help="Micro-batches accumulated per optimizer step."),
+    _setting("--micro-batch", "micro_batch", metavar="N|auto",
+             help="Examples per rank per forward pass (sets --grad-accum; the global batch stays); "
+                  "'auto': the largest that fits, per backend, found by probe cells."),
+    _setting("--seq-len", type=int, help="Maximum tokens per example (longer ones are truncated and counted)."),
+    _setting("--lr", type=float, help="Peak learning rate of AdamW (default: by model origin and tuning scope)."),
+    _setting("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), help="Mixed precision (GPU)."),
+    _setting("--tuning", help="full | freeze-embeddings | freeze-lower:N | lora[:r=8,alpha=16,dropout=0,targets=A+B]"),
+    _setting("--packing/--no-packing", help="Concatenate decoder examples (EOS-separated) into full --seq-len rows."),
+    _setting("--recipe-defaults", type=click.Choice(["scratch", "pretrained"]),
+             help="Defaults for unset recipe settings (default: pretrained for a checkpoint, else scratch)."),
+    _setting("--grad-checkpointing/--no-grad-checkpointing", help="Activation checkpointing."),
+    _setting("--seed", type=int, help="Seed for data order and initialisation."),
+    click.option("--sweep", "sweeps", multiple=True, metavar="KEY=V1,V2",
+                 help="Sweep any other setting a grid file can sweep: --sweep warmup=2,4 (repeatable)."),
+    _setting("--repeat", type=int, help="Run each cell K times, each in a fresh process."),
+    _setting("--nproc", type=int, help="Ranks for data-parallel backends (others use 1)."),
+    _setting("--nnodes", type=int, help="Nodes for multi-node runs (passed to torchrun)."),
+    _setting("--node-rank", type=int, help="This node's rank (multi-node)."),
+    _setting("--master-addr", help="Rendezvous address (multi-node)."),
+    _setting("--master-port", type=int, help="Rendezvous port (multi-node)."),
+    _setting("--time-limit", "time_limit_s", type=float, help="Seconds before a cell is killed (status timeout)."),
+    _setting("--memory-limit-mb", type=float, help="Host memory per cell before it is killed (status oom)."),
+    _setting("--eval-examples", type=int, help="Held-out examples evaluated per cell (and per evaluation)."),
+    _setting("--eval-every", type=int, help="Evaluate every N optimizer steps during training (time to quality)."),
     click.option("--target", "targets", multiple=True,
                  help="Quality target [TASK:]METRIC=VALUE, e.g. perplexity=20 or accuracy>=0.85 (repeatable)."),
     click.option("--stop-at-target", is_flag=True, default=None, help="End a cell once its target is reached."),
-    click.option("--seeds", callback=lambda ctx, p, v: _parse_seeds(v),
-                 help="Run every cell under each seed: 1,2,3 (time to quality varies with the seed)."),
-    click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where to train (default auto)."),
-    click.option("--cpu-memory", type=click.Choice(["resident", "live"]),
-                 help="CPU memory peak: resident (glibc defaults, default) or live (freed tensors leave the resident "
-                      "set at once; about 0.6x the tokens/s; for memory studies)."),
-    click.option("--shard", help="Run shard i of N of the cells: i/N (1-based)."),
+    _setting("--seeds", then=lambda v: _parse_seeds(v),
+             help="Run every cell under each seed: 1,2,3 (time to quality varies with the seed)."),
+    _setting("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where to train (default auto)."),
+    _setting("--cpu-memory", type=click.Choice(["resident", "live"]),
+             help="CPU memory peak: resident (glibc defaults, default) or live (freed tensors leave the resident "
+                  "set at once; about 0.6x the tokens/s; for memory studies)."),
+    _setting("--shard", help="Run shard i of N of the cells: i/N (1-based)."),
     click.option("--yes", "confirm_large", is_flag=True, default=None,
                  help="Run a grid of more than 500 cells (grid file: max_cells: N)."),
-    click.option("--trust-remote-code", is_flag=True, default=None,
-                 help="Let a model directory or hub model run its own Python code (auto_map); off by default."),
+    _setting("--trust-remote-code", is_flag=True,
+             help="Let a model directory or hub model run its own Python code (auto_map); off by default."),
 )
 
 
@@ -187,70 +238,112 @@ def cell_options(f):
     return f
 
 
+_LAUNCH_KEYS = ("nnodes", "node_rank", "master_addr", "master_port")
+#: Cell options the request holds in fields of their own (the rest are grid settings).
+_REQUEST_KEYS = ("grid_file", "tasks", "backends", "models", "datas", "columns", "shard", "micro_batch", "targets",
+                 "repeat", "seeds", "sweeps", "confirm_large", *_LAUNCH_KEYS)
+
+
+def grid_request(cell: dict, **run_settings) -> GridRequest:
+    """The :class:`GridRequest` that the cell options (click's values, only read) and ``run``'s own
+    settings (``order``, ``profile_steps``; None: not given) describe.
+
+    An axis option's values come as a tuple: one value is a shared setting, several an axis.
+    """
+    order = run_settings.pop("order", None)
+    settings, sweep = {}, {}
+    for key, value in cell.items():
+        if key in _REQUEST_KEYS or value is None or value == ():
+            continue
+        if isinstance(value, tuple) and len(value) > 1:
+            sweep[key] = value
+        else:
+            settings[key] = value[0] if isinstance(value, tuple) else value
+    settings.update({k: v for k, v in run_settings.items() if v is not None})
+    if cell["columns"]:
+        settings["columns"] = _parse_columns(cell["columns"])
+    micro = tuple(cell["micro_batch"])
+    for text in cell["sweeps"]:
+        key, values = parse_sweep(text)
+        option = "--" + key.replace("_", "-")
+        if key in settings or key in sweep or (key == "micro_batch" and micro):
+            raise FtbenchError(f"{key} is set by {option} and swept by --sweep {text}; keep one (repeating "
+                               f"{option} sweeps it too)")
+        if key == "micro_batch":
+            micro = tuple(str(v) for v in values)
+        else:
+            sweep[key] = values
+    if cell["seeds"]:
+        if "seed" in settings or "seed" in sweep:
+            raise FtbenchError("--seed and --seeds both set the seed; pass --seeds 1,2,3 alone to run every cell "
+                               "under each seed")
+        sweep["seed"] = tuple(cell["seeds"])
+    return GridRequest(grid_file=cell["grid_file"],
+                       axes={"task": cell["tasks"], "backend": cell["backends"], "model": cell["models"],
+                             "data": cell["datas"]},
+                       settings=settings, sweep=sweep, targets=tuple(cell["targets"]), repeat=cell["repeat"],
+                       order=order, launch=Launch(**{k: cell[k] for k in _LAUNCH_KEYS}),
+                       micro_batch=_micro_batches(micro, settings, sweep), shard=cell["shard"])
+
+
+def _micro_batches(values: tuple, settings: dict, sweep: dict) -> tuple:
+    """The ``--micro-batch`` values, checked: numbers (several: an axis) or ``auto`` alone."""
+    micro = tuple(parse_micro_batch(v, {**settings, **sweep}) for v in values)
+    if AUTO in micro and len(micro) > 1:
+        raise FtbenchError("--micro-batch auto searches the micro-batch itself and cannot be swept with "
+                           f"numbers ({', '.join(map(str, values))}); pass auto alone, or numbers only")
+    return micro
+
+
 def _expansion_progress(done: int, total: int) -> None:
     click.echo(f"expanding the grid: {done:,} of up to {total:,} cells", err=True)
 
 
-def _cells_from_options(reg, grid_file, tasks, backends, models, datas, columns, shard, micro_batch, settings,
-                        on_grid=None, describe_only=False):
-    """The checked cells of the grid the options describe, whether micro-batches are searched, and the grid.
+def checked_cells(reg, grid, request: GridRequest, confirmed: bool = False,
+                  describe_only: bool = False) -> tuple[list, bool]:
+    """The grid's cells, sharded and split into micro-batches as requested, checked before anything is
+    written; and whether micro-batches are searched (``--micro-batch auto``).
 
-    ``on_grid(grid)`` may adjust the grid before its cells are expanded (``run``'s launcher settings).
+    ``confirmed`` (``--yes``) lets a grid over the size limit expand; ``describe_only`` (``plan``) asks
+    of a model only what describes it (its config), not weights or a tokenizer.
     """
-    from ftbench.harness.grid.files import build_grid
-    from ftbench.harness.grid.microbatch import apply_micro_batch, parse_micro_batch
-
     for name, error in sorted(reg.broken.items()):
         click.echo(f"warning: plugin {name} is broken and left out ({error}); the other plugins work "
                    "(ftbench list)", err=True)
-    confirmed = bool(settings.pop("confirm_large", None))
-    launcher = {k: settings.pop(k) for k in ("nnodes", "node_rank", "master_addr", "master_port")
-                if settings.get(k) is not None}
-    for k in ("nnodes", "node_rank", "master_addr", "master_port"):
-        settings.pop(k, None)
-    overrides = {k: v for k, v in settings.items() if v is not None and v != ()}
-    if columns:
-        overrides["columns"] = _parse_columns(columns)
-    if launcher:
-        overrides["launcher"] = launcher
-    micro = parse_micro_batch(micro_batch, overrides)
-    axes = {"task": list(tasks), "backend": list(backends), "model": list(models), "data": list(datas)}
-    grid = build_grid(grid_file, axes, overrides)
-    if on_grid:
-        on_grid(grid)
     grid.check_size(reg, confirmed)  # counted, not expanded: a million-cell typo costs nothing
     cells = grid.cells(reg, progress=_expansion_progress)
-    if shard:
-        from ftbench.harness.grid.files import select_shard
-
-        cells = select_shard(cells, shard)
-    cells = apply_micro_batch(cells, micro)
-    from ftbench.harness.grid.preflight import check_cells
-
-    check_cells(reg, cells, describe_only)  # names, options, settings, data, seq_len, batch: before anything is written
-    return cells, micro == "auto", grid
+    if request.shard:
+        cells = select_shard(cells, request.shard)
+    if request.micro_batch:  # several values: an axis, each micro-batch splitting every cell
+        cells = [split for c in cells for micro in request.micro_batch for split in apply_micro_batch([c], micro)]
+    # names, options, settings, data, seq_len, batch: before anything is written
+    check_cells(reg, cells, describe_only)
+    return cells, AUTO in request.micro_batch
 
 
 @main.command("run")
 @cell_options
-@click.option("--order", type=click.Choice(["interleaved", "sequential"]),
-              help="Repeats round-robin over the cells (interleaved, default) or back to back (sequential).")
+@_setting("--order", type=click.Choice(["interleaved", "sequential"]),
+          help="Repeats round-robin over the cells (interleaved, default) or back to back (sequential).")
 @click.option("--profile", "profile_steps", flag_value=3, default=None, type=int,
               help="After each cell's training and evaluation, trace 3 more steps with torch.profiler: a Chrome "
                    "trace per rank in OUT/traces and a per-phase breakdown in the record.")
-@click.option("--launcher", "launcher_kind", type=click.Choice(["local", "slurm"]), default=None,
-              help="Where cells run: here (local, default) or as Slurm jobs (slurm).")
-@click.option("--slurm-partition", help="Slurm partition for the jobs (--launcher slurm).")
-@click.option("--slurm-time", help="Slurm time limit per job: 30m, 2h or seconds (default: the cell's limit + 5 min).")
-@click.option("--slurm-gpus-per-node", type=int, help="GPUs per node of each job (--launcher slurm).")
-@click.option("--slurm-nodes", type=int, help="Nodes per data-parallel cell, each running --nproc ranks.")
+@_setting("--launcher", "launcher_kind", type=click.Choice(["local", "slurm"]),
+          help="Where cells run: here (local, default) or as Slurm jobs (slurm).")
+@_setting("--slurm-partition", help="Slurm partition for the jobs (--launcher slurm).")
+@_setting("--slurm-time", help="Slurm time limit per job: 30m, 2h or seconds (default: the cell's limit + 5 min).")
+@_setting("--slurm-gpus-per-node", type=int, help="GPUs per node of each job (--launcher slurm).")
+@_setting("--slurm-nodes", type=int, help="Nodes per data-parallel cell, each running --nproc ranks.")
 @click.option("--slurm-option", "slurm_flags", multiple=True, metavar="NAME=VALUE",
               help="Any other sbatch option, long name without dashes (repeatable), e.g. account=perf.")
-@click.option("--out", default=None, help="Result set directory (default runs/<timestamp>).")
+@_setting("--out", help="Result set directory (default runs/<timestamp>).")
 @click.option("--force", is_flag=True, help="Rerun cells already in the result set.")
 @click.option("--fail-fast", is_flag=True, help="Stop at the first failed cell.")
-def run_cmd(grid_file, tasks, backends, models, datas, columns, out, force, fail_fast, shard, micro_batch,
-            **settings):
+@click.option("--dry-run", is_flag=True, help="List the cells this command line makes, checked; run nothing.")
+@click.option("--sink", "sinks", multiple=True, metavar="NAME[:key=value]",
+              help="Also hand each record to a sink: mlflow:uri=URI, tensorboard, wandb (repeatable; grid: sink:).")
+def run_cmd(out, force, fail_fast, dry_run, sinks, order, profile_steps, launcher_kind, slurm_partition, slurm_time,
+            slurm_gpus_per_node, slurm_nodes, slurm_flags, **cell):
     """Run a grid of cells and append their records to OUT/results.jsonl.
 
     With no arguments, runs the embedded default grid.  Exit status: 0 done;
@@ -258,63 +351,67 @@ def run_cmd(grid_file, tasks, backends, models, datas, columns, out, force, fail
     record could not be written to OUT (kept elsewhere, the message says
     where); 128+N stopped by signal N.
     """
-    from ftbench.harness.contract.registry import Registry
-    from ftbench.harness.running.progress import RunView
-
     reg = Registry.load()
-    slurm_cli = {k: settings.pop(k) for k in ("launcher_kind", "slurm_partition", "slurm_time",
-                                               "slurm_gpus_per_node", "slurm_nodes", "slurm_flags")}
-    where: dict = {}
-
-    def on_grid(grid):
-        where["slurm"] = _slurm_options(grid, slurm_cli)
-
-    cells, search, grid = _cells_from_options(reg, grid_file, tasks, backends, models, datas, columns, shard,
-                                              micro_batch, settings, on_grid)
-    slurm, nodes = where["slurm"], grid.settings.get("launcher") or {}
+    request = grid_request(cell, order=order, profile_steps=profile_steps)
+    grid = build_grid(request)
+    slurm = _slurm_options(grid, SlurmFlags(launcher_kind, slurm_partition, slurm_time, slurm_gpus_per_node,
+                                            slurm_nodes, slurm_flags))
+    if slurm is not None and isinstance(slurm.nodes, int) and slurm.nodes > 1:
+        grid = grid.with_launch(Launch(nnodes=slurm.nodes))  # data-parallel cells span the job's nodes
+    cells, search = checked_cells(reg, grid, request, confirmed=bool(cell.get("confirm_large")))
+    sink_specs = [*grid.sinks, *sinks]
+    check_sink_specs(reg, sink_specs)  # an unknown sink or option: exit 2 before any cell
     if slurm is not None:
-        from ftbench.harness.running.slurm import check_slurm
-
         if search:
             raise FtbenchError("--micro-batch auto searches with probe cells on this machine, which --launcher "
                                "slurm does not run; pass a number (--micro-batch 4), or run the search locally")
         check_slurm(slurm)
-    follower = int(nodes.get("nnodes", 1) or 1) > 1 and int(nodes.get("node_rank", 0) or 0) > 0
+    if dry_run:
+        print_cells(_console(), order_repeats(cells, grid.order))
+        sys.exit(0)
+    how = Launching(slurm=slurm, nodes=grid.launch, order=grid.order, search_micro_batch=search,
+                    sinks=tuple(sink_specs))
     out = out or _default_out()
-    from ftbench.harness.results.recovery import check_free_space
-
-    if not follower:
+    if not how.follower:
         check_free_space(out, cells)
-    view = RunView(_console(), len(cells), out, follower=follower)
+    view = RunView(_console(), len(cells), out, follower=how.follower, cells=cells)
     _install_sigterm()
-    summary = _execute(reg, cells, out, view, (slurm, nodes, grid.order, search), force, fail_fast)
+    summary = _execute(reg, cells, out, view, how, force, fail_fast)
     view.finish(summary)
     bad = [r for r in summary.records if r["status"] not in ("ok", "skipped")]
     sys.exit(1 if bad and fail_fast else 0)
 
 
-def _execute(reg, cells, out, view, how, force, fail_fast):
-    """Run the checked cells here (one node of several, maybe) or through Slurm; exit on an interruption.
+@dataclass(frozen=True)
+class Launching:
+    """Where and how the checked cells of a run go: Slurm (options) or here, maybe as one node of several."""
 
-    ``how`` is (Slurm options or None, multi-node settings, repeat order, micro-batch search).
-    """
-    from ftbench.harness.running.driver import RunOptions, run_cells
-    from ftbench.harness.running.nodes import NodeLost
-    from ftbench.harness.results.writer import WriteOptions
-    from ftbench.harness.contract.environment import collect
-    from ftbench.harness.results.parity import annotate_parity
-    from ftbench.harness.results.recovery import EXIT_RESULTS_NOT_WRITTEN, ResultsNotWritten
-    from rich.markup import escape
+    slurm: SlurmOptions | None
+    nodes: Launch
+    order: str
+    search_micro_batch: bool
+    #: ``--sink`` and the grid's ``sink:``, as written
+    sinks: tuple[str, ...] = ()
 
-    slurm, nodes, order, search = how
-    write = WriteOptions(force=force, fail_fast=fail_fast, order=order, annotate=annotate_parity, registry=reg,
-                         progress=view.event)
+    @property
+    def follower(self) -> bool:
+        """This process is a node other than 0 of a multi-node grid: node 0 writes the records."""
+        return self.nodes.nnodes_or_1 > 1 and self.nodes.rank > 0
+
+
+def _execute(reg, cells, out, view, how: Launching, force, fail_fast):
+    """Run the checked cells here (one node of several, maybe) or through Slurm; exit on an interruption."""
+    environment = collect(reg.pm)
+    hub = open_sinks(reg, list(how.sinks) if not how.follower else [], out,
+                     warn=lambda m: view.event("note", 0, len(cells), None, "warning: " + m))
+    hub.start(environment)
+    write = WriteOptions(force=force, fail_fast=fail_fast, order=how.order, annotate=annotate_parity, registry=reg,
+                         progress=view.event, sinks=(hub.record,) if hub.sinks else ())
     try:
-        if slurm is not None:
-            from ftbench.harness.running.slurm import run_cells_slurm
-
-            return run_cells_slurm(cells, out, collect(reg.pm), slurm, write)
-        return run_cells(cells, out, collect(reg.pm), RunOptions(write, search_micro_batch=search, nodes=nodes))
+        if how.slurm is not None:
+            return run_cells_slurm(cells, out, environment, how.slurm, write)
+        return run_cells(cells, out, environment, RunOptions(write, search_micro_batch=how.search_micro_batch,
+                                                             nodes=how.nodes))
     except KeyboardInterrupt as e:
         view.interrupted(out)
         sys.exit(128 + getattr(e, "signum", signal.SIGINT))
@@ -326,6 +423,8 @@ def _execute(reg, cells, out, view, how, force, fail_fast):
     except NodeLost as e:
         _console(stderr=True).print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
         sys.exit(1)
+    finally:
+        hub.close()
 
 
 # ------------------------------------------------------------------ plan
@@ -345,40 +444,33 @@ def _execute(reg, cells, out, view, how, force, fail_fast):
 @click.option("--frontier", is_flag=True,
               help="Per cell: the largest micro-batch and the longest --seq-len predicted to fit.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def plan_cmd(grid_file, tasks, backends, models, datas, columns, shard, micro_batch, as_json, gpu_spec, mfu,
-             calibrate_from, frontier, host_memory_gb, **settings):
+def plan_cmd(as_json, gpu_spec, mfu, calibrate_from, host_memory_gb, frontier, **cell):
     """Predicted peak memory per rank of every cell, whether it fits, and its step time; trains nothing.
 
     Takes the same cell arguments as run. A model needs only what describes it: a directory with its
     config.json, a hub id in the local Hugging Face cache, or a preset. A cell that does not fit lists
     what would: a smaller micro-batch, checkpointing, another backend (a ZeRO stage, offload) or more ranks.
     """
-    from ftbench.harness.analysis.plan_time import check_mfu
-    from ftbench.harness.analysis.plan_view import plan_json, print_plans
-    from ftbench.harness.contract.gpus import parse_gpu
-    from ftbench.harness.contract.registry import Registry
-    from ftbench.harness.grid.memplan import plan_cell
-
     check_mfu(mfu)
     gpu = None
     if gpu_spec:
         gpu, count = parse_gpu(gpu_spec)
-        if count and settings.get("nproc") and settings["nproc"] != count:
-            raise FtbenchError(f"--gpu {gpu_spec} says {count} GPUs but --nproc says {settings['nproc']}; "
+        nproc = cell.get("nproc") or ()
+        if count and nproc and set(nproc) != {count}:
+            raise FtbenchError(f"--gpu {gpu_spec} says {count} GPUs but --nproc says {', '.join(map(str, nproc))}; "
                                "give one of them, or the same count")
-        if count:
-            settings["nproc"] = count
-        settings["device"] = "cuda"
+        cell = {**cell, "device": ("cuda",), **({"nproc": (count,)} if count else {})}
     reg = Registry.load()
-    cells, search, _ = _cells_from_options(reg, grid_file, tasks, backends, models, datas, columns, shard,
-                                           micro_batch, settings, describe_only=True)
+    request = grid_request(cell)
+    cells, search = checked_cells(reg, build_grid(request), request, confirmed=bool(cell.get("confirm_large")),
+                                  describe_only=True)
     seen, plans = set(), []
-    for cell in cells:
-        if (cell.cell_id) in seen:
+    host = int(host_memory_gb * 2**30) if host_memory_gb else None
+    for c in cells:
+        if c.cell_id in seen:
             continue  # repeats share one prediction
-        seen.add(cell.cell_id)
-        plans.append(plan_cell(reg, cell, gpu=gpu, host_memory=int(host_memory_gb * 2**30) if host_memory_gb
-                               else None))
+        seen.add(c.cell_id)
+        plans.append(plan_cell(reg, c, gpu=gpu, host_memory=host))
     how = {"mfu": mfu, "calibrate_from": calibrate_from, "frontier": frontier}
     if as_json:
         click.echo(json.dumps(plan_json(reg, plans, search, how), indent=2))
@@ -387,36 +479,46 @@ def plan_cmd(grid_file, tasks, backends, models, datas, columns, shard, micro_ba
     sys.exit(0)
 
 
-def _slurm_options(grid, cli: dict):
-    """The Slurm settings (grid file's ``slurm:``, then the flags), or None for the local launcher."""
-    kind = cli["launcher_kind"] or grid.launcher or "local"
-    flags = {k: v for k, v in cli.items() if k != "launcher_kind" and v not in (None, ())}
-    if kind != "slurm":
-        if flags:
-            names = ", ".join("--" + k.replace("_", "-").replace("flags", "option") for k in sorted(flags))
-            raise FtbenchError(f"{names} only apply with --launcher slurm; add --launcher slurm, or drop them to "
-                               "run here")
-        return None
-    from ftbench.harness.grid.files import parse_duration
-    from ftbench.harness.running.slurm import options_from, parse_option_flags
+@dataclass(frozen=True)
+class SlurmFlags:
+    """The ``--launcher`` and ``--slurm-*`` flags as given (None: not given)."""
 
+    launcher_kind: str | None
+    partition: str | None
+    time: str | None
+    gpus_per_node: int | None
+    nodes: int | None
+    options: tuple[str, ...]
+
+    def given(self) -> list[str]:
+        """The ``--slurm-*`` flags given, as the user spelled them."""
+        names = {"partition": "--slurm-partition", "time": "--slurm-time", "gpus_per_node": "--slurm-gpus-per-node",
+                 "nodes": "--slurm-nodes", "options": "--slurm-option"}
+        return [flag for key, flag in names.items() if getattr(self, key) not in (None, ())]
+
+
+def _slurm_options(grid, flags: SlurmFlags) -> SlurmOptions | None:
+    """The Slurm settings (grid file's ``slurm:``, then the flags), or None for the local launcher."""
+    kind = flags.launcher_kind or grid.launcher or "local"
+    if kind != "slurm":
+        if flags.given():
+            raise FtbenchError(f"{', '.join(sorted(flags.given()))} only apply with --launcher slurm; add "
+                               "--launcher slurm, or drop them to run here")
+        return None
     opts = options_from(grid.slurm or {}, grid.source or "grid")
-    if cli["slurm_partition"]:
-        opts.partition = cli["slurm_partition"]
-    if cli["slurm_time"]:
-        opts.time_s = parse_duration(cli["slurm_time"], "--slurm-time")
-    if cli["slurm_gpus_per_node"] is not None:
-        opts.gpus_per_node = cli["slurm_gpus_per_node"]
-    if cli["slurm_nodes"] is not None:
-        opts.nodes = cli["slurm_nodes"]
-    opts.options.update(parse_option_flags(cli["slurm_flags"] or ()))
-    if (grid.settings.get("launcher") or {}).get("node_rank") is not None:
+    if flags.partition:
+        opts.partition = flags.partition
+    if flags.time:
+        opts.time_s = parse_duration(flags.time, "--slurm-time")
+    if flags.gpus_per_node is not None:
+        opts.gpus_per_node = flags.gpus_per_node
+    if flags.nodes is not None:
+        opts.nodes = flags.nodes
+    opts.options.update(parse_option_flags(flags.options or ()))
+    if grid.launch.node_rank is not None:
         raise FtbenchError("--node-rank starts one node of a grid by hand; with --launcher slurm, Slurm starts "
                            "the nodes: drop --nnodes/--node-rank/--master-addr/--master-port and pass "
                            "--slurm-nodes N instead")
-    if isinstance(opts.nodes, int) and opts.nodes > 1:
-        # Data-parallel cells span the job's nodes; single-process cells still run on one.
-        grid.settings["launcher"] = {"nnodes": opts.nodes}
     return opts
 
 
@@ -472,14 +574,9 @@ def _install_sigterm():
               help="x-axis of the loss plot: optimizer steps or training seconds.")
 def report_cmd(result_dir, out, quiet, loss_x):
     """Tables (terminal, Markdown, CSV), PNG plots and an HTML page for a result set."""
-    from ftbench.harness.analysis.outputs import refuse_record_files
-    from ftbench.harness.analysis.report import print_table, write_report
-
     refuse_record_files(out, "--out", "report")
     rep, display = write_report(result_dir, out, loss_x=loss_x)
     con = _console()
-    from rich.markup import escape
-
     for p in rep.problems:
         _console(stderr=True).print(f"[yellow]warning:[/] {escape(p)}", soft_wrap=True)
     con.print(f"read {escape(rep.read)} from {escape(str(result_dir))}")
@@ -517,9 +614,6 @@ def compare_cmd(base_dir, new_dir, thresholds, calibration, calibrate, output, a
     With --calibrate, BASE and NEW are the same grid run twice on one machine,
     and the noise they show becomes per-figure thresholds written to -o FILE.
     """
-    from ftbench.harness.analysis.compare import DEFAULT_ALPHA, compare_sets, parse_threshold, print_comparison
-    from ftbench.harness.analysis.outputs import refuse_record_files
-
     refuse_record_files(markdown_file, "--markdown", "Markdown")
     refuse_record_files(output, "-o", "calibration")
     if calibrate:
@@ -546,8 +640,6 @@ def compare_cmd(base_dir, new_dir, thresholds, calibration, calibrate, output, a
 
 
 def _calibrate(a1, a2, output):
-    from ftbench.harness.analysis.calibrate import calibrate, write_calibration
-
     if not output:
         raise FtbenchError("--calibrate needs -o FILE, the calibration file to write "
                            "(e.g. ftbench compare --calibrate A1 A2 -o thresholds.json)")
@@ -577,10 +669,6 @@ def history_cmd(sets, out, thresholds, calibration, quiet):
     SETS are result set directories, or directories holding them. Exit status 1
     when the newest point of a series is a regression.
     """
-    from ftbench.harness.analysis.compare import parse_threshold
-    from ftbench.harness.analysis.historyreport import print_history, write_history
-    from ftbench.harness.analysis.outputs import refuse_record_files
-
     refuse_record_files(out, "--out", "report")
     th = dict(parse_threshold(t) for t in thresholds)
     h, files = write_history(sets, out, th, calibration)
@@ -605,8 +693,6 @@ def history_cmd(sets, out, thresholds, calibration, quiet):
               help="Merge sets from different machines or library versions anyway.")
 def merge_cmd(out, sources, allow_mixed_environments):
     """Join result sets (e.g. the shards of one grid) into OUT, each record once."""
-    from ftbench.harness.analysis.resultset import merge_result_sets
-
     summary = merge_result_sets(out, list(sources), allow_mixed_environments=allow_mixed_environments)
     con = _console()
     for w in summary.warnings:
@@ -627,17 +713,14 @@ def merge_cmd(out, sources, allow_mixed_environments):
 def sink_cmd(result_dir, sinks):
     """Replay a result set's records into record sinks (MLflow, TensorBoard, W&B): a sink that was down
     during the run, or a tracker added afterwards. Exit status 1 when a sink failed."""
-    from ftbench.harness.contract.registry import Registry
-    from ftbench.harness.results.sinkhub import open_sinks
-    from ftbench.harness.results.store import read_records
-
     err = _console(stderr=True)
     hub = open_sinks(Registry.load(), list(sinks), result_dir,
                      warn=lambda m: err.print(f"[yellow]warning:[/] {escape(m)}", soft_wrap=True))
     rr = read_records(result_dir)
     env_path = os.path.join(result_dir, "environment.json")
-    environment = json.load(open(env_path)) if os.path.exists(env_path) else {}
-    hub.start(environment)
+    with open(env_path) if os.path.exists(env_path) else open(os.devnull) as f:
+        text = f.read()
+    hub.start(json.loads(text) if text.strip() else {})
     for rec in rr.records:
         hub.record(rec)
     hub.close()
@@ -653,15 +736,13 @@ def sink_cmd(result_dir, sinks):
 
 def _count_cells(run_args: list[str]) -> int:
     """How many cells (repeats not counted) ``ftbench run RUN_ARGS`` makes, checked as run checks them."""
-    from ftbench.harness.contract.registry import Registry
-
     ctx = run_cmd.make_context("run", list(run_args))
-    p = dict(ctx.params)
-    for k in ("out", "force", "fail_fast", "order", "profile_steps", "launcher_kind", "slurm_partition",
-              "slurm_time", "slurm_gpus_per_node", "slurm_nodes", "slurm_flags"):
-        p.pop(k, None)
-    keys = ("grid_file", "tasks", "backends", "models", "datas", "columns", "shard", "micro_batch")
-    cells, _, _ = _cells_from_options(Registry.load(), *(p.pop(k) for k in keys), p)
+    run_only = {"out", "force", "fail_fast", "dry_run", "sinks", "order", "profile_steps", "launcher_kind",
+                "slurm_partition", "slurm_time", "slurm_gpus_per_node", "slurm_nodes", "slurm_flags"}
+    cell = {k: v for k, v in ctx.params.items() if k not in run_only}
+    request = grid_request(cell)
+    cells, _ = checked_cells(Registry.load(), build_grid(request), request,
+                             confirmed=bool(cell.get("confirm_large")))
     return len({c.cell_id for c in cells})
 
 
@@ -684,13 +765,9 @@ def ab_cmd(base, new_ref, rounds, out, thresholds, markdown_file, run_args):
     process; its speed is judged on the per-round ratio of the two versions'
     step times. Versions are built once and reused (docs/comparisons.md).
     """
-    from pathlib import Path
-
-    from ftbench.harness.analysis.abtest import checkout_root, run_ab
-    from ftbench.harness.analysis.compare import parse_threshold, print_comparison
-
+    refuse_record_files(markdown_file, "--markdown", "Markdown")
     th = dict(parse_threshold(t) for t in thresholds) or None
-    out = Path(out or _default_out().replace("runs/", "runs/ab-", 1))
+    out = Path(out or _default_out().replace("runs" + os.sep, "runs" + os.sep + "ab-", 1))
     con = _console()
     ab = run_ab(checkout_root(Path.cwd()), list(run_args), _count_cells, base=base, new=new_ref, rounds=rounds,
                 out=out, thresholds=th, say=lambda m: con.print(m, soft_wrap=True, highlight=False))

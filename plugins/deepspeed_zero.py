@@ -191,7 +191,7 @@ class DeepSpeedEngine(Engine):
             zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
         cfg = {
             "train_batch_size": recipe.batch_size,
-            "train_micro_batch_size_per_gpu": recipe.batch_size // (ctx.world_size * recipe.grad_accum),
+            "train_micro_batch_size_per_gpu": recipe.micro_batch(ctx.world_size),
             "gradient_accumulation_steps": recipe.grad_accum,
             "gradient_clipping": float(recipe.max_grad_norm or 0.0),
             "zero_optimization": zero,

@@ -3,7 +3,6 @@ leaves no process behind; multi-node settings reach torchrun intact."""
 
 from __future__ import annotations
 
-import inspect
 import json
 import textwrap
 import time
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY, assert_none_left, ftbench, records
-from ftbench.harness.contract.config import CellSpec
+from ftbench.harness.contract.config import CellSpec, Launch
 
 #: A third-party backend plugin, installed the way pip would leave it: a module plus a
 #: dist-info with an ``ftbench`` entry point, found on PYTHONPATH by the driver and every rank.
@@ -72,12 +71,11 @@ def test_a_failing_rank_fails_the_cell_with_its_message_and_leaves_nothing(tmp_p
 def test_multi_node_settings_reach_torchrun_and_parse():
     from torch.distributed.run import get_args_parser
 
-    from ftbench.harness.running.cellproc import command_for
+    from ftbench.harness.running.cellproc import command_for, worker_args
 
     spec = CellSpec(task="generation", backend="ddp", model="tiny-gpt2", nproc=2,
                     launcher={"nnodes": 2, "node_rank": 1, "master_addr": "10.0.0.7", "master_port": 29511})
-    extra = [time.time()] if len(inspect.signature(command_for).parameters) > 3 else []
-    cmd = command_for(spec, Path("spec.json"), Path("out"), *extra)
+    cmd = command_for(spec, worker_args(Path("spec.json"), Path("out"), time.time()))
     start = cmd.index("torch.distributed.run") + 1
     args = get_args_parser().parse_args(cmd[start:])
     assert (args.nnodes, args.nproc_per_node, args.node_rank) == ("2", "2", 1)
@@ -89,11 +87,10 @@ def test_multi_node_settings_reach_torchrun_and_parse():
 def test_single_node_cells_use_a_private_rendezvous():
     from torch.distributed.run import get_args_parser
 
-    from ftbench.harness.running.cellproc import command_for
+    from ftbench.harness.running.cellproc import command_for, worker_args
 
     spec = CellSpec(task="generation", backend="ddp", model="tiny-gpt2", nproc=2)
-    extra = [time.time()] if len(inspect.signature(command_for).parameters) > 3 else []
-    cmd = command_for(spec, Path("spec.json"), Path("out"), *extra)
+    cmd = command_for(spec, worker_args(Path("spec.json"), Path("out"), time.time()))
     start = cmd.index("torch.distributed.run") + 1
     args = get_args_parser().parse_args(cmd[start:])
     # --standalone picks a free port, so concurrent cells on one machine never collide.
@@ -117,9 +114,9 @@ def test_multi_node_settings_apply_to_data_parallel_backends_only():
     launcher = {"nnodes": 2, "node_rank": 0, "master_addr": "127.0.0.1", "master_port": 29512}
     cells = Grid(axes={"task": ["generation"], "backend": ["eager", "ddp"]},
                  settings={"nproc": 2, "launcher": launcher}).cells(Registry.load())
-    by_backend = {c.backend: c for c in cells}
-    assert by_backend["eager"].nproc == 1 and by_backend["eager"].launcher == {}
-    assert by_backend["ddp"].nproc == 2 and by_backend["ddp"].launcher == launcher
+    by_backend = {str(c.backend): c for c in cells}
+    assert by_backend["eager"].nproc == 1 and by_backend["eager"].launcher == Launch()
+    assert by_backend["ddp"].nproc == 2 and by_backend["ddp"].launcher.to_dict() == launcher
 
 
 # ------------------------------------------------ ranks forked from the fork server

@@ -9,6 +9,7 @@ import pytest
 
 from ftbench.harness.contract.api import FtbenchError
 from ftbench.harness.grid.files import build_grid, grid_from_dict, load_grid_text, parse_duration, select_shard
+from ftbench.harness.grid.request import GridRequest
 from ftbench.harness.contract.registry import Registry
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,7 +27,7 @@ def _write(tmp_path, text, name="grid.yaml"):
 
 
 def _key(c):
-    return (c.task, c.backend, c.model, c.recipe.lr, c.recipe.seq_len, c.repeat)
+    return (str(c.task), str(c.backend), c.model, c.recipe.lr, c.recipe.seq_len, c.repeat)
 
 
 YAML = """
@@ -69,7 +70,7 @@ time_limit = "1h"
 
 
 def test_grid_file_expands_to_exactly_the_expected_cells(tmp_path, reg):
-    cells = build_grid(_write(tmp_path, YAML), {}, {}).cells(reg)
+    cells = build_grid(GridRequest(_write(tmp_path, YAML))).cells(reg)
     expected = set()
     for model in ("tiny-gpt2", "tiny-llama"):
         for lr in (1e-3, 3e-3):
@@ -89,20 +90,21 @@ def test_grid_file_expands_to_exactly_the_expected_cells(tmp_path, reg):
 
 
 def test_toml_and_yaml_give_the_same_cells(tmp_path, reg):
-    a = build_grid(_write(tmp_path, YAML), {}, {}).cells(reg)
-    b = build_grid(_write(tmp_path, TOML, "grid.toml"), {}, {}).cells(reg)
+    a = build_grid(GridRequest(_write(tmp_path, YAML))).cells(reg)
+    b = build_grid(GridRequest(_write(tmp_path, TOML, "grid.toml"))).cells(reg)
     assert [c.to_dict() for c in a] == [c.to_dict() for c in b]
 
 
 def test_cli_overrides_replace_axes_settings_sweeps_and_per_cell_rules(tmp_path, reg):
-    grid = build_grid(_write(tmp_path, YAML), {"task": [], "backend": [], "model": ["tiny-gpt2"], "data": []},
-                      {"lr": 0.01, "steps": 8, "time_limit_s": 30.0, "repeat": 1})
+    grid = build_grid(GridRequest(_write(tmp_path, YAML), axes={"model": ("tiny-gpt2",)},
+                                  settings={"lr": 0.01, "steps": 8, "time_limit_s": 30.0}, repeat=1))
     cells = grid.cells(reg)
     assert {_key(c) for c in cells} == {("generation", "eager", "tiny-gpt2", 0.01, 32, 0),
                                         ("generation", "eager", "tiny-gpt2", 0.01, 64, 0)}
     assert all(c.recipe.steps == 8 and c.time_limit_s == 30.0 for c in cells)
     # a command-line time limit also wins over a matching per_cell rule
-    cells = build_grid(_write(tmp_path, YAML), {"model": ["tiny-llama"]}, {"time_limit_s": 30.0}).cells(reg)
+    cells = build_grid(GridRequest(_write(tmp_path, YAML), axes={"model": ("tiny-llama",)},
+                                   settings={"time_limit_s": 30.0})).cells(reg)
     assert cells and all(c.time_limit_s == 30.0 for c in cells)
 
 
@@ -114,7 +116,7 @@ exclude: [{backend: eager, model: tiny-gpt2}]
 model: [tiny-gpt2, tiny-llama]
 """
     cells = grid_from_dict(load_grid_text(text, "g.yaml"), "g.yaml").cells(reg)
-    assert {(c.backend, c.model) for c in cells} == {("eager", "tiny-llama"), ("eager:foo=1", "tiny-llama")}
+    assert {(str(c.backend), c.model) for c in cells} == {("eager", "tiny-llama"), ("eager:foo=1", "tiny-llama")}
 
 
 @pytest.mark.parametrize("text, must_contain", [
@@ -136,7 +138,7 @@ model: [tiny-gpt2, tiny-llama]
 ])
 def test_invalid_grid_files_name_the_bad_key_and_the_allowed_values(tmp_path, reg, text, must_contain):
     with pytest.raises(FtbenchError) as e:
-        build_grid(_write(tmp_path, text), {}, {}).cells(reg)
+        build_grid(GridRequest(_write(tmp_path, text))).cells(reg)
     msg = str(e.value)
     assert "grid.yaml" in msg
     for part in must_contain:
@@ -163,7 +165,7 @@ def test_parse_duration():
 
 
 def test_shards_are_disjoint_balanced_cover_the_grid_and_keep_repeats_together(tmp_path, reg):
-    cells = build_grid(_write(tmp_path, YAML), {}, {}).cells(reg)
+    cells = build_grid(GridRequest(_write(tmp_path, YAML))).cells(reg)
     for n in (1, 2, 3, 4, 7):
         shards = [select_shard(cells, f"{i}/{n}") for i in range(1, n + 1)]
         keys = [{(c.cell_id, c.repeat) for c in s} for s in shards]
@@ -182,12 +184,12 @@ def test_shards_are_disjoint_balanced_cover_the_grid_and_keep_repeats_together(t
 
 @pytest.mark.parametrize("name", ["cpu-smoke.yaml", "gpu.yaml"])
 def test_example_grids_are_valid(name, reg):
-    grid = build_grid(str(ROOT / "grids" / name), {}, {})
+    grid = build_grid(GridRequest(str(ROOT / "grids" / name)))
     assert grid.repeat >= 1
     if name == "cpu-smoke.yaml":
         cells = grid.cells(reg)
         assert len(cells) == 12 and all(c.device in ("auto", "cpu") for c in cells)
-        assert {(c.backend, c.model) for c in cells} == {("eager", "tiny-gpt2"), ("eager", "tiny-llama"),
+        assert {(str(c.backend), c.model) for c in cells} == {("eager", "tiny-gpt2"), ("eager", "tiny-llama"),
                                                          ("compile", "tiny-gpt2"), ("zero2", "tiny-gpt2")}
 
 
@@ -196,13 +198,13 @@ def test_default_grid_is_every_task_on_every_available_backend():
     from ftbench.harness.contract.registry import Registry
 
     reg = Registry.load()
-    cells = build_grid(None, {"task": [], "backend": [], "model": [], "data": []}, {}).cells(reg)
+    cells = build_grid(GridRequest()).cells(reg)
     backends = [n for n, e in reg.backends.items() if e.obj.preset_of is None and reg.backend_availability(n) is None]
-    assert {(c.task, c.backend) for c in cells} == {(t, b) for t in reg.tasks for b in backends}
+    assert {(str(c.task), str(c.backend)) for c in cells} == {(t, b) for t in reg.tasks for b in backends}
     assert len(cells) == len(reg.tasks) * len(backends)
     for c in cells:
-        assert c.nproc == (2 if reg.backend(c.backend).data_parallel else 1)
-        assert reg.model(c.model).kind == reg.task(c.task).model_kinds[0]
+        assert c.nproc == (2 if reg.backend(c.backend.name).data_parallel else 1)
+        assert reg.model(c.model).kind == reg.task(c.task.name).model_kinds[0]
 
 
 def test_the_committed_baseline_keeps_its_cell_ids_and_fingerprints():
@@ -214,6 +216,5 @@ def test_the_committed_baseline_keeps_its_cell_ids_and_fingerprints():
 
     root = Path(__file__).resolve().parent.parent
     base = [json.loads(line) for line in (root / "results/baseline-cpu/results.jsonl").read_text().splitlines()]
-    cells = build_grid(str(root / "grids/cpu-smoke.yaml"), {"task": [], "backend": [], "model": [], "data": []},
-                       {}).cells(Registry.load())
+    cells = build_grid(GridRequest(str(root / "grids/cpu-smoke.yaml"))).cells(Registry.load())
     assert {(c.cell_id, c.fingerprint()) for c in cells} == {(r["cell_id"], r["recipe_fingerprint"]) for r in base}

@@ -175,7 +175,7 @@ def test_grid_runs_reference_backends_first():
 
     cells = Grid(axes={"task": ["generation"], "backend": ["compile", "ddp", "eager"]},
                  settings={"nproc": 2}).cells(Registry.load())
-    assert [c.backend for c in cells] == ["eager", "compile", "ddp"]
+    assert [str(c.backend) for c in cells] == ["eager", "compile", "ddp"]
 
 
 @pytest.mark.slow

@@ -18,6 +18,7 @@ from ftbench.harness.results.writer import WriteOptions
 from ftbench.harness.running.driver import RunOptions
 from ftbench.harness.running.cellproc import CellOutcome
 from ftbench.harness.cli import main
+from ftbench.harness.grid.request import GridRequest
 from ftbench.harness.grid.files import build_grid, select_shard
 from ftbench.harness.contract.registry import Registry
 from results_factory import ENV, make_record, modified, read, write_set
@@ -38,7 +39,7 @@ repeat: 2
 def cells(tmp_path_factory):
     p = tmp_path_factory.mktemp("grid") / "g.yaml"
     p.write_text(GRID)
-    return build_grid(str(p), {}, {}).cells(Registry.load())
+    return build_grid(GridRequest(str(p))).cells(Registry.load())
 
 
 class FakeRunner:
@@ -191,9 +192,9 @@ def test_repeats_run_round_robin_by_default_and_back_to_back_on_request(cells, t
 def test_order_is_a_grid_key_and_a_flag(tmp_path):
     p = tmp_path / "g.yaml"
     p.write_text(GRID + "order: sequential\n")
-    assert build_grid(str(p), {}, {}).order == "sequential"
-    assert build_grid(str(p), {}, {"order": "interleaved"}).order == "interleaved"
-    assert build_grid(None, {"task": ["generation"]}, {}).order == "interleaved"
+    assert build_grid(GridRequest(str(p))).order == "sequential"
+    assert build_grid(GridRequest(str(p), order="interleaved")).order == "interleaved"
+    assert build_grid(GridRequest(axes={"task": ("generation",)})).order == "interleaved"
     p.write_text(GRID + "order: random\n")
     res = CliRunner().invoke(main, ["run", "--grid", str(p), "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and "order must be one of interleaved, sequential" in res.output

@@ -364,9 +364,10 @@ def compare_result_sets(base: ResultSet, new: ResultSet, thresholds: dict | None
 
     b, n = by_cell(base), by_cell(new)
     pairs, only_b, only_n = pair_cells(b, n, cmp.refused)
-    cmp.only_base = [f"{_describe(b[c][0])} ({c})" for c in only_b]
-    cmp.only_new = [f"{_describe(n[c][0])} ({c})" for c in only_n]
     labels = variant_labels([recs[0] for recs in list(b.values()) + list(n.values())])
+    # Cells of one set only, named by what sets them apart (two tunings must not read alike).
+    cmp.only_base = [f"{b[c][0].get('task')} · {labels[c]} ({c})" for c in only_b]
+    cmp.only_new = [f"{n[c][0].get('task')} · {labels[c]} ({c})" for c in only_n]
     for cb, cn in pairs:
         rb, rn = b[cb], n[cn]
         label = labels.get(cb, _describe(rb[0]))

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from ftbench.harness.cell.modeling import resolve_model
 from ftbench.harness.contract.api import ENCODER_DECODER, FtbenchError
 from ftbench.harness.contract.gpus import gpu_model
-from ftbench.harness.grid.memplan import micro_batch_of, model_flops
+from ftbench.harness.grid.memplan import model_flops
 from ftbench.harness.results.store import read_records
 
 #: The matmul dtype of a recipe precision on a GPU (fp32 recipes: plain fp32, the most conservative peak).
@@ -51,14 +51,14 @@ def step_time(reg, cp, mfu: float, source: str) -> StepTime | None:
     peak = gpu.peak(MATMUL_DTYPE.get(r.precision, "fp32"))
     if not peak:
         return None
-    m = micro_batch_of(cp.cell)
+    m = cp.cell.micro_batch
     target = r.seq_len if _is_seq2seq(reg, cp.cell) else 0
     per_rank = flops((m, r.seq_len, target)) * r.grad_accum
     return StepTime(per_rank / (peak * mfu), r.batch_size * r.seq_len, mfu, source, peak)
 
 
 def _is_seq2seq(reg, cell) -> bool:
-    task = reg.task(cell.task_name_and_options()[0])
+    task = reg.task(cell.task.name)
     return resolve_model(cell.model, reg, task, cell.trust_remote_code, describe_only=True).kind == ENCODER_DECODER
 
 

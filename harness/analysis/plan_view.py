@@ -8,6 +8,7 @@ from ftbench.harness.grid.memplan import FRONTIER_MICRO_BATCHES, frontier, large
 
 #: The token volume the plan quotes a training time for.
 TOKENS_QUOTED = 1e9
+from ftbench.harness.grid.labels import varying_labels
 
 #: Breakdown keys, shortest first in the table.
 SHORT = {"weights": "weights", "gradients": "grads", "gradient_buffers": "grad buckets", "optimizer": "AdamW",
@@ -57,10 +58,11 @@ def _time(reg, cp, how: dict):
 def plan_json(reg, plans, search: bool, how: dict | None = None) -> list[dict]:
     how = how or {"mfu": 0.4}
     out = []
+    labels = varying_labels({cp.cell.cell_id: cp.cell.to_dict() for cp in plans})
     for cp in plans:
         c = cp.cell
-        row = {"task": c.task, "backend": c.backend, "model": c.model, "nproc": c.nproc,
-               "micro_batch": c.recipe.batch_size // (c.nproc * c.recipe.grad_accum),
+        row = {"task": str(c.task), "cell": labels[c.cell_id], "backend": str(c.backend), "model": c.model, "nproc": c.nproc,
+               "micro_batch": c.micro_batch,
                "grad_accum": c.recipe.grad_accum,
                "prediction": cp.prediction.to_dict() if cp.prediction else None,
                "compared": cp.compared, "compared_bytes": cp.compared_bytes, "limit_bytes": cp.limit_bytes,
@@ -88,7 +90,9 @@ def print_plans(reg, plans, console, search: bool, how: dict | None = None) -> N
     from rich.table import Table
 
     t = Table(title="ftbench plan: predicted peak memory (nothing was trained)")
-    cols = ["task", "backend", "model", "micro-batch", "per rank", "breakdown (per rank)", "vs limit", "verdict"]
+    # Cells that differ only in a setting (tuning, precision, ...) must not read as duplicate rows.
+    labels = varying_labels({cp.cell.cell_id: cp.cell.to_dict() for cp in plans})
+    cols = ["task", "cell", "model", "micro-batch", "per rank", "breakdown (per rank)", "vs limit", "verdict"]
     if search:
         cols.insert(4, "largest micro-batch (predicted)")
     for col in cols:
@@ -99,7 +103,8 @@ def print_plans(reg, plans, console, search: bool, how: dict | None = None) -> N
         ranks = f" ×{c.nproc}" if c.nproc > 1 else ""
         verdict = ("[green]fits[/]" if cp.fits else "[red]does NOT fit[/]") if cp.fits is not None else \
             f"unknown: {escape(cp.why_unknown or '')[:80]}"
-        row = [c.task, c.backend + ranks, c.model, str(c.recipe.batch_size // (c.nproc * c.recipe.grad_accum)),
+        label = labels[c.cell_id]
+        row = [str(c.task), label if f"×{c.nproc}" in label else f"{label}{ranks}", c.model, str(c.micro_batch),
                f"{_mib(p.device_bytes)}, peak in {p.peak_phase}" if p else "-",
                escape(breakdown_text(p.breakdown)) if p else "-",
                f"{cp.compared} {_mib(cp.compared_bytes)} / {_mib(cp.limit_bytes)} ({escape(cp.limit_source)})",
@@ -120,7 +125,7 @@ def print_plans(reg, plans, console, search: bool, how: dict | None = None) -> N
     for cp in plans:
         if cp.fits is False:
             c = cp.cell
-            console.print(f"[bold]{escape(c.task)} · {escape(c.backend)} · {escape(c.model)}[/] does not fit "
+            console.print(f"[bold]{escape(str(c.task))} · {escape(str(c.backend))} · {escape(c.model)}[/] does not fit "
                           f"({_mib(cp.compared_bytes)} > {_mib(cp.limit_bytes)}); would fit:")
             for s in cp.suggestions:
                 console.print(f"  - {escape(s)}", soft_wrap=True)

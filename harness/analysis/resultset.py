@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ftbench.harness.contract.api import FtbenchError
 from ftbench.harness.contract.environment import comparable_view
+from ftbench.harness.grid.labels import varying_labels
 from ftbench.harness.results.store import RESULTS_FILE, append_record, describe_versions, read_records
 
 #: Parts of a cell's configuration that identify it in a table, besides the recipe.
@@ -111,35 +112,19 @@ def config_diff(a: dict, b: dict) -> list[str]:
 
 
 def variant_labels(records: list[dict], without: tuple[str, ...] = ()) -> dict[str, str]:
-    """A short label per cell_id naming what sets it apart from the other cells
-    of its task: the backend, then the model, data, ranks and recipe settings
-    only where they vary (``without`` leaves settings out, e.g. the seed, to
-    group a cell's seeds under one label).
+    """A short label per cell_id naming what sets it apart from the other cells:
+    the backend, then the model, data, ranks and recipe settings only where
+    they vary (``without`` leaves settings out, e.g. the seed, to group a
+    cell's seeds under one label); see :mod:`ftbench.harness.grid.labels`.
 
-    Example: ``{"1c66…": "eager · tiny-llama · lr=0.003"}``.
+    Example: ``{"1c66…": "eager · lora · bf16 · seed 2"}``.
     """
-    cfgs = {}
+    configs = {}
     for r in records:
-        cfgs.setdefault(r["cell_id"], r)
-    varying = []
-    for k in ("model", "data", "nproc"):
-        if len({str(slot_of(r)[SLOT_KEYS.index(k)]) for r in cfgs.values()}) > 1:
-            varying.append(("slot", k))
-    recipes = [recipe_of(r) for r in cfgs.values()]
-    for k in sorted({k for rc in recipes for k in rc}):
-        if k not in without and len({json.dumps(rc.get(k), default=str) for rc in recipes}) > 1:
-            varying.append(("recipe", k))
-    labels = {}
-    for cid, r in cfgs.items():
-        slot = dict(zip(SLOT_KEYS, slot_of(r)))
-        parts = [str(slot["backend"])]
-        for kind, k in varying:
-            if kind == "slot":
-                parts.append(f"×{slot[k]}" if k == "nproc" else str(slot[k]))
-            else:
-                parts.append(f"{k}={recipe_of(r).get(k)}")
-        labels[cid] = " · ".join(parts)
-    return labels
+        if r["cell_id"] not in configs:
+            configs[r["cell_id"]] = {**(r.get("config") or {}), **dict(zip(SLOT_KEYS, slot_of(r))),
+                                     "recipe": recipe_of(r)}
+    return varying_labels(configs, without)
 
 
 # ------------------------------------------------------------------- merge

@@ -41,7 +41,7 @@ class BatchPlan(Sequence):
     def __init__(self, n_train: int, recipe, world_size: int, rank: int, seed: int):
         self.n, self.g, self.steps, self.accum = n_train, recipe.batch_size, recipe.steps, recipe.grad_accum
         self.world, self.rank, self.seed = world_size, rank, seed
-        self.micro = self.g // (world_size * recipe.grad_accum)
+        self.micro = recipe.micro_batch(world_size)
         self._restart()
 
     def _restart(self) -> None:

@@ -2,10 +2,13 @@
 
 Example::
 
-    metrics = evaluate(cell, engine.eval_model(), make_batch)
+    metrics = evaluate(engine.eval_model(), held_out)
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
 
 from ftbench.harness.contract.api import EvalContext
 from ftbench.harness.contract.engine import autocast_for, move
@@ -34,13 +37,40 @@ def chunks(encoded: list, make_batch) -> list[dict]:
             for i in range(0, len(encoded), EVAL_BATCH)]
 
 
-def evaluate(model, *, task, tokenizer, kind, device, recipe, options, rows, encoded, loss_fn, make_batch,
-             encode) -> dict:
-    """The task's metrics on ``rows`` (and their ``encoded`` forms), ``eval_loss`` always among them."""
+@dataclass(frozen=True)
+class HeldOut:
+    """Everything evaluating a model needs besides the model: the held-out rows and how the cell reads them.
+
+    ``rows`` are the raw examples and ``encoded`` their tokenised forms;
+    ``make_batch(indices, encoded)`` collates, ``encode(row)`` tokenises one
+    more row, and ``loss_fn(model, batch)`` is the training loss.
+
+    Example: ``evaluate(model, HeldOut(task, tok, "decoder", device, recipe, options, rows, enc, loss_fn,
+    make_batch, encode))``.
+    """
+
+    task: Any
+    tokenizer: Any
+    kind: str
+    device: Any
+    recipe: Any
+    options: dict
+    rows: list
+    encoded: list
+    loss_fn: Callable
+    make_batch: Callable
+    encode: Callable
+
+
+def evaluate(model, held: HeldOut) -> dict:
+    """The task's metrics on the held-out rows, ``eval_loss`` always among them."""
     from ftbench.harness.cell.modeling import class_probabilities, greedy_generate
 
+    task, tokenizer, kind, device, recipe, options = (held.task, held.tokenizer, held.kind, held.device,
+                                                      held.recipe, held.options)
+    rows, encoded, make_batch, encode = held.rows, held.encoded, held.make_batch, held.encode
     model.eval()
-    loss = eval_loss(model, loss_fn, chunks(encoded, make_batch), device, recipe)
+    loss = eval_loss(model, held.loss_fn, chunks(encoded, make_batch), device, recipe)
     max_new = options.get("max_new_tokens", 32)
 
     def generate(prompts: list[str]) -> list[str]:

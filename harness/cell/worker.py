@@ -313,14 +313,13 @@ class Cell:
         self.out["eval_before_s"] = now() - t0
 
     def held_out_metrics(self, model=None) -> dict:
-        from ftbench.harness.cell.evaluation import evaluate
+        from ftbench.harness.cell.evaluation import HeldOut, evaluate
 
         n = self.spec.eval_examples
         model = model if model is not None else self.engine.eval_model()
-        return evaluate(model, task=self.task, tokenizer=self.tokenizer, kind=self.kind,
-                        device=self.device, recipe=self.recipe, options=self.options,
-                        rows=self.splits["validation"][:n], encoded=self.enc["validation"][:n],
-                        loss_fn=self.ctx.loss_fn, make_batch=self.make_batch, encode=self.encode)
+        return evaluate(model, HeldOut(self.task, self.tokenizer, self.kind, self.device, self.recipe, self.options,
+                                       self.splits["validation"][:n], self.enc["validation"][:n], self.ctx.loss_fn,
+                                       self.make_batch, self.encode))
 
     def evaluate(self) -> None:
         from ftbench.harness.cell.measure import memory_snapshot, now

@@ -17,6 +17,8 @@ from typing import Any
 
 from ftbench.harness.contract.api import FtbenchError
 from ftbench.harness.contract.format import shown
+from ftbench.harness.contract.lora_options import is_lora, parse_lora
+from ftbench.harness.contract.specs import Spec
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULES = ("constant", "linear", "cosine")
@@ -106,6 +108,14 @@ class Recipe:
         parse_tuning(self.tuning)
         return self
 
+    def micro_batch(self, world_size: int) -> int:
+        """Examples per rank per forward pass: the global batch over ranks x accumulation steps.
+
+        The one place this split is written (:func:`ftbench.harness.contract.resolve.check_batch_split`
+        checks that it is exact).  Example: ``Recipe(batch_size=8, grad_accum=2).micro_batch(2) == 2``.
+        """
+        return self.batch_size // (world_size * self.grad_accum)
+
     def fingerprint(self, task: str, task_options: dict, model: str, data: str, world_size: int,
                     columns: tuple = ()) -> str:
         """Hash of everything that defines the math of a step (not the backend).
@@ -132,8 +142,6 @@ def parse_tuning(value: str) -> tuple[str, int]:
 
     LoRA options are checked by :func:`ftbench.harness.contract.lora_options.parse_lora`.
     """
-    from ftbench.harness.contract.lora_options import is_lora, parse_lora
-
     if is_lora(value):
         parse_lora(value)
         return "lora", 0
@@ -150,49 +158,69 @@ def parse_tuning(value: str) -> tuple[str, int]:
                        "or lora[:r=8,alpha=16,dropout=0,targets=NAME+NAME]")
 
 
-def parse_spec(text: str, what: str = "backend") -> tuple[str, dict[str, Any]]:
-    """``"deepspeed:stage=3,offload=cpu"`` -> ``("deepspeed", {"stage": 3, "offload": "cpu"})``.
-
-    Values are parsed as JSON scalars when they look like one (3, 1e-4, true),
-    else kept as strings.
-    """
-    if not isinstance(text, str) or not text.strip():
-        raise FtbenchError(f"empty {what} name; write NAME or NAME:key=value,key=value")
-    name, _, rest = text.strip().partition(":")
-    options: dict[str, Any] = {}
-    if rest:
-        for item in rest.split(","):
-            key, eq, value = item.partition("=")
-            key = key.strip()
-            if not eq or not key:
-                raise FtbenchError(
-                    f"malformed {what} option {shown(item)} in {shown(text)}: write NAME:key=value,key=value "
-                    f"(e.g. deepspeed:stage=3,offload=cpu)")
-            options[key] = _scalar(value.strip())
-    return name.strip(), options
-
-
-def format_spec(name: str, options: dict) -> str:
-    if not options:
-        return name
-    return name + ":" + ",".join(f"{k}={_unscalar(v)}" for k, v in sorted(options.items()))
-
-
-def _scalar(text: str) -> Any:
-    try:
-        value = json.loads(text)
-    except ValueError:
-        return text
-    return value if isinstance(value, (int, float, bool)) or value is None else text
-
-
-def _unscalar(v: Any) -> str:
-    return json.dumps(v) if isinstance(v, bool) or v is None else str(v)
-
-
 def _hash(payload: Any) -> str:
     blob = json.dumps(payload, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How a multi-node cell's ranks meet: torchrun's rendezvous settings (None: not given).
+
+    Single-node cells leave it empty.  ``to_dict()`` holds only what was
+    given, as the grid file's ``settings.launcher`` mapping spells it.
+
+    Example: ``Launch(nnodes=2, node_rank=1, master_addr="10.0.0.1").nnodes_or_1 == 2``.
+    """
+
+    nnodes: int | None = None
+    node_rank: int | None = None
+    master_addr: str | None = None
+    master_port: int | None = None
+
+    DEFAULT_ADDR = "127.0.0.1"
+    DEFAULT_PORT = 29500
+
+    @classmethod
+    def from_dict(cls, d: "dict | Launch | None", where: str = "launcher") -> "Launch":
+        if isinstance(d, Launch):
+            return d
+        if d is None:
+            return cls()
+        if not isinstance(d, dict):
+            raise FtbenchError(f"invalid {where}={d!r}: must be a mapping such as {{nnodes: 2, master_addr: host}}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise FtbenchError(f"unknown {where} key(s) {unknown}; allowed: {', '.join(sorted(known))}")
+        types = {"nnodes": int, "node_rank": int, "master_addr": str, "master_port": int}
+        for k, v in d.items():
+            if v is not None and (not isinstance(v, types[k]) or isinstance(v, bool)):
+                raise FtbenchError(f"invalid {where}.{k}={v!r}: must be {types[k].__name__}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+    @property
+    def nnodes_or_1(self) -> int:
+        """Nodes the world spans (1 unless given)."""
+        return max(1, self.nnodes or 1)
+
+    @property
+    def rank(self) -> int:
+        return self.node_rank or 0
+
+    @property
+    def addr(self) -> str:
+        return self.master_addr or self.DEFAULT_ADDR
+
+    @property
+    def port(self) -> int:
+        return self.master_port or self.DEFAULT_PORT
+
+    def with_(self, **changes) -> "Launch":
+        return replace(self, **changes)
 
 
 @dataclass(frozen=True)
@@ -205,8 +233,9 @@ class CellSpec:
                  recipe=Recipe(steps=20))
     """
 
-    task: str
-    backend: str
+    #: ``Spec`` values; text given here (``"deepspeed:stage=3"``) is parsed once, on construction.
+    task: Spec
+    backend: Spec
     model: str
     data: str = "builtin"
     recipe: Recipe = field(default_factory=Recipe)
@@ -216,7 +245,7 @@ class CellSpec:
     eval_examples: int = 64
     columns: tuple[tuple[str, str], ...] = ()
     repeat: int = 0
-    launcher: dict = field(default_factory=dict)
+    launcher: Launch = field(default_factory=Launch)
     device: str = "auto"
     #: Extra steps profiled after training and evaluation (``--profile``; 0: off), and where the
     #: traces go (the result set's ``traces/``, set by the driver).
@@ -235,11 +264,11 @@ class CellSpec:
     #: permission, not a setting of the cell, so it stays out of the cell id.
     trust_remote_code: bool = False
 
-    def task_name_and_options(self) -> tuple[str, dict]:
-        return parse_spec(self.task, "task")
-
-    def backend_name_and_options(self) -> tuple[str, dict]:
-        return parse_spec(self.backend, "backend")
+    def __post_init__(self):
+        # Frozen: the parsed values replace the text given, once, before anyone reads them.
+        object.__setattr__(self, "task", Spec.parse(self.task, "task"))
+        object.__setattr__(self, "backend", Spec.parse(self.backend, "backend"))
+        object.__setattr__(self, "launcher", Launch.from_dict(self.launcher))
 
     def identity(self) -> dict:
         """The configuration that defines the cell (no repeat index, no limits)."""
@@ -256,22 +285,26 @@ class CellSpec:
     @property
     def nnodes(self) -> int:
         """Nodes the cell's world spans (``launcher.nnodes``; 1 for single-node cells)."""
-        try:
-            return max(1, int((self.launcher or {}).get("nnodes", 1) or 1))
-        except (TypeError, ValueError):
-            return 1
+        return self.launcher.nnodes_or_1
+
+    @property
+    def micro_batch(self) -> int:
+        """Examples per rank per forward pass (:meth:`Recipe.micro_batch` over the cell's ranks)."""
+        return self.recipe.micro_batch(self.nproc)
 
     @property
     def cell_id(self) -> str:
         return _hash(self.identity())
 
     def fingerprint(self) -> str:
-        task, topts = self.task_name_and_options()
-        return self.recipe.fingerprint(task, topts, self.model, self.data, self.nproc, self.columns)
+        return self.recipe.fingerprint(self.task.name, self.task.options, self.model, self.data, self.nproc,
+                                       self.columns)
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["columns"] = [list(c) for c in self.columns]
+        """Plain JSON-able values: specs as their spelling, the launch as its given keys."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d.update(task=str(self.task), backend=str(self.backend), recipe=asdict(self.recipe),
+                 launcher=self.launcher.to_dict(), columns=[list(c) for c in self.columns])
         return d
 
     @classmethod

@@ -40,14 +40,14 @@ def resolve_cell(reg, spec, world_size: int | None = None) -> ResolvedCell:
     it from its environment; preflight takes the cell's ``nproc``).
     """
     recipe = spec.recipe.validate()
-    task_name, task_opts = spec.task_name_and_options()
-    backend_name, backend_opts = spec.backend_name_and_options()
+    task_name, task_opts = spec.task.name, spec.task.options
+    backend_name, backend_opts = spec.backend.name, spec.backend.options
     task = reg.task(task_name)
     bspec = reg.backend(backend_name)
     try:
         options = bspec.engine.validate_options({**dict(bspec.defaults), **backend_opts})
     except FtbenchError as e:
-        raise FtbenchError(f"backend {spec.backend!r}: {e}") from None
+        raise FtbenchError(f"backend {str(spec.backend)!r}: {e}") from None
     world = spec.nproc if world_size is None else world_size
     if world > 1 and not bspec.data_parallel:
         raise FtbenchError(f"backend {backend_name!r} runs in one process; use --nproc 1 "

@@ -14,12 +14,14 @@ rank and ddp on 2 with the same global batch and recipe.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
 from ftbench.harness.contract.api import FtbenchError
-from ftbench.harness.contract.config import RECIPE_FIELDS, CellSpec, Recipe, parse_spec
+from ftbench.harness.contract.config import RECIPE_FIELDS, CellSpec, Launch, Recipe
+from ftbench.harness.contract.specs import Spec
 from ftbench.harness.grid.recipes import defaults_for_model, is_pretrained
 from ftbench.harness.contract.targets import check_grid_targets, target_for_task
 
@@ -67,6 +69,8 @@ class Grid:
     #: The most cells the grid's author expects (grid key ``max_cells``); past :data:`LARGE_GRID`
     #: cells, a grid runs only with it (or ``--yes``), see :meth:`check_size`.
     max_cells: int | None = None
+    #: Record sinks every record of the run also goes to (grid key ``sink``, ``--sink``).
+    sinks: list[str] = field(default_factory=list)
 
     def size(self, registry) -> int:
         """How many cells the grid expands to at most (exclusions not yet taken off), computed
@@ -98,6 +102,15 @@ class Grid:
                                f"--yes (or put max_cells: {n} in the grid file) to run it, or narrow the grid")
         return n
 
+    @property
+    def launch(self) -> Launch:
+        """The multi-node settings the grid's data-parallel cells share (``settings.launcher``)."""
+        return Launch.from_dict(self.settings.get("launcher"), f"{self.source or 'grid'}: settings.launcher")
+
+    def with_launch(self, launch: Launch) -> "Grid":
+        """A copy of the grid whose data-parallel cells span ``launch``'s nodes."""
+        return dataclasses.replace(self, settings={**self.settings, "launcher": launch})
+
     def cells(self, registry, progress=None) -> list[CellSpec]:
         """Every cell of the grid, repeats included, in axis order.
 
@@ -108,7 +121,7 @@ class Grid:
         """
         where = f"{self.source}: " if self.source else ""
         if self.targets:
-            tasks = {parse_spec(t, "task")[0] for t in _expand_all(list(self.axes.get("task") or []),
+            tasks = {Spec.parse(t, "task").name for t in _expand_all(list(self.axes.get("task") or []),
                                                                   lambda: list(registry.tasks))}
             check_grid_targets(self.targets, [registry.task(n) for n in sorted(tasks)])
         base_settings = {k: v for k, v in self.settings.items() if k not in self.sweep}
@@ -160,10 +173,9 @@ class Grid:
             cell_kw["columns"] = tuple(sorted(dict(cell_kw["columns"]).items()))
         cells = []
         for task, backend, model, data in itertools.product(*(axes[a] for a in AXES)):
-            tname, _ = parse_spec(task, "task")
-            bname, _ = parse_spec(backend, "backend")
-            task_obj = registry.task(tname)
-            bspec = registry.backend(bname)
+            task, backend = Spec.parse(task, "task"), Spec.parse(backend, "backend")
+            task_obj = registry.task(task.name)
+            bspec = registry.backend(backend.name)
             if model == AUTO_MODEL:
                 model = default_model(registry, task_obj)
             target = target_for_task(self.targets, task_obj)
@@ -200,7 +212,7 @@ def reference_first(cells: list[CellSpec], registry) -> list[CellSpec]:
     stable, so the grid's own order holds within each group.
     """
     def is_ref(cell: CellSpec) -> bool:
-        return bool(getattr(registry.backend(parse_spec(cell.backend, "backend")[0]), "reference", False))
+        return bool(getattr(registry.backend(cell.backend.name), "reference", False))
 
     return sorted(cells, key=lambda c: not is_ref(c))
 
@@ -262,11 +274,14 @@ def default_model(registry, task) -> str:
 
 def _matches(cell: dict, exclusion: dict) -> bool:
     """An exclusion matches when each of its keys equals the cell's value (or the
-    name before ``:`` for tasks and backends)."""
+    name of a task or backend spec)."""
     for key, want in exclusion.items():
         have = cell.get(key)
         wants = want if isinstance(want, list) else [want]
-        if have not in wants and (key not in ("task", "backend") or parse_spec(str(have), key)[0] not in wants):
+        if isinstance(have, Spec):
+            if str(have) not in wants and have.name not in wants:
+                return False
+        elif have not in wants:
             return False
     return True
 

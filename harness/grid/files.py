@@ -36,10 +36,11 @@ from ftbench.harness.contract.format import shorten, shown
 from ftbench.harness.contract.config import RECIPE_FIELDS, Recipe
 from ftbench.harness.grid.expand import (AXES, CELL_SETTINGS, INTERLEAVED, ORDERS, PER_CELL_SETTINGS, SWEEPABLE,
                                         Grid)
+from ftbench.harness.grid.request import GridRequest
 
 DEFAULT_GRID = "default_grid.yaml"
 TOP_KEYS = set(AXES) | {"settings", "exclude", "repeat", "sweep", "time_limit", "per_cell", "target", "order",
-                        "launcher", "slurm", "max_cells"}
+                        "launcher", "slurm", "max_cells", "sink"}
 LAUNCHERS = ("local", "slurm")
 SETTING_KEYS = set(RECIPE_FIELDS) | set(CELL_SETTINGS)
 _RECIPE_TYPES = typing.get_type_hints(Recipe)
@@ -203,9 +204,14 @@ def grid_from_dict(data: dict, name: str) -> Grid:
     if max_cells is not None and (not isinstance(max_cells, int) or isinstance(max_cells, bool) or max_cells < 1):
         raise FtbenchError(f"grid file {name}: max_cells must be an integer >= 1 (the most cells this grid may "
                            f"expand to), got {shown(max_cells)}")
+    sinks = data.get("sink") or []
+    sinks = [sinks] if isinstance(sinks, str) else sinks
+    if not isinstance(sinks, list) or not all(isinstance(x, str) for x in sinks):
+        raise FtbenchError(f"grid file {name}: sink must be a sink spec or a list of them, e.g. "
+                           f"[\"mlflow:uri=http://127.0.0.1:5000\", tensorboard], got {shown(data.get('sink'))}")
     return Grid(axes=axes, settings=settings, exclude=exclude, repeat=repeat, sweep=sweep, per_cell=rules,
                 order=order, source=f"grid file {name}", targets=_targets(data, name), launcher=launcher,
-                slurm=slurm, max_cells=max_cells)
+                slurm=slurm, max_cells=max_cells, sinks=sinks)
 
 
 def _targets(data: dict, name: str) -> list[str]:
@@ -314,15 +320,21 @@ def _launcher(data: dict, name: str) -> tuple[str | None, dict | None]:
     return launcher, slurm
 
 
-def build_grid(grid_file: str | None, cli_axes: dict, overrides: dict) -> Grid:
-    """The grid to run: a file (or the embedded default when nothing is given), then CLI overrides."""
-    given_axes = {a: v for a, v in cli_axes.items() if v}
-    if grid_file:
-        path = Path(grid_file)
+def build_grid(request: GridRequest) -> Grid:
+    """The grid to run: a file (or the embedded default when nothing is given), then the command line's
+    axes, settings and sweeps.
+
+    A command-line value is final: it replaces the file's setting, its sweep
+    and any per-cell rule for that key.  Example:
+    ``build_grid(GridRequest(axes={"task": ("generation",)}, sweep={"lr": (1e-3, 3e-3)}))``.
+    """
+    given_axes = {a: list(v) for a, v in request.axes.items() if v}
+    if request.grid_file:
+        path = Path(request.grid_file)
         if not path.exists():
-            raise FtbenchError(f"grid file {grid_file} does not exist")
+            raise FtbenchError(f"grid file {request.grid_file} does not exist")
         if not path.is_file():
-            raise FtbenchError(f"grid file {grid_file} is not a file; pass a YAML or TOML grid file")
+            raise FtbenchError(f"grid file {request.grid_file} is not a file; pass a YAML or TOML grid file")
         grid = grid_from_dict(load_grid_text(read_grid_file(path), str(path)), str(path))
     elif not given_axes.get("task") and not given_axes.get("backend"):
         text = resources.files("ftbench.harness.grid").joinpath(DEFAULT_GRID).read_text()
@@ -330,27 +342,34 @@ def build_grid(grid_file: str | None, cli_axes: dict, overrides: dict) -> Grid:
     else:
         grid = Grid(axes={"task": ["generation"], "backend": ["eager"]})
     grid.axes.update(given_axes)
-    targets = overrides.pop("targets", None)
-    if targets:
-        grid.targets = list(targets)  # the command line replaces the file's targets
-    seeds = overrides.pop("seeds", None)
-    if seeds:
-        grid.sweep["seed"] = list(seeds)
-        grid.settings.pop("seed", None)
-    repeat = overrides.pop("repeat", None)
-    if repeat is not None:
-        if not 1 <= repeat <= MAX_REPEAT:
-            raise FtbenchError(f"invalid --repeat {shown(repeat)}: must be >= 1 and at most {MAX_REPEAT}")
-        grid.repeat = repeat
-    order = overrides.pop("order", None)
-    if order is not None:
-        grid.order = order
-    grid.settings.update(overrides)
-    # A command-line value is final: it replaces a sweep and any per-cell rule for that key.
-    for key in overrides:
+    if request.targets:
+        grid.targets = list(request.targets)  # the command line replaces the file's targets
+    if request.repeat is not None:
+        if not 1 <= request.repeat <= MAX_REPEAT:
+            raise FtbenchError(f"invalid --repeat {shown(request.repeat)}: must be >= 1 and at most {MAX_REPEAT}")
+        grid.repeat = request.repeat
+    if request.order is not None:
+        grid.order = request.order
+    settings = dict(request.settings)
+    if request.launch.to_dict():
+        settings["launcher"] = request.launch
+    sweep = {}
+    for key, values in request.sweep.items():
+        if key not in SWEEPABLE:
+            close = difflib.get_close_matches(key, SWEEPABLE, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise FtbenchError(f"--sweep {key}: not a setting a grid can sweep{hint}; sweepable: "
+                               f"{', '.join(SWEEPABLE)}")
+        if key in settings:
+            raise FtbenchError(f"{key} is given one value and swept as well; keep one")
+        sweep[key] = [coerce_setting(key, v, "--sweep ") for v in values]
+    for key in (*settings, *sweep):
         grid.sweep.pop(key, None)
+        grid.settings.pop(key, None)
         for rule in grid.per_cell:
             rule.pop(key, None)
+    grid.settings.update(settings)
+    grid.sweep.update(sweep)
     return grid
 
 

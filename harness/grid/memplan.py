@@ -21,6 +21,7 @@ from ftbench.harness.contract.api import ENCODER_DECODER, FtbenchError
 from ftbench.harness.contract.activations import BlockLayout
 from ftbench.harness.contract.gpus import BY_NAME, CUDA_CONTEXT_BYTES, Gpu, find
 from ftbench.harness.contract.memory_model import MiB, ModelShape, ParamCounts, Prediction, harness_floor_bytes, predict
+from ftbench.harness.contract.specs import Spec
 
 
 @dataclass
@@ -90,8 +91,7 @@ def _preset_tokenizer(source, task, cell):
     from ftbench.harness.cell.modeling import load_tokenizer
     from ftbench.harness.cell.rowsource import load_run_data, sample_texts
 
-    tname, topts = cell.task_name_and_options()
-    options = {**dict(task.defaults), **topts}
+    options = {**dict(task.defaults), **cell.task.options}
     try:
         # The rows and tokenizer sample the cell itself reads: the same (cached) tokenizer, never the whole file.
         run = load_run_data(task, cell.data, options, cell.recipe.validate(), cell.eval_examples, 1,
@@ -109,8 +109,7 @@ def _build_facts(reg, cell):
     from ftbench.harness.cell.modeling import block_stacks, count_params, resolve_model
     from ftbench.harness.cell.tuning import tune
 
-    tname, _ = cell.task_name_and_options()
-    task = reg.task(tname)
+    task = reg.task(cell.task.name)
     source = resolve_model(cell.model, reg, task, cell.trust_remote_code, describe_only=True)
     tokenizer, labels = _preset_tokenizer(source, task, cell) if source.preset is not None else (None, None)
     with torch.device("meta"):
@@ -249,21 +248,14 @@ def host_memory_bytes() -> int:
     return int(psutil.virtual_memory().total)
 
 
-def micro_batch_of(cell) -> int:
-    r = cell.recipe
-    return r.batch_size // (cell.nproc * r.grad_accum)
-
-
 def predict_cell(reg, cell, micro_batch: int | None = None, backend: str | None = None,
                  nproc: int | None = None, checkpointing: bool | None = None,
                  seq_len: int | None = None, device: str | None = None) -> Prediction:
     """The prediction for ``cell``, optionally with another micro-batch, backend, rank count, checkpointing,
     sequence length or device type (``cuda`` when planning for a named GPU)."""
-    from ftbench.harness.contract.config import parse_spec
-
-    bname, bopts = parse_spec(backend or cell.backend, "backend")
-    spec = reg.backend(bname)
-    options = spec.engine.validate_options({**dict(spec.defaults), **bopts})
+    bspec = Spec.parse(backend) if backend else cell.backend
+    spec = reg.backend(bspec.name)
+    options = spec.engine.validate_options({**dict(spec.defaults), **bspec.options})
     world = nproc or cell.nproc
     counts, shape = model_facts(reg, cell)
     recipe = cell.recipe
@@ -273,7 +265,7 @@ def predict_cell(reg, cell, micro_batch: int | None = None, backend: str | None 
         recipe = dataclasses.replace(recipe, seq_len=seq_len)
     if micro_batch is None:
         # Another rank count keeps the global batch: each rank's micro-batch shrinks (at least 1).
-        micro_batch = max(1, recipe.batch_size // (world * recipe.grad_accum)) if nproc else micro_batch_of(cell)
+        micro_batch = max(1, recipe.micro_batch(world)) if nproc else cell.micro_batch
     return predict(counts, shape, recipe, spec.engine.memory_plan(options, world), world, micro_batch,
                    device or device_type(cell))
 
@@ -339,7 +331,7 @@ def largest_fitting_micro_batch(reg, cell, limit: int, compared: str, **kw) -> i
 def suggestions(reg, cell, limit: int, compared: str) -> list[str]:
     """What would fit instead: a smaller micro-batch, checkpointing, another backend or more ranks."""
     out = []
-    m = micro_batch_of(cell)
+    m = cell.micro_batch
     smaller = largest_fitting_micro_batch(reg, cell, limit, compared)
     if smaller and smaller < m:
         out.append(f"micro-batch {smaller}: --grad-accum {cell.recipe.batch_size // (cell.nproc * smaller)} "
@@ -352,7 +344,7 @@ def suggestions(reg, cell, limit: int, compared: str) -> list[str]:
         found = []
         for name, entry in reg.backends.items():
             spec = entry.obj
-            if nproc > 1 and not spec.data_parallel or name == cell.backend or reg.backend_availability(name):
+            if nproc > 1 and not spec.data_parallel or name == str(cell.backend) or reg.backend_availability(name):
                 continue
             try:
                 pred = predict_cell(reg, cell, backend=name, nproc=nproc)
@@ -425,13 +417,13 @@ def check_memory_limits(reg, cells) -> None:
     for cell in cells:
         if not cell.memory_limit_mb or device_type(cell) != "cpu":
             continue
-        bname, bopts = cell.backend_name_and_options()
-        spec = reg.backend(bname)
-        plan = spec.engine.memory_plan(spec.engine.validate_options({**dict(spec.defaults), **bopts}), cell.nproc)
+        spec = reg.backend(cell.backend.name)
+        plan = spec.engine.memory_plan(spec.engine.validate_options({**dict(spec.defaults), **cell.backend.options}),
+                                       cell.nproc)
         floor = harness_floor_bytes(cell.nproc, plan)
         if cell.memory_limit_mb * MiB < floor:
             raise FtbenchError(
                 f"--memory-limit-mb {cell.memory_limit_mb:g} is below what the harness itself needs for backend "
-                f"{cell.backend!r} on {cell.nproc} rank(s) before any model exists (about {floor / MiB:,.0f} MB: "
+                f"{str(cell.backend)!r} on {cell.nproc} rank(s) before any model exists (about {floor / MiB:,.0f} MB: "
                 "Python, torch, transformers, data and the backend's runtime per rank); every cell would be "
                 f"killed at start. Pass --memory-limit-mb {int(floor / MiB * 1.5)} or more, or leave it out.")

@@ -51,7 +51,7 @@ def apply_micro_batch(cells, micro):
         if g % n:
             raise FtbenchError(
                 f"--micro-batch {micro}: the global batch {g} cannot be split evenly over nproc {n}, so no "
-                f"micro-batch divides it (backend {cell.backend!r}); pass a --batch-size that is a multiple "
+                f"micro-batch divides it (backend {str(cell.backend)!r}); pass a --batch-size that is a multiple "
                 f"of {n}, e.g. {g - g % n or n}")
         if micro == AUTO:
             out.append(cell)
@@ -60,7 +60,7 @@ def apply_micro_batch(cells, micro):
             options = [d for d in range(1, g // n + 1) if (g // n) % d == 0]
             raise FtbenchError(
                 f"--micro-batch {micro} does not divide the {g // n} examples each of {n} rank(s) gets of the "
-                f"global batch {g} (backend {cell.backend!r}); pick one of {options} or 'auto'")
+                f"global batch {g} (backend {str(cell.backend)!r}); pick one of {options} or 'auto'")
         out.append(with_micro_batch(cell, micro))
     return out
 

@@ -74,7 +74,7 @@ def _check_settings(cell) -> None:
     if not _is_int(cell.eval_every) or cell.eval_every < 0:
         bad("eval_every", cell.eval_every, "must be an integer >= 0 (0: evaluate only after training)")
     if cell.stop_at_target and not cell.target:
-        bad("stop_at_target", cell.stop_at_target, f"needs a target for task {cell.task!r}: add "
+        bad("stop_at_target", cell.stop_at_target, f"needs a target for task {str(cell.task)!r}: add "
             "--target METRIC=VALUE (e.g. --target perplexity=20)")
     if not _is_int(cell.nproc) or not 1 <= cell.nproc <= MAX_NPROC:
         bad("nproc", cell.nproc, f"must be an integer from 1 to {MAX_NPROC} (ranks per node)")
@@ -87,8 +87,6 @@ def _check_settings(cell) -> None:
             "build of torch (docs/gpu.md)")
     if cell.cpu_memory not in CPU_MEMORY_MODES:
         bad("cpu_memory", cell.cpu_memory, f"choose {' or '.join(CPU_MEMORY_MODES)} (docs/memory.md)")
-    if not isinstance(cell.launcher, dict):
-        bad("launcher", cell.launcher, "must be a mapping such as {nnodes: 2, master_addr: host}")
 
 
 def _is_number(v) -> bool:

@@ -45,6 +45,8 @@ from __future__ import annotations
 import math
 from typing import Callable
 
+from ftbench.harness.contract.specs import Spec
+
 #: Largest relative deviation of a loss curve that still passes, by precision.
 TOLERANCES = {"fp32": 1e-4, "bf16": 5e-2, "fp16": 2e-2}
 
@@ -174,7 +176,7 @@ def _fmt(v) -> str:
 
 
 def _name(r: dict) -> str:
-    return str(r.get("backend", "")).partition(":")[0]
+    return Spec.parse(str(r.get("backend") or "?")).name
 
 
 def _label(r: dict) -> str:

@@ -28,8 +28,8 @@ def build_record(spec: CellSpec, outcome: CellOutcome, environment: dict, starte
     step = main.get("step_time") or {}
     record = {
         "schema_version": SCHEMA_VERSION,
-        "cell_id": spec.cell_id, "recipe_fingerprint": spec.fingerprint(), "task": spec.task,
-        "backend": spec.backend, "model": spec.model, "data": spec.data, "nproc": spec.nproc,
+        "cell_id": spec.cell_id, "recipe_fingerprint": spec.fingerprint(), "task": str(spec.task),
+        "backend": str(spec.backend), "model": spec.model, "data": spec.data, "nproc": spec.nproc,
         # Ranks per node x nodes. A multi-node cell's record comes from node 0, whose own ranks are in
         # memory_per_rank; throughput, losses and metrics are global.
         "nnodes": spec.nnodes, "world_size": main.get("world_size") or spec.nproc * spec.nnodes,

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from ftbench.harness.contract.api import FtbenchError
-from ftbench.harness.contract.config import parse_spec
+from ftbench.harness.contract.specs import Spec
 from ftbench.harness.contract.sinks import Sink
 
 
@@ -71,7 +71,8 @@ def check_sink_specs(registry, specs: list[str]) -> list[tuple[str, object, dict
     """``(spec, SinkSpec, options)`` per ``--sink``; unknown names, bad options and missing packages refused."""
     out = []
     for text in specs:
-        name, options = parse_spec(text, "sink")
+        parsed = Spec.parse(text, "sink")
+        name, options = parsed.name, dict(parsed.options)
         spec = registry.sink(name)
         why = spec.unavailable()
         if why:

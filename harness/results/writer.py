@@ -84,6 +84,8 @@ class WriteOptions:
     registry: object = None
     #: Receives events ``(kind, index, total, spec, payload)``; see ftbench.harness.running.progress.
     progress: Callable | None = None
+    #: Record sinks, each called with every record once it is durably written (``--sink``).
+    sinks: tuple = ()
 
 
 @dataclass
@@ -196,7 +198,7 @@ class ResultSetWriter:
         #: Records already in the set, then each one written: what ``annotate`` compares against.
         self.records: list[dict] = []
         #: Record sinks, called in order after each durable write.
-        self.sinks: list[RecordSink] = []
+        self.sinks: list[RecordSink] = list(options.sinks)
         self._done: set = set()
         self._failed_sinks: set[int] = set()
         self._lock = OutputLock(self.out_dir)

@@ -94,16 +94,21 @@ def kill_tree(pgid: int, pids=()) -> None:
             pass
 
 
-def command_for(spec: CellSpec, spec_path: Path, result_dir: Path, t_launch: float) -> list[str]:
-    worker = ["-m", "ftbench.harness.cell.worker", str(spec_path), str(result_dir), repr(t_launch)]
-    if spec.nproc <= 1 and not spec.launcher.get("nnodes", 1) > 1:
+def worker_args(spec_path: Path, result_dir: Path, t_launch: float) -> list[str]:
+    """The worker's own arguments (what ``python -m ftbench.harness.cell.worker`` takes)."""
+    return [str(spec_path), str(result_dir), repr(t_launch)]
+
+
+def command_for(spec: CellSpec, args: list[str]) -> list[str]:
+    """The command that starts the cell's worker with ``args`` as a process of its own, or under torchrun."""
+    worker = ["-m", "ftbench.harness.cell.worker", *args]
+    if spec.nproc <= 1 and spec.nnodes <= 1:
         return [sys.executable, *worker]
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(spec.nproc)]
-    nnodes = int(spec.launcher.get("nnodes", 1))
-    if nnodes > 1:
-        launch += ["--nnodes", str(nnodes), "--node-rank", str(spec.launcher.get("node_rank", 0)),
-                   "--master-addr", str(spec.launcher.get("master_addr", "127.0.0.1")),
-                   "--master-port", str(spec.launcher.get("master_port", 29500))]
+    if spec.nnodes > 1:
+        lc = spec.launcher
+        launch += ["--nnodes", str(spec.nnodes), "--node-rank", str(lc.rank), "--master-addr", lc.addr,
+                   "--master-port", str(lc.port)]
     else:
         launch += ["--standalone"]
     return launch + worker
@@ -138,7 +143,7 @@ def run_cell_process(spec: CellSpec, env_extra: dict | None = None, abort_if=Non
         spec_path = tmp / "spec.json"
         spec_path.write_text(json.dumps(spec.to_dict()))
         t_launch = time.time()
-        cmd = command_for(spec, spec_path, tmp, t_launch)
+        args = worker_args(spec_path, tmp, t_launch)
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
         env.update(env_extra or {})
@@ -148,7 +153,7 @@ def run_cell_process(spec: CellSpec, env_extra: dict | None = None, abort_if=Non
         stderr_path = tmp / "stderr.log"
         stderr_path.touch()
         t0 = time.perf_counter()
-        proc = launch.start(spec, cmd[cmd.index("ftbench.harness.cell.worker") + 1:], cmd, env, str(stderr_path))
+        proc = launch.start(spec, args, command_for(spec, args), env, str(stderr_path))
         guard = reaper.CellGuard(proc.pid)
         limit = spec.memory_limit_mb * 2**20 if spec.memory_limit_mb else None
         watch = TreeWatch(psutil.Process(proc.pid), limit_bytes=limit).start()

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from ftbench.harness.cell import reaper
 from ftbench.harness.contract.api import FtbenchError
-from ftbench.harness.contract.config import CellSpec
+from ftbench.harness.contract.config import CellSpec, Launch
 from ftbench.harness.grid.expand import order_repeats
 from ftbench.harness.grid.memplan import divisors
 from ftbench.harness.grid.microbatch import per_rank_batch, with_micro_batch
@@ -41,7 +41,7 @@ class RunOptions:
     #: Find each cell's largest fitting micro-batch with probe cells first (single-node cells).
     search_micro_batch: bool = False
     #: Multi-node settings (``nnodes``, ``node_rank``, ``master_addr``, ``master_port``).
-    nodes: dict | None = None
+    nodes: Launch | None = None
 
 
 def run_cells(cells: list[CellSpec], out: str | os.PathLike, environment: dict,
@@ -55,7 +55,7 @@ def run_cells(cells: list[CellSpec], out: str | os.PathLike, environment: dict,
     this driver is one node of the grid (:mod:`.nodes`), and a node other
     than 0 writes nothing to ``out``.
     """
-    group = NodeGroup.from_launcher(options.nodes or {})
+    group = NodeGroup.from_launcher(options.nodes or Launch())
     reaper.become_subreaper()
     os.environ[reaper.DRIVER_PID_ENV] = str(os.getpid())  # before the first cell (or fork server) starts
     if group is not None and not group.leader:

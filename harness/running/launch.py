@@ -46,7 +46,7 @@ def _may_fork(spec) -> bool:
     mode = os.environ.get("FTBENCH_LAUNCH", "fork")
     if mode == "exec" or not sys.platform.startswith("linux"):
         return False
-    if int((spec.launcher or {}).get("nnodes", 1) or 1) > 1:
+    if spec.nnodes > 1:
         return False  # a multi-node cell goes through torchrun even with one rank per node: the nodes meet there
     return spec.nproc <= 1 or mode != "torchrun"
 
@@ -137,7 +137,7 @@ def warm_up(cells) -> None:
     start-up is not charged to the first cell's wall time."""
     if any(_may_fork(c) for c in cells):
         if _context is None:  # the server, started now, preloads this grid's backends only
-            os.environ[PRELOAD_BACKENDS_ENV] = ",".join(sorted({c.backend_name_and_options()[0] for c in cells}))
+            os.environ[PRELOAD_BACKENDS_ENV] = ",".join(sorted({c.backend.name for c in cells}))
         # The server imports its preload after it starts answering; the probe
         # child returns only once that is done, and says whether it touched CUDA.
         server_touched_cuda()

@@ -36,6 +36,7 @@ from datetime import timedelta
 
 from ftbench.harness.contract.api import FtbenchError
 from ftbench.harness.running.listen import bound_store
+from ftbench.harness.contract.config import Launch
 
 #: How long the nodes wait for each other at the start of a grid (override: FTBENCH_RENDEZVOUS_TIMEOUT_S).
 RENDEZVOUS_TIMEOUT_S = 900.0
@@ -52,13 +53,13 @@ class NodeLost(RuntimeError):
 
 
 def multi_node(spec) -> bool:
-    return int((spec.launcher or {}).get("nnodes", 1) or 1) > 1
+    return spec.nnodes > 1
 
 
 def grid_fingerprint(cells) -> str:
     """Hash of the ordered cell list (ids, repeats, rank counts, node counts): equal on every node
     that expanded the same grid."""
-    items = [[c.cell_id, c.repeat, c.nproc, int((c.launcher or {}).get("nnodes", 1) or 1)] for c in cells]
+    items = [[c.cell_id, c.repeat, c.nproc, c.nnodes] for c in cells]
     return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
 
 
@@ -125,16 +126,15 @@ class NodeGroup:
     _stop: threading.Event = field(default_factory=threading.Event)
 
     @classmethod
-    def from_launcher(cls, launcher: dict) -> "NodeGroup | None":
-        nnodes = int(launcher.get("nnodes", 1) or 1)
+    def from_launcher(cls, launch: Launch) -> "NodeGroup | None":
+        nnodes = launch.nnodes_or_1
         if nnodes <= 1:
             return None
-        rank = int(launcher.get("node_rank", 0) or 0)
+        rank = launch.rank
         if not 0 <= rank < nnodes:
             raise FtbenchError(f"--node-rank {rank} is outside 0..{nnodes - 1} for --nnodes {nnodes}; number the "
                                f"nodes 0 to {nnodes - 1} and start node 0 on the --master-addr host")
-        return cls(nnodes, rank, str(launcher.get("master_addr", "127.0.0.1")),
-                   int(launcher.get("master_port", 29500)))
+        return cls(nnodes, rank, launch.addr, launch.port)
 
     @property
     def leader(self) -> bool:
@@ -231,7 +231,7 @@ class NodeGroup:
         return env
 
     def with_port(self, spec, port: int):
-        return spec.with_(launcher={**spec.launcher, "master_port": port})
+        return spec.with_(launcher=spec.launcher.with_(master_port=port))
 
     # -------------------------------------------------------------- protocol
 

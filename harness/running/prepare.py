@@ -56,7 +56,7 @@ def plan(cells, registry) -> list[dict]:
     """One job per (engine, device) whose engine has something to prepare."""
     jobs: dict = {}
     for c in cells:
-        name, opts = c.backend_name_and_options()
+        name, opts = c.backend.name, c.backend.options
         spec = registry.backend(name)
         if not _overrides_prepare(spec.engine):
             continue

@@ -180,8 +180,8 @@ def job_main(spec_dict: dict):
 
         env = submitit.JobEnvironment()
         port = 20000 + int(str(env.job_id).split("_")[0]) % 20000  # same on every node of the job
-        spec = spec.with_(launcher={**spec.launcher, "node_rank": env.node, "master_addr": env.hostnames[0],
-                                    "master_port": port})
+        spec = spec.with_(launcher=spec.launcher.with_(node_rank=env.node, master_addr=env.hostnames[0],
+                                                       master_port=port))
         outcome = run_cell_process(spec)
         return (outcome, node) if env.global_rank == 0 else None
     return run_cell_process(spec), node
