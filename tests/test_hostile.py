@@ -94,14 +94,15 @@ def test_the_trust_flag_is_a_permission_kept_in_the_record_not_in_the_cell_id():
 def test_grid_key_and_flag_reach_the_cells(tmp_path):
     from ftbench.harness.contract.registry import Registry
     from ftbench.harness.grid.files import build_grid
+    from ftbench.harness.grid.request import GridRequest
 
     grid_file = tmp_path / "g.yaml"
     grid_file.write_text("task: [generation]\nbackend: [eager]\nsettings: {trust_remote_code: true}\n")
-    assert all(c.trust_remote_code for c in build_grid(str(grid_file), {}, {}).cells(Registry.load()))
-    assert not any(c.trust_remote_code for c in build_grid(None, {"task": ["generation"], "backend": ["eager"]},
-                                                           {}).cells(Registry.load()))
-    assert all(c.trust_remote_code for c in build_grid(None, {"task": ["generation"], "backend": ["eager"]},
-                                                       {"trust_remote_code": True}).cells(Registry.load()))
+    axes = {"task": ("generation",), "backend": ("eager",)}
+    assert all(c.trust_remote_code for c in build_grid(GridRequest(str(grid_file))).cells(Registry.load()))
+    assert not any(c.trust_remote_code for c in build_grid(GridRequest(axes=axes)).cells(Registry.load()))
+    assert all(c.trust_remote_code for c in build_grid(GridRequest(axes=axes, settings={"trust_remote_code": True}))
+               .cells(Registry.load()))
 
 
 # ------------------------------------------------------------- listening sockets
@@ -285,11 +286,12 @@ def test_a_grid_of_a_million_cells_asks_before_expanding(tmp_path):
 def test_a_confirmed_large_grid_says_how_far_its_expansion_got(tmp_path):
     from ftbench.harness.contract.registry import Registry
     from ftbench.harness.grid.files import build_grid
+    from ftbench.harness.grid.request import GridRequest
 
     grid_file = tmp_path / "sweep.yaml"
     grid_file.write_text("task: [generation]\nbackend: [eager]\nsweep: {seed: [" + ", ".join(map(str, range(100)))
                          + "]}\nrepeat: 120\nmax_cells: 12000\n")
-    grid, reg = build_grid(str(grid_file), {}, {}), Registry.load()
+    grid, reg = build_grid(GridRequest(str(grid_file))), Registry.load()
     assert grid.check_size(reg, confirmed=False) == 12000  # declared in the file: no --yes needed
     heard = []
     cells = grid.cells(reg, progress=lambda done, total: heard.append((done, total)))
@@ -499,4 +501,4 @@ def test_a_multi_node_cell_records_where_its_stores_listened():
     spec = group.announce(0, CellSpec(task="generation", backend="ddp", model="tiny-gpt2", nproc=1), run=True)
     details = group.launch_details(0)
     assert details["grid_store"] == {"bind": "127.0.0.1", "port": 29500}
-    assert details["store"]["port"] == spec.launcher["master_port"] and details["store"]["by"] == "torchrun"
+    assert details["store"]["port"] == spec.launcher.master_port and details["store"]["by"] == "torchrun"

@@ -6,6 +6,8 @@ import json
 import os
 
 import pytest
+
+from results_factory import make_record
 from click.testing import CliRunner
 
 from conftest import ROOT
@@ -178,8 +180,8 @@ def test_accelerates_training_estimate_against_the_plans_model_states(llama8b_pl
 def test_plan_says_which_mfu_its_step_time_uses(tmp_path):
     out = tmp_path / "runs"
     out.mkdir()
-    rec = {"cell_id": "a", "status": "ok", "backend": "eager", "mfu": 0.2,
-           "environment": {"device": {"name": "NVIDIA H100 80GB HBM3"}}}
+    rec = make_record(backend="eager")  # a whole record: the reader skips lines that are not one
+    rec.update(mfu=0.2, environment={**rec["environment"], "device": {"type": "cuda", "name": "NVIDIA H100 80GB HBM3"}})
     (out / "results.jsonl").write_text(json.dumps(rec) + "\n")
     base = ["plan", "--task", "generation", "--backend", "eager", "--gpu", "h100-sxm", "--json"]
     assumed = json.loads(CliRunner().invoke(main, base).output)[0]["step_time"]

@@ -47,7 +47,7 @@ def _time(reg, cp, how: dict):
     """The predicted step time at the calibrated MFU when the result set has one, else at ``--mfu``."""
     mfu, source = how["mfu"], f"--mfu {how['mfu']:g} (assumed)"
     if how.get("calibrate_from") and cp.gpu is not None:
-        found = calibrated_mfu(how["calibrate_from"], cp.gpu.model, cp.cell.backend)
+        found = calibrated_mfu(how["calibrate_from"], cp.gpu.model, str(cp.cell.backend))
         if found:
             mfu, source = found[0], f"measured MFU {found[0]:.3f}, {found[1]}"
         else:
@@ -120,7 +120,7 @@ def print_plans(reg, plans, console, search: bool, how: dict | None = None) -> N
         if cp.host_need_bytes:
             where = " (pass --host-memory-gb to check it)" if cp.host_fits is None else \
                 (" (fits host memory)" if cp.host_fits else " ([red]more than the host memory[/])")
-            console.print(f"{escape(cp.cell.backend)}: host memory for what {cp.cell.nproc} rank(s) offload: "
+            console.print(f"{escape(str(cp.cell.backend))}: host memory for what {cp.cell.nproc} rank(s) offload: "
                           f"{_mib(cp.host_need_bytes)} per node{where}")
     for cp in plans:
         if cp.fits is False:
@@ -142,7 +142,7 @@ def _print_times(reg, plans, console, how: dict) -> None:
     for col in ("task", "backend", "model", "tokens/step", "step", f"per {TOKENS_QUOTED:.0e} tokens", "MFU source"):
         t.add_column(col, overflow="fold")
     for cp, st in rows:
-        t.add_row(cp.cell.task, cp.cell.backend, cp.cell.model, f"{st.tokens:,}", _duration(st.step_s),
+        t.add_row(str(cp.cell.task), str(cp.cell.backend), cp.cell.model, f"{st.tokens:,}", _duration(st.step_s),
                   _duration(st.seconds_per(TOKENS_QUOTED)), st.mfu_source)
     console.print(t)
 
@@ -167,5 +167,5 @@ def _print_frontier(reg, plans, console) -> None:
         micro = [("none" if v is None else f"{v}+ (searched up to {top})" if v == top else str(v))
                  for v in (fr.micro_batch, fr.micro_batch_checkpointed)]
         seqs = ["none" if v is None else str(v) for v in (fr.seq_len, fr.seq_len_checkpointed)]
-        t.add_row(cp.cell.task, cp.cell.backend, cp.cell.model, *micro, *seqs)
+        t.add_row(str(cp.cell.task), str(cp.cell.backend), cp.cell.model, *micro, *seqs)
     console.print(t)

@@ -44,7 +44,7 @@ def check_cells(reg, cells, describe_only: bool = False) -> None:
     skeletons: dict = {}
     for cell in cells:
         resolved = resolve_cell(reg, cell)  # names, options, ranks, batch split: the worker's own rules
-        _check_settings(cell)
+        _check_settings(cell, describe_only)
         recipe = resolved.recipe
         _check_model(reg, cell.model, resolved.task, positions, cell.trust_remote_code, describe_only)
         check_finetuning(reg, cell, resolved, skeletons)  # packing fits, LoRA options and targets
@@ -61,7 +61,7 @@ def check_cells(reg, cells, describe_only: bool = False) -> None:
     check_memory_limits(reg, cells)
 
 
-def _check_settings(cell) -> None:
+def _check_settings(cell, describe_only: bool = False) -> None:
     def bad(key, value, want):
         raise FtbenchError(f"invalid {key}={shown(value)} (a grid file setting or its command-line flag): {want}")
 
@@ -80,7 +80,8 @@ def _check_settings(cell) -> None:
         bad("nproc", cell.nproc, f"must be an integer from 1 to {MAX_NPROC} (ranks per node)")
     if cell.device not in DEVICES:
         bad("device", cell.device, f"choose one of {', '.join(DEVICES)}")
-    if cell.device == "cuda" and not torch.cuda.is_available():
+    # Planning names the GPU it plans for (plan --gpu) and runs nothing on this machine's devices.
+    if cell.device == "cuda" and not describe_only and not torch.cuda.is_available():
         built = f"torch {torch.__version__} is built without CUDA" if torch.version.cuda is None else \
             "no CUDA device is visible (driver, CUDA_VISIBLE_DEVICES?)"
         bad("device", cell.device, f"{built}; use --device auto or cpu here, or run on a GPU machine with a CUDA "
