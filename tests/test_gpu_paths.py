@@ -230,3 +230,65 @@ def test_gpu_check_runs_end_to_end_on_cpu_and_says_why_it_skips(tmp_path):
     stored = [r for (step, _), r in ran.items() if step == "dtypes"]
     assert sorted(r["weights"] for r in stored) == ["bf16->fp32", "fp32->fp32"]
     assert "| step | cell | status |" in proc.stdout
+
+
+def _emulated_cuda_fork_env(tmp_path: Path, plant: bool) -> dict:
+    """Environment that runs the fork server as a CUDA build would fork (tests/cuda_fork_emulation.py)."""
+    from cuda_fork_emulation import SITECUSTOMIZE
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    env = {"FTBENCH_EMULATE_CUDA_FORK": "1", "FTBENCH_EMULATED_CUDA_MARKS": str(tmp_path / "marks"),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(site), str(TESTS), os.environ.get("PYTHONPATH")]))}
+    if plant:
+        env["FTBENCH_PLANT_CUDA_CALL"] = "1"
+    return env
+
+
+def _marks(tmp_path: Path) -> list[str]:
+    path = tmp_path / "marks"
+    return path.read_text().split() if path.exists() else []
+
+
+def test_fork_server_never_queries_the_cuda_device_count_and_its_cells_say_fork(tmp_path):
+    """With torch's fork poisoning emulated (the device-count query marks the process, as on a CUDA
+    build), the real fork server's preload never makes that query, so the cell it forks is not in a
+    bad fork, runs, and its record says it was forked."""
+    out = tmp_path / "out"
+    ftbench("run", "--task", "generation", "--backend", "eager", *TINY, "--out", out,
+            env=_emulated_cuda_fork_env(tmp_path, plant=False), check=True)
+    (r,) = records(out)
+    assert "server" not in _marks(tmp_path)
+    assert r["status"] == "ok" and r["launch"] == "fork", r.get("error")
+
+
+def _server_touched_cuda(env: dict) -> str:
+    code = "from ftbench.harness.running import launch; print(launch.server_touched_cuda())"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                          env={**os.environ, **env})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.strip()
+
+
+def test_a_server_that_queried_the_cuda_device_count_is_detected(tmp_path):
+    """The same emulation with a planted ``torch.cuda.is_available()`` in the server: the query marks
+    it, and the driver's probe sees the mark, so CUDA cells then start as plain processes (and a
+    cell forked anyway refuses to run: test_a_forked_cell_refuses_a_server_that_initialised_cuda)."""
+    assert _server_touched_cuda(_emulated_cuda_fork_env(tmp_path, plant=True)) == "True"
+    assert "server" in _marks(tmp_path)
+
+
+def test_launch_mode_names_how_a_cell_process_was_started(monkeypatch):
+    from ftbench.harness.contract.config import CellSpec
+    from ftbench.harness.running import cellproc, launch
+
+    monkeypatch.setenv("FTBENCH_LAUNCH", "exec")
+    spec = CellSpec(task="generation", backend="eager", model="tiny-gpt2")
+    assert not launch.use_fork_server(spec)
+    proc = launch.start(spec, [], [sys.executable, "-c", "pass"], dict(os.environ), os.devnull)
+    assert proc.wait(60) == 0 and proc.launch == "exec"
+    assert launch.launch_mode([sys.executable, "-m", "torch.distributed.run", "--standalone", "-m", "x"]) == "torchrun"
+    assert launch.ForkedCell.launch == "fork"
+    assert set(launch.LAUNCH_MODES) == {"fork", "exec", "torchrun"}
+    assert "launch" in cellproc.CellOutcome.__dataclass_fields__

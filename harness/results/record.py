@@ -54,6 +54,9 @@ def build_record(spec: CellSpec, outcome: CellOutcome, environment: dict, starte
         "backend_stats": main.get("backend_stats") or {},
         "diverged_at_step": next((r.get("diverged_at_step") for r in ranks if "diverged_at_step" in r), None),
         "wall_s": outcome.wall_s,
+        # fork | exec | torchrun (ftbench.harness.running.launch): a forked CUDA cell that ran proves
+        # the fork server was CUDA-clean (a cell forked from a poisoned server refuses to start).
+        "launch": outcome.launch,
         "profile": _profile(ranks),
         "started_at": _dt.datetime.fromtimestamp(started_at, _dt.timezone.utc).isoformat(),
         "recipe_defaults": spec.recipe.recipe_defaults,

@@ -122,6 +122,8 @@ class CellOutcome:
     stderr_tail: str = ""
     #: Processes still alive after the cell's main process ended on its own (killed by the driver).
     leftovers: list = field(default_factory=list)
+    #: How the cell's process was started (``ftbench.harness.running.launch.LAUNCH_MODES``); None: no process.
+    launch: str | None = None
 
 
 def run_cell_process(spec: CellSpec, env_extra: dict | None = None, abort_if=None) -> CellOutcome:
@@ -181,7 +183,8 @@ def run_cell_process(spec: CellSpec, env_extra: dict | None = None, abort_if=Non
         status, error = "error", aborted + (f" (first failure reported: {error})" if error else "")
     return CellOutcome(ranks=sorted(ranks, key=lambda r: r.get("rank", 0)), status=status, error=error,
                        wall_s=wall, returncode=proc.returncode, tree_peak_bytes=watch.peak_bytes,
-                       stderr_tail=stderr_tail, leftovers=leftovers if ended_by_itself else [])
+                       stderr_tail=stderr_tail, leftovers=leftovers if ended_by_itself else [],
+                       launch=proc.launch)
 
 
 def _wait(proc, limit_s, abort_if) -> tuple[bool, str | None]:
