@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -91,11 +92,28 @@ def test_matmul_dtype_follows_autocast_then_weights_then_tf32(monkeypatch):
     assert weights.matmul_dtype("bf16", "fp32", cpu) == "bf16"
     assert weights.matmul_dtype("fp32", "bf16", cpu) == "bf16"
     assert weights.matmul_dtype("fp32", "fp32", cpu) == "fp32"
-    monkeypatch.setattr(weights, "tf32_enabled", lambda: True)
-    assert weights.matmul_dtype("fp32", "fp32", cuda) == "tf32"
-    assert weights.matmul_dtype("fp16", "fp32", cuda) == "fp16"
-    monkeypatch.setattr(weights, "tf32_enabled", lambda: False)
-    assert weights.matmul_dtype("fp32", "fp32", cuda) == "fp32"
+    for mode, dtype in (("medium", "bf16"), ("high", "tf32"), ("highest", "fp32")):
+        monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda mode=mode: mode)
+        assert weights.matmul_dtype("fp32", "fp32", cuda) == dtype
+        assert weights.matmul_dtype("fp32", "fp32", cpu) == "fp32"
+        assert weights.matmul_dtype("fp16", "fp32", cuda) == "fp16"
+
+
+def test_medium_matmul_precision_divides_by_the_bf16_peak_not_tf32():
+    """torch.set_float32_matmul_precision("medium") allows bf16 inside fp32 matmuls: dividing by the
+    TF32 peak would overstate MFU up to 2x."""
+    from ftbench.harness.cell.mfu import gpu_peak
+
+    torch_mode = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        from ftbench.harness.cell.weights import fp32_matmul_dtype
+
+        dtype = fp32_matmul_dtype()
+    finally:
+        torch.set_float32_matmul_precision(torch_mode)
+    assert dtype == "bf16"
+    assert gpu_peak("NVIDIA H200", dtype)[0] == 2 * gpu_peak("NVIDIA H200", "tf32")[0]
 
 
 @pytest.mark.parametrize("name, model", [
@@ -292,3 +310,45 @@ def test_launch_mode_names_how_a_cell_process_was_started(monkeypatch):
     assert launch.ForkedCell.launch == "fork"
     assert set(launch.LAUNCH_MODES) == {"fork", "exec", "torchrun"}
     assert "launch" in cellproc.CellOutcome.__dataclass_fields__
+
+
+def _library_resets_cuda_peaks():
+    """Stands for a library (DeepSpeed ZeRO-1/2's initialisation) resetting CUDA's peak statistics."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            torch.cuda.reset_max_memory_allocated()
+    except (RuntimeError, AssertionError, AttributeError):
+        pass  # a CPU build of torch cannot reset; the spy has already seen the call
+
+
+def test_a_library_resetting_cuda_peaks_during_setup_is_named_and_its_peak_kept(monkeypatch):
+    from ftbench.harness.cell import memwindows
+
+    originals = (torch.cuda.reset_peak_memory_stats, torch.cuda.memory.reset_peak_memory_stats,
+                 torch.cuda.reset_max_memory_allocated)
+    w = memwindows.MemoryWindows(torch.device("cpu"))
+    readings = iter([{"cuda_peak_allocated_bytes": 7 * 2**30}])
+    monkeypatch.setattr(w.spy, "read_peaks", lambda: next(readings))  # the peak just before the reset
+    _library_resets_cuda_peaks()
+    w.end_setup()
+    # One reset (reset_max_memory_allocated calls reset_peak_memory_stats), named by its module.
+    assert w.setup["reset_by"] == [__name__]
+    assert w.setup["cuda_peak_allocated_bytes"] == 7 * 2**30
+    # After setup the spy is gone: torch's own functions are back.
+    assert (torch.cuda.reset_peak_memory_stats, torch.cuda.memory.reset_peak_memory_stats,
+            torch.cuda.reset_max_memory_allocated) == originals
+    mem = w.end_training()
+    assert "reset_by" not in mem["train"]
+
+
+def test_record_says_who_reset_the_setup_peaks_and_what_each_cuda_figure_is():
+    from ftbench.harness.results.record import memory_windows
+
+    ranks = [{"setup": {"cuda_peak_allocated_bytes": 5, "reset_by": ["deepspeed.runtime.zero.stage_1_and_2"]},
+              "train": {"cuda_peak_allocated_bytes": 3}, "cuda_peak_allocated_bytes": 5}]
+    out = memory_windows(ranks, on_cuda=True)
+    assert out["setup_peak_reset_by"] == ["deepspeed.runtime.zero.stage_1_and_2"]
+    assert set(out["memory_figures"]) == {"cuda_peak_allocated_bytes", "cuda_peak_reserved_bytes",
+                                          "cuda_driver_used_bytes"}
+    assert memory_windows([{"setup": {}, "train": {}}], on_cuda=False)["setup_peak_reset_by"] is None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as _dt
 
 from ftbench.harness.cell.hostalloc import MEMORY_KIND as CPU_MEMORY_KIND
+from ftbench.harness.cell.memwindows import CUDA_FIGURES
 from ftbench.harness.running.cellproc import CellOutcome
 from ftbench.harness.contract.config import CellSpec
 
@@ -92,8 +93,13 @@ def memory_windows(per_rank: list[dict], on_cuda: bool) -> dict:
     out = {"peak_memory_bytes": peak(m.get(key) for m in per_rank),
            "setup_peak_memory_bytes": peak((m.get("setup") or {}).get(key) for m in per_rank),
            "train_peak_memory_bytes": peak((m.get("train") or {}).get(key) for m in per_rank),
-           "memory_window_reset": next((m["reset"] for m in per_rank if m.get("reset")), None)}
+           "memory_window_reset": next((m["reset"] for m in per_rank if m.get("reset")), None),
+           # Who reset the peak statistics inside setup (e.g. DeepSpeed ZeRO-1/2); the setup peak keeps
+           # what was reached before (ftbench.harness.cell.memwindows).
+           "setup_peak_reset_by": sorted({c for m in per_rank for c in (m.get("setup") or {}).get("reset_by") or ()})
+           or None}
     if on_cuda:
+        out["memory_figures"] = dict(CUDA_FIGURES)
         out["peak_reserved_bytes"] = peak(m.get("cuda_peak_reserved_bytes") for m in per_rank)
         out["driver_used_bytes"] = peak(m.get("cuda_driver_used_bytes") for m in per_rank)
     return out
