@@ -352,3 +352,57 @@ def test_record_says_who_reset_the_setup_peaks_and_what_each_cuda_figure_is():
     assert set(out["memory_figures"]) == {"cuda_peak_allocated_bytes", "cuda_peak_reserved_bytes",
                                           "cuda_driver_used_bytes"}
     assert memory_windows([{"setup": {}, "train": {}}], on_cuda=False)["setup_peak_reset_by"] is None
+
+
+def test_slurm_cpus_per_task_is_configurable_and_one_per_rank_by_default():
+    from ftbench.harness.running.slurm import SlurmOptions, cpus_per_task, options_from
+
+    assert cpus_per_task(SlurmOptions(), nproc=4) == 4
+    assert cpus_per_task(options_from({"cpus_per_task": 32}, "grid"), nproc=4) == 32
+    assert cpus_per_task(SlurmOptions(cpus_per_task=32, options={"cpus-per-task": "16"}), nproc=4) == 16
+    assert options_from({"cpus_per_task": 32}, "grid").to_dict()["cpus_per_task"] == 32
+
+
+def test_ranks_share_the_usable_cores_unless_omp_num_threads_is_set(monkeypatch):
+    from ftbench.harness.running import ranks
+
+    monkeypatch.setattr(ranks.os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert ranks.threads_per_rank(2) == 8 and ranks.threads_per_rank(32) == 1
+    assert ranks.rank_env(0, 4, 29600, {})["OMP_NUM_THREADS"] == "4"
+    assert "OMP_NUM_THREADS" not in ranks.rank_env(0, 4, 29600, {"OMP_NUM_THREADS": "1"})
+
+
+def test_deepspeed_builds_cpu_adam_before_the_first_cell_on_cuda_as_on_cpu(monkeypatch):
+    """The one-off CPU-Adam build of offload cells is prepared outside every cell's clock on CUDA too
+    (DeepSpeed's CUDA accelerator builds the same host-side op); the CPU-only comm op is not."""
+    pytest.importorskip("deepspeed")
+    import deepspeed.accelerator
+    import deepspeed.ops
+
+    from ftbench.plugins import deepspeed_zero
+
+    loaded = []
+
+    class Builder:
+        def __init__(self, name):
+            self.NAME = name
+
+        def load(self):
+            loaded.append(self.NAME)
+
+    class Accelerator:
+        def create_op_builder(self, name):
+            return Builder(name)
+
+    monkeypatch.setattr(deepspeed.accelerator, "get_accelerator", lambda: Accelerator())
+    monkeypatch.setattr(deepspeed.ops, "__compatible_ops__", {"CPUAdamBuilder": True, "ShareMemCommBuilder": True},
+                        raising=False)
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    offload = [{"stage": 2, "offload": "cpu"}]
+    deepspeed_zero.DeepSpeedEngine.prepare_once(offload, "cuda")
+    assert loaded == ["CPUAdamBuilder"] and "DS_ACCELERATOR" not in os.environ
+    loaded.clear()
+    deepspeed_zero.DeepSpeedEngine.prepare_once([{"stage": 2}], "cuda")
+    assert loaded == []
+    deepspeed_zero.DeepSpeedEngine.prepare_once(offload, "cpu")
+    assert loaded == ["ShareMemCommBuilder", "CPUAdamBuilder"]

@@ -25,7 +25,7 @@ import psutil
 
 from ftbench.harness.cell import reaper
 from ftbench.harness.running import launch
-from ftbench.harness.running.ranks import first_failure
+from ftbench.harness.running.ranks import first_failure, threads_per_rank
 from ftbench.harness.contract.config import CellSpec
 
 #: Exit code conventions of the worker: 0 finished (ok/diverged/skipped), 1 failed.
@@ -142,6 +142,8 @@ def run_cell_process(spec: CellSpec, env_extra: dict | None = None, abort_if=Non
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
         env.update(env_extra or {})
+        if spec.nproc > 1 and "OMP_NUM_THREADS" not in env:  # torchrun would give each rank 1 thread
+            env["OMP_NUM_THREADS"] = str(threads_per_rank(spec.nproc))
         # The harness packages must import in the cell even when ftbench runs from a checkout.
         root = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
