@@ -406,3 +406,30 @@ def test_deepspeed_builds_cpu_adam_before_the_first_cell_on_cuda_as_on_cpu(monke
     assert loaded == []
     deepspeed_zero.DeepSpeedEngine.prepare_once(offload, "cpu")
     assert loaded == ["ShareMemCommBuilder", "CPUAdamBuilder"]
+
+
+def test_profile_phases_on_cuda_are_device_time_by_launching_phase():
+    """On CUDA the host only launches kernels; the GPU runs them later. A kernel launched in the
+    forward pass but run while the host is already in the optimizer is forward time on the device."""
+    from types import SimpleNamespace
+
+    from ftbench.harness.cell.profile import breakdown, device_breakdown
+
+    def ev(name, a, b, id=0, on="CPU", linked=0):
+        return SimpleNamespace(name=name, time_range=SimpleNamespace(start=a, end=b), id=id,
+                               device_type=SimpleNamespace(name=on), linked_correlation_id=linked)
+
+    host = [ev("ftbench::step", 0, 100), ev("ftbench::forward_backward", 0, 30),
+            ev("autograd::engine::evaluate_function: MmBackward0", 20, 30),
+            ev("cudaLaunchKernel", 5, 6, id=1), ev("cudaLaunchKernel", 22, 23, id=2),
+            ev("ftbench::optimizer", 30, 40), ev("cudaLaunchKernel", 31, 32, id=3),
+            ev("cudaLaunchKernel", 33, 34, id=4)]
+    kernels = [ev("sm90_xmma_gemm_bf16", 10, 50, on="CUDA", linked=1),        # forward, ran 10-50
+               ev("sm90_xmma_gemm_bf16_dgrad", 50, 80, on="CUDA", linked=2),  # backward, 50-80
+               ev("multi_tensor_apply_kernel", 80, 90, on="CUDA", linked=3),  # optimizer, 80-90
+               ev("ncclDevKernel_AllReduce", 90, 95, on="CUDA", linked=4)]    # a collective
+    dev = {k: round(v * 1e6, 3) for k, v in device_breakdown(host + kernels).items()}
+    assert dev == {"forward": 40, "backward": 30, "optimizer": 10, "communication": 5, "other": 15}
+    # The host clock puts none of that GPU work where it ran (and ignores the device's events).
+    assert {k: round(v * 1e6, 3) for k, v in breakdown(host + kernels).items()} == \
+        {"forward": 20, "backward": 10, "optimizer": 10, "communication": 0, "other": 60}
