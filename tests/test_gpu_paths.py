@@ -1,7 +1,9 @@
 """What the CUDA paths rely on, proven on the CPU: weights in the recipe's dtype,
 MFU against the peak of the dtype the matmuls ran in, two memory windows,
 exact GPU names in the peak table, a fork server that never touches CUDA,
-the schedule over fp16 skipped steps, and the prepared GPU check itself."""
+the schedule over fp16 skipped steps, the launch mode in records (with torch's fork poisoning
+emulated), CUDA memory figures, device-time profiles, offload threads and one-off builds.
+The prepared GPU check itself is tested in test_gpu_check.py."""
 
 from __future__ import annotations
 
@@ -231,23 +233,6 @@ def test_deepspeed_below_the_version_floor_is_unavailable_with_the_fix(monkeypat
     deepspeed_zero.DeepSpeedEngine.check_available({})
     text = (ROOT / "pyproject.toml").read_text()
     assert '"deepspeed>=0.17.6"' in text
-
-
-def test_gpu_check_runs_end_to_end_on_cpu_and_says_why_it_skips(tmp_path):
-    """The prepared GPU check cannot rot: its CPU variant runs every step, skipping CUDA-only ones with a reason."""
-    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--device", "cpu", "--steps", "6",
-                           "--budget", "3000", "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT,
-                          timeout=1200, env={**os.environ, "FTBENCH_CACHE": str(ROOT / ".pytest-ftbench-cache")})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = json.loads((tmp_path / "gpu_check.json").read_text())
-    ran = {(r["step"], r["cell"]): r for r in rows if r["status"] == "ok"}
-    skipped = {r["step"]: r["note"] for r in rows if r["status"] == "skipped"}
-    assert {"precisions bf16", "precisions fp16", "cuda-graphs", "zero-fp16", "nccl"} <= set(skipped)
-    assert all(skipped.values())
-    assert ("launch", "eager fp32, fork") in ran and ("launch", "eager fp32, exec") in ran
-    stored = [r for (step, _), r in ran.items() if step == "dtypes"]
-    assert sorted(r["weights"] for r in stored) == ["bf16->fp32", "fp32->fp32"]
-    assert "| step | cell | status |" in proc.stdout
 
 
 def _emulated_cuda_fork_env(tmp_path: Path, plant: bool) -> dict:
