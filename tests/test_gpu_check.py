@@ -114,3 +114,93 @@ def test_the_check_on_cpu_stops_within_budget_plus_one_step_timeout(tmp_path):
         folder = next(out.glob(f"*-{s['step']}"))
         assert json.loads((folder / "step.json").read_text())["status"] == s["status"]
     assert any(r.get("launch") == "fork" for s in ran for r in s["cells"])
+
+
+#: What the device image has (docs/gpu.md); their dependencies come along.
+IMAGE = ("torch", "transformers", "accelerate", "peft", "pytest")
+
+
+def _image_closure() -> set[str]:
+    """The image's distributions and their dependencies, as installed here (names normalised)."""
+    import re
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    seen, todo = set(), list(IMAGE)
+    while todo:
+        name = re.sub(r"[-_.]+", "-", todo.pop()).lower()
+        if name in seen:
+            continue
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            continue
+        seen.add(name)
+        for text in dist.requires or ():
+            req = Requirement(text)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(req.name)
+    return seen
+
+
+def _fake_image(root: Path) -> Path:
+    """A folder holding only the image's packages (links into this environment's site-packages)."""
+    import re
+    from importlib import metadata
+
+    root.mkdir()
+    wanted = _image_closure()
+    for dist in metadata.distributions():
+        if re.sub(r"[-_.]+", "-", dist.metadata["Name"]).lower() not in wanted:
+            continue
+        site = Path(dist.locate_file(""))
+        tops = {Path(str(f)).parts[0] for f in dist.files or () if not str(f).startswith("..")}
+        for top in tops:
+            src, dst = site / top, root / top
+            if src.exists() and not dst.exists() and top != "__pycache__" and not top.endswith(".pth"):
+                dst.symlink_to(src)
+    return root
+
+
+@pytest.mark.slow
+def test_the_wheel_folder_installs_offline_and_deepspeed_becomes_available(tmp_path):
+    """gpu_wheels.sh's folder (for this machine's Python: the mechanism the device's 3.12 uses),
+    installed with --no-index into a fresh environment that has only the image's packages, then
+    ftbench installed editable without build isolation or dependencies: the DeepSpeed backends
+    are listed as available."""
+    wheels = tmp_path / "wheels"
+    pyv = f"{sys.version_info.major}.{sys.version_info.minor}"
+    build = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_wheels.sh"), "--out", str(wheels),
+                            "--python-version", pyv], capture_output=True, text=True, timeout=1200,
+                           env={**os.environ, "PYTHON": sys.executable})
+    assert build.returncode == 0, build.stdout[-2000:] + build.stderr[-2000:]
+    files = list(wheels.glob("*.whl"))
+    assert sum(f.stat().st_size for f in files) < 64 * 2**20
+    names = {f.name.split("-")[0].lower() for f in files}
+    assert {"deepspeed", "pydantic", "pydantic_core", "hjson", "annotated_types", "typing_inspection"} <= names
+    assert "--find-links" in build.stdout and "--no-build-isolation --no-deps -e ." in build.stdout
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)  # pip from ensurepip, offline
+    py = venv / "bin" / "python"
+    site = Path(subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               capture_output=True, text=True, check=True).stdout.strip())
+    image = _fake_image(tmp_path / "image")
+    (site / "image.pth").write_text(str(image) + "\n")
+    probe = subprocess.run([str(py), "-c", "import torch, transformers, pip; import deepspeed"], capture_output=True,
+                           text=True)
+    assert "No module named 'deepspeed'" in probe.stderr, probe.stderr[-1000:]  # the image lacks it
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    env.update(PIP_NO_INDEX="1", PIP_CONFIG_FILE=os.devnull, PYTHONNOUSERSITE="1")
+    install = f"{py} -m pip install --no-index --find-links {wheels} {wheels}/*.whl && " \
+              f"{py} -m pip install --no-build-isolation --no-deps -e {ROOT}"
+    proc = subprocess.run(["bash", "-c", install], capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    listed = subprocess.run([str(py), "-m", "ftbench.harness.cli", "list", "--json"], capture_output=True, text=True,
+                            cwd=ROOT, env=env, timeout=300)
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    backends = {b["name"]: b for b in json.loads(listed.stdout)["backends"]}
+    for name in ("zero0", "zero1", "zero2", "zero3", "zero2-offload", "zero3-offload"):
+        assert backends[name]["available"], (name, backends[name]["unavailable_because"])
