@@ -425,7 +425,7 @@ def step_deepspeed(c: Check) -> None:
     if not c.start(step):
         return
     precision = "bf16" if c.cuda else "fp32"
-    backends = ("zero1", "zero2", "zero3", "zero2-offload") if c.cuda else ("zero2", "zero2-offload")
+    backends = ("zero1", "zero2", "zero3", "zero2-offload", "zero3-offload") if c.cuda else ("zero2", "zero2-offload")
     args = ["--task", "generation", "--model", "tiny-gpt2", "--precision", precision, "--backend", "eager"]
     for b in backends:
         args += ["--backend", b]
