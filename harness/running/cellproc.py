@@ -126,6 +126,19 @@ class CellOutcome:
     launch: str | None = None
 
 
+def cell_env(spec: CellSpec, env_extra: dict | None) -> dict:
+    """The environment of a cell started as a subprocess (exec or torchrun)."""
+    env = dict(os.environ)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env.update(env_extra or {})
+    if spec.nproc > 1 and "OMP_NUM_THREADS" not in env:  # torchrun would give each rank 1 thread
+        env["OMP_NUM_THREADS"] = str(threads_per_rank(spec.nproc))
+    # The harness packages must import in the cell even when ftbench runs from a checkout.
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
 def run_cell_process(spec: CellSpec, env_extra: dict | None = None, abort_if=None) -> CellOutcome:
     """Run ``spec`` in a fresh process tree; never raises for a failing cell.
 
@@ -139,14 +152,7 @@ def run_cell_process(spec: CellSpec, env_extra: dict | None = None, abort_if=Non
         spec_path.write_text(json.dumps(spec.to_dict()))
         t_launch = time.time()
         cmd = command_for(spec, spec_path, tmp, t_launch)
-        env = dict(os.environ)
-        env.setdefault("PYTHONUNBUFFERED", "1")
-        env.update(env_extra or {})
-        if spec.nproc > 1 and "OMP_NUM_THREADS" not in env:  # torchrun would give each rank 1 thread
-            env["OMP_NUM_THREADS"] = str(threads_per_rank(spec.nproc))
-        # The harness packages must import in the cell even when ftbench runs from a checkout.
-        root = str(Path(__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env = cell_env(spec, env_extra)
         stderr_path = tmp / "stderr.log"
         stderr_path.touch()
         t0 = time.perf_counter()
