@@ -263,7 +263,7 @@ def test_fork_server_never_queries_the_cuda_device_count_and_its_cells_say_fork(
             env=_emulated_cuda_fork_env(tmp_path, plant=False), check=True)
     (r,) = records(out)
     assert "server" not in _marks(tmp_path)
-    assert r["status"] == "ok" and r["launch"] == "fork", r.get("error")
+    assert r["status"] == "ok" and r["launch"] == "fork", (r.get("error"), r.get("stderr_tail"))
 
 
 def _server_touched_cuda(env: dict) -> str:
