@@ -1,6 +1,7 @@
 """The first GPU run in one call: every CUDA path of ftbench, checked within a short device lease.
 
     python3 benchmarks/gpu_check.py --out gpu-check                 # on the GPU machine (docs/gpu.md)
+    python3 benchmarks/gpu_check.py --out gpu-check2 --only fp16 --only cuda-graphs --only exec   # what is left
     python3 benchmarks/gpu_check.py --device cpu --budget 120 --out DIR   # the same code path on a CPU
 
 Runs from a checkout after the one install line of docs/gpu.md (an editable install: a plain one
@@ -487,7 +488,9 @@ def step_dtypes(c: Check) -> None:
     if len(ok) == 2:
         a, b = ok[0]["train_loss"], ok[1]["train_loss"]
         dev = max((abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, b)), default=None)
-        step.check(dev is not None and dev < 1e-5, f"the two train the same losses (max rel. dev. {dev})")
+        # CUDA's embedding backward accumulates with atomics (order varies run to run): not bit-equal there.
+        tol = 1e-4 if c.cuda else 1e-5
+        step.check(dev is not None and dev < tol, f"the two train the same losses (max rel. dev. {dev} < {tol})")
     c.done(step)
 
 
@@ -644,16 +647,17 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     p.add_argument("--out", type=Path, required=True, help="folder for every step's records and the summary")
-    p.add_argument("--budget", type=float, default=480, help="seconds in all; no step starts after (default 480)")
+    # Defaults fit one 10-minute device command: budget + one step's timeout + its stop < 600 s.
+    p.add_argument("--budget", type=float, default=360, help="seconds in all; no step starts after (default 360)")
     p.add_argument("--step-timeout", type=float, default=None,
-                   help="seconds one step may take before it is stopped (default 240 on CUDA, 90 on CPU)")
+                   help="seconds one step may take before it is stopped (default 200 on CUDA, 90 on CPU)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per cell (default 30 on CUDA, 6 on CPU)")
     p.add_argument("--only", action="append", choices=STEP_NAMES, help="run only this step (repeatable)")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     cuda, gpus = cuda_devices(args.device)
     if args.step_timeout is None:
-        args.step_timeout = 240.0 if cuda else 90.0
+        args.step_timeout = 200.0 if cuda else 90.0
     c = Check(args, cuda, gpus)
     c.device_name = "cuda" if cuda else "cpu"
 

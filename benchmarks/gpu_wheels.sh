@@ -57,5 +57,5 @@ if [ "$bytes" -ge $(( LIMIT_MIB * 1048576 )) ]; then
 fi
 cat <<MSG
 Carry it with the checkout (the device tool's carry list): ["$OUT"], then on the device:
-  python3 -m pip install --no-index --find-links $OUT $OUT/*.whl && python3 -m pip install --no-build-isolation --no-deps -e . && python3 benchmarks/gpu_check.py --budget 480 --out gpu-check
+  python3 -m pip install --no-index --find-links $OUT $OUT/*.whl && python3 -m pip install --no-build-isolation --no-deps -e . && python3 benchmarks/gpu_check.py --budget 360 --out gpu-check
 MSG
