@@ -22,6 +22,7 @@ there, as a careless import in the server's preload would.
 from __future__ import annotations
 
 import os
+import threading
 
 _state = {"marked": False, "bad_fork": False}
 
@@ -37,17 +38,26 @@ def _mark() -> int:
     return 0
 
 
+_inside = {"depth": 0}
+_lock = threading.RLock()
+
+
 def _as_cuda_build(fn):
     import torch.cuda
 
     def wrapped(*args, **kwargs):
         # torch.cuda._is_compiled() is hasattr(torch._C, "_cuda_getDeviceCount"): the query exists
-        # only for the duration of the call.
-        torch._C._cuda_getDeviceCount = _mark
+        # only while a wrapped call runs (nested calls and other threads share it).
+        with _lock:
+            _inside["depth"] += 1
+            torch._C._cuda_getDeviceCount = _mark
         try:
             return fn(*args, **kwargs)
         finally:
-            del torch._C._cuda_getDeviceCount
+            with _lock:
+                _inside["depth"] -= 1
+                if _inside["depth"] == 0 and hasattr(torch._C, "_cuda_getDeviceCount"):
+                    del torch._C._cuda_getDeviceCount
 
     return wrapped
 
@@ -61,9 +71,13 @@ def install(server: bool = False) -> None:
     # The real is_available and device_count run, as on a CUDA build; only inside them does torch
     # believe it was compiled with CUDA (elsewhere, imports such as torch._dynamo's would reach for
     # CUDA ops that a CPU build lacks).
+    originals = {name: getattr(torch.cuda, name) for name in ("is_available", "device_count", "_device_count_nvml")}
     for name in ("is_available", "device_count"):
-        setattr(torch.cuda, name, _as_cuda_build(getattr(torch.cuda, name)))
+        setattr(torch.cuda, name, _as_cuda_build(originals[name]))
     torch.cuda._device_count_nvml = lambda: -1  # no NVML: the count goes through the CUDA runtime
+    # Only the process installed in is emulated: a forked child (a cell) is a CPU build again,
+    # keeping just the bad-fork mark it inherited.
+    os.register_at_fork(after_in_child=lambda: [setattr(torch.cuda, k, v) for k, v in originals.items()])
     torch.cuda._is_in_bad_fork = lambda: _state["bad_fork"]
 
 
