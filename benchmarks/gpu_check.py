@@ -589,9 +589,10 @@ def summary_row(r: dict) -> dict:
             "mfu": round(r["mfu"], 4) if r.get("mfu") is not None else None, "matmul": r.get("matmul_dtype"),
             "setup_MiB": mib(r.get("setup_peak_memory_bytes")), "train_MiB": mib(r.get("train_peak_memory_bytes")),
             "reserved_MiB": mib(r.get("peak_reserved_bytes")), "driver_MiB": mib(r.get("driver_used_bytes")),
-            "setup_reset_by": r.get("setup_peak_reset_by"), "setup_s": r.get("setup_s"),
+            "setup_reset_by": r.get("setup_peak_reset_by"),
+            "setup_s": round(r["setup_s"], 2) if r.get("setup_s") is not None else None,
             "parity": (None if p.get("status") != "compared" else
-                       f"{'ok' if p.get('passed') else 'FAIL'} {p.get('window_max_rel_dev')}"),
+                       f"{'ok' if p.get('passed') else 'FAIL'} {p.get('window_max_rel_dev') or 0:.1e}"),
             "error": (str(r.get("error"))[:200] if r.get("error") else None)}
 
 
