@@ -117,21 +117,25 @@ class DeepSpeedEngine(Engine):
 
     @classmethod
     def prepare_once(cls, options: list, device: str) -> None:
-        """Build (first run) or load DeepSpeed's CPU ops once for the grid.
+        """Build (first run) or load DeepSpeed's JIT-compiled ops once for the grid, so that no
+        cell's clock pays for them.
 
         On the CPU accelerator every DeepSpeed process loads its shared-memory
-        communication op when its process group starts, and offload cells
-        load CPU Adam; both are JIT-compiled on first use (20-50 s here).
+        communication op when its process group starts; offload cells load
+        CPU Adam on CPU and on CUDA alike (a host-side C++/OpenMP op, 30-60 s
+        to build).  Both are compiled on first use.
         """
-        if device == "cuda":
+        names = []
+        if device != "cuda":
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+            names.append("ShareMemCommBuilder")
+        if any(o.get("offload", "none") != "none" for o in options):
+            names.append("CPUAdamBuilder")
+        if not names:
             return
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed.ops
         from deepspeed.accelerator import get_accelerator
 
-        names = ["ShareMemCommBuilder"]
-        if any(o.get("offload", "none") != "none" for o in options):
-            names.append("CPUAdamBuilder")
         for name in names:
             builder = get_accelerator().create_op_builder(name)
             # The condition DeepSpeed's own loader applies (deepspeed.comm.torch.build_shm_op).

@@ -4,6 +4,7 @@ leaves no process behind; multi-node settings reach torchrun intact."""
 from __future__ import annotations
 
 import json
+import os
 import textwrap
 import time
 import uuid
@@ -152,10 +153,11 @@ def test_forked_ranks_get_torchrun_s_environment():
     assert {k: env[k] for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK")} == \
         {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "0"}
     assert env["MASTER_PORT"] == "29600" and env["MASTER_ADDR"] == "127.0.0.1"
-    # torchrun sets one OpenMP thread per rank when the user did not choose.
-    assert env["OMP_NUM_THREADS"] == "1" and "OMP_NUM_THREADS" not in rank_env(1, 2, 29600, {"OMP_NUM_THREADS": "2"})
+    # Unless the user chose, each rank gets its share of the usable cores (torchrun would give 1).
+    cores = len(os.sched_getaffinity(0))
+    assert env["OMP_NUM_THREADS"] == str(max(1, cores // 2))
+    assert "OMP_NUM_THREADS" not in rank_env(1, 2, 29600, {"OMP_NUM_THREADS": "2"})
     # The leader hosts the store; torch's env:// rendezvous must connect to it, not start its own.
-    import os
 
     saved = os.environ.get("TORCHELASTIC_USE_AGENT_STORE")
     os.environ["TORCHELASTIC_USE_AGENT_STORE"] = env["TORCHELASTIC_USE_AGENT_STORE"]

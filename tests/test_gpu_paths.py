@@ -1,7 +1,9 @@
 """What the CUDA paths rely on, proven on the CPU: weights in the recipe's dtype,
 MFU against the peak of the dtype the matmuls ran in, two memory windows,
 exact GPU names in the peak table, a fork server that never touches CUDA,
-the schedule over fp16 skipped steps, and the prepared GPU check itself."""
+the schedule over fp16 skipped steps, the launch mode in records (with torch's fork poisoning
+emulated), CUDA memory figures, device-time profiles, offload threads and one-off builds.
+The prepared GPU check itself is tested in test_gpu_check.py."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -91,11 +94,28 @@ def test_matmul_dtype_follows_autocast_then_weights_then_tf32(monkeypatch):
     assert weights.matmul_dtype("bf16", "fp32", cpu) == "bf16"
     assert weights.matmul_dtype("fp32", "bf16", cpu) == "bf16"
     assert weights.matmul_dtype("fp32", "fp32", cpu) == "fp32"
-    monkeypatch.setattr(weights, "tf32_enabled", lambda: True)
-    assert weights.matmul_dtype("fp32", "fp32", cuda) == "tf32"
-    assert weights.matmul_dtype("fp16", "fp32", cuda) == "fp16"
-    monkeypatch.setattr(weights, "tf32_enabled", lambda: False)
-    assert weights.matmul_dtype("fp32", "fp32", cuda) == "fp32"
+    for mode, dtype in (("medium", "bf16"), ("high", "tf32"), ("highest", "fp32")):
+        monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda mode=mode: mode)
+        assert weights.matmul_dtype("fp32", "fp32", cuda) == dtype
+        assert weights.matmul_dtype("fp32", "fp32", cpu) == "fp32"
+        assert weights.matmul_dtype("fp16", "fp32", cuda) == "fp16"
+
+
+def test_medium_matmul_precision_divides_by_the_bf16_peak_not_tf32():
+    """torch.set_float32_matmul_precision("medium") allows bf16 inside fp32 matmuls: dividing by the
+    TF32 peak would overstate MFU up to 2x."""
+    from ftbench.harness.cell.mfu import gpu_peak
+
+    torch_mode = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        from ftbench.harness.cell.weights import fp32_matmul_dtype
+
+        dtype = fp32_matmul_dtype()
+    finally:
+        torch.set_float32_matmul_precision(torch_mode)
+    assert dtype == "bf16"
+    assert gpu_peak("NVIDIA H200", dtype)[0] == 2 * gpu_peak("NVIDIA H200", "tf32")[0]
 
 
 @pytest.mark.parametrize("name, model", [
@@ -215,18 +235,186 @@ def test_deepspeed_below_the_version_floor_is_unavailable_with_the_fix(monkeypat
     assert '"deepspeed>=0.17.6"' in text
 
 
-def test_gpu_check_runs_end_to_end_on_cpu_and_says_why_it_skips(tmp_path):
-    """The prepared GPU check cannot rot: its CPU variant runs every step, skipping CUDA-only ones with a reason."""
-    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--device", "cpu", "--steps", "6",
-                           "--budget", "3000", "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT,
-                          timeout=1200, env={**os.environ, "FTBENCH_CACHE": str(ROOT / ".pytest-ftbench-cache")})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = json.loads((tmp_path / "gpu_check.json").read_text())
-    ran = {(r["step"], r["cell"]): r for r in rows if r["status"] == "ok"}
-    skipped = {r["step"]: r["note"] for r in rows if r["status"] == "skipped"}
-    assert {"precisions bf16", "precisions fp16", "cuda-graphs", "zero-fp16", "nccl"} <= set(skipped)
-    assert all(skipped.values())
-    assert ("launch", "eager fp32, fork") in ran and ("launch", "eager fp32, exec") in ran
-    stored = [r for (step, _), r in ran.items() if step == "dtypes"]
-    assert sorted(r["weights"] for r in stored) == ["bf16->fp32", "fp32->fp32"]
-    assert "| step | cell | status |" in proc.stdout
+def _emulated_cuda_fork_env(tmp_path: Path, plant: bool) -> dict:
+    """Environment that runs the fork server as a CUDA build would fork (tests/cuda_fork_emulation.py)."""
+    from cuda_fork_emulation import SITECUSTOMIZE
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    env = {"FTBENCH_EMULATE_CUDA_FORK": "1", "FTBENCH_EMULATED_CUDA_MARKS": str(tmp_path / "marks"),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(site), str(TESTS), os.environ.get("PYTHONPATH")]))}
+    if plant:
+        env["FTBENCH_PLANT_CUDA_CALL"] = "1"
+    return env
+
+
+def _marks(tmp_path: Path) -> list[str]:
+    path = tmp_path / "marks"
+    return path.read_text().split() if path.exists() else []
+
+
+def test_fork_server_never_queries_the_cuda_device_count_and_its_cells_say_fork(tmp_path):
+    """With torch's fork poisoning emulated (the device-count query marks the process, as on a CUDA
+    build), the real fork server's preload never makes that query, so the cell it forks is not in a
+    bad fork, runs, and its record says it was forked."""
+    out = tmp_path / "out"
+    ftbench("run", "--task", "generation", "--backend", "eager", *TINY, "--out", out,
+            env=_emulated_cuda_fork_env(tmp_path, plant=False), check=True)
+    (r,) = records(out)
+    assert "server" not in _marks(tmp_path)
+    assert r["status"] == "ok" and r["launch"]["mode"] == "fork", (r.get("error"), r.get("stderr_tail"))
+
+
+def _server_touched_cuda(env: dict) -> str:
+    code = "from ftbench.harness.running import launch; print(launch.server_touched_cuda())"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                          env={**os.environ, **env})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.strip()
+
+
+def test_a_server_that_queried_the_cuda_device_count_is_detected(tmp_path):
+    """The same emulation with a planted ``torch.cuda.is_available()`` in the server: the query marks
+    it, and the driver's probe sees the mark, so CUDA cells then start as plain processes (and a
+    cell forked anyway refuses to run: test_a_forked_cell_refuses_a_server_that_initialised_cuda)."""
+    assert _server_touched_cuda(_emulated_cuda_fork_env(tmp_path, plant=True)) == "True"
+    assert "server" in _marks(tmp_path)
+
+
+def test_launch_mode_names_how_a_cell_process_was_started(monkeypatch):
+    from ftbench.harness.contract.config import CellSpec
+    from ftbench.harness.running import cellproc, launch
+
+    monkeypatch.setenv("FTBENCH_LAUNCH", "exec")
+    spec = CellSpec(task="generation", backend="eager", model="tiny-gpt2")
+    assert not launch.use_fork_server(spec)
+    proc = launch.start(spec, [], [sys.executable, "-c", "pass"], dict(os.environ), os.devnull)
+    assert proc.wait(60) == 0 and proc.launch == "exec"
+    assert launch.launch_mode([sys.executable, "-m", "torch.distributed.run", "--standalone", "-m", "x"]) == "torchrun"
+    assert launch.ForkedCell.launch == "fork"
+    assert set(launch.LAUNCH_MODES) == {"fork", "exec", "torchrun"}
+    assert "launch" in cellproc.CellOutcome.__dataclass_fields__
+
+
+def _library_resets_cuda_peaks():
+    """Stands for a library (DeepSpeed ZeRO-1/2's initialisation) resetting CUDA's peak statistics."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            torch.cuda.reset_max_memory_allocated()
+    except (RuntimeError, AssertionError, AttributeError):
+        pass  # a CPU build of torch cannot reset; the spy has already seen the call
+
+
+def test_a_library_resetting_cuda_peaks_during_setup_is_named_and_its_peak_kept(monkeypatch):
+    from ftbench.harness.cell import memwindows
+
+    originals = (torch.cuda.reset_peak_memory_stats, torch.cuda.memory.reset_peak_memory_stats,
+                 torch.cuda.reset_max_memory_allocated)
+    w = memwindows.MemoryWindows(torch.device("cpu"))
+    readings = iter([{"cuda_peak_allocated_bytes": 7 * 2**30}])
+    monkeypatch.setattr(w.spy, "read_peaks", lambda: next(readings))  # the peak just before the reset
+    _library_resets_cuda_peaks()
+    w.end_setup()
+    # One reset (reset_max_memory_allocated calls reset_peak_memory_stats), named by its module.
+    assert w.setup["reset_by"] == [__name__]
+    assert w.setup["cuda_peak_allocated_bytes"] == 7 * 2**30
+    # After setup the spy is gone: torch's own functions are back.
+    assert (torch.cuda.reset_peak_memory_stats, torch.cuda.memory.reset_peak_memory_stats,
+            torch.cuda.reset_max_memory_allocated) == originals
+    mem = w.end_training()
+    assert "reset_by" not in mem["train"]
+
+
+def test_record_says_who_reset_the_setup_peaks_and_what_each_cuda_figure_is():
+    from ftbench.harness.results.record import memory_windows
+
+    ranks = [{"setup": {"cuda_peak_allocated_bytes": 5, "reset_by": ["deepspeed.runtime.zero.stage_1_and_2"]},
+              "train": {"cuda_peak_allocated_bytes": 3}, "cuda_peak_allocated_bytes": 5}]
+    out = memory_windows(ranks, on_cuda=True)
+    assert out["setup_peak_reset_by"] == ["deepspeed.runtime.zero.stage_1_and_2"]
+    assert set(out["memory_figures"]) == {"cuda_peak_allocated_bytes", "cuda_peak_reserved_bytes",
+                                          "cuda_driver_used_bytes"}
+    assert memory_windows([{"setup": {}, "train": {}}], on_cuda=False)["setup_peak_reset_by"] is None
+
+
+def test_slurm_cpus_per_task_is_configurable_and_one_per_rank_by_default():
+    from ftbench.harness.running.slurm import SlurmOptions, cpus_per_task, options_from
+
+    assert cpus_per_task(SlurmOptions(), nproc=4) == 4
+    assert cpus_per_task(options_from({"cpus_per_task": 32}, "grid"), nproc=4) == 32
+    assert cpus_per_task(SlurmOptions(cpus_per_task=32, options={"cpus-per-task": "16"}), nproc=4) == 16
+    assert options_from({"cpus_per_task": 32}, "grid").to_dict()["cpus_per_task"] == 32
+
+
+def test_ranks_share_the_usable_cores_unless_omp_num_threads_is_set(monkeypatch):
+    from ftbench.harness.running import ranks
+
+    monkeypatch.setattr(ranks.os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert ranks.threads_per_rank(2) == 8 and ranks.threads_per_rank(32) == 1
+    assert ranks.rank_env(0, 4, 29600, {})["OMP_NUM_THREADS"] == "4"
+    assert "OMP_NUM_THREADS" not in ranks.rank_env(0, 4, 29600, {"OMP_NUM_THREADS": "1"})
+
+
+def test_deepspeed_builds_cpu_adam_before_the_first_cell_on_cuda_as_on_cpu(monkeypatch):
+    """The one-off CPU-Adam build of offload cells is prepared outside every cell's clock on CUDA too
+    (DeepSpeed's CUDA accelerator builds the same host-side op); the CPU-only comm op is not."""
+    pytest.importorskip("deepspeed")
+    import deepspeed.accelerator
+    import deepspeed.ops
+
+    from ftbench.plugins import deepspeed_zero
+
+    loaded = []
+
+    class Builder:
+        def __init__(self, name):
+            self.NAME = name
+
+        def load(self):
+            loaded.append(self.NAME)
+
+    class Accelerator:
+        def create_op_builder(self, name):
+            return Builder(name)
+
+    monkeypatch.setattr(deepspeed.accelerator, "get_accelerator", lambda: Accelerator())
+    monkeypatch.setattr(deepspeed.ops, "__compatible_ops__", {"CPUAdamBuilder": True, "ShareMemCommBuilder": True},
+                        raising=False)
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    offload = [{"stage": 2, "offload": "cpu"}]
+    deepspeed_zero.DeepSpeedEngine.prepare_once(offload, "cuda")
+    assert loaded == ["CPUAdamBuilder"] and "DS_ACCELERATOR" not in os.environ
+    loaded.clear()
+    deepspeed_zero.DeepSpeedEngine.prepare_once([{"stage": 2}], "cuda")
+    assert loaded == []
+    deepspeed_zero.DeepSpeedEngine.prepare_once(offload, "cpu")
+    assert loaded == ["ShareMemCommBuilder", "CPUAdamBuilder"]
+
+
+def test_profile_phases_on_cuda_are_device_time_by_launching_phase():
+    """On CUDA the host only launches kernels; the GPU runs them later. A kernel launched in the
+    forward pass but run while the host is already in the optimizer is forward time on the device."""
+    from types import SimpleNamespace
+
+    from ftbench.harness.cell.profile import breakdown, device_breakdown
+
+    def ev(name, a, b, id=0, on="CPU", linked=0):
+        return SimpleNamespace(name=name, time_range=SimpleNamespace(start=a, end=b), id=id,
+                               device_type=SimpleNamespace(name=on), linked_correlation_id=linked)
+
+    host = [ev("ftbench::step", 0, 100), ev("ftbench::forward_backward", 0, 30),
+            ev("autograd::engine::evaluate_function: MmBackward0", 20, 30),
+            ev("cudaLaunchKernel", 5, 6, id=1), ev("cudaLaunchKernel", 22, 23, id=2),
+            ev("ftbench::optimizer", 30, 40), ev("cudaLaunchKernel", 31, 32, id=3),
+            ev("cudaLaunchKernel", 33, 34, id=4)]
+    kernels = [ev("sm90_xmma_gemm_bf16", 10, 50, on="CUDA", linked=1),        # forward, ran 10-50
+               ev("sm90_xmma_gemm_bf16_dgrad", 50, 80, on="CUDA", linked=2),  # backward, 50-80
+               ev("multi_tensor_apply_kernel", 80, 90, on="CUDA", linked=3),  # optimizer, 80-90
+               ev("ncclDevKernel_AllReduce", 90, 95, on="CUDA", linked=4)]    # a collective
+    dev = {k: round(v * 1e6, 3) for k, v in device_breakdown(host + kernels).items()}
+    assert dev == {"forward": 40, "backward": 30, "optimizer": 10, "communication": 5, "other": 15}
+    # The host clock puts none of that GPU work where it ran (and ignores the device's events).
+    assert {k: round(v * 1e6, 3) for k, v in breakdown(host + kernels).items()} == \
+        {"forward": 20, "backward": 10, "optimizer": 10, "communication": 0, "other": 60}

@@ -24,6 +24,15 @@ time, exclusive, in this priority:
 The phases cover each step's span in the trace, so they add up to the
 trace's step time; ``step_s`` is the same steps timed by the runner's clock,
 and ``coverage`` is their ratio (both are means over the profiled steps).
+
+On CUDA the host's spans only time kernel *launches*: the GPU runs them
+later, so the GPU's work would fall into ``other`` (the host waiting in the
+final synchronisation).  There the phases are **device time**
+(:func:`device_breakdown`, ``phases_clock: "device"``): each kernel belongs
+to the phase its launch fell in on the host (the profiler links the two by
+correlation id; a kernel named like a collective is ``communication``), a
+phase's time is the union of its kernels' spans on the device, and
+``other`` is the rest of the step: the time the device sat idle.
 """
 
 from __future__ import annotations
@@ -70,12 +79,14 @@ def profile_after_training(spec, engine, steps_data, device, rank: int) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     name = f"{spec.cell_id}-r{spec.repeat}-rank{rank}.json"
     prof.export_chrome_trace(str(out_dir / name))
-    phases = breakdown(prof.events())
+    events = prof.events()
+    phases = device_breakdown(events) if device.type == "cuda" else breakdown(events)
     step_s = sum(clock) / n  # the mean, like the phases: both are totals over the same steps
     traced = sum(phases.values()) / n
     return {"profile": {"steps": n, "trace": name, "step_s": step_s, "step_s_median": statistics.median(clock),
                         "step_s_traced": traced,
                         "phases_s": {k: v / n for k, v in phases.items()},
+                        "phases_clock": "device" if device.type == "cuda" else "host",
                         "coverage": traced / step_s if step_s else None}}
 
 
@@ -133,10 +144,11 @@ def _length(spans) -> float:
     return sum(b - a for a, b in spans)
 
 
-def breakdown(events) -> dict[str, float]:
-    """Seconds per phase over all profiled steps, from the profiler's events (microsecond spans)."""
+def _host_phase_spans(events) -> tuple[list, dict]:
+    """(step spans, {phase: spans}) on the host timeline, exclusive, ``other`` left out."""
     def spans(pred):
-        return _union([(e.time_range.start, e.time_range.end) for e in events if pred(e.name)])
+        return _union([(e.time_range.start, e.time_range.end) for e in events
+                       if _on_host(e) and pred(e.name)])
 
     steps = spans(lambda n: n == "ftbench::step")
     comm = _clip(spans(lambda n: any(m.lower() in n.lower() for m in COMM_MARKERS)), steps)
@@ -149,7 +161,56 @@ def breakdown(events) -> dict[str, float]:
     bwd = _minus(_clip(_union(envelopes), steps), comm)
     opt = _minus(_minus(_clip(spans(lambda n: n == "ftbench::optimizer"), steps), comm), bwd)
     fwd = _minus(_minus(_clip(spans(lambda n: n == "ftbench::forward_backward"), steps), comm), bwd)
-    parts = {"forward": _length(fwd), "backward": _length(bwd), "optimizer": _length(opt),
-             "communication": _length(comm)}
+    return steps, {"communication": comm, "backward": bwd, "optimizer": opt, "forward": fwd}
+
+
+def _on_host(event) -> bool:
+    kind = getattr(event, "device_type", None)
+    return kind is None or getattr(kind, "name", str(kind)).upper().endswith("CPU")
+
+
+def breakdown(events) -> dict[str, float]:
+    """Seconds per phase over all profiled steps, from the profiler's events (microsecond spans)."""
+    steps, phases = _host_phase_spans(events)
+    parts = {k: _length(v) for k, v in phases.items()}
+    parts["other"] = max(0.0, _length(steps) - sum(parts.values()))
+    return {k: parts[k] / 1e6 for k in PHASES}
+
+
+def _phase_at(t: float, phases: dict) -> str | None:
+    for name in ("communication", "backward", "optimizer", "forward"):
+        if any(a <= t <= b for a, b in phases[name]):
+            return name
+    return None
+
+
+def device_breakdown(events) -> dict[str, float]:
+    """Seconds per phase of *device* time over all profiled steps (see the module docstring).
+
+    A kernel is an event off the host whose ``linked_correlation_id`` names the host event that
+    launched it; kernels launched outside the profiled steps are left out.
+    """
+    steps, phases = _host_phase_spans(events)
+    launchers = {e.id: e for e in events if _on_host(e)}
+    kernels: dict[str, list] = {name: [] for name in phases}
+    for e in events:
+        if _on_host(e):
+            continue
+        launcher = launchers.get(getattr(e, "linked_correlation_id", 0))
+        if launcher is None or not any(a <= launcher.time_range.start <= b for a, b in steps):
+            continue
+        if any(m.lower() in e.name.lower() for m in COMM_MARKERS):
+            phase = "communication"
+        else:
+            phase = _phase_at(launcher.time_range.start, phases) or "other"
+        kernels.setdefault(phase, []).append((e.time_range.start, e.time_range.end))
+    parts = {}
+    busy: list = []
+    for name in ("communication", "backward", "optimizer", "forward"):
+        spans = _minus(_union(kernels.get(name, [])), busy)  # overlapping streams counted once
+        parts[name] = _length(spans)
+        busy = _union(busy + spans)
+    # The step's time on the host clock (the runner synchronises at each step's end), less the
+    # device's busy time: idle device, and kernels of no phase.
     parts["other"] = max(0.0, _length(steps) - sum(parts.values()))
     return {k: parts[k] / 1e6 for k in PHASES}

@@ -10,7 +10,7 @@ which this module names.
 Example::
 
     stored_dtype("models/gpt2-bf16")           # "bf16"
-    matmul_dtype("fp32", "fp32", device)        # "fp32" ("tf32" on CUDA with TF32 on)
+    matmul_dtype("fp32", "fp32", device)        # "fp32" (on CUDA "tf32" or "bf16" as the matmul precision allows)
 """
 
 from __future__ import annotations
@@ -70,22 +70,30 @@ def weights_dtype(model) -> str:
     return counts.most_common(1)[0][0] if counts else "fp32"
 
 
-def tf32_enabled() -> bool:
-    """Whether CUDA fp32 matmuls may run on TF32 tensor cores in this process."""
+def fp32_matmul_dtype() -> str:
+    """What CUDA fp32 matmuls may run in, from ``torch.get_float32_matmul_precision()``:
+    ``"medium"`` allows bf16 inside (``bf16``), ``"high"`` TF32 (``tf32``; also set by
+    ``torch.backends.cuda.matmul.allow_tf32 = True``), ``"highest"`` fp32.  MFU divides by the
+    peak of the fastest dtype allowed, so that it is never overstated."""
     import torch
 
-    return bool(torch.backends.cuda.matmul.allow_tf32) or torch.get_float32_matmul_precision() != "highest"
+    mode = torch.get_float32_matmul_precision()
+    if mode == "medium":
+        return "bf16"
+    if mode == "high" or bool(torch.backends.cuda.matmul.allow_tf32):
+        return "tf32"
+    return "fp32"
 
 
 def matmul_dtype(precision: str, weights: str, device) -> str:
     """The dtype the model's matrix products run in: autocast's, else the weights'
-    (fp32 on CUDA becomes ``tf32`` when TF32 is allowed)."""
+    (fp32 on CUDA becomes what :func:`fp32_matmul_dtype` allows)."""
     if precision in ("bf16", "fp16"):
         return precision
     if weights != "fp32":
         return weights
-    if device.type == "cuda" and tf32_enabled():
-        return "tf32"
+    if device.type == "cuda":
+        return fp32_matmul_dtype()
     return "fp32"
 
 

@@ -171,6 +171,8 @@ RECORD: tuple[Key, ...] = (
        how="the first failing rank's error, or the driver's", from_rank=("error",)),
     _k("started_at", "str", "ISO 8601 UTC", DRIVER, "when the driver started the cell"),
     _k("wall_s", "float", "s", DRIVER, "the cell's wall time, process start to exit"),
+    _k("launch", "object", "", DRIVER, "how the cell was started: `mode` (`fork` from the warm server, `exec`, "
+       "`torchrun`) and, for several ranks, where their rendezvous store listened (`store`: `bind`, `port`)"),
     _k("machine_load", "object", "", AGGREGATED, "the machine's load over the timed steps: `other_cpu_share`, "
        "`steal_share` (shares of all cores), `loadavg_1m`, `cpu_mhz`, `window_s` (docs/comparisons.md)",
        how="from every rank's reading of /proc/stat and its own CPU time", from_rank=("machine_load_reading",)),
@@ -244,6 +246,10 @@ RECORD: tuple[Key, ...] = (
        from_rank=("memory",)),
     _k("memory_window_reset", "str", "", AGGREGATED, "how the training window's peak was separated from setup",
        from_rank=("memory",)),
+    _k("setup_peak_reset_by", "list[str]", "", AGGREGATED, "who reset the peak statistics inside setup (e.g. "
+       "DeepSpeed ZeRO-1/2); the setup peak keeps what was reached before", from_rank=("memory",)),
+    _k("memory_figures", "object", "", AGGREGATED, "what each CUDA memory figure is (allocated, reserved, "
+       "driver-used)", when="on CUDA", from_rank=("memory",)),
     _k("peak_reserved_bytes", "int", "bytes", AGGREGATED, "CUDA memory reserved by the caching allocator, max "
        "over ranks", when="on CUDA", from_rank=("memory",)),
     _k("driver_used_bytes", "int", "bytes", AGGREGATED, "device memory in use by every process (CUDA driver), "

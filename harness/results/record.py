@@ -12,6 +12,7 @@ import datetime as _dt
 
 from ftbench.harness.cell.hostalloc import MEMORY_KIND as CPU_MEMORY_KIND
 from ftbench.harness.cell.machineload import combine as combine_load
+from ftbench.harness.cell.memwindows import CUDA_FIGURES
 from ftbench.harness.running.cellproc import CellOutcome
 from ftbench.harness.contract.config import CellSpec
 from ftbench.harness.contract.schema import SCHEMA_VERSION, copied_from_rank0
@@ -42,12 +43,14 @@ def build_record(spec: CellSpec, outcome: CellOutcome, environment: dict, starte
         "diverged_at_step": next((r.get("diverged_at_step") for r in ranks if "diverged_at_step" in r), None),
         "wall_s": outcome.wall_s,
         "machine_load": combine_load([r.get("machine_load_reading") for r in ranks]),
+        # mode fork | exec | torchrun (ftbench.harness.running.launch): a forked CUDA cell that ran proves
+        # the fork server was CUDA-clean (a cell forked from a poisoned server refuses to start); and where
+        # the cell's rendezvous store listened.
+        "launch": outcome.launch,
         "profile": _profile(ranks),
         "started_at": _dt.datetime.fromtimestamp(started_at, _dt.timezone.utc).isoformat(),
         "recipe_defaults": spec.recipe.recipe_defaults,
         "config": spec.to_dict(),
-        # Where the cell's rendezvous store listened ({"store": {"bind", "port"}}); None for one process.
-        "launch": getattr(outcome, "launch", None),
         "environment": {**environment, "device": main.get("device") or {}},
     }
     record["mfu"], note = _mfu(record, len(ranks) == spec.nproc)
@@ -85,8 +88,13 @@ def memory_windows(per_rank: list[dict], on_cuda: bool) -> dict:
     out = {"peak_memory_bytes": peak(m.get(key) for m in per_rank),
            "setup_peak_memory_bytes": peak((m.get("setup") or {}).get(key) for m in per_rank),
            "train_peak_memory_bytes": peak((m.get("train") or {}).get(key) for m in per_rank),
-           "memory_window_reset": next((m["reset"] for m in per_rank if m.get("reset")), None)}
+           "memory_window_reset": next((m["reset"] for m in per_rank if m.get("reset")), None),
+           # Who reset the peak statistics inside setup (e.g. DeepSpeed ZeRO-1/2); the setup peak keeps
+           # what was reached before (ftbench.harness.cell.memwindows).
+           "setup_peak_reset_by": sorted({c for m in per_rank for c in (m.get("setup") or {}).get("reset_by") or ()})
+           or None}
     if on_cuda:
+        out["memory_figures"] = dict(CUDA_FIGURES)
         out["peak_reserved_bytes"] = peak(m.get("cuda_peak_reserved_bytes") for m in per_rank)
         out["driver_used_bytes"] = peak(m.get("cuda_driver_used_bytes") for m in per_rank)
     return out

@@ -25,7 +25,7 @@ import psutil
 
 from ftbench.harness.cell import reaper
 from ftbench.harness.running import launch
-from ftbench.harness.running.ranks import first_failure, launch_details
+from ftbench.harness.running.ranks import first_failure, launch_details, threads_per_rank
 from ftbench.harness.contract.config import CellSpec
 
 #: Exit code conventions of the worker: 0 finished (ok/diverged/skipped), 1 failed.
@@ -127,8 +127,19 @@ class CellOutcome:
     stderr_tail: str = ""
     #: Processes still alive after the cell's main process ended on its own (killed by the driver).
     leftovers: list = field(default_factory=list)
-    #: How the cell was launched, e.g. where its rendezvous store listened (ranks.write_launch).
+    #: How the cell was launched: ``mode`` (``fork``, ``exec`` or ``torchrun``; see
+    #: ``ftbench.harness.running.launch.LAUNCH_MODES``) and where its rendezvous store listened.
     launch: dict | None = None
+
+
+def cell_env(spec: CellSpec, env_extra: dict | None) -> dict:
+    """The environment of a cell started as a subprocess (exec or torchrun)."""
+    env = dict(os.environ)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env.update(env_extra or {})
+    if spec.nproc > 1 and "OMP_NUM_THREADS" not in env:  # torchrun would give each rank 1 thread
+        env["OMP_NUM_THREADS"] = str(threads_per_rank(spec.nproc))
+    return env
 
 
 def run_cell_process(spec: CellSpec, env_extra: dict | None = None, abort_if=None) -> CellOutcome:
@@ -144,12 +155,7 @@ def run_cell_process(spec: CellSpec, env_extra: dict | None = None, abort_if=Non
         spec_path.write_text(json.dumps(spec.to_dict()))
         t_launch = time.time()
         args = worker_args(spec_path, tmp, t_launch)
-        env = dict(os.environ)
-        env.setdefault("PYTHONUNBUFFERED", "1")
-        env.update(env_extra or {})
-        # The harness packages must import in the cell even when ftbench runs from a checkout.
-        root = str(Path(__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env = cell_env(spec, env_extra)
         stderr_path = tmp / "stderr.log"
         stderr_path.touch()
         t0 = time.perf_counter()
@@ -189,7 +195,8 @@ def run_cell_process(spec: CellSpec, env_extra: dict | None = None, abort_if=Non
         status, error = "error", aborted + (f" (first failure reported: {error})" if error else "")
     return CellOutcome(ranks=sorted(ranks, key=lambda r: r.get("rank", 0)), status=status, error=error,
                        wall_s=wall, returncode=proc.returncode, tree_peak_bytes=watch.peak_bytes,
-                       stderr_tail=stderr_tail, leftovers=leftovers if ended_by_itself else [], launch=launched)
+                       stderr_tail=stderr_tail, leftovers=leftovers if ended_by_itself else [],
+                       launch={"mode": proc.launch, **(launched or {})})
 
 
 def _wait(proc, limit_s, abort_if) -> tuple[bool, str | None]:

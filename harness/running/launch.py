@@ -164,8 +164,21 @@ def _probe_cuda() -> None:
     os._exit(_CUDA_TOUCHED if touched else 0)
 
 
+#: How a cell's process was started, as its record's ``launch`` says: forked from the fork server,
+#: a plain subprocess, or torchrun (multi-node cells, ``FTBENCH_LAUNCH=torchrun``, or CUDA cells
+#: whose server had initialised CUDA).
+LAUNCH_MODES = ("fork", "exec", "torchrun")
+
+
+def launch_mode(command: list[str]) -> str:
+    """``exec`` or ``torchrun`` for a cell started as ``command`` (not forked)."""
+    return "torchrun" if "torch.distributed.run" in command else "exec"
+
+
 class ForkedCell:
     """A cell process forked from the fork server (same interface as Popen here)."""
+
+    launch = "fork"
 
     def __init__(self, argv: list[str], log_path: str, nproc: int = 1):
         self.proc = _fork_context().Process(target=_cell_main, args=(argv, log_path, nproc), daemon=False)
@@ -184,11 +197,14 @@ class ForkedCell:
 
 
 def start(spec, worker_argv: list[str], command: list[str], env: dict, log_path: str):
-    """Start a cell: forked when possible, else ``command`` as a subprocess."""
+    """Start a cell: forked when possible, else ``command`` as a subprocess; the returned
+    process's ``launch`` attribute is one of :data:`LAUNCH_MODES`."""
     if use_fork_server(spec):
         return ForkedCell(worker_argv, log_path, spec.nproc)
     log = open(log_path, "ab")
     try:
-        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     finally:
         log.close()
+    proc.launch = launch_mode(command)
+    return proc

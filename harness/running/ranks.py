@@ -17,9 +17,12 @@ torchrun's part on one node:
   loopback interface only (:mod:`ftbench.harness.running.listen`); the ranks
   connect to it as clients (``TORCHELASTIC_USE_AGENT_STORE``); where it
   listened goes to ``RESULT_DIR/launch.json`` and the record's ``launch``;
-* ``OMP_NUM_THREADS``: as torchrun, a rank gets 1 thread when the variable
-  is unset, else the variable's value (applied with ``torch.set_num_threads``:
-  the OpenMP runtime read the environment when the server loaded it);
+* ``OMP_NUM_THREADS``: when the variable is unset a rank gets the cores this
+  process may run on divided by the ranks (:func:`threads_per_rank`; torchrun
+  would give 1, which leaves DeepSpeed's CPU Adam of an offload cell
+  single-threaded on a machine with cores to spare), else the variable's
+  value (applied with ``torch.set_num_threads``: the OpenMP runtime read the
+  environment when the server loaded it);
 * the ranks live and die together: the first rank to exit abnormally gets
   the others SIGKILLed, and the leader exits the way that rank did (same
   exit code, or the same signal), naming it in ``RESULT_DIR/first_failure.json``;
@@ -48,6 +51,16 @@ _PR_SET_PDEATHSIG = 1
 MASTER_ADDR = LOOPBACK
 
 
+def threads_per_rank(nproc: int) -> int:
+    """Threads each of ``nproc`` ranks gets when ``OMP_NUM_THREADS`` is unset: the usable cores
+    (``sched_getaffinity``, which a Slurm or container CPU set narrows) divided by the ranks."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, nproc))
+
+
 def rank_env(rank: int, nproc: int, port: int, environ: dict) -> dict:
     """The variables torchrun (standalone, one node) gives rank ``rank`` of ``nproc``."""
     env = {
@@ -59,7 +72,7 @@ def rank_env(rank: int, nproc: int, port: int, environ: dict) -> dict:
         "TORCH_NCCL_ASYNC_ERROR_HANDLING": environ.get("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1"),
     }
     if "OMP_NUM_THREADS" not in environ and nproc > 1:
-        env["OMP_NUM_THREADS"] = "1"
+        env["OMP_NUM_THREADS"] = str(threads_per_rank(nproc))
     return env
 
 

@@ -74,13 +74,17 @@ class SlurmOptions:
     options: dict = field(default_factory=dict)
     #: Array tasks running at once (sbatch --array=...%N).
     parallelism: int = 256
+    #: CPUs per job (sbatch --cpus-per-task); default one per rank. An offload cell's CPU Adam
+    #: runs on its rank's share of these (OMP_NUM_THREADS = CPUs / ranks unless set).
+    cpus_per_task: int | None = None
 
     def to_dict(self) -> dict:
         return {"partition": self.partition, "time_s": self.time_s, "gpus_per_node": self.gpus_per_node,
-                "nodes": self.nodes, "options": dict(self.options), "parallelism": self.parallelism}
+                "nodes": self.nodes, "options": dict(self.options), "parallelism": self.parallelism,
+                "cpus_per_task": self.cpus_per_task}
 
 
-SLURM_KEYS = ("partition", "time", "gpus_per_node", "nodes", "options", "parallelism")
+SLURM_KEYS = ("partition", "time", "gpus_per_node", "nodes", "options", "parallelism", "cpus_per_task")
 
 
 def options_from(mapping: dict, where: str) -> SlurmOptions:
@@ -96,7 +100,7 @@ def options_from(mapping: dict, where: str) -> SlurmOptions:
                            f"; allowed: {', '.join(SLURM_KEYS)} (other sbatch options go under slurm.options)")
     opts = SlurmOptions(partition=mapping.get("partition"), nodes=mapping.get("nodes", 1),
                         gpus_per_node=mapping.get("gpus_per_node"), options=dict(mapping.get("options") or {}),
-                        parallelism=mapping.get("parallelism", 256))
+                        parallelism=mapping.get("parallelism", 256), cpus_per_task=mapping.get("cpus_per_task"))
     if mapping.get("time") is not None:
         opts.time_s = parse_duration(mapping["time"], f"{where}: slurm.time")
     return opts
@@ -131,10 +135,11 @@ def check_slurm(opts: SlurmOptions) -> None:
                            "on a machine that can submit jobs (a cluster's login node), or add Slurm's bin "
                            "directory to PATH, or run with --launcher local")
     for key, value, low in (("nodes", opts.nodes, 1), ("gpus_per_node", opts.gpus_per_node, 0),
-                            ("parallelism", opts.parallelism, 1)):
+                            ("parallelism", opts.parallelism, 1), ("cpus_per_task", cpus_per_task(opts, 1), 1)):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
-            raise FtbenchError(f"invalid Slurm {key}={value!r}: must be an integer >= {low} "
-                               f"(--slurm-{key.replace('_', '-')})")
+            where = ("--slurm-option cpus-per-task=N or the grid's slurm.cpus_per_task" if key == "cpus_per_task"
+                     else f"--slurm-{key.replace('_', '-')}")
+            raise FtbenchError(f"invalid Slurm {key}={value!r}: must be an integer >= {low} ({where})")
     known = sbatch_options()
     for key in opts.options:
         if key in _OWNED:
@@ -150,7 +155,23 @@ def check_slurm(opts: SlurmOptions) -> None:
 _OWNED = {"array": "one array task per cell", "partition": "use --slurm-partition", "p": "use --slurm-partition",
           "time": "use --slurm-time", "t": "use --slurm-time", "nodes": "use --slurm-nodes", "N": "use --slurm-nodes",
           "gpus-per-node": "use --slurm-gpus-per-node", "output": "logs go to OUT/slurm/",
-          "error": "logs go to OUT/slurm/", "ntasks-per-node": "one task per node", "cpus-per-task": "the cell's ranks"}
+          "error": "logs go to OUT/slurm/", "ntasks-per-node": "one task per node"}
+
+#: Spellings of sbatch's --cpus-per-task in --slurm-option.
+_CPUS = ("cpus-per-task", "c")
+
+
+def cpus_per_task(opts: SlurmOptions, nproc: int):
+    """CPUs each job asks for: ``--slurm-option cpus-per-task=N``, else the grid's
+    ``slurm.cpus_per_task``, else one per rank (``nproc``)."""
+    for key in _CPUS:
+        if key in opts.options:
+            value = opts.options[key]
+            try:
+                return int(value)
+            except (TypeError, ValueError):
+                return value  # check_slurm names it
+    return opts.cpus_per_task if opts.cpus_per_task is not None else nproc
 
 
 def sbatch_options() -> set[str]:
@@ -236,8 +257,10 @@ def _submit(todo, out_dir: Path, opts: SlurmOptions) -> list[_Pending]:
         executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=0)
         limit = max((s.time_limit_s or 900.0) for _, s in items)
         minutes = math.ceil((opts.time_s or limit + 300) / 60)
-        params = dict(job_name="ftbench", time=minutes, nodes=nnodes, ntasks_per_node=1, cpus_per_task=nproc,
-                      array_parallelism=opts.parallelism, additional_parameters=dict(opts.options),
+        extra = {k: v for k, v in opts.options.items() if k not in _CPUS}
+        params = dict(job_name="ftbench", time=minutes, nodes=nnodes, ntasks_per_node=1,
+                      cpus_per_task=cpus_per_task(opts, nproc),
+                      array_parallelism=opts.parallelism, additional_parameters=extra,
                       signal_delay_s=30, stderr_to_stdout=True)
         if opts.partition:
             params["partition"] = opts.partition
