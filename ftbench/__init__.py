@@ -44,11 +44,13 @@ from ftbench.harness.contract.engine import (
     autocast_for,
     build_optimizer,
     build_scheduler,
+    model_inputs,
     move,
 )
 from ftbench.harness.cell.data import where
 from ftbench.harness.contract.config import Recipe
 from ftbench.harness.contract.memory_model import MemoryPlan
+from ftbench.harness.contract.optimization import EXACT, NUMERICS, TOLERANCE, MemoryEffects, Optimization
 from ftbench.harness.contract.hookspecs import hookimpl
 from ftbench.harness.contract.environment import package_version, version_tuple
 
@@ -81,6 +83,12 @@ __all__ = [
     "StandardEngine",
     "EngineContext",
     "Recipe",
+    # optimizations users choose between (--opt), and how they change the memory prediction
+    "Optimization",
+    "MemoryEffects",
+    "EXACT",
+    "TOLERANCE",
+    "NUMERICS",
     # how a backend shards the training state (Engine.memory_plan)
     "MemoryPlan",
     # helpers for engines that build their own step (e.g. DeepSpeed's)
@@ -88,6 +96,7 @@ __all__ = [
     "build_scheduler",
     "autocast_for",
     "move",
+    "model_inputs",
     "block_stacks",
     # availability checks without importing the library; data error locations
     "package_version",

@@ -55,7 +55,7 @@ def main():
 @main.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def list_cmd(as_json):
-    """Tasks, backends and model presets, which plugin gave each, and availability."""
+    """Tasks, backends, optimizations and model presets, which plugin gave each, and availability."""
     from ftbench.harness.contract.registry import Registry
 
     reg = Registry.load()
@@ -67,6 +67,12 @@ def list_cmd(as_json):
         "models": [{"name": e.name, "plugin": e.plugin, "kind": e.obj.kind, "default": e.obj.default,
                     "description": e.obj.description} for e in reg.models.values()],
     }
+    from ftbench.harness.contract.optimization import local_device, opt_summary
+
+    here = local_device()
+    data["optimizations"] = [{"name": e.name, "plugin": e.plugin, "device": here,
+                              "available": (why := reg.optimization_availability(e.name, here)) is None,
+                              "unavailable_because": why, **opt_summary(e.obj)} for e in reg.optimizations.values()]
     for e in reg.backends.values():
         why = reg.backend_availability(e.name)
         data["backends"].append({"name": e.name, "plugin": e.plugin, "available": why is None,
@@ -96,6 +102,15 @@ def list_cmd(as_json):
             opts = f"= {d['preset_of']}:{opts}" if opts else f"= {d['preset_of']}"
         t.add_row(d["name"], avail, opts, d["plugin"], d["description"])
     con.print(t)
+    t = Table(title=f"optimizations (--opt; availability on {here})")
+    for col in ("name", "available", "changes", "math", "options", "plugin", "description"):
+        t.add_column(col)
+    for d in data["optimizations"]:
+        avail = "[green]yes[/]" if d["available"] else f"[red]no[/]: {d['unavailable_because']}"
+        math = d["math"] + (f" (±{d['tolerance']:g})" if d["tolerance"] is not None else "")
+        opts = ",".join(f"{k}={v}" for k, v in d["options"].items())
+        t.add_row(d["name"], avail, ", ".join(d["changes"]), math, opts, d["plugin"], d["description"])
+    con.print(t)
     t = Table(title="model presets")
     for col in ("name", "kind", "plugin", "description"):
         t.add_column(col)
@@ -112,6 +127,10 @@ _CELL_OPTIONS = (
     click.option("--grid", "grid_file", type=click.Path(dir_okay=False), help="Grid file (YAML or TOML)."),
     click.option("--task", "tasks", multiple=True, help="Task, NAME or NAME:key=value (repeatable)."),
     click.option("--backend", "backends", multiple=True, help="Backend, NAME or NAME:key=value (repeatable)."),
+    click.option("--opt", "opts", multiple=True,
+                 help="Optimizations of a cell, NAME[:key=value], '+' combines (repeatable: one cell each)."),
+    click.option("--ladder", help="Optimizations added one by one: A,B,C runs baseline, +A, +A+B, +A+B+C."),
+    click.option("--ablation", help="Optimizations each alone against the baseline: A,B,C."),
     click.option("--model", "models", multiple=True, help="Preset name, local model dir or hub id (repeatable)."),
     click.option("--data", "datas", multiple=True, help="'builtin', a directory, or hf:NAME[/CONFIG] (repeatable)."),
     click.option("--column", "columns", multiple=True, help="Map a data column onto a task field: FIELD=COLUMN."),
@@ -126,8 +145,10 @@ _CELL_OPTIONS = (
     click.option("--lr", type=float, help="Peak learning rate of AdamW."),
     click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), help="Mixed precision (GPU)."),
     click.option("--tuning", help="full | freeze-embeddings | freeze-lower:N | lora[:r=8,alpha=16,dropout=0,targets=A+B]"),
-    click.option("--packing/--no-packing", default=None,
-                 help="Concatenate decoder examples (EOS-separated) into full --seq-len rows."),
+    click.option("--packing", is_flag=False, flag_value="rows", default=None, type=click.Choice(["rows", "documents"]),
+                 help="Concatenate decoder examples (EOS-separated) into full --seq-len rows; 'documents': "
+                      "position ids restart per document so attention stays inside it."),
+    click.option("--no-packing", "no_packing", is_flag=True, default=None, help="No packing (the default)."),
     click.option("--recipe-defaults", type=click.Choice(["scratch", "pretrained"]),
                  help="Defaults for unset recipe settings (default: pretrained for a checkpoint, else scratch)."),
     click.option("--grad-checkpointing/--no-grad-checkpointing", default=None, help="Activation checkpointing."),
@@ -181,7 +202,12 @@ def _cells_from_options(reg, grid_file, tasks, backends, models, datas, columns,
     if launcher:
         overrides["launcher"] = launcher
     micro = parse_micro_batch(micro_batch, overrides)
-    axes = {"task": list(tasks), "backend": list(backends), "model": list(models), "data": list(datas)}
+    opts = overrides.pop("opts", ())
+    packing = overrides.pop("packing", None)
+    if overrides.pop("no_packing", None) or packing is not None:
+        overrides["packing"] = {"rows": True, "documents": "documents"}.get(packing, False)
+    axes = {"task": list(tasks), "backend": list(backends), "model": list(models), "data": list(datas),
+            "opt": list(opts)}
     grid = build_grid(grid_file, axes, overrides)
     if on_grid:
         on_grid(grid)

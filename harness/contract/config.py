@@ -21,6 +21,9 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULES = ("constant", "linear", "cosine")
 PADDINGS = ("max_length", "longest")
 RECIPE_DEFAULTS = ("scratch", "pretrained")
+#: ``--packing``: off, rows across documents (True), or per-document position ids.
+DOCUMENTS = "documents"
+PACKINGS = (False, True, DOCUMENTS)
 
 
 @dataclass(frozen=True)
@@ -55,8 +58,13 @@ class Recipe:
     #: presets) or ``pretrained`` (a checkpoint: a fine-tuning recipe); see
     #: :mod:`ftbench.harness.grid.recipes`.
     recipe_defaults: str = "scratch"
-    #: Concatenate decoder examples into full ``seq_len`` rows (EOS-separated).
-    packing: bool = False
+    #: Concatenate decoder examples into full ``seq_len`` rows (EOS-separated): ``True``
+    #: lets attention cross documents (run_clm); ``"documents"`` restarts position ids at
+    #: each document so that attention stays inside it (docs/optimizations.md).
+    packing: bool | str = False
+    #: The cell's optimizations that change numerics (``--opt``), as a spec; see
+    #: :mod:`ftbench.harness.contract.optimization`.  Exact ones are left out: they compute the same step.
+    numerics: str = ""
 
     def validate(self) -> "Recipe":
         def bad(key, value, want):
@@ -92,8 +100,10 @@ class Recipe:
             bad("lr", self.lr, "must be > 0")
         if self.recipe_defaults not in RECIPE_DEFAULTS:
             bad("recipe_defaults", self.recipe_defaults, f"choose one of {', '.join(RECIPE_DEFAULTS)}")
-        if not isinstance(self.packing, bool):
-            bad("packing", self.packing, "must be true or false")
+        if self.packing not in PACKINGS:
+            bad("packing", self.packing, "must be true, false or documents (--packing [rows|documents])")
+        if not isinstance(self.numerics, str):
+            bad("numerics", self.numerics, "is set from --opt; leave it out of grid settings")
         parse_tuning(self.tuning)
         return self
 
@@ -222,6 +232,8 @@ class CellSpec:
     #: What a CPU cell's memory peak counts: ``resident`` (glibc's defaults) or ``live``
     #: (freed tensors leave the resident set; slower), see ftbench.harness.cell.hostalloc.
     cpu_memory: str = "resident"
+    #: Optimizations of the cell, ``NAME[:key=value]+NAME...`` (``--opt``; empty: none).
+    opt: str = ""
 
     def task_name_and_options(self) -> tuple[str, dict]:
         return parse_spec(self.task, "task")
@@ -281,7 +293,7 @@ class CellSpec:
 #: result sets keep pairing with new runs).  A new field of Recipe or CellSpec
 #: belongs here; ``tests/test_grid.py`` checks the committed baseline's ids.
 ADDED_LATER: frozenset[str] = frozenset({"eval_every", "target", "stop_at_target", "recipe_defaults",
-                                          "packing", "cpu_memory"})
+                                          "packing", "cpu_memory", "numerics", "opt"})
 
 
 def _without_later_defaults(d: dict, cls) -> dict:

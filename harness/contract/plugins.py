@@ -37,6 +37,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "ftbench.plugins.deepspeed_zero",
     "ftbench.plugins.data_parallel",
     "ftbench.plugins.presets",
+    "ftbench.plugins.optimizations",
     "ftbench.tasks.generation",
     "ftbench.tasks.translation",
     "ftbench.tasks.classification",

@@ -9,6 +9,7 @@ from typing import Any
 import pluggy
 
 from ftbench.harness.contract.api import BackendSpec, FtbenchError, ModelPreset, Task, Unavailable
+from ftbench.harness.contract.optimization import Optimization
 from ftbench.harness.contract.plugins import get_plugin_manager
 
 
@@ -27,7 +28,7 @@ class Entry:
 
 @dataclass
 class Registry:
-    """Tasks, backends and model presets, each by name.
+    """Tasks, backends, model presets and optimizations, each by name.
 
     Example::
 
@@ -38,6 +39,7 @@ class Registry:
     tasks: dict[str, Entry] = field(default_factory=dict)
     backends: dict[str, Entry] = field(default_factory=dict)
     models: dict[str, Entry] = field(default_factory=dict)
+    optimizations: dict[str, Entry] = field(default_factory=dict)
     pm: pluggy.PluginManager | None = None
 
     @classmethod
@@ -48,6 +50,7 @@ class Registry:
             ("register_tasks", reg.tasks, Task),
             ("register_backends", reg.backends, BackendSpec),
             ("register_models", reg.models, ModelPreset),
+            ("register_optimizations", reg.optimizations, Optimization),
         ):
             hook = getattr(pm.hook, hook_name)
             # Call each implementation separately so we know who registered what.
@@ -67,6 +70,18 @@ class Registry:
 
     def model(self, name: str) -> ModelPreset:
         return _lookup(self.models, name, "model preset", "--model").obj
+
+    def optimization(self, name: str) -> Optimization:
+        return _lookup(self.optimizations, name, "optimization", "--opt").obj
+
+    def optimization_availability(self, name: str, device: str, options: dict | None = None) -> str | None:
+        """None if the optimization can run on ``device`` here, else why not (with the install hint)."""
+        opt = self.optimization(name)
+        try:
+            opt.check_available({**dict(opt.defaults), **(options or {})}, device)
+        except Unavailable as e:
+            return str(e)
+        return None
 
     def backend_availability(self, name: str, options: dict | None = None) -> str | None:
         """None if the backend can run here, else why not (with the install hint)."""

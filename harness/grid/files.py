@@ -35,7 +35,7 @@ from ftbench.harness.grid.expand import (AXES, CELL_SETTINGS, INTERLEAVED, ORDER
 
 DEFAULT_GRID = "default_grid.yaml"
 TOP_KEYS = set(AXES) | {"settings", "exclude", "repeat", "sweep", "time_limit", "per_cell", "target", "order",
-                        "launcher", "slurm"}
+                        "launcher", "slurm", "ladder", "ablation"}
 LAUNCHERS = ("local", "slurm")
 SETTING_KEYS = set(RECIPE_FIELDS) | set(CELL_SETTINGS)
 _RECIPE_TYPES = typing.get_type_hints(Recipe)
@@ -138,7 +138,37 @@ def grid_from_dict(data: dict, name: str) -> Grid:
     launcher, slurm = _launcher(data, name)
     return Grid(axes=axes, settings=settings, exclude=exclude, repeat=repeat, sweep=sweep, per_cell=rules,
                 order=order, source=f"grid file {name}", targets=_targets(data, name), launcher=launcher,
-                slurm=slurm)
+                slurm=slurm, ladder=_opt_list(data, name, "ladder"), ablation=_opt_list(data, name, "ablation"))
+
+
+def _opt_list(data: dict, name: str, key: str) -> list[str]:
+    """``ladder:`` / ``ablation:``: a list of optimizations (or one comma-separated string)."""
+    v = data.get(key)
+    if v is None:
+        return []
+    if isinstance(v, str):
+        v = split_opt_list(v)
+    if not isinstance(v, list) or not v or not all(isinstance(x, str) and x for x in v):
+        raise FtbenchError(f"grid file {name}: {key} must be a list of optimizations like "
+                           f"[attn:impl=sdpa, chunked-ce], got {v!r}")
+    return v
+
+
+def split_opt_list(text: str) -> list[str]:
+    """``"attn:impl=sdpa,chunked-ce:chunk=128,adamw:impl=fused"`` -> one optimization per rung.
+
+    A comma separates rungs, except before a ``key=value`` that continues the
+    options of the rung before it (``adamw-8bit:block=256,impl=x``).
+    """
+    rungs: list[str] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        if rungs and "=" in part and ":" not in part.split("=", 1)[0] and ":" in rungs[-1].split("+")[-1]:
+            rungs[-1] += "," + part
+        else:
+            rungs.append(part)
+    return rungs
 
 
 def _targets(data: dict, name: str) -> list[str]:
@@ -276,6 +306,10 @@ def build_grid(grid_file: str | None, cli_axes: dict, overrides: dict) -> Grid:
     order = overrides.pop("order", None)
     if order is not None:
         grid.order = order
+    for key in ("ladder", "ablation"):
+        rungs = overrides.pop(key, None)
+        if rungs:
+            setattr(grid, key, split_opt_list(rungs))
     grid.settings.update(overrides)
     # A command-line value is final: it replaces a sweep and any per-cell rule for that key.
     for key in overrides:

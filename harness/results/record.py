@@ -22,6 +22,8 @@ FROM_RANK0 = (
     "compile_s", "eval_s", "eval_loss", "metric", "metric_value", "higher_is_better", "trainable_params",
     "total_params", "model_kind", "vocab_size", "truncated_examples", "truncated_tokens",
     "metrics_before", "eval_before_s", "pad_fraction", "packed_rows", "cpu_memory", "cpu_memory_note",
+    # the cell's optimizations (--opt) and the packing contamination probe (docs/optimizations.md)
+    "optimizations", "packing_probe",
     # rows of each split the cell read (batches, tokenizer sample, evaluation examples; docs/data.md)
     "rows_read",
     # dtypes (ftbench.harness.cell.weights)
