@@ -60,10 +60,12 @@ def install_chunked_head(model, chunk: int):
 
 
 def chunked_loss_fn(model):
-    """The summed loss through the model's :class:`ChunkedLossHead` (``model`` unwrapped)."""
-    head = model.get_output_embeddings()
+    """The summed loss through the :class:`ChunkedLossHead` of the model it is given: the training
+    model (wrapped by the engine) or an evaluation copy of it."""
 
     def loss_fn(m, batch):
+        # Looked up at each call (a walk over the modules): evaluation may get a fresh copy each time.
+        head = next(x for x in m.modules() if isinstance(x, ChunkedLossHead))
         head.targets = batch["labels"][:, 1:]
         try:
             return m(**model_inputs(batch)).logits

@@ -19,7 +19,7 @@ from ftbench.harness.contract.environment import comparable_view
 from ftbench.harness.results.store import RESULTS_FILE, append_record, read_records
 
 #: Parts of a cell's configuration that identify it in a table, besides the recipe.
-SLOT_KEYS = ("task", "backend", "model", "data", "nproc")
+SLOT_KEYS = ("task", "backend", "model", "data", "nproc", "opt")
 
 
 @dataclass
@@ -83,7 +83,12 @@ def recipe_of(record: dict) -> dict:
 
 def slot_of(record: dict) -> tuple:
     cfg = record.get("config") or {}
-    return tuple(record.get(k, cfg.get(k)) for k in SLOT_KEYS)
+    return tuple(opt_of(record) if k == "opt" else record.get(k, cfg.get(k)) for k in SLOT_KEYS)
+
+
+def opt_of(record: dict) -> str:
+    """The cell's optimizations (``--opt``), ``""`` for none (and for records from before them)."""
+    return str((record.get("config") or {}).get("opt") or "")
 
 
 def config_diff(a: dict, b: dict) -> list[str]:
@@ -120,12 +125,13 @@ def variant_labels(records: list[dict], without: tuple[str, ...] = ()) -> dict[s
             varying.append(("slot", k))
     recipes = [recipe_of(r) for r in cfgs.values()]
     for k in sorted({k for rc in recipes for k in rc}):
-        if k not in without and len({json.dumps(rc.get(k), default=str) for rc in recipes}) > 1:
+        # numerics restates the optimizations, which the label names anyway
+        if k not in without and k != "numerics" and len({json.dumps(rc.get(k), default=str) for rc in recipes}) > 1:
             varying.append(("recipe", k))
     labels = {}
     for cid, r in cfgs.items():
         slot = dict(zip(SLOT_KEYS, slot_of(r)))
-        parts = [str(slot["backend"])]
+        parts = [str(slot["backend"]) + (f" + {slot['opt']}" if slot["opt"] else "")]
         for kind, k in varying:
             if kind == "slot":
                 parts.append(f"×{slot[k]}" if k == "nproc" else str(slot[k]))

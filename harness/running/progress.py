@@ -54,7 +54,7 @@ class RunView:
             return
         if kind not in ("skip", "start", "end"):
             return
-        label = f"[{i}/{total}] {spec.task} × {spec.backend} × {spec.model}" + (
+        label = f"[{i}/{total}] {spec.task} × {spec.backend}{' + ' + spec.opt if spec.opt else ''} × {spec.model}" + (
             f" (nproc {spec.nproc})" if spec.nproc > 1 else "") + (f" repeat {spec.repeat}" if spec.repeat else "")
         if kind == "skip":
             self.con.print(f"{label}: already in the result set, skipped (use --force to rerun)")
@@ -135,6 +135,8 @@ class RunView:
             metric = f"{r['metric']} {fmt_num(r['metric_value'])}" if r.get("metric_value") is not None else "-"
             metric += metric_change(r)
             backend = r["backend"] + (f" ×{r['nproc']}" if r.get("nproc", 1) > 1 else "")
+            opt = (r.get("config") or {}).get("opt")
+            backend += f" + {opt}" if opt else ""
             rows.append([f"{r['task']} · {backend} · {r['model']}", r["status"], fmt_num(r.get("tokens_per_s")), step,
                          fmt_bytes(r.get("peak_memory_bytes")), fmt_num(r.get("setup_s"), 2),
                          fmt_num(r.get("compile_s"), 2), metric, _parity(r)])
