@@ -449,6 +449,8 @@ def report_cmd(result_dir, out, quiet, loss_x):
         print_table(display, con, f"ftbench report: {result_dir}")
         if rep.time_to_target is not None:
             print_table(rep.time_to_target, con, "time to target (median over seeds; not reached = infinitely slow)")
+        if rep.ladder is not None:
+            print_table(rep.ladder, con, "optimization ladder (Δ: % change from the previous rung / the baseline)")
     con.print(f"wrote {rep.markdown}, {rep.csv}, {rep.records_csv}, {rep.html}")
     for path in rep.plots.values():
         con.print(f"wrote {path}")

@@ -7,7 +7,7 @@ reference cell of that recipe: the same cell without it.  One that changes
 numerics (8-bit optimizer states, a step without global clipping, packed
 rows) enters the fingerprint, so no loss curve matches; it is judged on
 quality instead: its held-out loss and the task's metric against the
-baseline cell (same task, model, data, backend and ranks, no optimizations),
+baseline cell (same task, model, data, backend and ranks, no optimization that changes numerics),
 within the largest tolerance its optimizations declare.  A change for the
 better always passes.  The record says ``numerics changed``, never parity.
 
@@ -20,6 +20,8 @@ Example::
 from __future__ import annotations
 
 import math
+
+from ftbench.harness.contract.optimization import parse_opts
 
 #: ``record["opt_verdict"]["kind"]``.
 PARITY, NUMERICS_CHANGED = "parity", "numerics changed"
@@ -53,7 +55,8 @@ def annotate_optimizations(record: dict, earlier: list[dict]) -> None:
 
 
 def baseline_of(record: dict, earlier: list[dict]) -> dict | None:
-    """The earlier finished cell that differs from ``record`` only by having no optimizations."""
+    """The earlier finished cell that differs from ``record`` only by its optimizations, with none
+    that changes numerics and the fewest others (a ladder's base rung; usually no ``--opt`` at all)."""
     def key(r):
         c = dict(r.get("config") or {})
         c.pop("opt", None)
@@ -64,11 +67,9 @@ def baseline_of(record: dict, earlier: list[dict]) -> dict | None:
         return repr(sorted(c.items())), repr(sorted(recipe.items()))
 
     mine = key(record)
-    for r in earlier:
-        if r is not record and r.get("status") == "ok" and not (r.get("config") or {}).get("opt") \
-                and key(r) == mine:
-            return r
-    return None
+    found = [r for r in earlier if r is not record and r.get("status") == "ok" and key(r) == mine
+             and not ((r.get("config") or {}).get("recipe") or {}).get("numerics")]
+    return min(found, key=lambda r: len(parse_opts((r.get("config") or {}).get("opt") or "")), default=None)
 
 
 def _worse_by(value, base, higher_is_better: bool) -> float | None:
