@@ -36,7 +36,7 @@ def plan_json(reg, plans, search: bool) -> list[dict]:
     out = []
     for cp in plans:
         c = cp.cell
-        row = {"task": c.task, "backend": c.backend, "model": c.model, "nproc": c.nproc,
+        row = {"task": c.task, "backend": c.backend, "opt": c.opt, "model": c.model, "nproc": c.nproc,
                "micro_batch": c.recipe.batch_size // (c.nproc * c.recipe.grad_accum),
                "grad_accum": c.recipe.grad_accum,
                "prediction": cp.prediction.to_dict() if cp.prediction else None,
@@ -65,7 +65,7 @@ def print_plans(reg, plans, console, search: bool) -> None:
         ranks = f" ×{c.nproc}" if c.nproc > 1 else ""
         verdict = ("[green]fits[/]" if cp.fits else "[red]does NOT fit[/]") if cp.fits is not None else \
             f"unknown: {escape(cp.why_unknown or '')[:80]}"
-        row = [c.task, c.backend + ranks, c.model, str(c.recipe.batch_size // (c.nproc * c.recipe.grad_accum)),
+        row = [c.task, c.backend + ranks + (f" + {c.opt}" if c.opt else ""), c.model, str(c.recipe.batch_size // (c.nproc * c.recipe.grad_accum)),
                f"{_mib(p.device_bytes)}, peak in {p.peak_phase}" if p else "-",
                escape(breakdown_text(p.breakdown)) if p else "-",
                f"{cp.compared} {_mib(cp.compared_bytes)} / {_mib(cp.limit_bytes)} ({escape(cp.limit_source)})",

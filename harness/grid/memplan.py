@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from ftbench.harness.contract.api import ENCODER_DECODER, FtbenchError
 from ftbench.harness.contract.memory_model import MiB, ModelShape, ParamCounts, Prediction, harness_floor_bytes, predict
+from ftbench.harness.contract.optimization import memory_effects, resolve_opts
 
 
 @dataclass
@@ -181,8 +182,9 @@ def predict_cell(reg, cell, micro_batch: int | None = None, backend: str | None 
     counts, shape = model_facts(reg, cell)
     recipe = cell.recipe if checkpointing is None else dataclasses.replace(cell.recipe,
                                                                            grad_checkpointing=checkpointing)
+    effects = memory_effects(resolve_opts(reg, cell.opt))
     return predict(counts, shape, recipe, spec.engine.memory_plan(options, world), world,
-                   micro_batch or micro_batch_of(cell), device_type(cell))
+                   micro_batch or micro_batch_of(cell), device_type(cell), effects)
 
 
 def plan_cell(reg, cell, suggest: bool = True) -> CellPlan:
