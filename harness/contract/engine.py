@@ -120,12 +120,14 @@ def model_inputs(batch: dict) -> dict:
 
     A document-packed batch (``--packing documents``) carries ``position_ids``
     that restart at each document and no attention mask: transformers then
-    builds a mask that keeps attention inside each document.
+    builds a mask that keeps attention inside each document (only without a
+    key/value cache, hence ``use_cache=False``).
 
     Example: ``logits = model(**model_inputs(batch)).logits``.
     """
     if batch.get("position_ids") is not None:
-        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+        # transformers builds the per-document mask only without a key/value cache.
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 
