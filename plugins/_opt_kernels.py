@@ -17,7 +17,8 @@ class ChunkedLossHead(torch.nn.Module):
 
     With ``targets`` set (by the loss function, for one forward pass) it
     returns the summed cross-entropy of the shifted targets instead of the
-    logits, computing ``chunk`` tokens' logits at a time; each chunk is
+    logits, computing the logits of one of ``chunks`` slices of the tokens at
+    a time (torchtune's chunked cross-entropy splits the same way); each chunk is
     checkpointed, so backward recomputes its logits instead of keeping them,
     and the full ``tokens x vocabulary`` tensor never exists.  The loss is
     computed inside the model's forward, where a sharding backend has the
@@ -25,10 +26,10 @@ class ChunkedLossHead(torch.nn.Module):
     output layer.
     """
 
-    def __init__(self, linear: torch.nn.Module, chunk: int):
+    def __init__(self, linear: torch.nn.Module, chunks: int):
         super().__init__()
         self.linear = linear
-        self.chunk = chunk
+        self.chunks = chunks
         self.targets: torch.Tensor | None = None
 
     @property
@@ -41,21 +42,22 @@ class ChunkedLossHead(torch.nn.Module):
         h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
         t = self.targets.reshape(-1)
         total = hidden.new_zeros((), dtype=torch.float32)
-        for start in range(0, h.shape[0], self.chunk):
-            tc = t[start:start + self.chunk]
+        size = -(-h.shape[0] // self.chunks)
+        for start in range(0, h.shape[0], size):
+            tc = t[start:start + size]
             if bool((tc != IGNORE_INDEX).any()):
-                total = total + checkpoint(self._chunk_loss, h[start:start + self.chunk], tc, use_reentrant=False)
+                total = total + checkpoint(self._chunk_loss, h[start:start + size], tc, use_reentrant=False)
         return total
 
     def _chunk_loss(self, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(self.linear(h).float(), t, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-def install_chunked_head(model, chunk: int):
+def install_chunked_head(model, chunks: int):
     head = model.get_output_embeddings()
     if head is None:
         raise ValueError("chunked-ce needs a model with an output layer (get_output_embeddings())")
-    model.set_output_embeddings(ChunkedLossHead(head, chunk))
+    model.set_output_embeddings(ChunkedLossHead(head, chunks))
     return model
 
 

@@ -47,28 +47,29 @@ class Attention(Optimization):
 
 class ChunkedCrossEntropy(Optimization):
     name = "chunked-ce"
-    description = "language-model loss over chunks of tokens, never the full tokens x vocabulary logits (in torch)"
+    description = ("language-model loss over N chunks of the micro-batch's tokens, never the full tokens x "
+                   "vocabulary logits (in torch, as torchtune's chunked CE)")
     changes = ("loss", "memory")
     math = TOLERANCE
     model_kinds = (DECODER,)
     heads = ("lm",)
-    defaults = {"chunk": 256}
+    defaults = {"chunks": 8}
 
     def validate_options(self, options):
         options = super().validate_options(options)
-        if not isinstance(options["chunk"], int) or options["chunk"] < 1:
-            raise FtbenchError(f"invalid chunked-ce option chunk={options['chunk']!r}: tokens per chunk, an "
-                               "integer >= 1 (e.g. chunked-ce:chunk=256)")
+        if not isinstance(options["chunks"], int) or options["chunks"] < 1:
+            raise FtbenchError(f"invalid chunked-ce option chunks={options['chunks']!r}: how many chunks the "
+                               "micro-batch's tokens are split into, an integer >= 1 (e.g. chunked-ce:chunks=8)")
         return options
 
     def apply_model(self, model, options):
-        return _kernels().install_chunked_head(model, options["chunk"])
+        return _kernels().install_chunked_head(model, options["chunks"])
 
     def wrap_loss(self, loss_fn, model, options):
         return _kernels().chunked_loss_fn(model)
 
     def memory(self, effects, options):
-        return dataclasses.replace(effects, full_logits=False, logit_chunk_tokens=options["chunk"])
+        return dataclasses.replace(effects, logit_chunks=options["chunks"])
 
 
 class Liger(Optimization):
@@ -95,7 +96,8 @@ class Liger(Optimization):
         return _kernels().labels_loss_fn()
 
     def memory(self, effects, options):
-        return dataclasses.replace(effects, full_logits=False, logit_chunk_tokens=1024)
+        # Liger's fused linear cross-entropy picks its chunk size from the vocabulary and width; about 16 chunks.
+        return dataclasses.replace(effects, logit_chunks=16)
 
 
 class AdamWImpl(Optimization):

@@ -77,7 +77,7 @@ def test_opt_axis_ids_and_fingerprints(reg):
 
 def test_chunked_loss_equals_the_full_loss_and_its_gradients():
     full, chunked = _llama(), _llama()
-    _opt_kernels.install_chunked_head(chunked, chunk=7)
+    _opt_kernels.install_chunked_head(chunked, chunks=7)
     ids = torch.randint(0, 97, (3, 20))
     labels = ids.clone()
     labels[:, :5] = -100
@@ -147,7 +147,7 @@ def test_plan_predicts_less_with_chunked_loss_and_8bit_states(reg):
 def test_a_ladder_runs_and_the_report_shows_it(tmp_path):
     out = tmp_path / "out"
     ftbench("run", "--task", "generation", "--backend", "eager", "--opt", "attn:impl=eager", "--ladder",
-            "attn:impl=sdpa,chunked-ce:chunk=64,adamw:impl=foreach,optim-in-backward,doc-packing", "--out", out,
+            "attn:impl=sdpa,chunked-ce:chunks=4,adamw:impl=foreach,optim-in-backward,doc-packing", "--out", out,
             *TINY, check=True)
     recs = records(out)
     assert [r["status"] for r in recs] == ["ok"] * 6
@@ -155,5 +155,5 @@ def test_a_ladder_runs_and_the_report_shows_it(tmp_path):
     assert recs[4]["opt_verdict"]["kind"] == "numerics changed" and recs[4]["opt_verdict"]["passed"] is not None
     assert recs[5]["packing_probe"]["max_rel_dev"] < 1e-5 and recs[5]["pad_fraction"] < 0.01
     rep = ftbench("report", out, check=True)
-    assert "optimization ladder" in rep.stdout and "+chunked-ce:chunk=64" in rep.stdout
+    assert "optimization ladder" in rep.stdout and "+chunked-ce:chunks=4" in rep.stdout
     assert (out / "report" / "plots" / "ladder.png").exists()

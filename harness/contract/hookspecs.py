@@ -79,7 +79,7 @@ def register_optimizations(register):
 
         @hookimpl
         def register_optimizations(register):
-            register(ChunkedCrossEntropy())     # --opt chunked-ce:chunk=256
+            register(ChunkedCrossEntropy())     # --opt chunked-ce:chunks=8
     """
 
 

@@ -246,11 +246,11 @@ def full_logits_bytes(shape: ModelShape, micro_batch: int, seq_len: int) -> int:
     return 3 * micro_batch * seq_len * shape.vocab * FP32
 
 
-def chunked_logits_bytes(shape: ModelShape, chunk_tokens: int, micro_batch: int, seq_len: int) -> int:
+def chunked_logits_bytes(shape: ModelShape, chunks: int, micro_batch: int, seq_len: int) -> int:
     """What a chunked (or fused) loss holds instead: one chunk's logits, their fp32 copy and gradient."""
     if shape.classification:
         return 0
-    return 3 * min(chunk_tokens, micro_batch * seq_len) * shape.vocab * FP32
+    return 3 * -(-micro_batch * seq_len // max(1, chunks)) * shape.vocab * FP32
 
 
 def bucket_bytes(counts: ParamCounts, plan: MemoryPlan, weight_bytes: int = FP32) -> int:
@@ -297,8 +297,8 @@ def predict(counts: ParamCounts, shape: ModelShape, recipe, plan: MemoryPlan, wo
     low = LOW_PRECISION.get(recipe.precision, FP32)
     dev, host = model_state_bytes(counts, plan, FP32, low, effects)
     acts = activation_bytes(shape, micro_batch, recipe.seq_len, recipe.grad_checkpointing, low)
-    if not effects.full_logits:
-        acts += chunked_logits_bytes(shape, effects.logit_chunk_tokens, micro_batch, recipe.seq_len) \
+    if effects.logit_chunks > 1:
+        acts += chunked_logits_bytes(shape, effects.logit_chunks, micro_batch, recipe.seq_len) \
             - full_logits_bytes(shape, micro_batch, recipe.seq_len)
     phases = transient_phases(counts, plan, acts)
     if effects.activations_on_host:

@@ -55,18 +55,17 @@ ENGINE_HOOKS = ("optimizer", "backward-step")
 class MemoryEffects:
     """What the optimizations of a cell change in its memory prediction.
 
-    ``full_logits``: the loss materialises the whole ``tokens x vocab`` logits
-    (False: only ``logit_chunk_tokens`` rows at a time); ``optimizer_bytes_per_param``:
+    ``logit_chunks``: the loss materialises the ``tokens x vocab`` logits in that
+    many chunks, one at a time (1: all at once); ``optimizer_bytes_per_param``:
     bytes of optimizer state per trainable parameter (AdamW fp32: 8, 8-bit: 2);
     ``grads_freed_in_backward``: each gradient is applied and freed as soon as it
     is ready, so at most the largest layer's gradient lives; ``activations_on_host``:
     saved activations are moved to host memory.
 
-    Example: ``MemoryEffects(full_logits=False, logit_chunk_tokens=256)``.
+    Example: ``MemoryEffects(logit_chunks=8)``.
     """
 
-    full_logits: bool = True
-    logit_chunk_tokens: int = 0
+    logit_chunks: int = 1
     optimizer_bytes_per_param: int = 8
     grads_freed_in_backward: bool = False
     activations_on_host: bool = False

@@ -155,7 +155,7 @@ def _opt_list(data: dict, name: str, key: str) -> list[str]:
 
 
 def split_opt_list(text: str) -> list[str]:
-    """``"attn:impl=sdpa,chunked-ce:chunk=128,adamw:impl=fused"`` -> one optimization per rung.
+    """``"attn:impl=sdpa,chunked-ce:chunks=8,adamw:impl=fused"`` -> one optimization per rung.
 
     A comma separates rungs, except before a ``key=value`` that continues the
     options of the rung before it (``adamw-8bit:block=256,impl=x``).
