@@ -90,7 +90,7 @@ def test_chunked_loss_equals_the_full_loss_and_its_gradients():
     got.backward()
     assert got.item() == pytest.approx(want.item(), rel=1e-6)
     w_full, w_chunked = full.lm_head.weight.grad, chunked.get_output_embeddings().linear.weight.grad
-    assert torch.allclose(w_full, w_chunked, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(w_full, w_chunked, rtol=1e-4, atol=1e-6)  # other summation order
     # Without targets it is the output layer (generation).
     assert chunked(input_ids=ids).logits.shape == (3, 20, 97)
 
