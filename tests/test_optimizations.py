@@ -157,3 +157,50 @@ def test_a_ladder_runs_and_the_report_shows_it(tmp_path):
     rep = ftbench("report", out, check=True)
     assert "optimization ladder" in rep.stdout and "+chunked-ce:chunks=4" in rep.stdout
     assert (out / "report" / "plots" / "ladder.png").exists()
+
+
+def _rung(opt, numerics="", tokens=None, peak=None, eval_loss=4.0, metric=60.0, optimizations=()):
+    from results_factory import make_record
+
+    rec = make_record(recipe=Recipe(steps=12, warmup=2, seq_len=32, batch_size=4, numerics=numerics),
+                      metric_value=metric)
+    rec["config"]["opt"] = opt
+    rec["cell_id"] = f"{rec['cell_id']}-{opt}"
+    rec["eval_loss"], rec["tokens_per_s"], rec["train_peak_memory_bytes"] = eval_loss, tokens, peak
+    rec["optimizations"] = [{"spec": s, "math": m, "tolerance": 0.05} for s, m in optimizations]
+    return rec
+
+
+def test_numerics_changed_is_judged_on_quality_within_the_declared_tolerance():
+    from ftbench.harness.results.opt_verdict import annotate_optimizations, verdict_label
+
+    base = _rung("")
+    ok = _rung("adamw-8bit", "adamw-8bit", eval_loss=4.1, metric=61.0, optimizations=[("adamw-8bit", "numerics")])
+    bad = _rung("adamw-8bit", "adamw-8bit", eval_loss=4.4, metric=66.0, optimizations=[("adamw-8bit", "numerics")])
+    better = _rung("doc-packing", "doc-packing", eval_loss=3.0, metric=40.0,
+                   optimizations=[("doc-packing", "numerics")])
+    for rec in (ok, bad, better):
+        annotate_optimizations(rec, [base])
+    assert ok["opt_verdict"]["passed"] and ok["opt_verdict"]["eval_loss_change"] == pytest.approx(0.025)
+    assert not bad["opt_verdict"]["passed"]  # 10% worse than the baseline, tolerance 5%
+    assert better["opt_verdict"]["passed"]  # better always passes
+    assert verdict_label(ok["opt_verdict"]).startswith("numerics changed: eval loss +2.5%")
+    lonely = _rung("adamw-8bit", "adamw-8bit", optimizations=[("adamw-8bit", "numerics")])
+    annotate_optimizations(lonely, [])
+    assert lonely["opt_verdict"]["passed"] is None and "baseline" in lonely["opt_verdict"]["reason"]
+
+
+def test_ladder_rows_show_changes_from_the_previous_rung_and_the_baseline():
+    from ftbench.harness.analysis.ladder_report import ladder_frame, ladder_rows
+    from ftbench.harness.analysis.resultset import ResultSet
+
+    recs = [_rung("", tokens=100.0, peak=400.0), _rung("a", tokens=120.0, peak=300.0),
+            _rung("a+b", tokens=90.0, peak=300.0)]
+    rows = ladder_rows(ResultSet(path=None, records=recs))
+    assert [r["step"] for r in rows] == ["baseline", "+a", "+b"] and rows[0]["kind"] == "ladder"
+    assert rows[2]["vs_prev"]["tokens_per_s"] == pytest.approx(-0.25)
+    assert rows[2]["vs_base"]["tokens_per_s"] == pytest.approx(-0.10)
+    assert rows[1]["vs_base"]["train_peak_bytes"] == pytest.approx(-0.25)
+    assert list(ladder_frame(ResultSet(path=None, records=recs))["Δ prev"]) == ["-", "+20.0%", "-25.0%"]
+    ablation = ladder_rows(ResultSet(path=None, records=recs[:2] + [_rung("b", tokens=90.0)]))
+    assert {r["kind"] for r in ablation} == {"ablation"} and not ablation[2]["vs_prev"]
