@@ -204,3 +204,11 @@ def test_ladder_rows_show_changes_from_the_previous_rung_and_the_baseline():
     assert list(ladder_frame(ResultSet(path=None, records=recs))["Δ prev"]) == ["-", "+20.0%", "-25.0%"]
     ablation = ladder_rows(ResultSet(path=None, records=recs[:2] + [_rung("b", tokens=90.0)]))
     assert {r["kind"] for r in ablation} == {"ablation"} and not ablation[2]["vs_prev"]
+
+
+def test_the_baseline_is_found_in_records_read_back_from_disk():
+    from ftbench.harness.results.opt_verdict import baseline_of
+
+    base = json.loads(json.dumps(_rung("")))  # tuples (betas) come back as lists
+    rec = _rung("adamw-8bit", "adamw-8bit", optimizations=[("adamw-8bit", "numerics")])
+    assert baseline_of(rec, [base]) is base

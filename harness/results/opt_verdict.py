@@ -19,6 +19,7 @@ Example::
 
 from __future__ import annotations
 
+import json
 import math
 
 from ftbench.harness.contract.optimization import parse_opts
@@ -64,7 +65,8 @@ def baseline_of(record: dict, earlier: list[dict]) -> dict | None:
         recipe = dict(c.pop("recipe", None) or {})
         for k in ("numerics", "packing"):
             recipe.pop(k, None)
-        return repr(sorted(c.items())), repr(sorted(recipe.items()))
+        # As JSON: a fresh record holds tuples where one read back from results.jsonl holds lists.
+        return json.dumps([c, recipe], sort_keys=True, default=str)
 
     mine = key(record)
     found = [r for r in earlier if r is not record and r.get("status") == "ok" and key(r) == mine
@@ -82,7 +84,8 @@ def _worse_by(value, base, higher_is_better: bool) -> float | None:
 
 
 def verdict_label(v: dict | None) -> str | None:
-    """Short table text: ``numerics changed: eval loss +0.4% ✓`` (None: parity says it)."""
+    """Short table text: ``numerics changed: eval loss +0.4%, perplexity +1.1% (tol 5%) ✓``, each change
+    positive when worse (None: parity says it)."""
     if not v or v.get("kind") != NUMERICS_CHANGED:
         return None
     if v.get("passed") is None:
@@ -92,7 +95,7 @@ def verdict_label(v: dict | None) -> str | None:
     if v.get("eval_loss_change") is not None:
         parts.append(f"eval loss {_signed(v['eval_loss_change'])}")
     if v.get("metric_change") is not None and v.get("metric") not in (None, "eval_loss"):
-        parts.append(f"{v['metric']} {_signed(v['metric_change'])} worse")
+        parts.append(f"{v['metric']} {_signed(v['metric_change'])}")
     return f"numerics changed: {', '.join(parts)} (tol {v['tolerance']:.0%}) {mark}"
 
 
