@@ -67,7 +67,10 @@ def _figures(records: list[dict]) -> dict:
         return statistics.median(vals) if vals else None
 
     peak = med("train_peak_memory_bytes")
-    verdict = verdict_label(first.get("opt_verdict")) or parity_label(first.get("parity"))
+    parity, quality = first.get("parity") or {}, verdict_label(first.get("opt_verdict"))
+    # A rung after one that changed numerics is still parity-checked against that rung: show both.
+    verdict = " · ".join(v for v in ((parity_label(parity) if parity.get("status") == "compared" or not quality
+                                      else None), quality) if v)
     return {"status": first.get("status") if not ok else "ok", "repeats": len(ok), "tokens_per_s": med("tokens_per_s"),
             "train_peak_bytes": peak if peak is not None else med("peak_memory_bytes"),
             "memory_kind": first.get("memory_kind"), "metric": first.get("metric"),
