@@ -38,6 +38,9 @@ class Attention(Optimization):
                 raise Unavailable("needs flash-attn: pip install flash-attn --no-build-isolation")
         if impl == "flex" and version_tuple(package_version("torch")) < (2, 5):
             raise Unavailable("flex attention needs torch>=2.5: pip install -U torch")
+        if impl == "flex" and device != "cuda":
+            # Measured with torch 2.13: "FlexAttention does not support backward on CPU".
+            raise Unavailable("torch's flex_attention has no backward on CPU, so it cannot train here; it needs CUDA")
 
     def apply_model(self, model, options):
         impl = {"flash2": "flash_attention_2", "flex": "flex_attention"}.get(options["impl"], options["impl"])
