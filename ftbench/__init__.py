@@ -44,12 +44,14 @@ from ftbench.harness.contract.engine import (
     autocast_for,
     build_optimizer,
     build_scheduler,
+    model_inputs,
     move,
 )
 from ftbench.harness.cell.data import where
 from ftbench.harness.contract.config import Recipe
 from ftbench.harness.contract.memory_model import MemoryPlan
 from ftbench.harness.contract.sinks import Sink, SinkSpec, run_name, sink_curves, sink_metrics, sink_params
+from ftbench.harness.contract.optimization import EXACT, NUMERICS, TOLERANCE, MemoryEffects, Optimization
 from ftbench.harness.contract.hookspecs import hookimpl
 from ftbench.harness.contract.environment import package_version, version_tuple
 
@@ -89,6 +91,12 @@ __all__ = [
     "sink_params",
     "sink_metrics",
     "sink_curves",
+    # optimizations users choose between (--opt), and how they change the memory prediction
+    "Optimization",
+    "MemoryEffects",
+    "EXACT",
+    "TOLERANCE",
+    "NUMERICS",
     # how a backend shards the training state (Engine.memory_plan)
     "MemoryPlan",
     # helpers for engines that build their own step (e.g. DeepSpeed's)
@@ -96,6 +104,7 @@ __all__ = [
     "build_scheduler",
     "autocast_for",
     "move",
+    "model_inputs",
     "block_stacks",
     # availability checks without importing the library; data error locations
     "package_version",

@@ -85,7 +85,7 @@ def main():
 @main.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def list_cmd(as_json):
-    """Tasks, backends and model presets, which plugin gave each, and availability."""
+    """Tasks, backends, optimizations, model presets and record sinks: which plugin gave each, and availability."""
     reg = Registry.load()
     data = {
         "tasks": [{"name": e.name, "plugin": e.plugin, "metric": e.obj.metric,
@@ -99,6 +99,12 @@ def list_cmd(as_json):
                    "description": e.obj.description} for e in reg.sinks.values()],
         "broken_plugins": [{"plugin": name, "error": error} for name, error in sorted(reg.broken.items())],
     }
+    from ftbench.harness.contract.optimization import local_device, opt_summary
+
+    here = local_device()
+    data["optimizations"] = [{"name": e.name, "plugin": e.plugin, "device": here,
+                              "available": (why := reg.optimization_availability(e.name, here)) is None,
+                              "unavailable_because": why, **opt_summary(e.obj)} for e in reg.optimizations.values()]
     for e in reg.backends.values():
         why = reg.backend_availability(e.name)
         data["backends"].append({"name": e.name, "plugin": e.plugin, "available": why is None,
@@ -127,6 +133,15 @@ def list_cmd(as_json):
         if d["preset_of"]:
             opts = f"= {d['preset_of']}:{opts}" if opts else f"= {d['preset_of']}"
         t.add_row(d["name"], avail, opts, d["plugin"], d["description"])
+    con.print(t)
+    t = Table(title=f"optimizations (--opt; availability on {here})")
+    for col in ("name", "available", "changes", "math", "options", "plugin", "description"):
+        t.add_column(col)
+    for d in data["optimizations"]:
+        avail = "[green]yes[/]" if d["available"] else f"[red]no[/]: {d['unavailable_because']}"
+        math = d["math"] + (f" (±{d['tolerance']:g})" if d["tolerance"] is not None else "")
+        opts = ",".join(f"{k}={v}" for k, v in d["options"].items())
+        t.add_row(d["name"], avail, ", ".join(d["changes"]), math, opts, d["plugin"], d["description"])
     con.print(t)
     t = Table(title="model presets")
     for col in ("name", "kind", "plugin", "description"):
@@ -183,6 +198,10 @@ _CELL_OPTIONS = (
     _setting("--grid", "grid_file", type=click.Path(dir_okay=False), help="Grid file (YAML or TOML)."),
     click.option("--task", "tasks", multiple=True, help="Task, NAME or NAME:key=value (repeatable)."),
     click.option("--backend", "backends", multiple=True, help="Backend, NAME or NAME:key=value (repeatable)."),
+    click.option("--opt", "opts", multiple=True,
+                 help="Optimizations of a cell, NAME[:key=value], '+' combines (repeatable: one cell each)."),
+    click.option("--ladder", help="Optimizations added one by one: A,B,C runs baseline, +A, +A+B, +A+B+C."),
+    click.option("--ablation", help="Optimizations each alone against the baseline: A,B,C."),
     click.option("--model", "models", multiple=True, help="Preset name, local model dir or hub id (repeatable)."),
     click.option("--data", "datas", multiple=True, help="'builtin', a directory, or hf:NAME[/CONFIG] (repeatable)."),
     click.option("--column", "columns", multiple=True, help="Map a data column onto a task field: FIELD=COLUMN."),
@@ -240,8 +259,8 @@ def cell_options(f):
 
 _LAUNCH_KEYS = ("nnodes", "node_rank", "master_addr", "master_port")
 #: Cell options the request holds in fields of their own (the rest are grid settings).
-_REQUEST_KEYS = ("grid_file", "tasks", "backends", "models", "datas", "columns", "shard", "micro_batch", "targets",
-                 "repeat", "seeds", "sweeps", "confirm_large", *_LAUNCH_KEYS)
+_REQUEST_KEYS = ("grid_file", "tasks", "backends", "opts", "models", "datas", "columns", "shard", "micro_batch",
+                 "targets", "repeat", "seeds", "sweeps", "confirm_large", *_LAUNCH_KEYS)
 
 
 def grid_request(cell: dict, **run_settings) -> GridRequest:
@@ -280,7 +299,7 @@ def grid_request(cell: dict, **run_settings) -> GridRequest:
         sweep["seed"] = tuple(cell["seeds"])
     return GridRequest(grid_file=cell["grid_file"],
                        axes={"task": cell["tasks"], "backend": cell["backends"], "model": cell["models"],
-                             "data": cell["datas"]},
+                             "data": cell["datas"], "opt": cell["opts"]},
                        settings=settings, sweep=sweep, targets=tuple(cell["targets"]), repeat=cell["repeat"],
                        order=order, launch=Launch(**{k: cell[k] for k in _LAUNCH_KEYS}),
                        micro_batch=_micro_batches(micro, settings, sweep), shard=cell["shard"])
@@ -584,6 +603,8 @@ def report_cmd(result_dir, out, quiet, loss_x):
         print_table(display, con, f"ftbench report: {result_dir}")
         if rep.time_to_target is not None:
             print_table(rep.time_to_target, con, "time to target (median over seeds; not reached = infinitely slow)")
+        if rep.ladder is not None:
+            print_table(rep.ladder, con, "optimization ladder (Δ: % change from the previous rung / the baseline)")
     con.print(f"wrote {rep.markdown}, {rep.csv}, {rep.records_csv}, {rep.html}")
     for path in rep.plots.values():
         con.print(f"wrote {path}")

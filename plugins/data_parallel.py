@@ -51,6 +51,8 @@ class DDPEngine(StandardEngine):
     """
 
     grad_average_world = True
+    # A gradient hook fires before DDP's all-reduce has averaged that gradient: no step in backward.
+    optimization_hooks = frozenset({"optimizer"})
     OPTIONS = {"bucket_cap_mb", "find_unused_parameters", "gradient_as_bucket_view", "static_graph"}
 
     @classmethod

@@ -37,6 +37,22 @@ def build_llama(tokenizer, head="lm", num_labels=None):
     return LlamaForSequenceClassification(cfg) if head == "classification" else LlamaForCausalLM(cfg)
 
 
+def build_llama_32k(tokenizer, head="lm", num_labels=None):
+    """A Llama-family model with a 32k vocabulary (as Llama 2's) and untied output layer: small blocks,
+    so that the loss over the vocabulary weighs as it does in a real model (docs/optimizations.md)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    cfg = LlamaConfig(vocab_size=max(_vocab(tokenizer), LLAMA_VOCAB), hidden_size=128, intermediate_size=344,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=2048, attention_dropout=0.0, tie_word_embeddings=False,
+                      num_labels=num_labels or 2, **_specials(tokenizer))
+    return LlamaForSequenceClassification(cfg) if head == "classification" else LlamaForCausalLM(cfg)
+
+
+#: Llama 2's vocabulary size.
+LLAMA_VOCAB = 32000
+
+
 def build_t5(tokenizer, head="lm", num_labels=None):
     from transformers import T5Config, T5ForConditionalGeneration
 
@@ -65,6 +81,10 @@ def register_models(register):
                          description="GPT-2, 2 layers x 64 wide, 2 heads; random init; offline BPE tokenizer"))
     register(ModelPreset("tiny-llama", DECODER, build_llama, preload=_family("llama"),
                          description="Llama, 2 layers x 64 wide, GQA 4/2 heads; random init; offline BPE tokenizer"))
+    register(ModelPreset("llama-32k", DECODER, build_llama_32k, preload=_family("llama"), vocab_size=LLAMA_VOCAB,
+                         max_positions=2048,
+                         description="Llama, 2 layers x 128 wide, GQA 4/2 heads, 32k vocabulary, untied head; "
+                                     "random init"))
     register(ModelPreset("tiny-t5", ENCODER_DECODER, build_t5, default=True, preload=_family("t5"),
                          description="T5, 2+2 layers x 64 wide, 4 heads; random init; offline BPE tokenizer"))
     register(ModelPreset("tiny-bert", ENCODER, build_bert, default=True, preload=_family("bert"),

@@ -127,7 +127,7 @@ model: [tiny-gpt2, tiny-llama]
     ("task: [generation]\nsettings: {precision: fp64}\nbackend: [eager]\n", ["precision", "fp64", "fp32, bf16, fp16"]),
     ("task: [generation]\nsweep: {lrr: [1, 2]}\n", ["'lrr'", "sweep", "did you mean 'lr'"]),
     ("task: [generation]\nsweep: {lr: 0.1}\n", ["sweep.lr", "non-empty list"]),
-    ("task: [generation]\nexclude: [{colour: red}]\n", ["'colour'", "exclude", "allowed: backend, data, model, task"]),
+    ("task: [generation]\nexclude: [{colour: red}]\n", ["'colour'", "exclude", "allowed: backend, data, model, opt, task"]),
     ("task: [generation]\nper_cell: [{match: {backend: eager}, steps: 3}]\n", ["'steps'", "per_cell",
                                                                               "time_limit"]),
     ("task: [generation]\ntime_limit: soon\n", ["time_limit", "'soon'", "15m"]),

@@ -42,6 +42,25 @@ def test_third_party_plugin_is_listed_and_runs(installed_example, tmp_path):
     assert rec["tokens_per_s"] > 0
 
 
+def test_third_party_optimization_is_listed_and_judged(installed_example, tmp_path):
+    env = {"PYTHONPATH": str(installed_example)}
+    listing = json.loads(ftbench("list", "--json", env=env, check=True).stdout)
+    opts = {o["name"]: o for o in listing["optimizations"]}
+    assert opts["no-decay"]["plugin"] == "hello" and opts["no-decay"]["available"]
+    assert opts["no-decay"]["math"] == "numerics"
+
+    out = tmp_path / "out"
+    ftbench("run", "--task", "echo", "--backend", "eager", "--ablation", "no-decay", "--out", out, *TINY, env=env,
+            check=True)
+    base, rec = records(out)
+    assert rec["config"]["opt"] == "no-decay" and rec["status"] == "ok", rec["error"]
+    assert rec["recipe_fingerprint"] != base["recipe_fingerprint"]  # other numerics: another recipe
+    assert rec["parity"]["status"] == "not-compared"
+    verdict = rec["opt_verdict"]
+    assert verdict["kind"] == "numerics changed" and verdict["baseline_cell_id"] == base["cell_id"]
+    assert verdict["eval_loss_change"] == pytest.approx(rec["eval_loss"] / base["eval_loss"] - 1)
+
+
 class _Dup:
     @hookimpl
     def register_backends(self, register):
@@ -97,7 +116,8 @@ def test_builtins_are_ordinary_plugins():
 def test_every_hook_is_documented_with_an_example():
     from ftbench.harness.contract import hookspecs
 
-    for name in ("register_tasks", "register_backends", "register_models", "collect_environment"):
+    for name in ("register_tasks", "register_backends", "register_models", "register_optimizations",
+                 "collect_environment"):
         doc = getattr(hookspecs, name).__doc__ or ""
         assert "Example" in doc or "::" in doc, name
 

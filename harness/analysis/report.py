@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ftbench.harness.contract.format import fmt_bytes, fmt_num
 from ftbench.harness.analysis.markdown import md_table, md_text
+from ftbench.harness.analysis.ladder_report import ladder_frame, plot_ladder
 from ftbench.harness.analysis.profiles import profile_html, profile_markdown, profile_rows
 from ftbench.harness.analysis.quality_report import plot_quality_vs_time, time_to_target_frame
 from ftbench.harness.analysis.resultset import ResultSet, as_float, load_result_set, repeat_of, variant_labels
@@ -45,6 +46,8 @@ class Report:
     read: str = ""
     #: The time-to-target table (a DataFrame) when any cell had a target.
     time_to_target: object = None
+    #: The optimization ladder table (a DataFrame) when cells differ by their optimizations.
+    ladder: object = None
 
 
 # ------------------------------------------------------------------ tables
@@ -329,12 +332,19 @@ figure{margin:1.5em 0} img{max-width:100%;border:1px solid #eee}
 figcaption{font-size:.85em;color:#555} .warn{color:#a60}
 """
 
+LADDER_NOTE = ("Each rung adds the named optimization to the one above (an ablation: each alone against the "
+               "baseline). tokens/s and training-window peak memory are medians over repeats; Δ prev / Δ base: "
+               "% change from the previous rung / from the baseline; verdict: loss parity for optimizations that "
+               "keep the math, held-out quality against the baseline for those that change numerics "
+               "(docs/optimizations.md).")
+
 PLOT_TITLES = {
     "throughput": "Throughput per task (median; whiskers min–max; dots = repeats)",
     "memory": "Peak memory per task",
     "loss": "Loss curves per task",
     "quality": "Quality vs throughput",
     "quality_vs_time": "Quality against training time",
+    "ladder": "Optimization ladder: tokens/s and training-window peak per rung",
 }
 
 
@@ -412,6 +422,10 @@ def write_report(result_dir, out: str | os.PathLike | None = None, loss_x: str =
     if len(ttt):
         rep.time_to_target = ttt
         md += ["## Time to target", "", TTT_NOTE, "", md_table(ttt), ""]
+    ladder = ladder_frame(rs)
+    if len(ladder):
+        rep.ladder = ladder
+        md += ["## Optimization ladder", "", LADDER_NOTE, "", md_table(ladder), ""]
     if problems:
         md += ["## Warnings", ""] + [f"- {md_text(p)}" for p in problems] + [""]
     profiled = profile_rows(rs, out)
@@ -426,6 +440,9 @@ def write_report(result_dir, out: str | os.PathLike | None = None, loss_x: str =
                                         scale=MiB)
         rep.plots["loss"] = plot_loss(rs, ok, plots_dir / "loss.png", x=loss_x)
         rep.plots["quality"] = plot_quality(ok, plots_dir / "quality_vs_throughput.png")
+        ladder_plot = plot_ladder(rs, plots_dir / "ladder.png")
+        if ladder_plot:
+            rep.plots["ladder"] = ladder_plot
         vs_time = plot_quality_vs_time(rs, plots_dir / "quality_vs_time.png")
         if vs_time:
             rep.plots["quality_vs_time"] = vs_time

@@ -20,7 +20,7 @@ from ftbench.harness.grid.labels import varying_labels
 from ftbench.harness.results.store import RESULTS_FILE, append_record, describe_versions, read_records
 
 #: Parts of a cell's configuration that identify it in a table, besides the recipe.
-SLOT_KEYS = ("task", "backend", "model", "data", "nproc")
+SLOT_KEYS = ("task", "backend", "model", "data", "nproc", "opt")
 
 
 @dataclass
@@ -91,7 +91,12 @@ def recipe_of(record: dict) -> dict:
 
 def slot_of(record: dict) -> tuple:
     cfg = record.get("config") or {}
-    return tuple(record.get(k, cfg.get(k)) for k in SLOT_KEYS)
+    return tuple(opt_of(record) if k == "opt" else record.get(k, cfg.get(k)) for k in SLOT_KEYS)
+
+
+def opt_of(record: dict) -> str:
+    """The cell's optimizations (``--opt``), ``""`` for none (and for records from before them)."""
+    return str((record.get("config") or {}).get("opt") or "")
 
 
 def config_diff(a: dict, b: dict) -> list[str]:

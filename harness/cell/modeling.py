@@ -22,6 +22,7 @@ from ftbench.harness.contract.api import (DECODER, ENCODER, ENCODER_DECODER, IGN
                   Task)
 from ftbench.harness.contract.format import shorten
 from ftbench.harness.cell.remote_code import as_user_error, hf_kwargs, refuse_remote_code
+from ftbench.harness.contract.engine import model_inputs
 
 
 @dataclass
@@ -238,6 +239,11 @@ def collate(items: list[Encoded], kind: str, head: str, pad_id: int, seq_len: in
         input_ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
         mask[i, : len(e.input_ids)] = 1
     batch = {"input_ids": input_ids, "attention_mask": mask}
+    if any(e.position_ids is not None for e in items):
+        positions = torch.zeros((n, width), dtype=torch.long)
+        for i, e in enumerate(items):
+            positions[i, : len(e.position_ids)] = torch.tensor(e.position_ids)
+        batch["position_ids"] = positions
     if head == "classification":
         batch["labels"] = torch.tensor([e.labels[0] for e in items], dtype=torch.long)
         loss_units = n
@@ -279,7 +285,7 @@ def make_loss_fn(kind: str, head: str):
                                    ignore_index=IGNORE_INDEX, reduction="sum")
     else:
         def loss_fn(model, batch):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = model(**model_inputs(batch)).logits
             return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), batch["labels"][:, 1:].flatten(),
                                    ignore_index=IGNORE_INDEX, reduction="sum")
     return loss_fn

@@ -14,6 +14,15 @@ stay those of the backend's standard attention kernel.  Only the training
 split is packed; evaluation runs on the unpacked held-out examples, so
 quality with and without packing is judged on the same rows.
 
+``--packing documents`` packs the same way but gives each token its
+position inside its own document (:func:`pack_documents`); with those
+position ids and no attention mask, transformers builds a block-diagonal
+causal mask, so attention stays inside each document (as
+``DataCollatorWithFlattening`` does).  A document cut by a row's end keeps
+its true positions in the next row, where it lacks its beginning.
+:mod:`ftbench.harness.cell.packing_probe` measures both against unpacked
+documents.
+
 Example::
 
     rows = pack(encoded_train, seq_len=128)     # list[Encoded], every row 128 tokens
@@ -34,16 +43,25 @@ def check_can_pack(head: str, kind: str, task: str, model: str) -> None:
                            f"{kind} model. Drop --packing for it, or pick a decoder model (e.g. --model tiny-gpt2).")
 
 
-def pack(rows: list[Encoded], seq_len: int) -> list[Encoded]:
-    """``rows`` concatenated in order and cut into full ``seq_len`` rows (the remainder dropped)."""
+def pack(rows: list[Encoded], seq_len: int, documents: bool = False) -> list[Encoded]:
+    """``rows`` concatenated in order and cut into full ``seq_len`` rows (the remainder dropped);
+    with ``documents``, each token carries its position inside its own document."""
     ids: list[int] = []
     labels: list[int] = []
+    positions: list[int] = []
     for e in rows:
         ids.extend(e.input_ids)
         labels.extend(e.labels)
+        positions.extend(range(len(e.input_ids)))
     n = len(ids) // seq_len
     if n == 0:
         raise FtbenchError(f"packing: the {len(rows)} training examples hold {len(ids)} tokens, less than one "
                            f"row of --seq-len {seq_len}; use a shorter --seq-len or more data")
-    return [Encoded(ids[i * seq_len:(i + 1) * seq_len], labels[i * seq_len:(i + 1) * seq_len], 0)
+    return [Encoded(ids[i * seq_len:(i + 1) * seq_len], labels[i * seq_len:(i + 1) * seq_len], 0,
+                    positions[i * seq_len:(i + 1) * seq_len] if documents else None)
             for i in range(n)]
+
+
+def pack_documents(rows: list[Encoded], seq_len: int) -> list[Encoded]:
+    """:func:`pack` with per-document position ids (``--packing documents``)."""
+    return pack(rows, seq_len, documents=True)

@@ -117,6 +117,13 @@ class Cell:
             return False
         self.device = _pick_device(self.spec.device, self.local_rank)
         self.out["device"] = _describe(self.device)
+        from ftbench.harness.cell.optimizing import describe, unavailable
+
+        self.out["optimizations"] = describe(self.cell.opts)
+        why = unavailable(self.cell.opts, self.device.type)
+        if why:
+            self.out.update(status="skipped", error=why)
+            return False
         if self.device.type == "cpu":
             from ftbench.harness.cell.hostalloc import apply_cpu_memory
 
@@ -154,6 +161,11 @@ class Cell:
         from ftbench.harness.cell.rowsource import sample_texts
 
         self.tokenizer = load_tokenizer(self.source, sample_texts(self.data, self.task, self.options))
+        from ftbench.harness.contract.optimization import check_combination
+
+        check_combination(self.cell.opts, backend_name=self.cell.backend_name,
+                          engine_hooks=self.cell.backend.engine.optimization_hooks, kind=self.kind,
+                          head=self.task.head, recipe=self.recipe, opt_text=self.spec.opt)
 
     def build_model(self) -> None:
         import torch
@@ -171,6 +183,9 @@ class Cell:
         torch.manual_seed(recipe.seed)
         model = build_model(self.source, self.tokenizer, self.task.head, self.options.get("num_labels"), self.kind)
         check_seq_len(recipe.seq_len, max_positions(model), self.spec.model)
+        from ftbench.harness.cell.optimizing import apply_to_model
+
+        model = apply_to_model(self.cell.opts, model)
         model = tune(model, recipe.tuning, self.task.head, self.kind)
         if recipe.grad_checkpointing:
             model.gradient_checkpointing_enable()
@@ -222,9 +237,11 @@ class Cell:
         n_rows = self.data.n_train
         if recipe.packing:
             from ftbench.harness.cell.packing import check_can_pack, pack
+            from ftbench.harness.contract.config import DOCUMENTS
 
             check_can_pack(self.task.head, self.kind, self.cell.task_name, self.spec.model)
-            packed = pack([train_rows[i] for i in sorted(train_rows)], recipe.seq_len)
+            self.unpacked = [train_rows[i] for i in sorted(train_rows)]
+            packed = pack(self.unpacked, recipe.seq_len, documents=recipe.packing == DOCUMENTS)
             train_rows, n_rows = dict(enumerate(packed)), len(packed)
             self.out["packed_rows"] = n_rows
         plan = batch_plan(n_rows, recipe, self.world, self.rank, recipe.seed)
@@ -243,11 +260,16 @@ class Cell:
         from ftbench.harness.cell.modeling import make_loss_fn
         from ftbench.harness.contract.engine import EngineContext
 
+        from ftbench.harness.cell.optimizing import within_step_contexts, wrap_loss
+
+        opts = self.cell.opts
         self.ctx = EngineContext(recipe=self.recipe, device=self.device,
-                                 loss_fn=make_loss_fn(self.kind, self.task.head), rank=self.rank,
-                                 world_size=self.world, local_rank=self.local_rank)
+                                 loss_fn=wrap_loss(opts, make_loss_fn(self.kind, self.task.head), self.model),
+                                 rank=self.rank, world_size=self.world, local_rank=self.local_rank,
+                                 optimizations=tuple(opts))
         self.engine = self.cell.backend.engine(self.cell.backend_options, self.ctx)
         self.engine.setup(self.model)
+        within_step_contexts(opts, self.engine)
         synchronize(self.device)
 
     def train(self) -> None:
@@ -338,6 +360,12 @@ class Cell:
                         eval_s=eval_s, eval_examples=min(self.spec.eval_examples, len(self.splits["validation"])),
                         backend_stats=self.engine.stats(), status="ok", error=None)
         self.out["memory_after_eval"] = memory_snapshot(self.device)
+        if self.recipe.packing:
+            from ftbench.harness.cell.packing_probe import contamination_probe
+            from ftbench.harness.contract.config import DOCUMENTS
+
+            self.out["packing_probe"] = contamination_probe(self.engine.eval_model(), self.unpacked, self.recipe.seq_len,
+                                                            self.recipe.packing == DOCUMENTS, self.device)
 
     def profile(self) -> None:
         """``--profile``: a traced run of extra steps, after everything measured (no-op otherwise)."""

@@ -72,6 +72,8 @@ class Encoded:
     input_ids: list[int]
     labels: list[int]
     truncated: int = 0
+    #: Position of each token in its own document (document-packed rows only; None: 0, 1, 2, ...).
+    position_ids: list[int] | None = None
 
 
 @dataclass
@@ -285,6 +287,12 @@ class Engine:
 
     #: True when the first steps compile (their time is reported as compile_s).
     compiles: bool = False
+    #: Hook points of the step this engine lets optimizations change (see
+    #: ``ftbench.Optimization.needs``): ``optimizer`` (it builds the optimizer through
+    #: ``EngineContext.build_optimizer``) and ``backward-step`` (an optimizer stepping inside
+    #: backward sees reduced gradients).  The runner applies model, loss, data and
+    #: activation hooks for every engine.
+    optimization_hooks: frozenset = frozenset()
     #: Option names this engine accepts (``None``: any).
     OPTIONS: tuple[str, ...] | None = None
 

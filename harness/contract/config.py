@@ -28,6 +28,9 @@ RECIPE_DEFAULTS = ("scratch", "pretrained")
 #: that a typo (``steps: 10000000000``) costs an error line instead of minutes and gigabytes.
 LIMITS = {"steps": 10**7, "warmup": 10**7, "batch_size": 2**20, "grad_accum": 2**20, "seq_len": 2**20,
           "lr_warmup_steps": 10**7, "seed": 2**63 - 1}
+#: ``--packing``: off, rows across documents (True), or per-document position ids.
+DOCUMENTS = "documents"
+PACKINGS = (False, True, DOCUMENTS)
 
 
 @dataclass(frozen=True)
@@ -62,8 +65,13 @@ class Recipe:
     #: presets) or ``pretrained`` (a checkpoint: a fine-tuning recipe); see
     #: :mod:`ftbench.harness.grid.recipes`.
     recipe_defaults: str = "scratch"
-    #: Concatenate decoder examples into full ``seq_len`` rows (EOS-separated).
-    packing: bool = False
+    #: Concatenate decoder examples into full ``seq_len`` rows (EOS-separated): ``True``
+    #: lets attention cross documents (run_clm); ``"documents"`` restarts position ids at
+    #: each document so that attention stays inside it (docs/optimizations.md).
+    packing: bool | str = False
+    #: The cell's optimizations that change numerics (``--opt``), as a spec; see
+    #: :mod:`ftbench.harness.contract.optimization`.  Exact ones are left out: they compute the same step.
+    numerics: str = ""
 
     def validate(self) -> "Recipe":
         def bad(key, value, want):
@@ -103,8 +111,10 @@ class Recipe:
             bad("lr", self.lr, "must be > 0")
         if self.recipe_defaults not in RECIPE_DEFAULTS:
             bad("recipe_defaults", self.recipe_defaults, f"choose one of {', '.join(RECIPE_DEFAULTS)}")
-        if not isinstance(self.packing, bool):
-            bad("packing", self.packing, "must be true or false")
+        if self.packing not in PACKINGS:
+            bad("packing", self.packing, "must be true, false or documents (--packing [rows|documents])")
+        if not isinstance(self.numerics, str):
+            bad("numerics", self.numerics, "is set from --opt; leave it out of grid settings")
         parse_tuning(self.tuning)
         return self
 
@@ -263,6 +273,8 @@ class CellSpec:
     #: Let a model directory or hub model run its own Python code (``--trust-remote-code``); a
     #: permission, not a setting of the cell, so it stays out of the cell id.
     trust_remote_code: bool = False
+    #: Optimizations of the cell, ``NAME[:key=value]+NAME...`` (``--opt``; empty: none).
+    opt: str = ""
 
     def __post_init__(self):
         # Frozen: the parsed values replace the text given, once, before anyone reads them.
@@ -327,7 +339,7 @@ class CellSpec:
 #: result sets keep pairing with new runs).  A new field of Recipe or CellSpec
 #: belongs here; ``tests/test_grid.py`` checks the committed baseline's ids.
 ADDED_LATER: frozenset[str] = frozenset({"eval_every", "target", "stop_at_target", "recipe_defaults",
-                                          "packing", "cpu_memory", "trust_remote_code"})
+                                          "packing", "cpu_memory", "trust_remote_code", "numerics", "opt"})
 
 
 def _without_later_defaults(d: dict, cls) -> dict:

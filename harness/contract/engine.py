@@ -44,6 +44,22 @@ class EngineContext:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    #: The cell's optimizations (``AppliedOpt`` list); the engine's optimizer comes from
+    #: :meth:`build_optimizer`, which lets one of them build it.
+    optimizations: tuple = ()
+
+    def build_optimizer(self, params) -> torch.optim.Optimizer:
+        """The optimizer over ``params``: an optimization's (``--opt adamw-8bit``...) or the recipe's AdamW."""
+        def make(params, rest: tuple):
+            # The first optimization that builds one wins; one that wraps another gets the rest as ``inner``.
+            for i, a in enumerate(rest):
+                built = a.opt.build_optimizer(params, self.recipe, a.options,
+                                              lambda ps, after=rest[i + 1:]: make(ps, after))
+                if built is not None:
+                    return built
+            return build_optimizer(params, self.recipe)
+
+        return make(params, tuple(self.optimizations))
 
 
 def lr_lambda(recipe: Recipe) -> Callable[[int], float]:
@@ -99,6 +115,22 @@ def move(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
+def model_inputs(batch: dict) -> dict:
+    """What a causal or masked model's forward takes from a batch.
+
+    A document-packed batch (``--packing documents``) carries ``position_ids``
+    that restart at each document and no attention mask: transformers then
+    builds a mask that keeps attention inside each document (only without a
+    key/value cache, hence ``use_cache=False``).
+
+    Example: ``logits = model(**model_inputs(batch)).logits``.
+    """
+    if batch.get("position_ids") is not None:
+        # transformers builds the per-document mask only without a key/value cache.
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
 class StandardEngine(Engine):
     """Plain PyTorch: autocast forward, backward, clip, AdamW, schedule.
 
@@ -112,6 +144,7 @@ class StandardEngine(Engine):
     """
 
     grad_average_world: bool = False
+    optimization_hooks = frozenset({"optimizer", "backward-step"})
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         return model
@@ -124,7 +157,7 @@ class StandardEngine(Engine):
         self.raw_model = self.model
         self.model = self.wrap(self.model)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(params, ctx.recipe)
+        self.optimizer = ctx.build_optimizer(params)
         self.scheduler = build_scheduler(self.optimizer, ctx.recipe)
         self.scaler = torch.amp.GradScaler(ctx.device.type) if ctx.recipe.precision == "fp16" else None
         self.loss_multiplier = float(ctx.world_size) if self.grad_average_world else 1.0

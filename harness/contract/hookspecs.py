@@ -85,6 +85,20 @@ def register_sinks(register):
 
 
 @hookspec
+def register_optimizations(register):
+    """Register optimizations by calling ``register(opt)`` for each.
+
+    ``opt`` is an :class:`ftbench.Optimization`: what it changes, whether it
+    keeps the math, where it works, and the hooks that apply it.  A cell asks
+    for it with ``--opt NAME[:key=value]``::
+
+        @hookimpl
+        def register_optimizations(register):
+            register(ChunkedCrossEntropy())     # --opt chunked-ce:chunks=8
+    """
+
+
+@hookspec
 def collect_environment(env):
     """Add facts to a result record's ``environment`` dict, in place.
 

@@ -15,7 +15,12 @@ The model adds up, per rank:
   (measured with saved-tensor hooks on GPT-2, Llama, Qwen2, Mistral, BERT
   and T5, see docs/memory.md);
 * on CPU, the **harness's own footprint** (Python, torch, transformers, the
-  data) and what the backend's runtime adds.
+  data) and what the backend's runtime adds;
+* what the cell's **optimizations** change (``--opt``, a :class:`MemoryEffects`):
+  a chunked or fused loss replaces the full-logits term by one chunk's, 8-bit
+  moments cost 2 bytes per parameter instead of 8, an optimizer stepping in
+  backward holds one parameter's gradient at a time, offloaded activations
+  move to the host (docs/optimizations.md).
 
 A backend says how it shards through :meth:`ftbench.Engine.memory_plan`,
 which returns a :class:`MemoryPlan`; the core never names a backend.
@@ -34,6 +39,7 @@ import dataclasses
 from dataclasses import asdict, dataclass, field
 
 from ftbench.harness.contract.activations import BlockLayout, block_bytes_per_token
+from ftbench.harness.contract.optimization import MemoryEffects
 
 MiB = 2**20
 FP32 = 4
@@ -176,7 +182,8 @@ class Prediction:
 
 
 def model_state_bytes(counts: ParamCounts, plan: MemoryPlan, weight_bytes: int = FP32,
-                      autocast_bytes: int = FP32) -> tuple[dict[str, int], dict[str, int]]:
+                      autocast_bytes: int = FP32,
+                      effects: MemoryEffects = MemoryEffects()) -> tuple[dict[str, int], dict[str, int]]:
     """Weights, gradients, optimizer states per rank: (on the device, offloaded to host).
 
     ``weight_bytes`` is the weights' and gradients' element size: 4 under
@@ -192,6 +199,9 @@ def model_state_bytes(counts: ParamCounts, plan: MemoryPlan, weight_bytes: int =
     (host if plan.offload_weights else dev)["weights"] = weights
     moved = plan.offload_optimizer
     grads = weight_bytes * T // plan.grads_shards
+    if effects.grads_freed_in_backward:
+        # Each gradient is applied and freed in its hook: at most the largest one lives at a time.
+        grads = weight_bytes * min(T, counts.largest_layer or T) // plan.grads_shards
     if not moved:
         dev["gradients"] = grads
     elif weight_bytes == FP32:
@@ -203,7 +213,7 @@ def model_state_bytes(counts: ParamCounts, plan: MemoryPlan, weight_bytes: int =
     if plan.persistent_buckets:
         dev["reduction_bucket"] = plan.persistent_buckets * bucket_bytes(counts, plan, weight_bytes)
     opt = host if moved else dev
-    opt["optimizer"] = 2 * FP32 * T // plan.optimizer_shards
+    opt["optimizer"] = effects.optimizer_bytes_per_param * T // plan.optimizer_shards
     if plan.master_weights or weight_bytes != FP32:
         opt["master_weights"] = FP32 * T // plan.optimizer_shards
     if weight_bytes != FP32:
@@ -272,6 +282,21 @@ def activation_bytes(shape: ModelShape, micro_batch: int, seq_len: int, checkpoi
     return saved + head + recompute
 
 
+def full_logits_bytes(shape: ModelShape, micro_batch: int, seq_len: int) -> int:
+    """The language-model loss's vocabulary-wide terms of :func:`activation_bytes`: the fp32
+    log-softmax saved for backward and, in backward, the loss's and the logits' gradients."""
+    if shape.classification:
+        return 0
+    return 3 * micro_batch * seq_len * shape.vocab * FP32
+
+
+def chunked_logits_bytes(shape: ModelShape, chunks: int, micro_batch: int, seq_len: int) -> int:
+    """What a chunked (or fused) loss holds instead: one chunk's logits, their fp32 copy and gradient."""
+    if shape.classification:
+        return 0
+    return 3 * -(-micro_batch * seq_len // max(1, chunks)) * shape.vocab * FP32
+
+
 def bucket_bytes(counts: ParamCounts, plan: MemoryPlan, weight_bytes: int = FP32) -> int:
     """One gradient reduction bucket: ``bucket_params`` elements, never more than the gradients."""
     return weight_bytes * min(plan.bucket_params, counts.trainable)
@@ -304,7 +329,7 @@ def transient_phases(counts: ParamCounts, plan: MemoryPlan, activations: int,
 
 
 def predict(counts: ParamCounts, shape: ModelShape, recipe, plan: MemoryPlan, world_size: int,
-            micro_batch: int, device_type: str = "cpu") -> Prediction:
+            micro_batch: int, device_type: str = "cpu", effects: MemoryEffects = MemoryEffects()) -> Prediction:
     """Peak memory of one rank of a cell training ``micro_batch`` examples at a time.
 
     Every model state exists from the first optimizer step on; the peak is
@@ -314,9 +339,17 @@ def predict(counts: ParamCounts, shape: ModelShape, recipe, plan: MemoryPlan, wo
     temporaries, whichever is largest.
     """
     low = LOW_PRECISION.get(recipe.precision, FP32)
-    dev, host = model_state_bytes(counts, plan, FP32, low)
+    dev, host = model_state_bytes(counts, plan, FP32, low, effects)
     acts = activation_bytes(shape, micro_batch, recipe.seq_len, recipe.grad_checkpointing, low, device_type)
+    if effects.logit_chunks > 1:
+        acts += chunked_logits_bytes(shape, effects.logit_chunks, micro_batch, recipe.seq_len) \
+            - full_logits_bytes(shape, micro_batch, recipe.seq_len)
     phases = transient_phases(counts, plan, acts)
+    if effects.activations_on_host:
+        # Saved activations wait in host memory; the device holds those of the layer at work.
+        per_layer = acts // max(1, shape.layers + shape.decoder_layers)
+        host["activations"] = acts - per_layer
+        phases["forward/backward"]["activations"] = per_layer
     if device_type == "cuda" and not plan.step_copies and not plan.offload_optimizer:
         # The recipe's torch.optim.AdamW runs its multi-tensor (foreach) step on CUDA, which
         # builds sqrt(v) for every parameter at once; on CPU it steps tensor by tensor.

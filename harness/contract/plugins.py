@@ -44,6 +44,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "ftbench.plugins.data_parallel",
     "ftbench.plugins.presets",
     "ftbench.plugins.trackers",
+    "ftbench.plugins.optimizations",
     "ftbench.tasks.generation",
     "ftbench.tasks.translation",
     "ftbench.tasks.classification",

@@ -9,6 +9,7 @@ from typing import Any
 import pluggy
 
 from ftbench.harness.contract.api import BackendSpec, FtbenchError, ModelPreset, Task, Unavailable
+from ftbench.harness.contract.optimization import Optimization
 from ftbench.harness.contract.plugins import get_plugin_manager
 from ftbench.harness.contract.sinks import SinkSpec
 from ftbench.harness.contract.format import shorten, shown
@@ -30,7 +31,7 @@ class Entry:
 
 @dataclass
 class Registry:
-    """Tasks, backends, model presets and record sinks, each by name.
+    """Tasks, backends, model presets, optimizations and record sinks, each by name.
 
     Example::
 
@@ -42,6 +43,7 @@ class Registry:
     backends: dict[str, Entry] = field(default_factory=dict)
     models: dict[str, Entry] = field(default_factory=dict)
     sinks: dict[str, Entry] = field(default_factory=dict)
+    optimizations: dict[str, Entry] = field(default_factory=dict)
     pm: pluggy.PluginManager | None = None
 
     @classmethod
@@ -53,6 +55,7 @@ class Registry:
             ("register_backends", reg.backends, BackendSpec),
             ("register_models", reg.models, ModelPreset),
             ("register_sinks", reg.sinks, SinkSpec),
+            ("register_optimizations", reg.optimizations, Optimization),
         ):
             hook = getattr(pm.hook, hook_name)
             # Call each implementation separately so we know who registered what.
@@ -77,7 +80,7 @@ class Registry:
     def _set_broken(self, plugin: str, error: str) -> None:
         # What the plugin registered before it failed goes too: it is broken as a whole.
         self.broken[plugin] = error
-        for table in (self.tasks, self.backends, self.models, self.sinks):
+        for table in (self.tasks, self.backends, self.models, self.sinks, self.optimizations):
             for name in [n for n, e in table.items() if e.plugin == plugin]:
                 del table[name]
 
@@ -94,6 +97,18 @@ class Registry:
 
     def sink(self, name: str) -> SinkSpec:
         return _lookup(self.sinks, name, "sink", "--sink", self.broken).obj
+
+    def optimization(self, name: str) -> Optimization:
+        return _lookup(self.optimizations, name, "optimization", "--opt").obj
+
+    def optimization_availability(self, name: str, device: str, options: dict | None = None) -> str | None:
+        """None if the optimization can run on ``device`` here, else why not (with the install hint)."""
+        opt = self.optimization(name)
+        try:
+            opt.check_available({**dict(opt.defaults), **(options or {})}, device)
+        except Unavailable as e:
+            return str(e)
+        return None
 
     def backend_availability(self, name: str, options: dict | None = None) -> str | None:
         """None if the backend can run here, else why not (with the install hint)."""

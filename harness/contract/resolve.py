@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ftbench.harness.contract.api import BackendSpec, FtbenchError, Task
+from ftbench.harness.contract.optimization import AppliedOpt, check_combination, recipe_with, resolve_opts
 
 
 @dataclass
@@ -31,6 +32,8 @@ class ResolvedCell:
     backend_name: str
     backend: BackendSpec
     backend_options: dict
+    #: The cell's optimizations (``--opt``), looked up and checked against the backend, task and recipe.
+    opts: list[AppliedOpt]
 
 
 def resolve_cell(reg, spec, world_size: int | None = None) -> ResolvedCell:
@@ -39,7 +42,8 @@ def resolve_cell(reg, spec, world_size: int | None = None) -> ResolvedCell:
     ``world_size`` is the number of ranks the cell runs on (the worker knows
     it from its environment; preflight takes the cell's ``nproc``).
     """
-    recipe = spec.recipe.validate()
+    opts = resolve_opts(reg, spec.opt)
+    recipe = recipe_with(opts, spec.recipe).validate()
     task_name, task_opts = spec.task.name, spec.task.options
     backend_name, backend_opts = spec.backend.name, spec.backend.options
     task = reg.task(task_name)
@@ -53,9 +57,11 @@ def resolve_cell(reg, spec, world_size: int | None = None) -> ResolvedCell:
         raise FtbenchError(f"backend {backend_name!r} runs in one process; use --nproc 1 "
                            "(or a data-parallel backend such as ddp, fsdp or deepspeed)")
     check_batch_split(recipe, world)
+    check_combination(opts, backend_name=backend_name, engine_hooks=bspec.engine.optimization_hooks, kind=None,
+                      head=task.head, recipe=recipe, opt_text=spec.opt)
     return ResolvedCell(spec=spec, recipe=recipe, task_name=task_name, task=task,
                         task_options={**dict(task.defaults), **task_opts}, backend_name=backend_name,
-                        backend=bspec, backend_options=options)
+                        backend=bspec, backend_options=options, opts=opts)
 
 
 def check_batch_split(recipe, world_size: int) -> None:

@@ -21,11 +21,12 @@ from typing import Any
 
 from ftbench.harness.contract.api import FtbenchError
 from ftbench.harness.contract.config import RECIPE_FIELDS, CellSpec, Launch, Recipe
+from ftbench.harness.contract.optimization import combine, recipe_with, resolve_opts
 from ftbench.harness.contract.specs import Spec
 from ftbench.harness.grid.recipes import defaults_for_model, is_pretrained
 from ftbench.harness.contract.targets import check_grid_targets, target_for_task
 
-AXES = ("task", "backend", "model", "data")
+AXES = ("task", "backend", "model", "data", "opt")
 CELL_SETTINGS = ("nproc", "time_limit_s", "memory_limit_mb", "eval_examples", "device", "columns", "launcher",
                  "eval_every", "stop_at_target", "profile_steps", "cpu_memory", "trust_remote_code")
 #: Settings a grid may sweep as extra axes: the recipe, and the rank count.
@@ -71,6 +72,10 @@ class Grid:
     max_cells: int | None = None
     #: Record sinks every record of the run also goes to (grid key ``sink``, ``--sink``).
     sinks: list[str] = field(default_factory=list)
+    #: Optimizations added one by one on top of each ``opt`` of the grid (``--ladder A,B,C``:
+    #: baseline, +A, +A+B, +A+B+C), or each alone against it (``--ablation A,B,C``).
+    ladder: list[str] = field(default_factory=list)
+    ablation: list[str] = field(default_factory=list)
 
     def size(self, registry) -> int:
         """How many cells the grid expands to at most (exclusions not yet taken off), computed
@@ -149,6 +154,7 @@ class Grid:
         axes = {a: list(self.axes.get(a) or []) for a in AXES}
         axes["model"] = axes["model"] or [AUTO_MODEL]
         axes["data"] = axes["data"] or ["builtin"]
+        axes["opt"] = opt_axis(axes["opt"], self.ladder, self.ablation)
         axes["task"] = _expand_all(axes["task"], lambda: list(registry.tasks))
         axes["backend"] = _expand_all(axes["backend"], lambda: available_backends(registry))
         for a in ("task", "backend"):
@@ -172,15 +178,16 @@ class Grid:
         if "columns" in cell_kw:
             cell_kw["columns"] = tuple(sorted(dict(cell_kw["columns"]).items()))
         cells = []
-        for task, backend, model, data in itertools.product(*(axes[a] for a in AXES)):
+        for task, backend, model, data, opt in itertools.product(*(axes[a] for a in AXES)):
             task, backend = Spec.parse(task, "task"), Spec.parse(backend, "backend")
             task_obj = registry.task(task.name)
             bspec = registry.backend(backend.name)
             if model == AUTO_MODEL:
                 model = default_model(registry, task_obj)
             target = target_for_task(self.targets, task_obj)
-            cell = {"task": task, "backend": backend, "model": model, "data": data, **point}
+            cell = {"task": task, "backend": backend, "model": model, "data": data, "opt": opt, **point}
             cell_recipe = defaults_for_model(recipe, settings, is_pretrained(model, registry))
+            cell_recipe = recipe_with(resolve_opts(registry, opt), cell_recipe)
             if any(_matches(cell, ex) for ex in self.exclude):
                 continue
             own = dict(cell_kw)
@@ -191,7 +198,7 @@ class Grid:
                 # Multi-node launch settings, like nproc, concern data-parallel backends only.
                 own.pop("launcher", None)
             for r in range(self.repeat):
-                cells.append(CellSpec(task=task, backend=backend, model=model, data=data, recipe=cell_recipe,
+                cells.append(CellSpec(task=task, backend=backend, model=model, data=data, opt=opt, recipe=cell_recipe,
                                       nproc=nproc if bspec.data_parallel else 1, repeat=r, target=target, **own))
                 if tell:
                     tell()
@@ -202,6 +209,26 @@ class Grid:
                 seen.add((c.cell_id, c.repeat))
                 unique.append(c)
         return unique
+
+
+def opt_axis(bases: list[str], ladder: list[str], ablation: list[str]) -> list[str]:
+    """The ``opt`` axis: each base (none: the cell without optimizations) and its ladder or ablation rungs.
+
+    Example: ``opt_axis([], ["a", "b"], [])`` is ``["", "a", "a+b"]``;
+    ``opt_axis([], [], ["a", "b"])`` is ``["", "a", "b"]``.
+    """
+    if ladder and ablation:
+        raise FtbenchError("--ladder and --ablation both given; a grid runs one of them (run the other as "
+                           "a second grid into its own --out)")
+    out: list[str] = []
+    for base in [combine(b) for b in bases] or [""]:
+        rungs, acc = [base], base
+        for step in ladder:
+            acc = combine(acc, step)
+            rungs.append(acc)
+        rungs += [combine(base, step) for step in ablation]
+        out += [r for r in rungs if r not in out]
+    return out
 
 
 def reference_first(cells: list[CellSpec], registry) -> list[CellSpec]:

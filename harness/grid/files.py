@@ -40,7 +40,7 @@ from ftbench.harness.grid.request import GridRequest
 
 DEFAULT_GRID = "default_grid.yaml"
 TOP_KEYS = set(AXES) | {"settings", "exclude", "repeat", "sweep", "time_limit", "per_cell", "target", "order",
-                        "launcher", "slurm", "max_cells", "sink"}
+                        "launcher", "slurm", "max_cells", "sink", "ladder", "ablation"}
 LAUNCHERS = ("local", "slurm")
 SETTING_KEYS = set(RECIPE_FIELDS) | set(CELL_SETTINGS)
 _RECIPE_TYPES = typing.get_type_hints(Recipe)
@@ -211,7 +211,38 @@ def grid_from_dict(data: dict, name: str) -> Grid:
                            f"[\"mlflow:uri=http://127.0.0.1:5000\", tensorboard], got {shown(data.get('sink'))}")
     return Grid(axes=axes, settings=settings, exclude=exclude, repeat=repeat, sweep=sweep, per_cell=rules,
                 order=order, source=f"grid file {name}", targets=_targets(data, name), launcher=launcher,
-                slurm=slurm, max_cells=max_cells, sinks=sinks)
+                slurm=slurm, max_cells=max_cells, sinks=sinks, ladder=_opt_list(data, name, "ladder"),
+                ablation=_opt_list(data, name, "ablation"))
+
+
+def _opt_list(data: dict, name: str, key: str) -> list[str]:
+    """``ladder:`` / ``ablation:``: a list of optimizations (or one comma-separated string)."""
+    v = data.get(key)
+    if v is None:
+        return []
+    if isinstance(v, str):
+        v = split_opt_list(v)
+    if not isinstance(v, list) or not v or not all(isinstance(x, str) and x for x in v):
+        raise FtbenchError(f"grid file {name}: {key} must be a list of optimizations like "
+                           f"[attn:impl=sdpa, chunked-ce], got {v!r}")
+    return v
+
+
+def split_opt_list(text: str) -> list[str]:
+    """``"attn:impl=sdpa,chunked-ce:chunks=8,adamw:impl=fused"`` -> one optimization per rung.
+
+    A comma separates rungs, except before a ``key=value`` that continues the
+    options of the rung before it (``adamw-8bit:block=256,impl=x``).
+    """
+    rungs: list[str] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        if rungs and "=" in part and ":" not in part.split("=", 1)[0] and ":" in rungs[-1].split("+")[-1]:
+            rungs[-1] += "," + part
+        else:
+            rungs.append(part)
+    return rungs
 
 
 def _targets(data: dict, name: str) -> list[str]:
@@ -351,6 +382,10 @@ def build_grid(request: GridRequest) -> Grid:
     if request.order is not None:
         grid.order = request.order
     settings = dict(request.settings)
+    for key in ("ladder", "ablation"):
+        rungs = settings.pop(key, None)
+        if rungs:
+            setattr(grid, key, split_opt_list(rungs))
     if request.launch.to_dict():
         settings["launcher"] = request.launch
     sweep = {}

@@ -1,4 +1,4 @@
-"""Pre-run checks of the fine-tuning settings: packing and LoRA.
+"""Pre-run checks of the fine-tuning settings: optimizations, packing and LoRA.
 
 Run by :func:`ftbench.harness.grid.preflight.check_cells` before any cell,
 so that packing on a task or model that cannot pack, an unknown LoRA option,
@@ -17,6 +17,7 @@ import os
 
 from ftbench.harness.cell.remote_code import hf_kwargs
 from ftbench.harness.contract.lora_options import is_lora, parse_lora, require_peft
+from ftbench.harness.contract.optimization import check_combination
 
 
 class _ShapeTokenizer:
@@ -31,6 +32,11 @@ class _ShapeTokenizer:
 def check_finetuning(reg, cell, resolved, skeletons: dict) -> None:
     """Raise FtbenchError when the cell's packing or LoRA settings cannot work."""
     recipe, task = resolved.recipe, resolved.task
+    if resolved.opts:
+        kind = _model_kind(reg, cell.model, task)
+        check_combination(resolved.opts, backend_name=resolved.backend_name,
+                          engine_hooks=resolved.backend.engine.optimization_hooks, kind=kind, head=task.head,
+                          recipe=recipe, opt_text=cell.opt)
     if recipe.packing:
         from ftbench.harness.cell.packing import check_can_pack
 

@@ -50,11 +50,12 @@ def varying_labels(configs: dict[str, dict], without: tuple[str, ...] = ()) -> d
                if k not in without and len({spelled(c.get(k)) for c in configs.values()}) > 1]
     recipes = {key: dict(c.get("recipe") or {}) for key, c in configs.items()}
     for k in _recipe_keys(recipes.values()):
-        if k not in without and len({spelled(r.get(k)) for r in recipes.values()}) > 1:
+        # numerics restates the optimizations, which the label names anyway
+        if k not in without and k != "numerics" and len({spelled(r.get(k)) for r in recipes.values()}) > 1:
             varying.append(("recipe", k))
     labels = {}
     for key, c in configs.items():
-        parts = [str(c.get("backend"))]
+        parts = [str(c.get("backend")) + (f" + {c['opt']}" if c.get("opt") else "")]
         for v in varying:
             if v == ("recipe", "grad_accum"):
                 parts.append(_micro_part(c, recipes[key]))

@@ -22,6 +22,7 @@ from ftbench.harness.contract.activations import BlockLayout
 from ftbench.harness.contract.gpus import BY_NAME, CUDA_CONTEXT_BYTES, Gpu, find
 from ftbench.harness.contract.memory_model import MiB, ModelShape, ParamCounts, Prediction, harness_floor_bytes, predict
 from ftbench.harness.contract.specs import Spec
+from ftbench.harness.contract.optimization import memory_effects, resolve_opts
 
 
 @dataclass
@@ -266,8 +267,9 @@ def predict_cell(reg, cell, micro_batch: int | None = None, backend: str | None 
     if micro_batch is None:
         # Another rank count keeps the global batch: each rank's micro-batch shrinks (at least 1).
         micro_batch = max(1, recipe.micro_batch(world)) if nproc else cell.micro_batch
+    effects = memory_effects(resolve_opts(reg, cell.opt))
     return predict(counts, shape, recipe, spec.engine.memory_plan(options, world), world, micro_batch,
-                   device or device_type(cell))
+                   device or device_type(cell), effects)
 
 
 def plan_cell(reg, cell, suggest: bool = True, gpu: Gpu | None = None,

@@ -46,6 +46,7 @@ import math
 from typing import Callable
 
 from ftbench.harness.contract.specs import Spec
+from ftbench.harness.results.opt_verdict import annotate_optimizations
 
 #: Largest relative deviation of a loss curve that still passes, by precision.
 TOLERANCES = {"fp32": 1e-4, "bf16": 5e-2, "fp16": 2e-2}
@@ -74,6 +75,7 @@ def annotate_parity(record: dict, earlier: list[dict],
     if is_reference is None:
         is_reference = _registry_lookup()
     record["parity"] = _parity(record, [r for r in earlier if r is not record], is_reference)
+    annotate_optimizations(record, earlier)
 
 
 def _parity(record: dict, earlier: list[dict], is_reference) -> dict:
@@ -86,6 +88,10 @@ def _parity(record: dict, earlier: list[dict], is_reference) -> dict:
     same = [r for r in earlier if r.get("recipe_fingerprint") == fp and r.get("status") == "ok"
             and r.get("train_loss")]
     flagged = [r for r in same if is_reference(_name(r))]
+    numerics = ((record.get("config") or {}).get("recipe") or {}).get("numerics")
+    if numerics and not same:
+        # Another math on purpose: judged on quality against its baseline (opt_verdict), not on its loss curve.
+        return {"status": NOT_COMPARED, "reason": f"numerics changed by {numerics}"}
     if is_reference(_name(record)) and not flagged:
         return {"status": REFERENCE, "reason": "reference backend"}
     ref = (flagged or same or [None])[0]

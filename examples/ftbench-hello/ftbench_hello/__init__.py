@@ -1,10 +1,10 @@
-"""An ftbench plugin: the ``echo`` task and the ``threads`` backend."""
+"""An ftbench plugin: the ``echo`` task, the ``threads`` backend and the ``no-decay`` optimization."""
 
 import random
 
 import torch
 
-from ftbench import hookimpl, BackendSpec, StandardEngine, Task
+from ftbench import hookimpl, BackendSpec, NUMERICS, Optimization, StandardEngine, Task
 
 WORDS = "red green blue cat dog sun moon tree river stone".split()
 
@@ -44,3 +44,23 @@ def register_tasks(register):
 def register_backends(register):
     register(BackendSpec("threads", engine=ThreadsEngine, defaults={"threads": 1},
                          description="eager with N intra-op threads"))
+
+
+class NoDecay(Optimization):
+    """The recipe's AdamW without weight decay: other numerics, judged on held-out quality."""
+
+    name = "no-decay"
+    description = "AdamW without weight decay"
+    changes = ("optimizer",)
+    math = NUMERICS
+    tolerance = 0.05
+    needs = ("optimizer",)
+
+    def build_optimizer(self, params, recipe, options, inner):
+        return torch.optim.AdamW(params, lr=recipe.lr, betas=tuple(recipe.betas), eps=recipe.eps,
+                                 weight_decay=0.0)
+
+
+@hookimpl
+def register_optimizations(register):
+    register(NoDecay())
