@@ -218,6 +218,13 @@ RECORD: tuple[Key, ...] = (
     _k("setup_phases", "object", "s", RANK0, "setup_s by phase (imports, data, tokenizer, model, encode, "
        "engine)"),
     _k("rows_read", "object", "rows", RANK0, "rows of each split the cell read (docs/data.md)"),
+    _k("optimizations", "list[object]", "", RANK0, "the cell's --opt optimizations as applied: name, options, "
+       "what each changes and whether it keeps the math (docs/optimizations.md)"),
+    _k("packing_probe", "object", "", RANK0, "per-document loss of packed rows against the same documents "
+       "unpacked (docs/optimizations.md)", when="a packed cell"),
+    _k("opt_verdict", "object", "", DRIVER, "an optimized cell against the same cell without its optimizations: "
+       "parity for exact ones, held-out loss and metric within the declared tolerance for the others",
+       when="a cell with --opt"),
     _k("provenance", "object", "", RANK0, "content digests: `model_digest`, `data_digest` (the rows read), "
        "`tokenizer_digest`; on CUDA `software` (driver, CUDA, cuDNN, NCCL) (docs/tracking.md)"),
     _k("truncated_examples", "object", "examples", RANK0, "examples cut at seq_len, per split", shape=_COUNTS),
