@@ -35,16 +35,20 @@ from ftbench.harness.contract.api import (
     EvalContext,
     FtbenchError,
     ModelPreset,
+    StepClock,
     Task,
     Unavailable,
 )
 from ftbench.harness.contract.engine import (
+    GLOBAL_MEAN,
     EngineContext,
     StandardEngine,
     autocast_for,
     build_optimizer,
     build_scheduler,
     move,
+    optimizer_name,
+    precision_policy,
 )
 from ftbench.harness.cell.data import where
 from ftbench.harness.contract.config import Recipe
@@ -89,6 +93,11 @@ __all__ = [
     "autocast_for",
     "move",
     "block_stacks",
+    # what an engine reports of what it computed (Engine.facts), and the clock of Engine.run_loop
+    "GLOBAL_MEAN",
+    "precision_policy",
+    "optimizer_name",
+    "StepClock",
     # availability checks without importing the library; data error locations
     "package_version",
     "version_tuple",

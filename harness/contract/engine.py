@@ -99,6 +99,33 @@ def move(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
+#: How the recipe combines losses: what :class:`StandardEngine` computes (see the module's docstring).
+GLOBAL_MEAN = "sum over micro-batches and ranks / loss units of the global step"
+
+
+def precision_policy(recipe: Recipe, weights: str = "fp32", grad_reduce: str = "fp32",
+                     optimizer_states: str = "fp32") -> str:
+    """The recipe's precision policy in words, for the fairness check.
+
+    Example: ``precision_policy(recipe)`` -> ``"weights fp32, autocast bf16, reduce fp32, optimizer fp32"``.
+    """
+    autocast = recipe.precision if recipe.precision != "fp32" else "off"
+    return f"weights {weights}, autocast {autocast}, reduce {grad_reduce}, optimizer {optimizer_states}"
+
+
+def optimizer_name(optimizer) -> str | None:
+    """The optimizer class that steps and its kernel: ``"torch.optim.AdamW (foreach)"``."""
+    inner = getattr(optimizer, "optimizer", None)  # wrappers (accelerate, DeepSpeed) hold the real one
+    opt = inner if inner is not None and hasattr(inner, "param_groups") else optimizer
+    if opt is None:
+        return None
+    cls = type(opt)
+    module = cls.__module__.replace("torch.optim.adamw", "torch.optim")
+    group = (getattr(opt, "param_groups", None) or [{}])[0]
+    kernel = "fused" if group.get("fused") else "foreach" if group.get("foreach") else "default"
+    return f"{module}.{cls.__name__} ({kernel})"
+
+
 class StandardEngine(Engine):
     """Plain PyTorch: autocast forward, backward, clip, AdamW, schedule.
 
@@ -159,6 +186,10 @@ class StandardEngine(Engine):
         if stepped:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def facts(self) -> dict:
+        return {"loss_normalisation": GLOBAL_MEAN, "precision_policy": precision_policy(self.ctx.recipe),
+                "optimizer": optimizer_name(self.optimizer)}
 
     def clip(self, max_norm: float) -> None:
         import torch

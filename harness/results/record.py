@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 
 from ftbench.harness.cell.hostalloc import MEMORY_KIND as CPU_MEMORY_KIND
 from ftbench.harness.running.cellproc import CellOutcome
@@ -24,6 +25,8 @@ FROM_RANK0 = (
     "metrics_before", "eval_before_s", "pad_fraction", "packed_rows", "cpu_memory", "cpu_memory_note",
     # rows of each split the cell read (batches, tokenizer sample, evaluation examples; docs/data.md)
     "rows_read",
+    # what the cell actually computed, for the fairness check (ftbench.harness.analysis.fairness)
+    "lr_per_step", "step_tokens",
     # dtypes (ftbench.harness.cell.weights)
     "weights_stored_dtype", "weights_dtype", "matmul_dtype",
     # time to quality (ftbench.harness.cell.quality)
@@ -52,6 +55,7 @@ def build_record(spec: CellSpec, outcome: CellOutcome, environment: dict, starte
         "train_loss": main.get("train_loss") or [],
         "metrics": main.get("metrics") or {},
         "backend_stats": main.get("backend_stats") or {},
+        "as_run": as_run(ranks, main),
         "diverged_at_step": next((r.get("diverged_at_step") for r in ranks if "diverged_at_step" in r), None),
         "wall_s": outcome.wall_s,
         "profile": _profile(ranks),
@@ -65,6 +69,23 @@ def build_record(spec: CellSpec, outcome: CellOutcome, environment: dict, starte
         record["mfu_note"] = note
     _add_warnings(record, outcome, ranks)
     return record
+
+
+def as_run(ranks: list[dict], main: dict) -> dict | None:
+    """Rank 0's account of what the cell computed, with one data-order digest over every rank's
+    (each rank hashed the rows it was handed, in order)."""
+    facts = dict(main.get("as_run") or {})
+    if not facts:
+        return None
+    digests = [(r.get("as_run") or {}).get("data_order_digest_rank") for r in sorted(ranks, key=_rank)]
+    facts.pop("data_order_digest_rank", None)
+    if all(digests):
+        facts["data_order_digest"] = hashlib.sha256("/".join(digests).encode()).hexdigest()[:16]
+    return facts
+
+
+def _rank(r: dict) -> int:
+    return int(r.get("rank") or 0)
 
 
 def _memory(ranks: list[dict], main: dict, outcome: CellOutcome) -> dict:
