@@ -31,7 +31,8 @@ import contextlib
 import os
 
 from ftbench import (BackendSpec, FtbenchError, MemoryPlan, StandardEngine, Unavailable, autocast_for,
-                     block_stacks, hookimpl, move, package_version)
+                     block_stacks, build_optimizer, build_scheduler, hookimpl, move, package_version)
+from ftbench.plugins._distributed import ensure_process_group
 from ftbench.plugins.data_parallel import RUNTIME_BYTES, materialize, meta_copy
 from ftbench.plugins.deepspeed_zero import hf_auto_sizing, model_hidden_size
 
@@ -88,10 +89,7 @@ class AccelerateEngine(StandardEngine):
         self.dist = self.options.get("dist", "ddp")
         if self.dist == "deepspeed" and ctx.device.type != "cuda":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before the first deepspeed import
-        from accelerate import Accelerator
-
-        from ftbench import build_optimizer
-        from ftbench.plugins._distributed import ensure_process_group
+        from accelerate import Accelerator  # optional, and 'ftbench list' must not pay for importing it
 
         ensure_process_group(ctx.device)
         recipe = ctx.recipe
@@ -111,14 +109,14 @@ class AccelerateEngine(StandardEngine):
         ctx, recipe = self.ctx, self.ctx.recipe
         mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[recipe.precision]
         if self.dist == "fsdp":
-            from accelerate.utils import FullyShardedDataParallelPlugin
+            from accelerate.utils import FullyShardedDataParallelPlugin  # optional dependency
 
             blocks = sorted({type(b).__name__ for stack in block_stacks(model) for b in stack})
             return {"mixed_precision": mixed, "fsdp_plugin": FullyShardedDataParallelPlugin(
                 fsdp_version=2, reshard_after_forward=True, auto_wrap_policy="transformer_based_wrap",
                 transformer_cls_names_to_wrap=blocks)}
         if self.dist == "deepspeed":
-            from accelerate.utils import DeepSpeedPlugin
+            from accelerate.utils import DeepSpeedPlugin  # optional dependency
 
             self.ds_config = self.deepspeed_config(model)
             return {"deepspeed_plugin": DeepSpeedPlugin(hf_ds_config=self.ds_config)}
@@ -160,7 +158,7 @@ class AccelerateEngine(StandardEngine):
     def eval_model(self):
         if self.dist != "fsdp":
             return self.accelerator.unwrap_model(self.model)
-        from torch.distributed.tensor import DTensor
+        from torch.distributed.tensor import DTensor  # torch stays out of 'ftbench list'
 
         full = {name: (p.full_tensor() if isinstance(p, DTensor) else p)
                 for name, p in self.model.named_parameters(remove_duplicate=False)}
@@ -178,9 +176,7 @@ class AccelerateEngine(StandardEngine):
 
 def _scheduler_per_process(optimizer, recipe, processes: int):
     """The recipe's schedule, ticking ``processes`` times per optimizer step (Accelerate's stepping)."""
-    import torch
-
-    from ftbench import build_scheduler
+    import torch  # 'ftbench list' imports every plugin and must not pay for torch
 
     base = build_scheduler(optimizer, recipe).lr_lambdas[0]
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda tick: base(tick // processes))

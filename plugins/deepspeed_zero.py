@@ -30,6 +30,7 @@ import os
 from pathlib import Path
 
 from ftbench import hookimpl, BackendSpec, Engine, EngineContext, FtbenchError, MemoryPlan, Unavailable, autocast_for, build_optimizer, build_scheduler, move
+from ftbench import GLOBAL_MEAN, optimizer_name, precision_policy
 
 from ftbench.plugins._distributed import ensure_process_group
 
@@ -286,8 +287,6 @@ class DeepSpeedEngine(Engine):
                 else "DeepSpeed defaults"}
 
     def facts(self) -> dict:
-        from ftbench import GLOBAL_MEAN, optimizer_name, precision_policy
-
         return {"loss_normalisation": GLOBAL_MEAN, "precision_policy": precision_policy(self.ctx.recipe),
                 "optimizer": optimizer_name(self.optimizer)}
 

@@ -90,7 +90,7 @@ class TrainerEngine(Engine):
         ctx: EngineContext = self.ctx
         if self.options.get("dist") == "deepspeed" and ctx.device.type != "cuda":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before the first deepspeed import
-        from transformers import Trainer
+        from transformers import Trainer  # the Trainer pulls in accelerate: only where a cell uses it
 
         self.rows = RunnerRows(ctx)
         self.losses: list = []
@@ -103,7 +103,7 @@ class TrainerEngine(Engine):
 
     def training_arguments(self, output_dir: str):
         """The recipe as ``TrainingArguments`` (the Trainer's own defaults for everything else)."""
-        from transformers import TrainingArguments
+        from transformers import TrainingArguments  # see setup()
 
         ctx: EngineContext = self.ctx
         r = ctx.recipe
@@ -128,7 +128,7 @@ class TrainerEngine(Engine):
     # -------------------------------------------------------------- loop
 
     def run_loop(self, steps, clock) -> None:
-        from transformers import TrainerCallback
+        from transformers import TrainerCallback  # see setup()
 
         self.rows.attach(steps)
         losses, world = self.losses, self.ctx.world_size
@@ -259,7 +259,7 @@ class RunnerRows:
         return {k: v[row] for k, v in batch.items() if k != "loss_scale"}
 
     def collate(self, rows: list[dict]) -> dict:
-        from transformers import default_data_collator
+        from transformers import default_data_collator  # see TrainerEngine.setup()
 
         batch = default_data_collator(rows)
         ids = batch.get("input_ids")
