@@ -22,13 +22,16 @@ what the recipe says:
   how Accelerate's documentation has users size it.
 
 Options: ``dist`` = ``ddp`` (default), ``fsdp`` (FSDP2, each transformer
-block wrapped) or ``deepspeed`` with ``stage`` = 0, 1 or 2.
+block wrapped; Accelerate applies it on GPUs only, so on a CPU machine the
+cell is ``skipped``) or ``deepspeed`` with ``stage`` = 0, 1 or 2 (on CPU
+through DeepSpeed's CPU accelerator).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import sys
 
 from ftbench import (BackendSpec, FtbenchError, MemoryPlan, StandardEngine, Unavailable, autocast_for,
                      block_stacks, build_optimizer, build_scheduler, hookimpl, move, package_version)
@@ -57,6 +60,11 @@ class AccelerateEngine(StandardEngine):
             raise Unavailable(INSTALL_HINT)
         if options.get("dist") == "deepspeed" and package_version("deepspeed") is None:
             raise Unavailable("accelerate:dist=deepspeed needs deepspeed: pip install 'ftbench[deepspeed]'")
+        # Inside a cell torch is loaded already; 'ftbench list' does not pay for importing it.
+        torch = sys.modules.get("torch")
+        if options.get("dist") == "fsdp" and torch is not None and not torch.cuda.is_available():
+            raise Unavailable("accelerate:dist=fsdp needs GPUs: Accelerate applies its FSDP plugin to multi-GPU "
+                              "runs only (on CPU, the fsdp backend runs FSDP2 over gloo)")
 
     @classmethod
     def validate_options(cls, options: dict) -> dict:
@@ -95,7 +103,16 @@ class AccelerateEngine(StandardEngine):
         recipe = ctx.recipe
         self.raw_model = model
         self.skeleton = meta_copy(model) if self.dist == "fsdp" else None
-        self.accelerator = Accelerator(cpu=ctx.device.type != "cuda", **self.plugin_kwargs(model))
+        # cpu=True would make Accelerate ignore its DeepSpeed plugin and fall back to plain DDP (its CPU
+        # DeepSpeed path is DS_ACCELERATOR=cpu); FSDP on CPU needs it, to find the ranks' gloo group.
+        self.accelerator = Accelerator(cpu=ctx.device.type != "cuda" and self.dist != "deepspeed",
+                                       **self.plugin_kwargs(model))
+        wanted = {"fsdp": "FSDP", "deepspeed": "DEEPSPEED"}.get(self.dist)
+        if wanted and self.accelerator.distributed_type.name != wanted:
+            hint = " (Accelerate applies FSDP across 2 or more processes only: use --nproc 2)" \
+                if self.dist == "fsdp" and ctx.world_size == 1 else ""
+            raise RuntimeError(f"Accelerate chose {self.accelerator.distributed_type} instead of {wanted} for "
+                               f"accelerate:dist={self.dist} on {ctx.device}{hint}")
         model = model.to(ctx.device)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = build_optimizer(params, recipe)
@@ -162,10 +179,19 @@ class AccelerateEngine(StandardEngine):
 
         full = {name: (p.full_tensor() if isinstance(p, DTensor) else p)
                 for name, p in self.model.named_parameters(remove_duplicate=False)}
+        # Accelerate's FSDP2 preparation keeps one name of a tied pair (e.g. lm_head, not the embedding):
+        # every name of a tied group in the skeleton takes the tensor of whichever name survived.
+        groups: dict[int, list[str]] = {}
+        for name, p in self.skeleton.named_parameters(remove_duplicate=False):
+            groups.setdefault(id(p), []).append(name)
+        for names in groups.values():
+            have = next((full[n] for n in names if n in full), None)
+            for n in names:
+                full.setdefault(n, have)
         return materialize(self.skeleton, self.ctx.device, full, dict(self.model.named_buffers()))
 
     def facts(self) -> dict:
-        return {**super().facts(), "stack": f"accelerate {self.dist}"}
+        return {**super().facts(), "stack": f"accelerate {self.accelerator.distributed_type.name}"}
 
     def stats(self) -> dict:
         out = {"distributed_type": str(self.accelerator.distributed_type)}
