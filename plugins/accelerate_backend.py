@@ -40,7 +40,7 @@ from ftbench.plugins.data_parallel import RUNTIME_BYTES, materialize, meta_copy
 from ftbench.plugins.deepspeed_zero import hf_auto_sizing, model_hidden_size
 
 DIST = ("ddp", "fsdp", "deepspeed")
-INSTALL_HINT = "needs accelerate: pip install accelerate"
+INSTALL_HINT = "needs accelerate: pip install 'ftbench[stacks]' (or pip install accelerate)"
 
 
 class AccelerateEngine(StandardEngine):

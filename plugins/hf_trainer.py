@@ -52,7 +52,7 @@ def check_stack(name: str) -> None:
         raise Unavailable(f"{name} needs transformers>={floor} (installed: {version or 'none'}): "
                           f"pip install -U 'transformers>={floor}'")
     if package_version("accelerate") is None:
-        raise Unavailable(f"{name} needs accelerate (the Trainer runs on it): pip install accelerate")
+        raise Unavailable(f"{name} needs accelerate (the Trainer runs on it): pip install 'ftbench[stacks]' (or pip install accelerate)")
 
 
 class TrainerEngine(Engine):
