@@ -152,3 +152,12 @@ def test_sharding_saves_memory_at_135m_parameters():
         assert recs[backend]["parity"]["passed"], recs[backend]["parity"]
     sizing = recs["zero3"]["backend_stats"]["deepspeed_config"]["zero_optimization"]
     assert sizing["reduce_bucket_size"] == 576 ** 2 and sizing["stage3_param_persistence_threshold"] == 5760
+
+
+def test_compare_notes_pairs_that_did_not_compute_the_same_run():
+    from ftbench.harness.analysis.compare import fairness_notes
+
+    recs = by_backend(planted_run())
+    notes = fairness_notes("generation · eager", [recs["eager"]], [recs["permicro"]])
+    assert len(notes) == 1 and "loss normalisation" in notes[0] and "did not compute the same run" in notes[0]
+    assert fairness_notes("generation · eager", [recs["eager"]], [recs["eagerattn"]]) == []
