@@ -161,3 +161,19 @@ def test_compare_notes_pairs_that_did_not_compute_the_same_run():
     notes = fairness_notes("generation · eager", [recs["eager"]], [recs["permicro"]])
     assert len(notes) == 1 and "loss normalisation" in notes[0] and "did not compute the same run" in notes[0]
     assert fairness_notes("generation · eager", [recs["eager"]], [recs["eagerattn"]]) == []
+
+
+def test_deepspeed_config_sizes_buffers_from_the_model_and_ds_options_win():
+    import torch
+
+    from ftbench import EngineContext, Recipe
+    from ftbench.plugins.deepspeed_zero import DeepSpeedEngine
+
+    def config(options, hidden):
+        ctx = EngineContext(recipe=Recipe(), device=torch.device("cpu"), loss_fn=None, world_size=2)
+        return DeepSpeedEngine(DeepSpeedEngine.validate_options(options), ctx).build_config(hidden)["zero_optimization"]
+
+    assert config({"stage": 3}, 64) == {"stage": 3, "reduce_bucket_size": 4096, "stage3_prefetch_bucket_size": 3686,
+                                        "stage3_param_persistence_threshold": 640}
+    assert config({"stage": 2, "ds.zero_optimization.reduce_bucket_size": 5e8}, 64)["reduce_bucket_size"] == 5e8
+    assert config({"stage": 0}, 64) == {"stage": 0}
