@@ -21,7 +21,10 @@ The runner keeps what makes cells comparable:
   own work between steps (fetching and collating the next batches, logging
   hooks) counts, as it does for a user;
 * **losses** — the Trainer's per-micro-batch training losses, summed per step
-  and over ranks, feed the parity check.
+  and over ranks, feed the parity check: the objective the Trainer actually
+  optimised (for a model whose forward takes ``**kwargs`` but computes its own
+  mean loss, such as T5 or a sequence-classification head, that is the mean
+  times the world size, and ``facts()`` says so).
 
 Where the Trainer's semantics differ from the recipe, ``facts()`` names each
 difference and the record keeps the list (``as_run.differences``).
@@ -30,6 +33,7 @@ difference and the record keeps the list (``as_run.differences``).
 from __future__ import annotations
 
 import hashlib
+import inspect
 import os
 import tempfile
 
@@ -177,12 +181,20 @@ class TrainerEngine(Engine):
     def facts(self) -> dict:
         t, r = self.trainer, self.ctx.recipe
         counts_tokens = bool(t.model_accepts_loss_kwargs) and self.args.average_tokens_across_devices
+        ignores_count = counts_tokens and not _model_uses_item_count(self.eval_model())
+        scaled = self.ctx.world_size * r.grad_accum > 1
         differences = [
             "collation: the Trainer's data loader stacks each step's rows and moves them to the device inside "
             "the timed step (the runner collates before its clock)",
             "timing: steps timed end to end (the Trainer's fetching, callbacks and bookkeeping between "
             "optimizer steps count)",
         ]
+        if ignores_count and scaled:
+            differences.append(
+                "loss: the Trainer takes this model for one that normalises by num_items_in_batch (its forward "
+                "takes **kwargs) but the model returns its own mean; so each micro-batch's mean is multiplied by "
+                "the world size and not divided by the accumulation steps: the objective and its gradients are "
+                f"{self.ctx.world_size * r.grad_accum}x the recipe's (clipping and AdamW's eps see that scale)")
         if not counts_tokens:
             differences.append("loss: mean per micro-batch divided by the accumulation steps, averaged over ranks "
                                "(the recipe: summed over the global step, divided by its loss units); equal "
@@ -191,9 +203,14 @@ class TrainerEngine(Engine):
             differences.append(f"scheduler: transformers' {self.args.lr_scheduler_type} schedule warms up from "
                                f"lr 0 at step 0 (the recipe's warmup starts at lr/{r.lr_warmup_steps})")
         optimizer = getattr(t.optimizer, "optimizer", t.optimizer)
+        if ignores_count and scaled:
+            normalisation = "mean per micro-batch x world size, summed over micro-batches and ranks"
+        elif counts_tokens:
+            normalisation = GLOBAL_MEAN
+        else:
+            normalisation = "mean per micro-batch / accumulation steps, mean over ranks"
         return {
-            "loss_normalisation": GLOBAL_MEAN if counts_tokens else "mean per micro-batch / accumulation steps, "
-                                                                     "mean over ranks",
+            "loss_normalisation": normalisation,
             "precision_policy": precision_policy(r),
             "optimizer": f"{optimizer_name(optimizer)} [optim={getattr(self.args.optim, 'value', self.args.optim)}]",
             "data_order_digest": self.rows.digest.hexdigest()[:16],
@@ -205,6 +222,16 @@ class TrainerEngine(Engine):
                                        if k in ("optim", "lr_scheduler_type", "warmup_steps", "per_device_train_batch_size",
                                                 "gradient_accumulation_steps", "max_steps", "bf16", "fp16",
                                                 "average_tokens_across_devices", "deepspeed")}}
+
+
+def _model_uses_item_count(model) -> bool:
+    """Whether the model's forward hands ``num_items_in_batch`` to a transformers loss function
+    (``self.loss_function``) rather than computing its own mean loss."""
+    try:
+        source = inspect.getsource(type(model).forward)
+    except (OSError, TypeError):
+        return True  # no source to read: take the Trainer's own assumption
+    return "loss_function" in source
 
 
 class _LossTap:

@@ -136,6 +136,7 @@ def test_memory_model_follows_the_buckets_deepspeed_is_given():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 def test_sharding_saves_memory_at_135m_parameters():
     """SmolLM2-135M's shape on 2 ranks: ZeRO-3 (buffers sized as Hugging Face sizes them) and FSDP
     train below DDP's per-rank peak, with loss parity.  With DeepSpeed's raw 5e8/5e7 buffers ZeRO-3
