@@ -181,7 +181,7 @@ class TrainerEngine(Engine):
     def facts(self) -> dict:
         t, r = self.trainer, self.ctx.recipe
         counts_tokens = bool(t.model_accepts_loss_kwargs) and self.args.average_tokens_across_devices
-        ignores_count = counts_tokens and not _model_uses_item_count(self.eval_model())
+        ignores_count = counts_tokens and not model_uses_item_count(type(self.eval_model()))
         scaled = self.ctx.world_size * r.grad_accum > 1
         differences = [
             "collation: the Trainer's data loader stacks each step's rows and moves them to the device inside "
@@ -224,11 +224,11 @@ class TrainerEngine(Engine):
                                                 "average_tokens_across_devices", "deepspeed")}}
 
 
-def _model_uses_item_count(model) -> bool:
+def model_uses_item_count(model_class) -> bool:
     """Whether the model's forward hands ``num_items_in_batch`` to a transformers loss function
     (``self.loss_function``) rather than computing its own mean loss."""
     try:
-        source = inspect.getsource(type(model).forward)
+        source = inspect.getsource(model_class.forward)
     except (OSError, TypeError):
         return True  # no source to read: take the Trainer's own assumption
     return "loss_function" in source

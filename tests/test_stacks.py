@@ -178,3 +178,14 @@ def test_deepspeed_config_sizes_buffers_from_the_model_and_ds_options_win():
                                         "stage3_param_persistence_threshold": 640}
     assert config({"stage": 2, "ds.zero_optimization.reduce_bucket_size": 5e8}, 64)["reduce_bucket_size"] == 5e8
     assert config({"stage": 0}, 64) == {"stage": 0}
+
+
+def test_trainer_knows_which_models_normalise_by_the_item_count():
+    """The Trainer scales the loss of every model whose forward takes **kwargs; only some use the count."""
+    from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel, LlamaForCausalLM, T5ForConditionalGeneration
+
+    from ftbench.plugins.hf_trainer import model_uses_item_count
+
+    assert model_uses_item_count(GPT2LMHeadModel) and model_uses_item_count(LlamaForCausalLM)
+    assert not model_uses_item_count(T5ForConditionalGeneration)
+    assert not model_uses_item_count(GPT2ForSequenceClassification)
