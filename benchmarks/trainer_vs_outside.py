@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -99,8 +98,7 @@ def main() -> None:
         config = out.parent / "config.json"
         config.write_text(json.dumps(recs["trainer"]["config"]))
         child = subprocess.run([sys.executable, __file__, "--outside-config", str(config),
-                                "--warmup", str(args.warmup)], check=True, capture_output=True, text=True,
-                               env={**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
+                                "--warmup", str(args.warmup)], check=True, capture_output=True, text=True)
         plain = json.loads(child.stdout.strip().splitlines()[-1])["median_step_s"]
         inside, eager = recs["trainer"]["step_time_s"], recs["eager"]["step_time_s"]
         rows.append((inside, plain, eager))
