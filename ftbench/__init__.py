@@ -49,6 +49,7 @@ from ftbench.harness.contract.engine import (
     move,
     optimizer_name,
     precision_policy,
+    rows_fingerprint,
 )
 from ftbench.harness.cell.data import where
 from ftbench.harness.contract.config import Recipe
@@ -97,6 +98,7 @@ __all__ = [
     "GLOBAL_MEAN",
     "precision_policy",
     "optimizer_name",
+    "rows_fingerprint",
     "StepClock",
     # availability checks without importing the library; data error locations
     "package_version",

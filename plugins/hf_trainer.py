@@ -32,13 +32,12 @@ difference and the record keeps the list (``as_run.differences``).
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import os
 import tempfile
 
 from ftbench import (BackendSpec, Engine, EngineContext, FtbenchError, Unavailable, hookimpl, optimizer_name,
-                     package_version, precision_policy, version_tuple)
+                     package_version, precision_policy, rows_fingerprint, version_tuple)
 from ftbench import GLOBAL_MEAN
 
 #: Releases whose Trainer counts loss tokens over accumulation and ranks (``num_items_in_batch``,
@@ -213,7 +212,7 @@ class TrainerEngine(Engine):
             "loss_normalisation": normalisation,
             "precision_policy": precision_policy(r),
             "optimizer": f"{optimizer_name(optimizer)} [optim={getattr(self.args.optim, 'value', self.args.optim)}]",
-            "data_order_digest": self.rows.digest.hexdigest()[:16],
+            "data_order_rows": self.rows.step_fingerprints(),
             "differences": differences,
         }
 
@@ -264,7 +263,7 @@ class RunnerRows:
         self.n = r.steps * r.batch_size
         self.steps = None
         self.cache: dict[int, list[dict]] = {}
-        self.digest = hashlib.sha256()
+        self.fingerprints: list[int] = []
 
     def attach(self, steps) -> None:
         self.steps = iter(steps)
@@ -289,10 +288,14 @@ class RunnerRows:
         from transformers import default_data_collator  # see TrainerEngine.setup()
 
         batch = default_data_collator(rows)
-        ids = batch.get("input_ids")
-        if ids is not None:
-            self.digest.update(ids.numpy().tobytes())
+        self.fingerprints.append(rows_fingerprint(batch))
         return batch
+
+    def step_fingerprints(self) -> list[int]:
+        """Each optimizer step's row fingerprint on this rank, from the batches the Trainer collated
+        (the data loader may have collated one step ahead: only whole steps count)."""
+        f, a = self.fingerprints, self.accum
+        return [sum(f[i:i + a]) % 2**64 for i in range(0, len(f) - len(f) % a, a)]
 
 
 def hf_deepspeed_config(stage: int) -> dict:

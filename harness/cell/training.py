@@ -13,7 +13,6 @@ Example::
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from typing import Callable
 
 from ftbench.harness.cell.measure import now, step_stats, synchronize, throughput
 from ftbench.harness.contract.api import StepClock
+from ftbench.harness.contract.engine import rows_fingerprint
 
 
 class Diverged(Exception):
@@ -35,12 +35,12 @@ class Diverged(Exception):
 @dataclass
 class TrainingRun:
     """Per-step wall times (seconds), global losses and learning rates of one training run, and a
-    digest of the rows this rank was handed, in order (the fairness check's data order)."""
+    fingerprint of each step's rows on this rank (the fairness check's data order)."""
 
     times: list[float] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     lrs: list[float | None] = field(default_factory=list)
-    data_digest: str | None = None
+    row_sums: list[int] = field(default_factory=list)
 
 
 class RunnerClock(StepClock):
@@ -78,15 +78,10 @@ class RunnerClock(StepClock):
 
 
 def digested(steps, sink: TrainingRun):
-    """``steps``, passed through, with ``sink.data_digest`` kept up to date: a SHA-256 of every
-    micro-batch's ``input_ids`` in the order handed out."""
-    h = hashlib.sha256()
+    """``steps``, passed through, with ``sink.row_sums`` growing by each step's
+    :func:`rows_fingerprint` (this rank's rows, as handed out)."""
     for micro, counts in steps:
-        for mb in micro:
-            ids = mb.get("input_ids")
-            if ids is not None:
-                h.update(ids.detach().cpu().numpy().tobytes())
-        sink.data_digest = h.hexdigest()[:16]
+        sink.row_sums.append(sum(rows_fingerprint(mb) for mb in micro) % 2**64)
         yield micro, counts
 
 

@@ -261,7 +261,8 @@ class Cell:
         facts = dict(self.engine.facts() or {})
         config = getattr(self.model, "config", None)
         facts.setdefault("attention", getattr(config, "_attn_implementation", None))
-        facts["data_order_digest_rank"] = facts.pop("data_order_digest", None) or run.data_digest
+        rows = facts.pop("data_order_rows", None)
+        facts["data_order_rows_rank"] = (rows if rows is not None else run.row_sums)[:len(run.times)]
         self.out["as_run"] = facts
         counts = self.steps.counts[:len(run.times)]
         self.out["step_tokens"] = {k: [c[k] for c in counts] for k in ("padded", "nonpad", "loss")}

@@ -397,8 +397,9 @@ class Engine:
 
         Keys (each optional): ``loss_normalisation`` (how micro-batch and rank losses combine),
         ``precision_policy`` (weights, autocast, gradient reduction, optimizer states),
-        ``optimizer`` (the class and kernel that stepped), ``data_order_digest`` (when the
-        engine feeds the rows itself) and ``differences`` (a list: each way the stack's
+        ``optimizer`` (the class and kernel that stepped), ``data_order_rows`` (when the
+        engine feeds the rows itself: each step's ``ftbench.rows_fingerprint`` of what it
+        read) and ``differences`` (a list: each way the stack's
         semantics differ from the recipe, in words).  Example::
 
             {"loss_normalisation": "sum / global loss tokens", "differences": [

@@ -126,6 +126,28 @@ def optimizer_name(optimizer) -> str | None:
     return f"{module}.{cls.__name__} ({kernel})"
 
 
+def rows_fingerprint(batch: dict) -> int:
+    """An order-free fingerprint of a micro-batch's rows: the sum (mod 2**64) of a hash of each row's
+    real tokens (``input_ids`` where ``attention_mask`` is 1).  Summed over a step's micro-batches
+    and ranks it names the rows of the global step however they were split or padded; the
+    sequence of those sums is the record's data order (``as_run.data_order_digest``).
+
+    Example: ``sum(rows_fingerprint(mb) for mb in micro_batches) % 2**64``.
+    """
+    import hashlib
+
+    ids, mask = batch.get("input_ids"), batch.get("attention_mask")
+    if ids is None:
+        return 0
+    ids = ids.detach().cpu()
+    mask = mask.detach().cpu().bool() if mask is not None else None
+    total = 0
+    for i in range(ids.shape[0]):
+        row = ids[i][mask[i]] if mask is not None else ids[i]
+        total += int.from_bytes(hashlib.sha256(row.numpy().tobytes()).digest()[:8], "little")
+    return total % 2**64
+
+
 class StandardEngine(Engine):
     """Plain PyTorch: autocast forward, backward, clip, AdamW, schedule.
 

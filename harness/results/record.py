@@ -72,15 +72,18 @@ def build_record(spec: CellSpec, outcome: CellOutcome, environment: dict, starte
 
 
 def as_run(ranks: list[dict], main: dict) -> dict | None:
-    """Rank 0's account of what the cell computed, with one data-order digest over every rank's
-    (each rank hashed the rows it was handed, in order)."""
+    """Rank 0's account of what the cell computed, with one data-order digest: each step's row
+    fingerprints summed over the ranks (so the digest does not depend on how the global batch was
+    split), hashed in step order."""
     facts = dict(main.get("as_run") or {})
     if not facts:
         return None
-    digests = [(r.get("as_run") or {}).get("data_order_digest_rank") for r in sorted(ranks, key=_rank)]
-    facts.pop("data_order_digest_rank", None)
-    if all(digests):
-        facts["data_order_digest"] = hashlib.sha256("/".join(digests).encode()).hexdigest()[:16]
+    per_rank = [(r.get("as_run") or {}).get("data_order_rows_rank") for r in sorted(ranks, key=_rank)]
+    facts.pop("data_order_rows_rank", None)
+    if per_rank and all(isinstance(rows, list) for rows in per_rank):
+        steps = min(len(rows) for rows in per_rank)
+        sums = [sum(rows[i] for rows in per_rank) % 2**64 for i in range(steps)]
+        facts["data_order_digest"] = hashlib.sha256(",".join(map(str, sums)).encode()).hexdigest()[:16]
     return facts
 
 
