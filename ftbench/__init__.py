@@ -50,6 +50,7 @@ from ftbench.harness.contract.engine import (
     optimizer_name,
     precision_policy,
     rows_fingerprint,
+    weight_decay_scope,
 )
 from ftbench.harness.cell.data import where
 from ftbench.harness.contract.config import Recipe
@@ -99,6 +100,7 @@ __all__ = [
     "precision_policy",
     "optimizer_name",
     "rows_fingerprint",
+    "weight_decay_scope",
     "StepClock",
     # availability checks without importing the library; data error locations
     "package_version",

@@ -30,7 +30,7 @@ import os
 from pathlib import Path
 
 from ftbench import hookimpl, BackendSpec, Engine, EngineContext, FtbenchError, MemoryPlan, Unavailable, autocast_for, build_optimizer, build_scheduler, move
-from ftbench import GLOBAL_MEAN, optimizer_name, precision_policy
+from ftbench import GLOBAL_MEAN, optimizer_name, precision_policy, weight_decay_scope
 
 from ftbench.plugins._distributed import ensure_process_group
 
@@ -288,7 +288,7 @@ class DeepSpeedEngine(Engine):
 
     def facts(self) -> dict:
         return {"loss_normalisation": GLOBAL_MEAN, "precision_policy": precision_policy(self.ctx.recipe),
-                "optimizer": optimizer_name(self.optimizer)}
+                "optimizer": optimizer_name(self.optimizer), "weight_decay": weight_decay_scope(self.optimizer)}
 
 
 def model_hidden_size(model) -> int | None:

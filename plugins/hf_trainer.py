@@ -37,7 +37,8 @@ import os
 import tempfile
 
 from ftbench import (BackendSpec, Engine, EngineContext, FtbenchError, Unavailable, hookimpl, optimizer_name,
-                     package_version, precision_policy, rows_fingerprint, version_tuple)
+                     package_version, precision_policy, rows_fingerprint, version_tuple,
+                     weight_decay_scope)
 from ftbench import GLOBAL_MEAN
 
 #: Releases whose Trainer counts loss tokens over accumulation and ranks (``num_items_in_batch``,
@@ -198,6 +199,9 @@ class TrainerEngine(Engine):
             differences.append("loss: mean per micro-batch divided by the accumulation steps, averaged over ranks "
                                "(the recipe: summed over the global step, divided by its loss units); equal "
                                "only when every micro-batch holds the same number of loss units")
+        if r.weight_decay:
+            differences.append("weight decay: the Trainer exempts biases and norm weights (the recipe's AdamW "
+                               "decays every weight)")
         if r.lr_warmup_steps:
             differences.append(f"scheduler: transformers' {self.args.lr_scheduler_type} schedule warms up from "
                                f"lr 0 at step 0 (the recipe's warmup starts at lr/{r.lr_warmup_steps})")
@@ -213,6 +217,7 @@ class TrainerEngine(Engine):
             "precision_policy": precision_policy(r),
             "optimizer": f"{optimizer_name(optimizer)} [optim={getattr(self.args.optim, 'value', self.args.optim)}]",
             "data_order_rows": self.rows.step_fingerprints(),
+            "weight_decay": weight_decay_scope(t.optimizer),
             "differences": differences,
         }
 

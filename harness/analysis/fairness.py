@@ -13,6 +13,7 @@ check reads what each run reported doing (``as_run``, ``lr_per_step``,
 | learning rate of each step | ``lr_per_step`` | yes |
 | data order | ``as_run.data_order_digest`` | yes |
 | optimizer class | ``as_run.optimizer`` | yes |
+| weight decay and the share of weights it applies to | ``as_run.weight_decay`` | yes |
 | optimizer kernel (default, foreach, fused) | ``as_run.optimizer`` | no (rounding only) |
 | attention implementation | ``as_run.attention`` | no (rounding only) |
 | the stack's own semantics | ``as_run.differences`` | named, not judged |
@@ -48,7 +49,8 @@ class Difference:
     changes_math: bool
 
     def describe(self) -> str:
-        kind = "changes the math" if self.changes_math else "speed/rounding only"
+        kind = "changes the math" if self.changes_math else \
+            "named by the stack" if self.key == "semantics" else "speed/rounding only"
         return f"{self.what}: {self.a} ≠ {self.b} ({kind})"
 
 
@@ -58,7 +60,8 @@ def compare_cells(a: dict, b: dict) -> list[Difference]:
     out += _tokens(a, b)
     fa, fb = a.get("as_run") or {}, b.get("as_run") or {}
     for key, what in (("loss_normalisation", "loss normalisation"), ("precision_policy", "precision policy"),
-                      ("data_order_digest", "data order (digest of the rows, in order)")):
+                      ("data_order_digest", "data order (digest of the rows, in order)"),
+                      ("weight_decay", "weight decay (rate on share of the trainable weights)")):
         if fa.get(key) and fb.get(key) and fa[key] != fb[key]:
             out.append(Difference(key, what, fa[key], fb[key], changes_math=True))
     out += _lr(a, b)
@@ -120,6 +123,7 @@ def differs_label(diffs: list[Difference] | None) -> str:
         return "none"
     short = {"tokens.nonpad": "tokens", "tokens.loss": "loss tokens", "tokens.padded": "padding",
              "loss_normalisation": "loss norm", "precision_policy": "precision", "data_order_digest": "data order",
+             "weight_decay": "weight decay",
              "optimizer_kernel": "optimizer kernel"}
     math_ = [short.get(d.key, d.key) for d in diffs if d.changes_math]
     other = [short.get(d.key, d.key) for d in diffs if not d.changes_math]

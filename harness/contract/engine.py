@@ -113,10 +113,33 @@ def precision_policy(recipe: Recipe, weights: str = "fp32", grad_reduce: str = "
     return f"weights {weights}, autocast {autocast}, reduce {grad_reduce}, optimizer {optimizer_states}"
 
 
+def innermost_optimizer(optimizer):
+    """The optimizer that steps, under its wrappers (Accelerate's, DeepSpeed's ZeRO optimizer)."""
+    while hasattr(getattr(optimizer, "optimizer", None), "param_groups"):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def weight_decay_scope(optimizer) -> str | None:
+    """Which share of the trainable weights the optimizer decays, and by how much: ``"0.01 on 100%"``.
+
+    The ``Trainer`` exempts biases and norm weights; the recipe's AdamW decays every weight.
+    """
+    opt = innermost_optimizer(optimizer)
+    groups = getattr(opt, "param_groups", None)
+    if not groups:
+        return None
+    total = sum(p.numel() for g in groups for p in g["params"])
+    decays = {float(g.get("weight_decay", 0.0)) for g in groups if g.get("weight_decay")}
+    decayed = sum(p.numel() for g in groups if g.get("weight_decay") for p in g["params"])
+    if not decays:
+        return "none"
+    return f"{'/'.join(f'{d:g}' for d in sorted(decays))} on {100 * decayed / max(1, total):.1f}%"
+
+
 def optimizer_name(optimizer) -> str | None:
     """The optimizer class that steps and its kernel: ``"torch.optim.AdamW (foreach)"``."""
-    inner = getattr(optimizer, "optimizer", None)  # wrappers (accelerate, DeepSpeed) hold the real one
-    opt = inner if inner is not None and hasattr(inner, "param_groups") else optimizer
+    opt = innermost_optimizer(optimizer)
     if opt is None:
         return None
     cls = type(opt)
@@ -211,7 +234,7 @@ class StandardEngine(Engine):
 
     def facts(self) -> dict:
         return {"loss_normalisation": GLOBAL_MEAN, "precision_policy": precision_policy(self.ctx.recipe),
-                "optimizer": optimizer_name(self.optimizer)}
+                "optimizer": optimizer_name(self.optimizer), "weight_decay": weight_decay_scope(self.optimizer)}
 
     def clip(self, max_norm: float) -> None:
         import torch
