@@ -104,6 +104,8 @@ def _lr(a: dict, b: dict) -> list[Difference]:
 
 
 def _optimizer(a: str | None, b: str | None) -> list[Difference]:
+    # A stack may append its own name for the optimizer ("[optim=adamw_torch]"): only class and kernel count.
+    a, b = (a or "").split(" [")[0], (b or "").split(" [")[0]
     if not a or not b or a == b:
         return []
     cls_a, cls_b = a.split(" (")[0], b.split(" (")[0]
