@@ -21,10 +21,12 @@ PLANTED = {"FTBENCH_PLUGINS_EXTRA": "fairness_plugin",
 
 @functools.cache
 def planted_run() -> Path:
-    """eager, accelerate (the same math through another stack) and two cells with one planted difference each."""
+    """eager, accelerate (the same math through another stack), two cells with one planted difference each,
+    and the Trainer's own loop."""
     out = Path(tempfile.mkdtemp(prefix="ftbench-fairness-")) / "run"
     ftbench("run", "--task", "generation", "--backend", "eager", "--backend", "accelerate", "--backend", "permicro",
-            "--backend", "eagerattn", *RECIPE, "--out", out, env=PLANTED, timeout=600, check=True)
+            "--backend", "eagerattn", "--backend", "trainer", *RECIPE, "--out", out, env=PLANTED, timeout=600,
+            check=True)
     return out
 
 
@@ -189,3 +191,17 @@ def test_trainer_knows_which_models_normalise_by_the_item_count():
     assert model_uses_item_count(GPT2LMHeadModel) and model_uses_item_count(LlamaForCausalLM)
     assert not model_uses_item_count(T5ForConditionalGeneration)
     assert not model_uses_item_count(GPT2ForSequenceClassification)
+
+
+def test_the_trainer_runs_its_own_loop_over_the_same_rows_and_names_how_it_differs():
+    recs = by_backend(planted_run())
+    eager, trainer = recs["eager"], recs["trainer"]
+    assert trainer["status"] == "ok" and len(trainer["train_loss"]) == len(trainer["step_times_s"]) == 4
+    assert trainer["as_run"]["data_order_digest"] == eager["as_run"]["data_order_digest"]
+    assert trainer["lr_per_step"] == pytest.approx(eager["lr_per_step"], rel=1e-12)
+    # Same math but for what the record names: close to eager's curve, with the reasons listed.
+    assert trainer["train_loss"] == pytest.approx(eager["train_loss"], rel=1e-3)
+    named = " ".join(trainer["as_run"]["differences"])
+    assert "collation" in named and "weight decay" in named
+    proc = ftbench("explain", planted_run(), "eager", "trainer", env=PLANTED)
+    assert proc.returncode == 1 and "weight decay" in proc.stdout and "changes the math" in proc.stdout
