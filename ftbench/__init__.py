@@ -35,10 +35,12 @@ from ftbench.harness.contract.api import (
     EvalContext,
     FtbenchError,
     ModelPreset,
+    StepClock,
     Task,
     Unavailable,
 )
 from ftbench.harness.contract.engine import (
+    GLOBAL_MEAN,
     EngineContext,
     StandardEngine,
     autocast_for,
@@ -46,6 +48,10 @@ from ftbench.harness.contract.engine import (
     build_scheduler,
     model_inputs,
     move,
+    optimizer_name,
+    precision_policy,
+    rows_fingerprint,
+    weight_decay_scope,
 )
 from ftbench.harness.cell.data import where
 from ftbench.harness.contract.config import Recipe
@@ -106,6 +112,13 @@ __all__ = [
     "move",
     "model_inputs",
     "block_stacks",
+    # what an engine reports of what it computed (Engine.facts), and the clock of Engine.run_loop
+    "GLOBAL_MEAN",
+    "precision_policy",
+    "optimizer_name",
+    "rows_fingerprint",
+    "weight_decay_scope",
+    "StepClock",
     # availability checks without importing the library; data error locations
     "package_version",
     "version_tuple",

@@ -704,6 +704,35 @@ def history_cmd(sets, out, thresholds, calibration, quiet):
     sys.exit(EXIT_REGRESSION if h.regressions else 0)
 
 
+# --------------------------------------------------------------- explain
+
+
+@main.command("explain")
+@click.argument("runs", type=click.Path(file_okay=False))
+@click.argument("cell_a")
+@click.argument("cell_b")
+@click.option("--other", "other_runs", default=None, type=click.Path(file_okay=False),
+              help="Take CELL_B from this result set instead of RUNS (e.g. a baseline).")
+def explain_cmd(runs, cell_a, cell_b, other_runs):
+    """What two cells actually computed differently, from what each recorded.
+
+    CELL_A and CELL_B name cells of the result set RUNS by cell id (or a unique
+    prefix), BACKEND as written on the command line, or TASK/BACKEND. Exit status
+    1 when their differences change the math (docs/fairness.md).
+    """
+    from ftbench.harness.analysis.fairness import compare_cells, explain, select_cell
+    from ftbench.harness.analysis.resultset import load_result_set
+
+    a = select_cell(load_result_set(runs).records, cell_a, runs)
+    b = select_cell(load_result_set(other_runs or runs).records, cell_b, other_runs or runs)
+    con = _console()
+    con.print(f"{a.get('task')}/{a.get('backend')} ({a.get('cell_id', '')[:10]}) vs "
+              f"{b.get('task')}/{b.get('backend')} ({b.get('cell_id', '')[:10]}):", soft_wrap=True, markup=False)
+    for line in explain(a, b):
+        con.print(line, soft_wrap=True, markup=False)
+    sys.exit(1 if any(d.changes_math for d in compare_cells(a, b)) else 0)
+
+
 # ----------------------------------------------------------------- merge
 
 

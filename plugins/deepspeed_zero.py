@@ -30,6 +30,7 @@ import os
 from pathlib import Path
 
 from ftbench import hookimpl, BackendSpec, Engine, EngineContext, FtbenchError, MemoryPlan, Unavailable, autocast_for, build_optimizer, build_scheduler, move
+from ftbench import GLOBAL_MEAN, optimizer_name, precision_policy, weight_decay_scope
 
 from ftbench.plugins._distributed import ensure_process_group
 
@@ -149,7 +150,7 @@ class DeepSpeedEngine(Engine):
         plus what DeepSpeed's own buffers add, measured step by step on CPU/gloo
         (docs/memory.md):
 
-        * a gradient bucket of ``reduce_bucket_size`` elements (5e8) fills in backward and is
+        * a gradient bucket of ``reduce_bucket_size`` elements (hidden², or a ``ds.`` option) fills in backward and is
           copied to be reduced: two bucket-sized buffers at the end of backward; stage 3 keeps
           its bucket for the whole run;
         * the optimizer step over the flat fp32 partition makes three partition-sized
@@ -168,12 +169,14 @@ class DeepSpeedEngine(Engine):
         offload_param = options.get("offload_param", "none") == "cpu"
         if stage == 0:
             return MemoryPlan(runtime_bytes=RUNTIME_BYTES, note="ZeRO stage 0")
-        bucket = _zero_int(zero, "reduce_bucket_size", 500_000_000)
-        keeps_gathered = stage == 3 and _zero_int(zero, "stage3_prefetch_bucket_size", 50_000_000) > 0 \
+        # Buffers follow the model's width (hf_auto_sizing) unless a ds.* option sets them.
+        bucket = _zero_int(zero, "reduce_bucket_size", 0)
+        keeps_gathered = stage == 3 and _zero_int(zero, "stage3_prefetch_bucket_size", 1) > 0 \
             and _zero_int(zero, "stage3_max_reuse_distance", 1_000_000_000) > 0
         return MemoryPlan(weights_shards=n if stage == 3 else 1, grads_shards=n, optimizer_shards=n,
                           master_weights=True, offload_optimizer=offload, offload_weights=offload_param,
-                          bucket_params=bucket, persistent_buckets=1 if stage == 3 else 0, reduce_copies=2,
+                          bucket_params=bucket, bucket_hidden_sq=0.0 if bucket else 1.0,
+                          persistent_buckets=1 if stage == 3 else 0, reduce_copies=2,
                           step_copies=0 if offload else 3, host_buffers=2 if offload else 0,
                           gathered_params=_zero_int(zero, "stage3_max_live_parameters", 1_000_000_000)
                           if keeps_gathered else 0, gather_copies=2 if offload_param else 1,
@@ -182,12 +185,14 @@ class DeepSpeedEngine(Engine):
 
     # ------------------------------------------------------------ config
 
-    def build_config(self) -> dict:
-        """The DeepSpeed config of this cell: the recipe, the options, then the pass-through."""
+    def build_config(self, hidden: int | None = None) -> dict:
+        """The DeepSpeed config of this cell: the recipe, the options, buffers sized from the model's
+        width ``hidden`` as Hugging Face's integration sizes them (:func:`hf_auto_sizing`), then
+        the pass-through (``ds.zero_optimization.reduce_bucket_size=5e8`` restores DeepSpeed's own)."""
         ctx: EngineContext = self.ctx
         recipe = ctx.recipe
         stage = int(self.options.get("stage", 0))
-        zero: dict = {"stage": stage}
+        zero: dict = {"stage": stage, **hf_auto_sizing(hidden, stage)}
         pin = ctx.device.type == "cuda"
         if self.options.get("offload", "none") == "cpu":
             zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
@@ -223,7 +228,8 @@ class DeepSpeedEngine(Engine):
         import deepspeed
         import torch
 
-        self.config = self.build_config()
+        self.hidden = model_hidden_size(model)
+        self.config = self.build_config(self.hidden)
         zero = self.config.get("zero_optimization") or {}
         self.stage = int(zero.get("stage", 0))
         self.offload = (zero.get("offload_optimizer") or {}).get("device", "none") in ("cpu", "nvme")
@@ -280,7 +286,41 @@ class DeepSpeedEngine(Engine):
                 .get("device", "none"),
                 "optimizer": type(self.optimizer.optimizer if hasattr(self.optimizer, "optimizer")
                                   else self.optimizer).__name__,
-                "deepspeed_config": self.config}
+                "deepspeed_config": self.config,
+                "buffer_sizing": f"Hugging Face auto from hidden={self.hidden}" if self.hidden and self.stage
+                else "DeepSpeed defaults"}
+
+    def facts(self) -> dict:
+        return {"loss_normalisation": GLOBAL_MEAN, "precision_policy": precision_policy(self.ctx.recipe),
+                "optimizer": optimizer_name(self.optimizer), "weight_decay": weight_decay_scope(self.optimizer)}
+
+
+def model_hidden_size(model) -> int | None:
+    """The width Hugging Face's DeepSpeed integration sizes its "auto" buckets from."""
+    config = getattr(model, "config", None)
+    for key in ("hidden_size", "n_embd", "d_model"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    sizes = getattr(config, "hidden_sizes", None)
+    return max(sizes) if sizes else None
+
+
+def hf_auto_sizing(hidden: int | None, stage: int) -> dict:
+    """ZeRO buffer sizes as Hugging Face's integration fills its ``"auto"`` values
+    (transformers ``integrations/deepspeed.py``): a reduction bucket of hidden² elements and, at
+    stage 3, a prefetch bucket of 0.9·hidden² and a persistence threshold of 10·hidden.
+    DeepSpeed's own defaults (5e8, 5e7, 1e5) are sized for billion-parameter models.
+
+    Example: ``hf_auto_sizing(576, 3)`` -> ``{"reduce_bucket_size": 331776, ...}``.
+    """
+    if not hidden or stage == 0:
+        return {}
+    out = {"reduce_bucket_size": hidden * hidden}
+    if stage == 3:
+        out.update(stage3_prefetch_bucket_size=int(0.9 * hidden * hidden),
+                   stage3_param_persistence_threshold=10 * hidden)
+    return out
 
 
 def _partition_from_host(model, config: dict, device) -> None:

@@ -53,6 +53,17 @@ def build_llama_32k(tokenizer, head="lm", num_labels=None):
 LLAMA_VOCAB = 32000
 
 
+def build_smollm2_shape(tokenizer, head="lm", num_labels=None):
+    """SmolLM2-135M's architecture (576 wide, 30 layers, 9/3 heads, 49152 vocabulary), random init."""
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    cfg = LlamaConfig(vocab_size=max(49152, _vocab(tokenizer)), hidden_size=576, intermediate_size=1536,
+                      num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                      max_position_embeddings=2048, rope_theta=100000.0, attention_dropout=0.0,
+                      tie_word_embeddings=True, num_labels=num_labels or 2, **_specials(tokenizer))
+    return LlamaForSequenceClassification(cfg) if head == "classification" else LlamaForCausalLM(cfg)
+
+
 def build_t5(tokenizer, head="lm", num_labels=None):
     from transformers import T5Config, T5ForConditionalGeneration
 
@@ -85,6 +96,9 @@ def register_models(register):
                          max_positions=2048,
                          description="Llama, 2 layers x 128 wide, GQA 4/2 heads, 32k vocabulary, untied head; "
                                      "random init"))
+    register(ModelPreset("smollm2-135m-shape", DECODER, build_smollm2_shape, preload=_family("llama"),
+                         description="SmolLM2-135M's Llama config (576 x 30 layers, 9/3 heads, vocab 49152); "
+                                     "random init, offline tokenizer; for memory and speed at a real size"))
     register(ModelPreset("tiny-t5", ENCODER_DECODER, build_t5, default=True, preload=_family("t5"),
                          description="T5, 2+2 layers x 64 wide, 4 heads; random init; offline BPE tokenizer"))
     register(ModelPreset("tiny-bert", ENCODER, build_bert, default=True, preload=_family("bert"),

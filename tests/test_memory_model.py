@@ -54,7 +54,9 @@ def test_zero2_matches_deepspeeds_estimator(ds, n, offload):
 def test_zero3_matches_deepspeeds_estimator(ds, n, offload, offload_param):
     cpu, gpu, largest = ds[1](P, LAYER, num_gpus_per_node=n, cpu_offload=offload, cpu_offload_params=offload_param,
                               zero_init=True, additional_buffer_factor=1.0)
-    plan = zero(3, n, offload, offload_param, **{"ds.zero_optimization.stage3_prefetch_bucket_size": 0})
+    # DeepSpeed's own bucket (its estimator's config), not the model-sized one ftbench uses by default.
+    plan = zero(3, n, offload, offload_param, **{"ds.zero_optimization.stage3_prefetch_bucket_size": 0,
+                                                 "ds.zero_optimization.reduce_bucket_size": 5e8})
     dev, host = model_state_bytes(ParamCounts(P, P, LAYER), plan, weight_bytes=2)
     # Differs: DeepSpeed's stage-3 estimate leaves out the 16-bit gradient partition (2/N bytes per
     # parameter) that its stage-2 estimate counts and that stage 3 also holds, the reduction bucket
@@ -95,7 +97,7 @@ def test_peak_is_the_persistent_state_plus_the_largest_phase():
     from ftbench.harness.contract.config import Recipe
 
     counts, shape = ParamCounts(10**7, 10**7, 10**6), ModelShape("decoder", 256, 4, 1024, 1000)
-    plan = zero(2, 2)
+    plan = zero(2, 2, **{"ds.zero_optimization.reduce_bucket_size": 5e8})  # DeepSpeed's own bucket size
     small = predict(counts, shape, Recipe(seq_len=32), plan, 2, 1, "cuda")
     large = predict(counts, shape, Recipe(seq_len=32), plan, 2, 64, "cuda")
     assert small.peak_phase == "gradient reduction"  # two 40 MB bucket copies beat 1 x 32 tokens
@@ -143,6 +145,8 @@ def test_backends_declare_their_own_plans():
                        "ds.zero_optimization.stage3_prefetch_bucket_size": 0})
     assert (z3.bucket_params, z3.gathered_params, z3.gathered_layers, z3.persistent_buckets) == (10**6, 0, 1, 1)
     assert zero(3, 2).gathered_params == 10**9 and zero(2, 2).persistent_buckets == 0
+    # By default the bucket follows the model's width (Hugging Face's "auto": hidden² elements).
+    assert (zero(2, 2).bucket_params, zero(2, 2).bucket_hidden_sq) == (0, 1.0)
     assert zero(0, 2) == MemoryPlan(runtime_bytes=zero(0, 2).runtime_bytes, note="ZeRO stage 0")
     assert ftbench.MemoryPlan is MemoryPlan and "MemoryPlan" in ftbench.__all__
 

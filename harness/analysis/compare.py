@@ -40,6 +40,7 @@ from ftbench.harness.contract.api import FtbenchError
 from ftbench.harness.contract.format import fmt_bytes, fmt_num
 from ftbench.harness.analysis.explain import explain
 from ftbench.harness.analysis.markdown import md_table, md_text
+from ftbench.harness.analysis.fairness import compare_cells, has_account
 from ftbench.harness.analysis.resultset import (ResultSet, as_float, config_diff, environment_diff, load_result_set, repeat_of,
                         slot_of, variant_labels)
 
@@ -386,6 +387,7 @@ def compare_result_sets(base: ResultSet, new: ResultSet, thresholds: dict | None
                                 cb))
             continue
         note = config_diff(rb[0], rn[0]) if cb != cn else []
+        cmp.warnings += fairness_notes(label, rb, rn)
         cmp.rows += _compare_cell(label, task, cb, rb, rn, th, alpha, note)
     explain_flagged(cmp, dict(pairs), b, n)
     shift = whole_run_shift(cmp.rows, th["speed"])
@@ -415,6 +417,18 @@ def explain_flagged(cmp: Comparison, pairs: dict, b: dict, n: dict) -> None:
         cmp.warnings.append(f"{len(loaded)} speed change(s) come with a load difference between the two runs "
                             f"({', '.join(loaded)}): the machine, not the code, may explain them; rerun both "
                             "sides together with ftbench ab (docs/comparisons.md)")
+def fairness_notes(label: str, rb: list[dict], rn: list[dict]) -> list[str]:
+    """A warning when the base and new cell did not compute the same run (docs/fairness.md), from
+    what their first finished repeats recorded."""
+    ok_b = [r for r in rb if r.get("status") == "ok" and has_account(r)]
+    ok_n = [r for r in rn if r.get("status") == "ok" and has_account(r)]
+    if not (ok_b and ok_n):
+        return []
+    math_ = [d.describe() for d in compare_cells(ok_b[0], ok_n[0]) if d.changes_math]
+    if not math_:
+        return []
+    return [f"{label}: base and new did not compute the same run ({'; '.join(math_)}); its figures are "
+            "compared with this note"]
 
 
 def whole_run_shift(rows: list[Row], threshold: float) -> str | None:

@@ -23,6 +23,7 @@ from pathlib import Path
 from ftbench.harness.contract.format import fmt_bytes, fmt_num
 from ftbench.harness.analysis.markdown import md_table, md_text
 from ftbench.harness.analysis.ladder_report import ladder_frame, plot_ladder
+from ftbench.harness.analysis.fairness import compare_cells, counterpart, differs_label, has_account
 from ftbench.harness.analysis.profiles import profile_html, profile_markdown, profile_rows
 from ftbench.harness.analysis.quality_report import plot_quality_vs_time, time_to_target_frame
 from ftbench.harness.analysis.resultset import ResultSet, as_float, load_result_set, repeat_of, variant_labels
@@ -77,6 +78,7 @@ def records_frame(rs: ResultSet):
             "metric_before": as_float((r.get("metrics_before") or {}).get(r.get("metric"))),
             "higher_is_better": r.get("higher_is_better"), "eval_loss": as_float(r.get("eval_loss")),
             "parity": _parity(r.get("parity")), "recipe_fingerprint": r.get("recipe_fingerprint"),
+            "differs": _differs(r, rs.records),
         })
     return pd.DataFrame(rows)
 
@@ -96,6 +98,7 @@ def summary_frame(df):
                "status": "/".join(sorted(set(g["status"]))), "metric": first["metric"],
                "higher_is_better": first["higher_is_better"], "memory_kind": first["memory_kind"],
                "parity": next((p for p in g["parity"] if p and p != "-"), "-"),
+               "differs": next((d for d in g["differs"] if d and d != "-"), "-"),
                "error": next((e for e in g["error"] if isinstance(e, str) and e), None), "cell_id": cid,
                "micro_batch": first["micro_batch"], "micro_batch_probes": first["micro_batch_probes"]}
         for col in ("tokens_per_s", "step_time_s", "peak_memory_bytes", "setup_peak_memory_bytes",
@@ -142,7 +145,7 @@ def display_frame(summary):
             "train peak": _spread(s, "train_peak_memory_bytes", fmt_bytes),
             "predicted": _predicted(s),
             "setup s": _spread(s, "setup_s", fmt_num), "compile s": _spread(s, "compile_s", fmt_num),
-            "metric": metric, "parity": s["parity"],
+            "metric": metric, "parity": s["parity"], "differs": s["differs"],
         })
     out = pd.DataFrame(rows)
     if len(out) and (out["predicted"] == "-").all():
@@ -180,6 +183,32 @@ def micro_batch_frame(summary):
                      "tokens/s at it": _spread(s, "tokens_per_s", fmt_num),
                      "peak memory": _spread(s, "peak_memory_bytes", fmt_bytes)})
     return pd.DataFrame(rows)
+
+
+def _differs(record: dict, records: list[dict]) -> str:
+    """What the cell actually did differently from its parity reference (the fairness check)."""
+    other = counterpart(record, records)
+    if other is None or not (has_account(record) and has_account(other)):
+        return "-"
+    return differs_label(compare_cells(other, record))
+
+
+def fairness_markdown(rs: ResultSet) -> list[str]:
+    """A section naming every cell that did not compute what its reference did, with the differences."""
+    lines = []
+    for r in rs.records:
+        other = counterpart(r, rs.records)
+        if other is None or not (has_account(r) and has_account(other)):
+            continue
+        diffs = compare_cells(other, r)
+        if any(d.changes_math for d in diffs):
+            lines.append(f"- **{r.get('task')} · {r.get('backend')}** vs {other.get('backend')}: "
+                         + "; ".join(d.describe() for d in diffs if d.changes_math))
+    if not lines:
+        return []
+    return ["## Cells that did not compute the same run", "",
+            "Their speeds are not comparable with their reference's without these notes "
+            "(`ftbench explain DIR CELL_A CELL_B` lists every difference):", "", *lines, ""]
 
 
 def _parity(p) -> str:
@@ -426,6 +455,7 @@ def write_report(result_dir, out: str | os.PathLike | None = None, loss_x: str =
     if len(ladder):
         rep.ladder = ladder
         md += ["## Optimization ladder", "", LADDER_NOTE, "", md_table(ladder), ""]
+    md += fairness_markdown(rs)
     if problems:
         md += ["## Warnings", ""] + [f"- {md_text(p)}" for p in problems] + [""]
     profiled = profile_rows(rs, out)

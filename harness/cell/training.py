@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ftbench.harness.cell.measure import now, step_stats, synchronize, throughput
+from ftbench.harness.contract.api import StepClock
+from ftbench.harness.contract.engine import rows_fingerprint
 
 
 class Diverged(Exception):
@@ -32,10 +34,55 @@ class Diverged(Exception):
 
 @dataclass
 class TrainingRun:
-    """Per-step wall times (seconds) and global losses of one training run."""
+    """Per-step wall times (seconds), global losses and learning rates of one training run, and a
+    fingerprint of each step's rows on this rank (the fairness check's data order)."""
 
     times: list[float] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
+    lrs: list[float | None] = field(default_factory=list)
+    row_sums: list[int] = field(default_factory=list)
+
+
+class RunnerClock(StepClock):
+    """The runner's :class:`StepClock`: the device synchronised before every reading, each step's
+    time, loss and learning rate kept, divergence checked every few steps, ``after_step`` asked
+    (outside the clock) whether to stop."""
+
+    def __init__(self, device, world_size: int, partial: dict, n_steps: int, after_step=None):
+        self.run = TrainingRun()
+        self.device, self.world_size, self.partial, self.last = device, world_size, partial, n_steps - 1
+        self.after_step = after_step
+        self.pending: list = []  # device tensors, read back in chunks so the loop adds no host copies
+        self.check_every = int(os.environ.get("FTBENCH_CHECK_EVERY", "10"))
+        self.t0: float | None = None
+
+    def begin(self) -> None:
+        synchronize(self.device)
+        self.t0 = now()
+
+    def end(self, loss, lr: float | None = None) -> bool:
+        synchronize(self.device)
+        t = now()
+        run = self.run
+        run.times.append(t - self.t0)
+        run.lrs.append(lr)
+        self.pending.append(loss)
+        step = len(run.times) - 1
+        stop = self.after_step is not None and self.after_step(step + 1, run.times)
+        if (step + 1) % self.check_every == 0 or step == self.last or stop:
+            _check_finite(run, self.pending, self.world_size, self.partial)
+            self.pending = []
+        # A loop that goes straight on to its next step is timed end to end; begin() restarts the clock.
+        self.t0 = now()
+        return stop
+
+
+def digested(steps, sink: TrainingRun):
+    """``steps``, passed through, with ``sink.row_sums`` growing by each step's
+    :func:`rows_fingerprint` (this rank's rows, as handed out)."""
+    for micro, counts in steps:
+        sink.row_sums.append(sum(rows_fingerprint(mb) for mb in micro) % 2**64)
+        yield micro, counts
 
 
 def train(engine, steps, device, world_size: int, partial: dict | None = None,
@@ -44,29 +91,28 @@ def train(engine, steps, device, world_size: int, partial: dict | None = None,
 
     ``after_step(n, times)`` runs after optimizer step ``n`` (1-based),
     outside the step's clock (evaluation during training); True ends training.
+    An engine that owns its loop (``Engine.owns_loop``) gets the steps and this
+    clock through ``Engine.run_loop``; every other engine is driven here.
     """
-    run = TrainingRun()
-    pending = []  # device tensors, read back in chunks so the loop adds no host copies
-    check_every = int(os.environ.get("FTBENCH_CHECK_EVERY", "10"))
-    last = len(steps) - 1
+    clock = RunnerClock(device, world_size, partial or {}, len(steps), after_step)
     # Iterating collates the step's batches: before its clock starts.
-    for step, (micro, _) in enumerate(steps):
-        t0 = now()
+    stream = digested(steps, clock.run)
+    if getattr(engine, "owns_loop", False):
+        engine.run_loop(stream, clock)
+        if clock.pending:
+            _check_finite(clock.run, clock.pending, world_size, partial or {})
+        return clock.run
+    for micro, _ in stream:
+        lr = engine.current_lr()
+        clock.begin()
         step_loss = None
         for i, mb in enumerate(micro):
             loss = engine.forward_backward(mb, boundary=i == len(micro) - 1)
             step_loss = loss if step_loss is None else step_loss + loss
         engine.step()
-        synchronize(device)
-        run.times.append(now() - t0)
-        pending.append(step_loss)
-        stop = after_step is not None and after_step(step + 1, run.times)
-        if (step + 1) % check_every == 0 or step == last or stop:
-            _check_finite(run, pending, world_size, partial or {})
-            pending = []
-        if stop:
+        if clock.end(step_loss, lr):
             break
-    return run
+    return clock.run
 
 
 def _check_finite(run: TrainingRun, pending, world_size: int, partial: dict) -> None:
@@ -101,6 +147,7 @@ def summarize(run: TrainingRun, step_counts: list[dict], warmup: int, compiles: 
     stats = step_stats(measured)
     return dict(
         train_loss=run.losses,
+        lr_per_step=run.lrs,
         step_times_s=run.times,
         step_time=stats,
         tokens_per_s=throughput(counts, measured, "nonpad"),

@@ -287,11 +287,25 @@ class Cell:
         warm = self.recipe.warmup
         self.out.update(summarize(run, self.steps.counts, warm, self.engine.compiles))
         self.out["pad_fraction"] = pad_fraction(self.steps.counts)
+        self.record_as_run(run)
         self.out["memory"] = self.memory.end_training()
         measured = sum(run.times[warm:])
         flops = step_flops(self.steps.shapes, self.flops_of)
         self.out["flops_per_s"] = sum(flops[warm:len(run.times)]) / measured if measured else None
         self.out["peak_flops"], self.out["peak_flops_source"] = device_peak(self.device, self.out["matmul_dtype"])
+
+    def record_as_run(self, run) -> None:
+        """What this cell actually computed, for the fairness check (``ftbench explain``): the
+        engine's own account, the attention kernel, the tokens of each optimizer step and the
+        order of the rows handed out."""
+        facts = dict(self.engine.facts() or {})
+        config = getattr(self.model, "config", None)
+        facts.setdefault("attention", getattr(config, "_attn_implementation", None))
+        rows = facts.pop("data_order_rows", None)
+        facts["data_order_rows_rank"] = (rows if rows is not None else run.row_sums)[:len(run.times)]
+        self.out["as_run"] = facts
+        counts = self.steps.counts[:len(run.times)]
+        self.out["step_tokens"] = {k: [c[k] for c in counts] for k in ("padded", "nonpad", "loss")}
 
     def quality_tracker(self):
         """Evaluation during training and the target, when the cell asks for either."""

@@ -293,6 +293,10 @@ class Engine:
     #: backward sees reduced gradients).  The runner applies model, loss, data and
     #: activation hooks for every engine.
     optimization_hooks: frozenset = frozenset()
+    #: True when the engine runs the training loop itself (a stack with a loop of its own, such
+    #: as the Hugging Face ``Trainer``): the runner calls :meth:`run_loop` instead of
+    #: ``forward_backward``/``step`` and still owns the clock, through the :class:`StepClock` it passes.
+    owns_loop: bool = False
     #: Option names this engine accepts (``None``: any).
     OPTIONS: tuple[str, ...] | None = None
 
@@ -372,6 +376,68 @@ class Engine:
     def eval_model(self) -> Any:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def run_loop(self, steps: Iterable, clock: "StepClock") -> None:  # pragma: no cover - interface
+        """Train on every step of ``steps`` in order, telling ``clock`` where each optimizer step
+        begins and ends (engines with :attr:`owns_loop` only).
+
+        ``steps`` yields ``(micro_batches, global_counts)`` exactly as the runner's own loop
+        consumes them (same rows, same order, same ``loss_scale``).  Example::
+
+            def run_loop(self, steps, clock):
+                for micro_batches, _ in steps:
+                    clock.begin()
+                    loss = sum(self.forward_backward(mb, i == len(micro_batches) - 1)
+                               for i, mb in enumerate(micro_batches))
+                    self.step()
+                    if clock.end(loss, lr=self.current_lr()):
+                        break  # the runner asked to stop (e.g. a quality target was reached)
+        """
+        raise NotImplementedError
+
+    def current_lr(self) -> float | None:
+        """The learning rate the next optimizer step uses (recorded per step for the fairness check)."""
+        optimizer = getattr(self, "optimizer", None)
+        groups = getattr(optimizer, "param_groups", None)
+        return float(groups[0]["lr"]) if groups else None
+
+    def facts(self) -> dict:
+        """What this engine actually computes, for the fairness check (``ftbench explain``).
+
+        Keys (each optional): ``loss_normalisation`` (how micro-batch and rank losses combine),
+        ``precision_policy`` (weights, autocast, gradient reduction, optimizer states),
+        ``optimizer`` (the class and kernel that stepped), ``data_order_rows`` (when the
+        engine feeds the rows itself: each step's ``ftbench.rows_fingerprint`` of what it
+        read) and ``differences`` (a list: each way the stack's
+        semantics differ from the recipe, in words).  Example::
+
+            {"loss_normalisation": "sum / global loss tokens", "differences": [
+                "scheduler: linear warmup starts at lr 0 (the recipe's at lr/warmup)"]}
+        """
+        return {}
+
     def stats(self) -> dict:
         """Backend-specific facts for the record (e.g. graph breaks)."""
         return {}
+
+
+class StepClock:
+    """The runner's clock, handed to an engine that owns its loop (:meth:`Engine.run_loop`).
+
+    ``begin()`` synchronises the device and starts an optimizer step's clock; ``end(loss, lr)``
+    synchronises the device, keeps the step's time, its loss (a detached 0-d tensor: this rank's
+    share, the ranks' shares summing to the global mean loss) and the learning rate it used, and
+    returns True when the runner wants training to end.  Steps that follow each other without a
+    ``begin()`` are timed end to end, so that what the loop does between steps counts::
+
+        clock.begin()
+        for step in ...:
+            ...                      # the stack's own step
+            if clock.end(loss, lr):
+                break
+    """
+
+    def begin(self) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def end(self, loss: Any, lr: float | None = None) -> bool:  # pragma: no cover - interface
+        raise NotImplementedError

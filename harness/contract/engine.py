@@ -129,6 +129,76 @@ def model_inputs(batch: dict) -> dict:
         # transformers builds the per-document mask only without a key/value cache.
         return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+#: How the recipe combines losses: what :class:`StandardEngine` computes (see the module's docstring).
+GLOBAL_MEAN = "sum over micro-batches and ranks / loss units of the global step"
+
+
+def precision_policy(recipe: Recipe, weights: str = "fp32", grad_reduce: str = "fp32",
+                     optimizer_states: str = "fp32") -> str:
+    """The recipe's precision policy in words, for the fairness check.
+
+    Example: ``precision_policy(recipe)`` -> ``"weights fp32, autocast bf16, reduce fp32, optimizer fp32"``.
+    """
+    autocast = recipe.precision if recipe.precision != "fp32" else "off"
+    return f"weights {weights}, autocast {autocast}, reduce {grad_reduce}, optimizer {optimizer_states}"
+
+
+def innermost_optimizer(optimizer):
+    """The optimizer that steps, under its wrappers (Accelerate's, DeepSpeed's ZeRO optimizer)."""
+    while hasattr(getattr(optimizer, "optimizer", None), "param_groups"):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def weight_decay_scope(optimizer) -> str | None:
+    """Which share of the trainable weights the optimizer decays, and by how much: ``"0.01 on 100%"``.
+
+    The ``Trainer`` exempts biases and norm weights; the recipe's AdamW decays every weight.
+    """
+    opt = innermost_optimizer(optimizer)
+    groups = getattr(opt, "param_groups", None)
+    if not groups:
+        return None
+    total = sum(p.numel() for g in groups for p in g["params"])
+    decays = {float(g.get("weight_decay", 0.0)) for g in groups if g.get("weight_decay")}
+    decayed = sum(p.numel() for g in groups if g.get("weight_decay") for p in g["params"])
+    if not decays:
+        return "none"
+    return f"{'/'.join(f'{d:g}' for d in sorted(decays))} on {100 * decayed / max(1, total):.1f}%"
+
+
+def optimizer_name(optimizer) -> str | None:
+    """The optimizer class that steps and its kernel: ``"torch.optim.AdamW (foreach)"``."""
+    opt = innermost_optimizer(optimizer)
+    if opt is None:
+        return None
+    cls = type(opt)
+    module = cls.__module__.replace("torch.optim.adamw", "torch.optim")
+    group = (getattr(opt, "param_groups", None) or [{}])[0]
+    kernel = "fused" if group.get("fused") else "foreach" if group.get("foreach") else "default"
+    return f"{module}.{cls.__name__} ({kernel})"
+
+
+def rows_fingerprint(batch: dict) -> int:
+    """An order-free fingerprint of a micro-batch's rows: the sum (mod 2**64) of a hash of each row's
+    real tokens (``input_ids`` where ``attention_mask`` is 1).  Summed over a step's micro-batches
+    and ranks it names the rows of the global step however they were split or padded; the
+    sequence of those sums is the record's data order (``as_run.data_order_digest``).
+
+    Example: ``sum(rows_fingerprint(mb) for mb in micro_batches) % 2**64``.
+    """
+    import hashlib
+
+    ids, mask = batch.get("input_ids"), batch.get("attention_mask")
+    if ids is None:
+        return 0
+    ids = ids.detach().cpu()
+    mask = mask.detach().cpu().bool() if mask is not None else None
+    total = 0
+    for i in range(ids.shape[0]):
+        row = ids[i][mask[i]] if mask is not None else ids[i]
+        total += int.from_bytes(hashlib.sha256(row.numpy().tobytes()).digest()[:8], "little")
+    return total % 2**64
 
 
 class StandardEngine(Engine):
@@ -192,6 +262,10 @@ class StandardEngine(Engine):
         if stepped:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def facts(self) -> dict:
+        return {"loss_normalisation": GLOBAL_MEAN, "precision_policy": precision_policy(self.ctx.recipe),
+                "optimizer": optimizer_name(self.optimizer), "weight_decay": weight_decay_scope(self.optimizer)}
 
     def clip(self, max_norm: float) -> None:
         import torch

@@ -36,7 +36,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from ftbench.harness.contract.activations import BlockLayout, block_bytes_per_token
 from ftbench.harness.contract.optimization import MemoryEffects
@@ -78,7 +78,8 @@ class MemoryPlan:
     of one gradient reduction bucket (at most the trainable parameters), of
     which ``persistent_buckets`` live for the whole run and ``reduce_copies``
     exist while a bucket is reduced (the bucket and its copies for the
-    collective).  ``step_copies``: temporaries of the optimizer step, in
+    collective); ``bucket_hidden_sq`` sizes the bucket from the model instead,
+    in multiples of hidden² elements (Hugging Face's DeepSpeed "auto" sizing).  ``step_copies``: temporaries of the optimizer step, in
     copies of the rank's fp32 optimizer partition.  ``runtime_bytes``: what
     the backend's libraries add to each rank's host footprint (CPU only).
 
@@ -106,6 +107,7 @@ class MemoryPlan:
     gather_copies: int = 1
     host_buffers: float = 0.0
     bucket_params: int = 0
+    bucket_hidden_sq: float = 0.0
     persistent_buckets: int = 0
     reduce_copies: int = 0
     step_copies: float = 0.0
@@ -338,6 +340,8 @@ def predict(counts: ParamCounts, shape: ModelShape, recipe, plan: MemoryPlan, wo
     backward, a gradient bucket being reduced, or the optimizer's
     temporaries, whichever is largest.
     """
+    if plan.bucket_hidden_sq and not plan.bucket_params:
+        plan = replace(plan, bucket_params=int(plan.bucket_hidden_sq * shape.hidden ** 2))
     low = LOW_PRECISION.get(recipe.precision, FP32)
     dev, host = model_state_bytes(counts, plan, FP32, low, effects)
     acts = activation_bytes(shape, micro_batch, recipe.seq_len, recipe.grad_checkpointing, low, device_type)

@@ -42,6 +42,8 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "ftbench.plugins.compiled",
     "ftbench.plugins.deepspeed_zero",
     "ftbench.plugins.data_parallel",
+    "ftbench.plugins.accelerate_backend",
+    "ftbench.plugins.hf_trainer",
     "ftbench.plugins.presets",
     "ftbench.plugins.trackers",
     "ftbench.plugins.optimizations",

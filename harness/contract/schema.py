@@ -218,6 +218,12 @@ RECORD: tuple[Key, ...] = (
     _k("setup_phases", "object", "s", RANK0, "setup_s by phase (imports, data, tokenizer, model, encode, "
        "engine)"),
     _k("rows_read", "object", "rows", RANK0, "rows of each split the cell read (docs/data.md)"),
+    _k("as_run", "object", "", AGGREGATED, "what the cell actually computed, for the fairness check: loss "
+       "normalisation, precision policy, optimizer, weight decay, attention, data order digest, the stack's "
+       "differences from the recipe (docs/fairness.md)", how="rank 0's account with one data-order digest over "
+       "every rank's rows", from_rank=("as_run",)),
+    _k("lr_per_step", "list[float]", "", RANK0, "the learning rate of every optimizer step"),
+    _k("step_tokens", "object", "tokens", RANK0, "tokens per optimizer step: padded, real, loss-bearing"),
     _k("optimizations", "list[object]", "", RANK0, "the cell's --opt optimizations as applied: name, options, "
        "what each changes and whether it keeps the math (docs/optimizations.md)"),
     _k("packing_probe", "object", "", RANK0, "per-document loss of packed rows against the same documents "

@@ -9,6 +9,7 @@ line of the schema.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 
 from ftbench.harness.cell.hostalloc import MEMORY_KIND as CPU_MEMORY_KIND
 from ftbench.harness.cell.machineload import combine as combine_load
@@ -40,6 +41,7 @@ def build_record(spec: CellSpec, outcome: CellOutcome, environment: dict, starte
         **_memory(ranks, main, outcome),
         "flops_per_s": _sum_or_none(r.get("flops_per_s") for r in ranks),
         "peak_flops": _sum_or_none(r.get("peak_flops") for r in ranks),
+        "as_run": as_run(ranks, main),
         "diverged_at_step": next((r.get("diverged_at_step") for r in ranks if "diverged_at_step" in r), None),
         "wall_s": outcome.wall_s,
         "machine_load": combine_load([r.get("machine_load_reading") for r in ranks]),
@@ -63,6 +65,24 @@ def build_record(spec: CellSpec, outcome: CellOutcome, environment: dict, starte
 def _from_rank0(main: dict, key) -> object:
     value = main.get(key.name)
     return key.empty() if value is None and key.empty is not None else value
+def as_run(ranks: list[dict], main: dict) -> dict | None:
+    """Rank 0's account of what the cell computed, with one data-order digest: each step's row
+    fingerprints summed over the ranks (so the digest does not depend on how the global batch was
+    split), hashed in step order."""
+    facts = dict(main.get("as_run") or {})
+    if not facts:
+        return None
+    per_rank = [(r.get("as_run") or {}).get("data_order_rows_rank") for r in sorted(ranks, key=_rank)]
+    facts.pop("data_order_rows_rank", None)
+    if per_rank and all(isinstance(rows, list) for rows in per_rank):
+        steps = min(len(rows) for rows in per_rank)
+        sums = [sum(rows[i] for rows in per_rank) % 2**64 for i in range(steps)]
+        facts["data_order_digest"] = hashlib.sha256(",".join(map(str, sums)).encode()).hexdigest()[:16]
+    return facts
+
+
+def _rank(r: dict) -> int:
+    return int(r.get("rank") or 0)
 
 
 def _memory(ranks: list[dict], main: dict, outcome: CellOutcome) -> dict:
