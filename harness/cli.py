@@ -17,7 +17,8 @@ import click
 from rich.markup import escape
 
 from ftbench.harness.analysis.abtest import checkout_root, run_ab
-from ftbench.harness.analysis.calibrate import calibrate, write_calibration
+from ftbench.harness.analysis.calibrate import calibrate
+from ftbench.harness.analysis.calibration import write_calibration
 from ftbench.harness.analysis.compare import DEFAULT_ALPHA, compare_sets, parse_threshold, print_comparison
 from ftbench.harness.analysis.historyreport import print_history, write_history
 from ftbench.harness.analysis.outputs import refuse_record_files
@@ -44,7 +45,8 @@ from ftbench.harness.results.writer import WriteOptions
 from ftbench.harness.running.driver import RunOptions, run_cells
 from ftbench.harness.running.nodes import NodeLost
 from ftbench.harness.running.progress import RunView, print_cells
-from ftbench.harness.running.slurm import (SlurmOptions, check_slurm, options_from, parse_option_flags,
+from ftbench.harness.grid.slurm_options import SlurmOptions, options_from, parse_option_flags
+from ftbench.harness.running.slurm import (check_slurm,
                                            run_cells_slurm)
 
 EXIT_USAGE = 2

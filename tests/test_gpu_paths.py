@@ -340,7 +340,8 @@ def test_record_says_who_reset_the_setup_peaks_and_what_each_cuda_figure_is():
 
 
 def test_slurm_cpus_per_task_is_configurable_and_one_per_rank_by_default():
-    from ftbench.harness.running.slurm import SlurmOptions, cpus_per_task, options_from
+    from ftbench.harness.grid.slurm_options import SlurmOptions, options_from
+    from ftbench.harness.running.slurm import cpus_per_task
 
     assert cpus_per_task(SlurmOptions(), nproc=4) == 4
     assert cpus_per_task(options_from({"cpus_per_task": 32}, "grid"), nproc=4) == 32

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import statistics
 
-from ftbench.harness.analysis.history import SHIFT, TRANSIENT, Event, Series, SetInfo, log_level, verdict_of
+from ftbench.harness.analysis.series import SHIFT, TRANSIENT, Event, Series, SetInfo, log_level, verdict_of
 
 PENALTY = 3.0
 #: Standard errors a kept shift must span.

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from ftbench.harness.cell.machineload import load_differs
 from ftbench.harness.contract.api import FtbenchError
 from ftbench.harness.contract.format import fmt_bytes, fmt_num
+from ftbench.harness.analysis.calibration import read_calibration
 from ftbench.harness.analysis.explain import explain
 from ftbench.harness.analysis.markdown import md_table, md_text
 from ftbench.harness.analysis.fairness import compare_cells, has_account
@@ -332,8 +333,6 @@ def compare_sets(base_dir, new_dir, thresholds: dict | None = None, alpha: float
     base, new = load_result_set(base_dir), load_result_set(new_dir)
     source = "defaults"
     if calibration:
-        from ftbench.harness.analysis.calibrate import read_calibration
-
         calibrated = read_calibration(calibration, [base, new])
         thresholds = {**calibrated, **(thresholds or {})}
         source = f"calibrated by {calibration}" + (", overridden by --threshold" if thresholds != calibrated else "")

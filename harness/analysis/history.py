@@ -17,83 +17,22 @@ that some sets lack simply have fewer points.
 
 from __future__ import annotations
 
-import math
 import os
-import statistics
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ftbench.harness.contract.api import FtbenchError
-from ftbench.harness.analysis.calibrate import machine_view
-from ftbench.harness.analysis.compare import DEFAULT_THRESHOLDS, IMPROVEMENT, REGRESSION
+from ftbench.harness.analysis.calibration import machine_view, read_calibration
+from ftbench.harness.analysis.compare import DEFAULT_THRESHOLDS
 from ftbench.harness.analysis.resultset import (ResultSet, as_float, environment_diff, load_result_set,
                                                 variant_labels)
 from ftbench.harness.results.store import RESULTS_FILE, describe_versions
+from ftbench.harness.analysis.changepoints import detect
+from ftbench.harness.analysis.series import Point, Series, SetInfo
 
-SHIFT, TRANSIENT = "shift", "transient"
 #: Figures followed over time: (figure, record key, higher is better, unit).
 FIGURES = (("speed", "tokens_per_s", True, "tok/s"), ("peak_memory_bytes", "peak_memory_bytes", False, "bytes"))
-
-
-@dataclass
-class SetInfo:
-    """One result set in the history."""
-
-    path: Path
-    name: str
-    started_at: str
-    commit: str | None
-    machine: dict
-    records: list[dict]
-    position: int = 0
-    included: bool = True
-
-
-@dataclass
-class Point:
-    position: int          # index of the set among the included sets
-    values: list[float]    # one per repeat
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.values)
-
-
-@dataclass
-class Event:
-    """A change in a series: where it began, by how much, and which way."""
-
-    position: int
-    set_name: str
-    commit_before: str | None
-    commit_after: str | None
-    change: float
-    kind: str
-    verdict: str
-
-
-@dataclass
-class Series:
-    cell_id: str
-    cell: str
-    task: str
-    figure: str
-    unit: str
-    higher_is_better: bool
-    points: list[Point] = field(default_factory=list)
-    events: list[Event] = field(default_factory=list)
-    note: str = ""
-
-    @property
-    def newest_regression(self) -> Event | None:
-        """The change the newest point belongs to, when it made the figure worse."""
-        if not self.events or not self.points:
-            return None
-        last = self.events[-1]
-        if last.verdict == REGRESSION and (last.kind == SHIFT or last.position == self.points[-1].position):
-            return last
-        return None
 
 
 @dataclass
@@ -236,8 +175,6 @@ def build_history(paths, thresholds: dict | None = None, calibration: str | None
 
     Example: ``build_history(["runs/nightly"], {"speed": 0.15}).regressions``.
     """
-    from ftbench.harness.analysis.calibrate import read_calibration
-    from ftbench.harness.analysis.changepoints import detect
 
     versions: Counter = Counter()
     sets, warnings = load_sets(paths, versions)
@@ -254,13 +191,3 @@ def build_history(paths, thresholds: dict | None = None, calibration: str | None
     return History(sets=sets, series=series, warnings=warnings, thresholds=th, read=read)
 
 
-def verdict_of(change: float, higher_is_better: bool) -> str:
-    worse = change < 0 if higher_is_better else change > 0
-    return REGRESSION if worse else IMPROVEMENT
-
-
-def log_level(values: list[float]) -> list[float]:
-    """Log of positive figures (ratios become differences); raw values otherwise."""
-    if all(v > 0 for v in values):
-        return [math.log(v) for v in values]
-    return list(values)

@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ftbench.harness.contract.format import fmt_bytes, fmt_num
-from ftbench.harness.analysis.history import History, Series, build_history
+from ftbench.harness.analysis.history import History, build_history
+from ftbench.harness.analysis.series import Series
+from ftbench.harness.analysis.plots import save_figure
 from ftbench.harness.analysis.historystore import write_db
 from ftbench.harness.analysis.markdown import md_table
 
@@ -78,7 +80,6 @@ def markdown(h: History) -> str:
 def plot_figure(h: History, figure: str, path: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
-    from ftbench.harness.analysis.report import save_figure
 
     series = sorted((s for s in h.series if s.figure == figure), key=lambda s: (s.task, s.cell))
     if not series:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from ftbench.harness.contract.format import fmt_num
 from ftbench.harness.analysis.resultset import ResultSet, as_float, variant_labels
+from ftbench.harness.analysis.plots import colours, grid_axes, save_figure
 
 
 def _groups(rs: ResultSet) -> dict[tuple, list[dict]]:
@@ -72,15 +73,14 @@ def plot_quality_vs_time(rs: ResultSet, path: Path) -> Path | None:
     """One panel per task: the target metric against training seconds, a line per run, a colour per cell."""
     import matplotlib.pyplot as plt
 
-    from ftbench.harness.analysis.report import _colours, _grid_axes, save_figure
 
     runs = [r for r in rs.records if r.get("eval_curve") and r.get("status") in ("ok", "diverged")]
     if not runs:
         return None
     labels = variant_labels(rs.records, without=("seed",))
     tasks = list(dict.fromkeys(r.get("task") for r in runs))
-    colours = _colours(list(dict.fromkeys(labels[r["cell_id"]] for r in runs)))
-    fig, axes = _grid_axes(plt, len(tasks), height=3.8)
+    colour_of = colours(list(dict.fromkeys(labels[r["cell_id"]] for r in runs)))
+    fig, axes = grid_axes(plt, len(tasks), height=3.8)
     for ax, task in zip(axes, tasks):
         mine = [r for r in runs if r.get("task") == task]
         metric = (mine[0].get("target") or {}).get("metric") or mine[0].get("metric")
@@ -92,7 +92,7 @@ def plot_quality_vs_time(rs: ResultSet, path: Path) -> Path | None:
             if not pts:
                 continue
             lab = labels[r["cell_id"]]
-            ax.plot(*zip(*pts), marker="o", ms=3, linewidth=1.2, color=colours[lab],
+            ax.plot(*zip(*pts), marker="o", ms=3, linewidth=1.2, color=colour_of[lab],
                     label=None if lab in shown else lab, alpha=0.85)
             shown.add(lab)
         target = next((r["target"] for r in mine if r.get("target")), None)

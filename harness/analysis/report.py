@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ftbench.harness.contract.format import fmt_bytes, fmt_num
 from ftbench.harness.analysis.markdown import md_table, md_text
+from ftbench.harness.analysis.plots import colours, grid_axes, save_figure
 from ftbench.harness.analysis.ladder_report import ladder_frame, plot_ladder
 from ftbench.harness.analysis.fairness import compare_cells, counterpart, differs_label, has_account
 from ftbench.harness.analysis.profiles import profile_html, profile_markdown, profile_rows
@@ -220,47 +221,20 @@ def _parity(p) -> str:
 # ------------------------------------------------------------------- plots
 
 
-def save_figure(plt, fig, title: str, path: Path, fontsize: float | None = None) -> Path:
-    """Title, lay out, write and close a report figure; its path."""
-    fig.suptitle(title, fontsize=fontsize)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def _grid_axes(plt, n: int, width: float = 5.2, height: float = 3.8):
-    cols = min(n, 3)
-    rows = math.ceil(n / cols)
-    # A lone panel gets extra width so that the figure's title fits.
-    fig, axes = plt.subplots(rows, cols, figsize=(max(width * cols, 7.5), height * rows + 0.4), squeeze=False)
-    flat = list(axes.flat)
-    for ax in flat[n:]:
-        ax.set_visible(False)
-    return fig, flat[:n]
-
-
-def _colours(labels):
-    import matplotlib
-
-    cmap = matplotlib.colormaps["tab10"]
-    return {lab: cmap(i % 10) for i, lab in enumerate(labels)}
-
-
 def plot_bars(summary, df, col: str, ylabel: str, title: str, path: Path, scale: float = 1.0) -> Path:
     """One panel per task, one bar per cell (median), whiskers min–max, dots per repeat."""
     import matplotlib.pyplot as plt
 
     tasks = list(dict.fromkeys(summary["task"]))
-    fig, axes = _grid_axes(plt, len(tasks))
-    colours = _colours(list(dict.fromkeys(summary["variant"])))
+    fig, axes = grid_axes(plt, len(tasks))
+    colour_of = colours(list(dict.fromkeys(summary["variant"])))
     for ax, task in zip(axes, tasks):
         s = summary[(summary["task"] == task) & summary[f"{col}_median"].notna()]
         x = list(range(len(s)))
         med = [v / scale for v in s[f"{col}_median"]]
         lo = [m - v / scale for m, v in zip(med, s[f"{col}_min"])]
         hi = [v / scale - m for m, v in zip(med, s[f"{col}_max"])]
-        bars = ax.bar(x, med, color=[colours[v] for v in s["variant"]], yerr=[lo, hi], capsize=4,
+        bars = ax.bar(x, med, color=[colour_of[v] for v in s["variant"]], yerr=[lo, hi], capsize=4,
                       edgecolor="black", linewidth=0.5, error_kw={"elinewidth": 1})
         for i, cid in enumerate(s["cell_id"]):
             pts = df[(df["cell_id"] == cid) & (df["status"] == "ok")][col].dropna() / scale
@@ -287,8 +261,8 @@ def plot_loss(rs: ResultSet, summary, path: Path, x: str = "step") -> Path:
 
     tasks = list(dict.fromkeys(summary["task"]))
     labels = dict(zip(summary["cell_id"], summary["variant"]))
-    colours = _colours(list(dict.fromkeys(summary["variant"])))
-    fig, axes = _grid_axes(plt, len(tasks), height=3.6)
+    colour_of = colours(list(dict.fromkeys(summary["variant"])))
+    fig, axes = grid_axes(plt, len(tasks), height=3.6)
     for ax, task in zip(axes, tasks):
         warm = None
         for cid in summary[summary["task"] == task]["cell_id"]:
@@ -304,9 +278,9 @@ def plot_loss(rs: ResultSet, summary, path: Path, x: str = "step") -> Path:
                          if r["cell_id"] == cid and r.get("status") in ("ok", "diverged") and r.get("train_loss")]
                 steps = np.median(np.array([t for t in times if len(t) == n]), axis=0) if times else steps
             lab = labels[cid]
-            ax.plot(steps, np.nanmedian(arr, axis=0), color=colours[lab], label=lab, linewidth=1.4)
+            ax.plot(steps, np.nanmedian(arr, axis=0), color=colour_of[lab], label=lab, linewidth=1.4)
             if len(curves) > 1:
-                ax.fill_between(steps, np.nanmin(arr, axis=0), np.nanmax(arr, axis=0), color=colours[lab],
+                ax.fill_between(steps, np.nanmin(arr, axis=0), np.nanmax(arr, axis=0), color=colour_of[lab],
                                 alpha=0.18, linewidth=0)
             rec = next(r for r in rs.records if r["cell_id"] == cid)
             warm = ((rec.get("config") or {}).get("recipe") or {}).get("warmup", warm)
@@ -326,8 +300,8 @@ def plot_quality(summary, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     tasks = list(dict.fromkeys(summary["task"]))
-    colours = _colours(list(dict.fromkeys(summary["variant"])))
-    fig, axes = _grid_axes(plt, len(tasks))
+    colour_of = colours(list(dict.fromkeys(summary["variant"])))
+    fig, axes = grid_axes(plt, len(tasks))
     for ax, task in zip(axes, tasks):
         s = summary[(summary["task"] == task) & summary["tokens_per_s_median"].notna()
                     & summary["metric_value_median"].notna()]
@@ -335,7 +309,7 @@ def plot_quality(summary, path: Path) -> Path:
             x, y = row["tokens_per_s_median"], row["metric_value_median"]
             ax.errorbar(x, y, xerr=[[x - row["tokens_per_s_min"]], [row["tokens_per_s_max"] - x]],
                         yerr=[[y - row["metric_value_min"]], [row["metric_value_max"] - y]], fmt="o", ms=7,
-                        color=colours[row["variant"]], capsize=3, label=row["variant"])
+                        color=colour_of[row["variant"]], capsize=3, label=row["variant"])
             ax.annotate(row["variant"], (x, y), textcoords="offset points", xytext=(6, 6), fontsize=8)
         metric = next(iter(s["metric"]), None) if len(s) else None
         hib = bool(next(iter(s["higher_is_better"]), False)) if len(s) else False

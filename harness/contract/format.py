@@ -1,8 +1,11 @@
-"""Human-readable numbers for tables, and values short enough for a message."""
+"""Human-readable numbers and durations, and values short enough for a message."""
 
 from __future__ import annotations
 
+import re
 import reprlib
+
+from ftbench.harness.contract.api import FtbenchError
 
 # A value quoted in an error message may be anything a file held (a list of a
 # million items, a string of megabytes): reprlib bounds both the work and the text.
@@ -54,3 +57,16 @@ def fmt_bytes(n) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return str(n)
+
+
+def parse_duration(value, what: str) -> float:
+    """Seconds from ``90``, ``"90s"``, ``"15m"``, ``"1.5h"``.
+
+    Example: ``parse_duration("15m", "time_limit") == 900.0``.
+    """
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        return float(value)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([smh]?)\s*", str(value)) if isinstance(value, str) else None
+    if not m or float(m.group(1)) <= 0:
+        raise FtbenchError(f"{what}: invalid duration {shown(value)}; write seconds (900) or 90s, 15m, 1.5h")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]

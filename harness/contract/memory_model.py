@@ -39,7 +39,6 @@ import dataclasses
 from dataclasses import asdict, dataclass, field, replace
 
 from ftbench.harness.contract.activations import BlockLayout, block_bytes_per_token
-from ftbench.harness.contract.optimization import MemoryEffects
 
 MiB = 2**20
 FP32 = 4
@@ -154,6 +153,26 @@ class ModelShape:
     def block(self, cross: bool = False) -> BlockLayout:
         base = self.layout or BlockLayout(self.hidden, self.ffn, self.heads, self.hidden)
         return dataclasses.replace(base, cross_attention=True) if cross else base
+
+
+@dataclass(frozen=True)
+class MemoryEffects:
+    """What the optimizations of a cell change in its memory prediction.
+
+    ``logit_chunks``: the loss materialises the ``tokens x vocab`` logits in that
+    many chunks, one at a time (1: all at once); ``optimizer_bytes_per_param``:
+    bytes of optimizer state per trainable parameter (AdamW fp32: 8, 8-bit: 2);
+    ``grads_freed_in_backward``: each gradient is applied and freed as soon as it
+    is ready, so at most the largest layer's gradient lives; ``activations_on_host``:
+    saved activations are moved to host memory.
+
+    Example: ``MemoryEffects(logit_chunks=8)``.
+    """
+
+    logit_chunks: int = 1
+    optimizer_bytes_per_param: int = 8
+    grads_freed_in_backward: bool = False
+    activations_on_host: bool = False
 
 
 @dataclass

@@ -38,6 +38,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping
 
 from ftbench.harness.contract.api import MODEL_KINDS, FtbenchError, Unavailable
+from ftbench.harness.contract.memory_model import MemoryEffects
 from ftbench.harness.contract.specs import Spec
 
 #: What an optimization may change.
@@ -49,26 +50,6 @@ MATH = (EXACT, TOLERANCE, NUMERICS)
 #: The runner applies the model, loss, data and activation hooks for every engine; an engine
 #: lists the rest in ``Engine.optimization_hooks``.
 ENGINE_HOOKS = ("optimizer", "backward-step")
-
-
-@dataclass(frozen=True)
-class MemoryEffects:
-    """What the optimizations of a cell change in its memory prediction.
-
-    ``logit_chunks``: the loss materialises the ``tokens x vocab`` logits in that
-    many chunks, one at a time (1: all at once); ``optimizer_bytes_per_param``:
-    bytes of optimizer state per trainable parameter (AdamW fp32: 8, 8-bit: 2);
-    ``grads_freed_in_backward``: each gradient is applied and freed as soon as it
-    is ready, so at most the largest layer's gradient lives; ``activations_on_host``:
-    saved activations are moved to host memory.
-
-    Example: ``MemoryEffects(logit_chunks=8)``.
-    """
-
-    logit_chunks: int = 1
-    optimizer_bytes_per_param: int = 8
-    grads_freed_in_backward: bool = False
-    activations_on_host: bool = False
 
 
 class Optimization:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import re
 import tomllib
 import typing
 from importlib import resources
@@ -32,6 +31,8 @@ from pathlib import Path
 import yaml
 
 from ftbench.harness.contract.api import FtbenchError
+from ftbench.harness.contract.format import parse_duration  # noqa: F401 (grid files' durations; cli imports it here)
+from ftbench.harness.grid.slurm_options import options_from
 from ftbench.harness.contract.format import shorten, shown
 from ftbench.harness.contract.config import RECIPE_FIELDS, Recipe
 from ftbench.harness.grid.expand import (AXES, CELL_SETTINGS, INTERLEAVED, ORDERS, PER_CELL_SETTINGS, SWEEPABLE,
@@ -137,19 +138,6 @@ def _unknown(name: str, where: str, keys, allowed) -> None:
     place = f" in {where}" if where else ""
     raise FtbenchError(f"grid file {name}: unknown key {shown(bad[0])}{place}{hint}; allowed: "
                        f"{', '.join(sorted(map(str, allowed)))}")
-
-
-def parse_duration(value, what: str) -> float:
-    """Seconds from ``90``, ``"90s"``, ``"15m"``, ``"1.5h"``.
-
-    Example: ``parse_duration("15m", "time_limit") == 900.0``.
-    """
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
-        return float(value)
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([smh]?)\s*", str(value)) if isinstance(value, str) else None
-    if not m or float(m.group(1)) <= 0:
-        raise FtbenchError(f"{what}: invalid duration {shown(value)}; write seconds (900) or 90s, 15m, 1.5h")
-    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
 
 
 def coerce_setting(key: str, value, where: str):
@@ -345,7 +333,6 @@ def _launcher(data: dict, name: str) -> tuple[str | None, dict | None]:
                            "(multi-node settings such as nnodes go under settings.launcher)")
     slurm = data.get("slurm")
     if slurm is not None:
-        from ftbench.harness.running.slurm import options_from
 
         options_from(slurm, f"grid file {name}")
     return launcher, slurm

@@ -10,17 +10,35 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+from dataclasses import dataclass, field
 
 from ftbench.harness.cell.hostalloc import MEMORY_KIND as CPU_MEMORY_KIND
 from ftbench.harness.cell.machineload import combine as combine_load
 from ftbench.harness.cell.memwindows import CUDA_FIGURES
-from ftbench.harness.running.cellproc import CellOutcome
 from ftbench.harness.contract.config import CellSpec
 from ftbench.harness.contract.schema import SCHEMA_VERSION, copied_from_rank0
 
 #: What a CUDA memory figure is: torch.cuda.max_memory_allocated, max over ranks.  A CPU figure is
 #: each rank's peak resident set, max over ranks, named by its --cpu-memory mode (CPU_MEMORY_KIND).
 CUDA_MEMORY_KIND = "cuda_peak_allocated"
+
+
+@dataclass
+class CellOutcome:
+    """What the driver learns from one cell process."""
+
+    ranks: list[dict]
+    status: str
+    error: str | None
+    wall_s: float
+    returncode: int | None
+    tree_peak_bytes: int
+    stderr_tail: str = ""
+    #: Processes still alive after the cell's main process ended on its own (killed by the driver).
+    leftovers: list = field(default_factory=list)
+    #: How the cell was launched: ``mode`` (``fork``, ``exec`` or ``torchrun``; see
+    #: ``ftbench.harness.running.launch.LAUNCH_MODES``) and where its rendezvous store listened.
+    launch: dict | None = None
 
 
 def build_record(spec: CellSpec, outcome: CellOutcome, environment: dict, started_at: float) -> dict:

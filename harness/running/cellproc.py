@@ -25,6 +25,7 @@ import psutil
 
 from ftbench.harness.cell import reaper
 from ftbench.harness.running import launch
+from ftbench.harness.results.record import CellOutcome
 from ftbench.harness.running.ranks import first_failure, launch_details, threads_per_rank
 from ftbench.harness.contract.config import CellSpec
 
@@ -112,24 +113,6 @@ def command_for(spec: CellSpec, args: list[str]) -> list[str]:
     else:
         launch += ["--standalone"]
     return launch + worker
-
-
-@dataclass
-class CellOutcome:
-    """What the driver learns from one cell process."""
-
-    ranks: list[dict]
-    status: str
-    error: str | None
-    wall_s: float
-    returncode: int | None
-    tree_peak_bytes: int
-    stderr_tail: str = ""
-    #: Processes still alive after the cell's main process ended on its own (killed by the driver).
-    leftovers: list = field(default_factory=list)
-    #: How the cell was launched: ``mode`` (``fork``, ``exec`` or ``torchrun``; see
-    #: ``ftbench.harness.running.launch.LAUNCH_MODES``) and where its rendezvous store listened.
-    launch: dict | None = None
 
 
 def cell_env(spec: CellSpec, env_extra: dict | None) -> dict:
