@@ -48,6 +48,9 @@ from ftbench.harness.running.progress import RunView, print_cells
 from ftbench.harness.grid.slurm_options import SlurmOptions, options_from, parse_option_flags
 from ftbench.harness.running.slurm import (check_slurm,
                                            run_cells_slurm)
+from ftbench.harness.contract.optimization import local_device, opt_summary
+from ftbench.harness.analysis.fairness import compare_cells, explain, select_cell
+from ftbench.harness.analysis.resultset import load_result_set
 
 EXIT_USAGE = 2
 EXIT_REGRESSION = 1
@@ -101,7 +104,6 @@ def list_cmd(as_json):
                    "description": e.obj.description} for e in reg.sinks.values()],
         "broken_plugins": [{"plugin": name, "error": error} for name, error in sorted(reg.broken.items())],
     }
-    from ftbench.harness.contract.optimization import local_device, opt_summary
 
     here = local_device()
     data["optimizations"] = [{"name": e.name, "plugin": e.plugin, "device": here,
@@ -722,9 +724,6 @@ def explain_cmd(runs, cell_a, cell_b, other_runs):
     prefix), BACKEND as written on the command line, or TASK/BACKEND. Exit status
     1 when their differences change the math (docs/fairness.md).
     """
-    from ftbench.harness.analysis.fairness import compare_cells, explain, select_cell
-    from ftbench.harness.analysis.resultset import load_result_set
-
     a = select_cell(load_result_set(runs).records, cell_a, runs)
     b = select_cell(load_result_set(other_runs or runs).records, cell_b, other_runs or runs)
     con = _console()

@@ -28,6 +28,7 @@ from ftbench.harness.analysis.fairness import compare_cells, counterpart, differ
 from ftbench.harness.analysis.profiles import profile_html, profile_markdown, profile_rows
 from ftbench.harness.analysis.quality_report import plot_quality_vs_time, time_to_target_frame
 from ftbench.harness.analysis.resultset import ResultSet, as_float, load_result_set, repeat_of, variant_labels
+from ftbench.harness.results.parity import parity_label
 
 REPORT_DIR = "report"
 MiB = 2**20
@@ -213,8 +214,6 @@ def fairness_markdown(rs: ResultSet) -> list[str]:
 
 
 def _parity(p) -> str:
-    from ftbench.harness.results.parity import parity_label
-
     return parity_label(p)
 
 

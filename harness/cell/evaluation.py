@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 from ftbench.harness.contract.api import EvalContext
 from ftbench.harness.contract.engine import autocast_for, move
+from ftbench.harness.cell.modeling import class_probabilities, greedy_generate
 
 EVAL_BATCH = 16
 
@@ -64,8 +65,6 @@ class HeldOut:
 
 def evaluate(model, held: HeldOut) -> dict:
     """The task's metrics on the held-out rows, ``eval_loss`` always among them."""
-    from ftbench.harness.cell.modeling import class_probabilities, greedy_generate
-
     task, tokenizer, kind, device, recipe, options = (held.task, held.tokenizer, held.kind, held.device,
                                                       held.recipe, held.options)
     rows, encoded, make_batch, encode = held.rows, held.encoded, held.make_batch, held.encode

@@ -31,6 +31,8 @@ import time
 import torch
 
 from ftbench.harness.contract.gpus import GPU_PEAKS, gpu_model, gpu_peak  # noqa: F401 - the one GPU table
+from ftbench.harness.cell.tokenization import cache_dir
+from ftbench.harness.contract.environment import cpu_model
 
 def _is_matmul_module(m: torch.nn.Module) -> bool:
     if isinstance(m, torch.nn.Linear):
@@ -85,8 +87,6 @@ def flop_model(model: torch.nn.Module, kind: str):
 
 
 def _cache_file():
-    from ftbench.harness.cell.tokenization import cache_dir
-
     return cache_dir() / "cpu_peak.json"
 
 
@@ -95,8 +95,6 @@ CPU_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 
 def measured_cpu_peak(seconds: float = 0.5, dtype: str = "fp32") -> float:
     """Best matmul FLOP/s of this CPU in ``dtype`` with the current thread count (cached)."""
-    from ftbench.harness.contract.environment import cpu_model
-
     key = f"{cpu_model()}|{torch.__version__}|{torch.get_num_threads()}"
     key = key if dtype == "fp32" else f"{key}|{dtype}"
     path = _cache_file()

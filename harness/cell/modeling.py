@@ -23,6 +23,8 @@ from ftbench.harness.contract.api import (DECODER, ENCODER, ENCODER_DECODER, IGN
 from ftbench.harness.contract.format import shorten
 from ftbench.harness.cell.remote_code import as_user_error, hf_kwargs, refuse_remote_code
 from ftbench.harness.contract.engine import model_inputs
+from ftbench.harness.cell.tokenization import train_tokenizer
+from ftbench.harness.cell.weights import load_kwargs
 
 
 @dataclass
@@ -138,8 +140,6 @@ def choose_kind(source: ModelSource, task: Task) -> str:
 
 def load_tokenizer(source: ModelSource, texts):
     if source.preset is not None:
-        from ftbench.harness.cell.tokenization import train_tokenizer
-
         return train_tokenizer(texts, source.preset.vocab_size)
     from transformers import AutoTokenizer
 
@@ -159,7 +159,6 @@ def build_model(source: ModelSource, tokenizer, head: str, num_labels: int | Non
         return source.preset.build(tokenizer=tokenizer, head=head, num_labels=num_labels)
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
 
-    from ftbench.harness.cell.weights import load_kwargs
 
     fp32 = load_kwargs()
     if head == "classification":

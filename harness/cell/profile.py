@@ -40,6 +40,7 @@ from __future__ import annotations
 import os
 import statistics
 from pathlib import Path
+from ftbench.harness.cell.measure import now, synchronize
 
 COMM_MARKERS = ("c10d", "gloo", "nccl", "all_reduce", "allreduce", "all_gather", "allgather", "reduce_scatter",
                 "broadcast", "record_param_comms", "ProcessGroup", "all_to_all")
@@ -60,7 +61,6 @@ def profile_after_training(spec, engine, steps_data, device, rank: int) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    from ftbench.harness.cell.measure import now, synchronize
 
     engine.eval_model().train()
     # A stream (collated on demand) or a list of pre-collated steps; both give (micro_batches, counts).

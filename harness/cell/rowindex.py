@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from ftbench.harness.contract.api import DataError
+from ftbench.harness.cell.tokenization import cache_dir
 
 _CHUNK = 4 << 20  # bytes scanned at a time: bounds the scan's own memory
 _INDEX_VERSION = 1
@@ -102,8 +103,6 @@ class FileRows:
 
 
 def _cached_index(path: Path, build) -> np.ndarray:
-    from ftbench.harness.cell.tokenization import cache_dir
-
     st = path.stat()
     key = f"{_INDEX_VERSION}|{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
     if os.environ.get("FTBENCH_NO_CACHE"):

@@ -31,6 +31,9 @@ from pathlib import Path
 
 from ftbench.harness.contract.api import DataError, Task
 from ftbench.harness.cell.data import Rows, map_columns, split_files
+from ftbench.harness.cell.rowindex import FileRows
+from ftbench.harness.cell.data import open_hub
+from ftbench.harness.cell.batches import batch_plan
 
 #: Rows the preset tokenizer is trained on, at most: a seeded sample of the training split.
 TOKENIZER_SAMPLE_ROWS = 2048
@@ -100,14 +103,10 @@ def open_sources(task: Task, data, options: dict, seed: int, stream_rows: int | 
 
 
 def _open_dir(root: Path) -> dict:
-    from ftbench.harness.cell.rowindex import FileRows
-
     return {split: FileRows(path) for split, path in split_files(root).items() if split != "test"}
 
 
 def _open_stream(spec: str, stream_rows: int | None) -> dict:
-    from ftbench.harness.cell.data import open_hub
-
     ds = open_hub(spec, streaming=True)
     return stream_sources(ds, f"hf:{spec}", stream_rows)
 
@@ -128,8 +127,6 @@ def stream_sources(ds, origin: str, stream_rows: int | None) -> dict:
 
 def plan_indices(n_train: int, recipe, world_size: int) -> list[int]:
     """Training rows the batch plan draws, each once, in first-use order (the same for every rank)."""
-    from ftbench.harness.cell.batches import batch_plan
-
     return batch_plan(n_train, recipe, world_size, 0, recipe.seed).first_use()
 
 

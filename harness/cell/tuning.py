@@ -12,18 +12,16 @@ Example::
 """
 
 from __future__ import annotations
+from ftbench.harness.cell.modeling import apply_tuning
+from ftbench.harness.contract.config import parse_tuning
+from ftbench.harness.contract.lora_options import parse_lora
+from ftbench.harness.cell.lora import apply_lora
 
 
 def tune(model, tuning: str, head: str, kind: str):
     """``model`` ready for the tuning scope (the same module, or the one with adapters injected)."""
-    from ftbench.harness.cell.modeling import apply_tuning
-    from ftbench.harness.contract.config import parse_tuning
-    from ftbench.harness.contract.lora_options import parse_lora
-
     mode, n_frozen = parse_tuning(tuning)
     if mode == "lora":
-        from ftbench.harness.cell.lora import apply_lora
-
         return apply_lora(model, parse_lora(tuning), head, kind)
     apply_tuning(model, mode, n_frozen)
     return model

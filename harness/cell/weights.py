@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import json
 from pathlib import Path
+from ftbench.harness.contract.environment import package_version, version_tuple
 
 #: torch / safetensors dtype names -> the names the recipe and the peak table use.
 SHORT = {"float32": "fp32", "F32": "fp32", "bfloat16": "bf16", "BF16": "bf16", "float16": "fp16", "F16": "fp16",
@@ -101,7 +102,6 @@ def load_kwargs() -> dict:
     """``from_pretrained`` keyword asking for fp32 weights (``dtype`` since transformers 4.56)."""
     import torch
 
-    from ftbench.harness.contract.environment import package_version, version_tuple
 
     key = "dtype" if version_tuple(package_version("transformers")) >= (4, 56) else "torch_dtype"
     return {key: torch.float32}

@@ -26,6 +26,32 @@ from pathlib import Path  # noqa: E402
 from ftbench.harness.cell.machineload import LoadProbe  # noqa: E402
 from ftbench.harness.cell.provenance import cuda_stack, digest_model, digest_rows, digest_tokenizer  # noqa: E402
 from ftbench.harness.cell.training import Diverged  # noqa: E402  (re-exported: main() catches it)
+from ftbench.harness.contract.environment import cpu_model
+from ftbench.harness.cell.reaper import watch_driver
+from ftbench.harness.cell.timing import PhaseClock
+from ftbench.harness.contract.api import Unavailable
+from ftbench.harness.contract.config import CellSpec, DOCUMENTS
+from ftbench.harness.contract.resolve import check_seq_len, resolve_cell
+from ftbench.harness.contract.registry import Registry
+from ftbench.harness.cell.optimizing import apply_to_model, describe, unavailable, within_step_contexts, wrap_loss
+from ftbench.harness.cell.memwindows import MemoryWindows
+from ftbench.harness.cell.hostalloc import apply_cpu_memory
+from ftbench.harness.cell.rowsource import load_run_data, sample_texts
+from ftbench.harness.cell.modeling import build_model, choose_kind, collate, count_params, decoder_start_id, encode_example, load_tokenizer, make_loss_fn, max_positions, param_bytes, resolve_model
+from ftbench.harness.contract.optimization import check_combination
+from ftbench.harness.cell.measure import current_rss_bytes, memory_snapshot, now, synchronize
+from ftbench.harness.cell.tuning import tune
+from ftbench.harness.cell.weights import weight_dtypes
+from ftbench.harness.cell.batches import StepStream, batch_plan, pad_fraction, step_flops
+from ftbench.harness.cell.mfu import device_peak, flop_model
+from ftbench.harness.cell.prepcache import cached_encode, data_identity
+from ftbench.harness.cell.packing import check_can_pack, pack
+from ftbench.harness.contract.engine import EngineContext
+from ftbench.harness.cell.training import summarize, train
+from ftbench.harness.cell.quality import QualityTracker, evaluation_interval
+from ftbench.harness.cell.evaluation import HeldOut, evaluate
+from ftbench.harness.cell.packing_probe import contamination_probe
+from ftbench.harness.cell.profile import profile_after_training
 
 
 def _seed_all(seed: int) -> None:
@@ -60,8 +86,6 @@ class Cell:
     """
 
     def __init__(self, spec_dict: dict, t_launch: float):
-        from ftbench.harness.cell.timing import PhaseClock
-
         self.spec_dict = spec_dict
         self.t_launch = t_launch
         self.rank = int(os.environ.get("RANK", 0))
@@ -100,11 +124,6 @@ class Cell:
         """Plugins, options and device; False when the backend cannot run here (a skipped cell)."""
         import torch
 
-        from ftbench.harness.contract.api import Unavailable
-        from ftbench.harness.contract.config import CellSpec
-        from ftbench.harness.contract.resolve import resolve_cell
-        from ftbench.harness.contract.registry import Registry
-
         self.spec = CellSpec.from_dict(self.spec_dict)
         self.reg = Registry.load()
         self.cell = resolve_cell(self.reg, self.spec, self.world)
@@ -117,7 +136,6 @@ class Cell:
             return False
         self.device = _pick_device(self.spec.device, self.local_rank)
         self.out["device"] = _describe(self.device)
-        from ftbench.harness.cell.optimizing import describe, unavailable
 
         self.out["optimizations"] = describe(self.cell.opts)
         why = unavailable(self.cell.opts, self.device.type)
@@ -125,14 +143,11 @@ class Cell:
             self.out.update(status="skipped", error=why)
             return False
         if self.device.type == "cpu":
-            from ftbench.harness.cell.hostalloc import apply_cpu_memory
-
             # Before the model exists, so every tensor of the cell is allocated under the chosen policy.
             why_not = apply_cpu_memory(self.spec.cpu_memory)
             self.out["cpu_memory"] = "resident" if why_not else self.spec.cpu_memory
             if why_not:
                 self.out["cpu_memory_note"] = why_not
-        from ftbench.harness.cell.memwindows import MemoryWindows
 
         self.memory = MemoryWindows(self.device)
         if self.world > 1 and not torch.distributed.is_initialized():
@@ -144,8 +159,6 @@ class Cell:
         return True
 
     def load_data(self) -> None:
-        from ftbench.harness.cell.rowsource import load_run_data
-
         # Only the rows this run uses (its batches, the tokenizer sample, the evaluation examples).
         self.data = load_run_data(self.task, self.spec.data, self.options, self.recipe, self.spec.eval_examples,
                                   self.world, dict(self.spec.columns))
@@ -154,14 +167,10 @@ class Cell:
         self.options.update(self.task.prepare(self.splits, self.options) or {})
 
     def load_tokenizer(self) -> None:
-        from ftbench.harness.cell.modeling import choose_kind, load_tokenizer, resolve_model
-
         self.source = resolve_model(self.spec.model, self.reg, self.task, self.spec.trust_remote_code)
         self.kind = choose_kind(self.source, self.task)
-        from ftbench.harness.cell.rowsource import sample_texts
 
         self.tokenizer = load_tokenizer(self.source, sample_texts(self.data, self.task, self.options))
-        from ftbench.harness.contract.optimization import check_combination
 
         check_combination(self.cell.opts, backend_name=self.cell.backend_name,
                           engine_hooks=self.cell.backend.engine.optimization_hooks, kind=self.kind,
@@ -170,12 +179,6 @@ class Cell:
     def build_model(self) -> None:
         import torch
 
-        from ftbench.harness.cell.measure import current_rss_bytes
-        from ftbench.harness.cell.modeling import build_model, count_params, max_positions, param_bytes
-        from ftbench.harness.cell.tuning import tune
-        from ftbench.harness.cell.weights import weight_dtypes
-        from ftbench.harness.contract.resolve import check_seq_len
-
         recipe = self.recipe
         # Everything resident before the model exists is the harness's own
         # footprint plus libraries and data: the baseline the model's share sits on.
@@ -183,7 +186,6 @@ class Cell:
         torch.manual_seed(recipe.seed)
         model = build_model(self.source, self.tokenizer, self.task.head, self.options.get("num_labels"), self.kind)
         check_seq_len(recipe.seq_len, max_positions(model), self.spec.model)
-        from ftbench.harness.cell.optimizing import apply_to_model
 
         model = apply_to_model(self.cell.opts, model)
         model = tune(model, recipe.tuning, self.task.head, self.kind)
@@ -210,11 +212,6 @@ class Cell:
             self.out["provenance"]["software"] = cuda_stack(torch)
 
     def encode_and_plan(self) -> None:
-        from ftbench.harness.cell.batches import StepStream, batch_plan
-        from ftbench.harness.cell.mfu import flop_model
-        from ftbench.harness.cell.modeling import collate, decoder_start_id
-        from ftbench.harness.cell.prepcache import cached_encode, data_identity
-
         recipe, tok = self.recipe, self.tokenizer
         key = {"v": 1, "task": self.cell.task_name, "options": self.options,
                "data": data_identity(self.spec.data, self.splits), "seed": recipe.seed,
@@ -236,9 +233,6 @@ class Cell:
         train_rows = dict(zip(used, self.enc["train"]))  # split index -> encoded row
         n_rows = self.data.n_train
         if recipe.packing:
-            from ftbench.harness.cell.packing import check_can_pack, pack
-            from ftbench.harness.contract.config import DOCUMENTS
-
             check_can_pack(self.task.head, self.kind, self.cell.task_name, self.spec.model)
             self.unpacked = [train_rows[i] for i in sorted(train_rows)]
             packed = pack(self.unpacked, recipe.seq_len, documents=recipe.packing == DOCUMENTS)
@@ -251,17 +245,9 @@ class Cell:
         self.flops_of = flop_model(self.model, self.kind)
 
     def encode(self, example: dict):
-        from ftbench.harness.cell.modeling import encode_example
-
         return encode_example(self.task, example, self.tokenizer, self.kind, self.recipe.seq_len, self.options)
 
     def setup_engine(self) -> None:
-        from ftbench.harness.cell.measure import synchronize
-        from ftbench.harness.cell.modeling import make_loss_fn
-        from ftbench.harness.contract.engine import EngineContext
-
-        from ftbench.harness.cell.optimizing import within_step_contexts, wrap_loss
-
         opts = self.cell.opts
         self.ctx = EngineContext(recipe=self.recipe, device=self.device,
                                  loss_fn=wrap_loss(opts, make_loss_fn(self.kind, self.task.head), self.model),
@@ -273,10 +259,6 @@ class Cell:
         synchronize(self.device)
 
     def train(self) -> None:
-        from ftbench.harness.cell.batches import pad_fraction, step_flops
-        from ftbench.harness.cell.mfu import device_peak
-        from ftbench.harness.cell.training import summarize, train
-
         self.out["setup_phases"] = self.clock.seconds
         self.quality = self.quality_tracker()
         probe = LoadProbe.start()
@@ -309,8 +291,6 @@ class Cell:
 
     def quality_tracker(self):
         """Evaluation during training and the target, when the cell asks for either."""
-        from ftbench.harness.cell.quality import QualityTracker, evaluation_interval
-
         every = evaluation_interval(self.spec.eval_every, self.spec.target, self.recipe.steps)
         if not every and not self.spec.target:
             return None
@@ -337,8 +317,6 @@ class Cell:
 
     def evaluate_before(self) -> None:
         """A pretrained model's quality before tuning (``metrics_before``); outside every step clock."""
-        from ftbench.harness.cell.measure import now
-
         if self.source.preset is not None:
             return  # a random-init preset: its "before" is chance level
         t0 = now()
@@ -349,8 +327,6 @@ class Cell:
         self.out["eval_before_s"] = now() - t0
 
     def held_out_metrics(self, model=None) -> dict:
-        from ftbench.harness.cell.evaluation import HeldOut, evaluate
-
         n = self.spec.eval_examples
         model = model if model is not None else self.engine.eval_model()
         return evaluate(model, HeldOut(self.task, self.tokenizer, self.kind, self.device, self.recipe, self.options,
@@ -358,8 +334,6 @@ class Cell:
                                        self.make_batch, self.encode))
 
     def evaluate(self) -> None:
-        from ftbench.harness.cell.measure import memory_snapshot, now
-
         t0 = now()
         steps_run = len(self.run_times)
         last = self.quality.curve[-1] if self.quality and self.quality.curve else None
@@ -375,16 +349,11 @@ class Cell:
                         backend_stats=self.engine.stats(), status="ok", error=None)
         self.out["memory_after_eval"] = memory_snapshot(self.device)
         if self.recipe.packing:
-            from ftbench.harness.cell.packing_probe import contamination_probe
-            from ftbench.harness.contract.config import DOCUMENTS
-
             self.out["packing_probe"] = contamination_probe(self.engine.eval_model(), self.unpacked, self.recipe.seq_len,
                                                             self.recipe.packing == DOCUMENTS, self.device)
 
     def profile(self) -> None:
         """``--profile``: a traced run of extra steps, after everything measured (no-op otherwise)."""
-        from ftbench.harness.cell.profile import profile_after_training
-
         self.out.update(profile_after_training(self.spec, self.engine, self.steps, self.device, self.rank))
 
 
@@ -396,7 +365,6 @@ def run_cell(spec_dict: dict, result_dir: Path, t_launch: float | None = None) -
 def _describe(device) -> dict:
     import torch
 
-    from ftbench.harness.contract.environment import cpu_model
 
     info = {"type": device.type, "torch_threads": torch.get_num_threads(), "cpu": cpu_model()}
     if device.type == "cuda":
@@ -420,7 +388,6 @@ def main(argv: list[str] | None = None) -> int:
     import faulthandler
 
     faulthandler.enable()  # a segfault's Python stack goes to the cell's log, hence into the record
-    from ftbench.harness.cell.reaper import watch_driver
 
     watch_driver()
     spec_path, result_dir = Path(argv[0]), Path(argv[1])

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
-if TYPE_CHECKING:
-    from ftbench.harness.contract.memory_model import MemoryPlan
+from ftbench.harness.contract.memory_model import MemoryPlan
+
 
 #: Model kinds a task may accept.
 DECODER = "decoder"
@@ -356,8 +356,6 @@ class Engine:
             def memory_plan(cls, options, world_size):
                 return MemoryPlan(grads_shards=world_size, optimizer_shards=world_size)
         """
-        from ftbench.harness.contract.memory_model import MemoryPlan
-
         return MemoryPlan()
 
     def setup(self, model: Any) -> None:  # pragma: no cover - interface

@@ -10,10 +10,9 @@ import pluggy
 
 from ftbench.harness.contract.api import BackendSpec, FtbenchError, ModelPreset, Task, Unavailable
 from ftbench.harness.contract.optimization import Optimization
-from ftbench.harness.contract.plugins import get_plugin_manager
-from ftbench.harness.contract.sinks import SinkSpec
 from ftbench.harness.contract.format import shorten, shown
 from ftbench.harness.contract.plugins import broken_plugins, get_plugin_manager
+from ftbench.harness.contract.sinks import SinkSpec
 
 
 class DuplicateName(FtbenchError):

@@ -18,6 +18,10 @@ import os
 from ftbench.harness.cell.remote_code import hf_kwargs
 from ftbench.harness.contract.lora_options import is_lora, parse_lora, require_peft
 from ftbench.harness.contract.optimization import check_combination
+from ftbench.harness.cell.packing import check_can_pack
+from ftbench.harness.cell.lora import resolve_targets
+from ftbench.harness.cell.modeling import resolve_model
+from ftbench.harness.contract.api import ENCODER_DECODER
 
 
 class _ShapeTokenizer:
@@ -38,8 +42,6 @@ def check_finetuning(reg, cell, resolved, skeletons: dict) -> None:
                           engine_hooks=resolved.backend.engine.optimization_hooks, kind=kind, head=task.head,
                           recipe=recipe, opt_text=cell.opt)
     if recipe.packing:
-        from ftbench.harness.cell.packing import check_can_pack
-
         kind = _model_kind(reg, cell.model, task, cell.trust_remote_code)
         if kind is not None:
             check_can_pack(task.head, kind, resolved.task_name, cell.model)
@@ -50,8 +52,6 @@ def check_finetuning(reg, cell, resolved, skeletons: dict) -> None:
         if key not in skeletons:
             skeletons[key] = _skeleton(reg, cell.model, task, cell.trust_remote_code)
         if skeletons[key] is not None:
-            from ftbench.harness.cell.lora import resolve_targets
-
             resolve_targets(skeletons[key], opts)
 
 
@@ -59,8 +59,6 @@ def _model_kind(reg, name: str, task, trusted: bool = False) -> str | None:
     if name in reg.models:
         return reg.model(name).kind
     if os.path.isdir(name):
-        from ftbench.harness.cell.modeling import resolve_model
-
         return resolve_model(name, reg, task, trusted).kind
     return None
 
@@ -69,7 +67,6 @@ def _skeleton(reg, name: str, task, trusted: bool = False):
     """The model's modules on the meta device (no memory, no weights read); None for a hub id."""
     import torch
 
-    from ftbench.harness.contract.api import ENCODER_DECODER
 
     with torch.device("meta"):
         if name in reg.models:

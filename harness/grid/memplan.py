@@ -23,6 +23,10 @@ from ftbench.harness.contract.gpus import BY_NAME, CUDA_CONTEXT_BYTES, Gpu, find
 from ftbench.harness.contract.memory_model import MiB, ModelShape, ParamCounts, Prediction, harness_floor_bytes, predict
 from ftbench.harness.contract.specs import Spec
 from ftbench.harness.contract.optimization import memory_effects, resolve_opts
+from ftbench.harness.cell.modeling import block_stacks, count_params, load_tokenizer, resolve_model
+from ftbench.harness.cell.rowsource import load_run_data, sample_texts
+from ftbench.harness.cell.tuning import tune
+from ftbench.harness.cell.mfu import flop_model
 
 
 @dataclass
@@ -89,9 +93,6 @@ def _preset_tokenizer(source, task, cell):
     A preset's vocabulary is trained on the task's text and is often far
     smaller than its nominal size; the embeddings and the logits follow it.
     """
-    from ftbench.harness.cell.modeling import load_tokenizer
-    from ftbench.harness.cell.rowsource import load_run_data, sample_texts
-
     options = {**dict(task.defaults), **cell.task.options}
     try:
         # The rows and tokenizer sample the cell itself reads: the same (cached) tokenizer, never the whole file.
@@ -106,9 +107,6 @@ def _preset_tokenizer(source, task, cell):
 
 def _build_facts(reg, cell):
     import torch
-
-    from ftbench.harness.cell.modeling import block_stacks, count_params, resolve_model
-    from ftbench.harness.cell.tuning import tune
 
     task = reg.task(cell.task.name)
     source = resolve_model(cell.model, reg, task, cell.trust_remote_code, describe_only=True)
@@ -128,7 +126,6 @@ def _build_facts(reg, cell):
     largest = max([sum(p.numel() for p in b.parameters()) for b in blocks] +
                   [sum(p.numel() for p in m.parameters(recurse=False) if id(p) not in in_blocks)
                    for m in model.modules()] + [0])
-    from ftbench.harness.cell.mfu import flop_model
 
     return (ParamCounts(total, trainable, largest), shape_of(model, source.kind, task.head)), \
         flop_model(model, source.kind)

@@ -28,6 +28,9 @@ from ftbench.harness.cell.hostalloc import MODES as CPU_MEMORY_MODES
 from ftbench.harness.grid.expand import MAX_NPROC
 from ftbench.harness.grid.finetune_checks import check_finetuning
 from ftbench.harness.contract.resolve import check_seq_len, resolve_cell
+from ftbench.harness.grid.memplan import check_memory_limits
+from ftbench.harness.cell.modeling import ModelSource, check_model_name, choose_kind, resolve_model
+from ftbench.harness.cell.rowsource import load_run_data
 
 DEVICES = ("auto", "cpu", "cuda")
 #: Held-out examples per evaluation, far past real use (a typo costs an error line, not a machine).
@@ -56,7 +59,6 @@ def check_cells(reg, cells, describe_only: bool = False) -> None:
         if n is not None and recipe.batch_size > n:
             raise FtbenchError(f"batch size {recipe.batch_size} is larger than the {n} training examples of "
                                f"--data {cell.data}; pass --batch-size {n} or less, or add training data")
-    from ftbench.harness.grid.memplan import check_memory_limits
 
     check_memory_limits(reg, cells)
 
@@ -105,17 +107,12 @@ def _check_model(reg, name: str, task, positions: dict, trusted: bool = False, d
         preset = reg.model(name)
         kind, positions[name] = preset.kind, getattr(preset, "max_positions", None)
     elif os.path.isdir(name):
-        from ftbench.harness.cell.modeling import resolve_model
-
         kind = resolve_model(name, reg, task, trusted, describe_only).kind  # checks config, weights, tokenizer, code
         positions[name] = _config_positions(Path(name) / "config.json")
     else:
-        from ftbench.harness.cell.modeling import check_model_name
-
         check_model_name(name, reg, describe_only)  # an unknown preset fails here; a hub id passes (or is cached)
         positions[name] = None  # a hub id: only the cell can look at it
         return
-    from ftbench.harness.cell.modeling import ModelSource, choose_kind
 
     choose_kind(ModelSource(name, kind), task)
 
@@ -138,7 +135,6 @@ def _check_data(task, options: dict, cell) -> int | None:
     examples, found through a cached line index, never the whole file); the number of training rows."""
     if isinstance(cell.data, str) and cell.data.startswith("hf:"):
         return None
-    from ftbench.harness.cell.rowsource import load_run_data
 
     options = dict(options)
     try:

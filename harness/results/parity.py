@@ -47,6 +47,8 @@ from typing import Callable
 
 from ftbench.harness.contract.specs import Spec
 from ftbench.harness.results.opt_verdict import annotate_optimizations
+from ftbench.harness.contract.config import FINGERPRINT_FIELDS
+from ftbench.harness.contract.registry import Registry
 
 #: Largest relative deviation of a loss curve that still passes, by precision.
 TOLERANCES = {"fp32": 1e-4, "bf16": 5e-2, "fp16": 2e-2}
@@ -171,7 +173,6 @@ def _setting(r: dict) -> tuple:
 def _recipe_diff(ref: dict, record: dict) -> str:
     a = (ref.get("config") or {}).get("recipe") or {}
     b = (record.get("config") or {}).get("recipe") or {}
-    from ftbench.harness.contract.config import FINGERPRINT_FIELDS
 
     diffs = [f"{k} {_fmt(a.get(k))}→{_fmt(b.get(k))}" for k in FINGERPRINT_FIELDS if a.get(k) != b.get(k)]
     return ", ".join(diffs) or "task options differ"
@@ -191,8 +192,6 @@ def _label(r: dict) -> str:
 
 
 def _registry_lookup() -> Callable[[str], bool]:
-    from ftbench.harness.contract.registry import Registry
-
     try:
         backends = Registry.load().backends
     except Exception:  # noqa: BLE001 - parity must never fail a finished run

@@ -33,6 +33,9 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from ftbench.harness.cell.tokenization import cache_root
+from ftbench.harness.results.store import RESULTS_FILE, append_record, finished_keys, read_records
+from ftbench.harness.contract.api import FtbenchError
 
 #: ``ftbench run`` exit status when a finished record could not be written to ``--out``.
 EXIT_RESULTS_NOT_WRITTEN = 3
@@ -74,8 +77,6 @@ class ResultsNotWritten(Exception):
 
 def recovery_dirs(out: str | os.PathLike) -> list[Path]:
     """Where the records of ``out`` are kept when ``out`` cannot take them, in order of preference."""
-    from ftbench.harness.cell.tokenization import cache_root
-
     name = Path(out).resolve()
     tag = f"{name.name or 'out'}-{hashlib.sha256(str(name).encode()).hexdigest()[:12]}"
     return [cache_root() / "recovered" / tag, Path(tempfile.gettempdir()) / "ftbench-recovered" / tag]
@@ -83,8 +84,6 @@ def recovery_dirs(out: str | os.PathLike) -> list[Path]:
 
 def keep_record(out: str | os.PathLike, record: dict, environment: dict) -> Path | None:
     """Save ``record`` to the first recovery directory that takes it; ``None`` means stderr only."""
-    from ftbench.harness.results.store import append_record
-
     for path in recovery_dirs(out):
         try:
             path.mkdir(parents=True, exist_ok=True)
@@ -113,8 +112,6 @@ def restore_into(out: Path) -> tuple[int, list[Path]]:
     Called under the output lock before any cell runs.  A recovery
     directory is removed only once every record in it is in ``out``.
     """
-    from ftbench.harness.results.store import RESULTS_FILE, append_record, finished_keys, read_records
-
     restored, emptied = 0, []
     for path in recovery_dirs(out):
         if not (path / RESULTS_FILE).exists():
@@ -143,8 +140,6 @@ def check_free_space(out: str | os.PathLike, cells: list) -> None:
     catches an almost full disk before hours of training, not a disk that
     fills up during the run, which :class:`ResultsNotWritten` handles.
     """
-    from ftbench.harness.contract.api import FtbenchError
-
     need = record_bytes_estimate(cells)
     probe = Path(out).resolve()
     while not probe.exists() and probe != probe.parent:

@@ -23,9 +23,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from ftbench.harness.grid.memplan import device_type, divisors, largest_fitting_micro_batch
+from ftbench.harness.grid.memplan import device_type, divisors, largest_fitting_micro_batch, plan_cell
 from ftbench.harness.grid.microbatch import per_rank_batch, with_micro_batch
 from ftbench.harness.contract.memory_model import MiB
+from ftbench.harness.running.cellproc import run_cell_process
 
 PROBE_STEPS = 3
 PROBE_EVAL_EXAMPLES = 8
@@ -86,14 +87,11 @@ def search_micro_batch(reg, cell, run=None, on_probe=None) -> FitResult:
     ``run(spec) -> CellOutcome`` runs one probe (default: the cell runner);
     ``on_probe(probe_dict)`` is told about each probe as it ends.
     """
-    if run is None:
-        from ftbench.harness.running.cellproc import run_cell_process as run
+    run = run or run_cell_process
     limit_mb = _limit_mb(cell)
     candidates = divisors(per_rank_batch(cell))
     predicted = None
     if limit_mb:
-        from ftbench.harness.grid.memplan import plan_cell
-
         cp = plan_cell(reg, cell.with_(memory_limit_mb=limit_mb), suggest=False)
         if cp.prediction is not None:
             predicted = largest_fitting_micro_batch(reg, cell, int(limit_mb * MiB), cp.compared)

@@ -105,7 +105,7 @@ def _fork_context():
 
 
 def _run_worker(argv: list[str]) -> int:
-    from ftbench.harness.cell.worker import main
+    from ftbench.harness.cell.worker import main  # in the cell only: the fork server preloads it, the driver never runs it
 
     check_fork_cuda()
     return main(argv)
@@ -123,7 +123,7 @@ def _cell_main(argv: list[str], log_path: str, nproc: int = 1) -> None:
     code = 1
     try:
         if nproc > 1:
-            from ftbench.harness.running.ranks import lead
+            from ftbench.harness.running.ranks import lead  # in a multi-rank cell only, after the fork
 
             code = lead(argv, nproc, _run_worker)
         else:

@@ -29,6 +29,9 @@ from pathlib import Path
 
 from ftbench.harness.contract.api import Engine
 from ftbench.harness.running.childexit import exit_child
+from ftbench.harness.cell.tokenization import cache_dir
+from ftbench.harness.contract.registry import Registry
+from ftbench.harness.cell.reaper import watch_driver
 
 #: Longest a preparation may take (a cold build of a large op on a slow CPU), in seconds.
 PREPARE_TIME_LIMIT_S = 1800
@@ -37,8 +40,6 @@ PREPARE_TIME_LIMIT_S = 1800
 def pin_extensions_dir() -> str:
     """Point ``TORCH_EXTENSIONS_DIR`` at this installation's own build directory (unless set)."""
     if not os.environ.get("TORCH_EXTENSIONS_DIR"):
-        from ftbench.harness.cell.tokenization import cache_dir
-
         try:
             torch_version = metadata.version("torch")
         except metadata.PackageNotFoundError:
@@ -77,8 +78,6 @@ def prepare_engines(cells, context, progress=None) -> list[dict]:
     A failing preparation is reported, never raised: the cells then do the
     work themselves, and fail on their own if it cannot be done.
     """
-    from ftbench.harness.contract.registry import Registry
-
     reports = []
     for job in plan(cells, Registry.load()):
         if progress:
@@ -160,7 +159,6 @@ def _prepare_main(backend: str, options: list[dict], device: str, log_path: str)
     # A session of its own, as for a cell: the driver can kill the build's whole tree, and the
     # build dies with a driver that is killed outright.
     os.setsid()
-    from ftbench.harness.cell.reaper import watch_driver
 
     watch_driver()
     fd = os.open(log_path, os.O_WRONLY | os.O_APPEND)
@@ -168,8 +166,6 @@ def _prepare_main(backend: str, options: list[dict], device: str, log_path: str)
     os.dup2(fd, 2)
     code = 1
     try:
-        from ftbench.harness.contract.registry import Registry
-
         if device == "auto":
             import torch
 

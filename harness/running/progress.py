@@ -12,6 +12,7 @@ from rich.table import Table
 
 from ftbench.harness.contract.format import fmt_bytes, fmt_num
 from ftbench.harness.grid.labels import varying_labels
+from ftbench.harness.results.parity import parity_label
 
 
 class RunView:
@@ -212,8 +213,6 @@ def metric_change(r: dict) -> str:
 
 
 def _parity(r: dict) -> str:
-    from ftbench.harness.results.parity import parity_label
-
     return parity_label(r.get("parity"))
 
 
