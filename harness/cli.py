@@ -22,8 +22,6 @@ from ftbench.harness.analysis.calibration import write_calibration
 from ftbench.harness.analysis.compare import DEFAULT_ALPHA, compare_sets, parse_threshold, print_comparison
 from ftbench.harness.analysis.historyreport import print_history, write_history
 from ftbench.harness.analysis.outputs import refuse_record_files
-from ftbench.harness.analysis.plan_time import check_mfu
-from ftbench.harness.analysis.plan_view import plan_json, print_plans
 from ftbench.harness.analysis.report import print_table, write_report
 from ftbench.harness.analysis.resultset import merge_result_sets
 from ftbench.harness.contract.api import FtbenchError
@@ -33,21 +31,13 @@ from ftbench.harness.contract.gpus import parse_gpu
 from ftbench.harness.contract.registry import Registry
 from ftbench.harness.grid.expand import SWEEPABLE, order_repeats
 from ftbench.harness.grid.files import build_grid, parse_duration, select_shard
-from ftbench.harness.grid.memplan import plan_cell
 from ftbench.harness.grid.microbatch import AUTO, apply_micro_batch, parse_micro_batch
-from ftbench.harness.grid.preflight import check_cells
 from ftbench.harness.grid.request import GridRequest, distinct, parse_sweep
 from ftbench.harness.results.parity import annotate_parity
 from ftbench.harness.results.recovery import EXIT_RESULTS_NOT_WRITTEN, ResultsNotWritten, check_free_space
-from ftbench.harness.results.sinkhub import check_sink_specs, open_sinks
-from ftbench.harness.results.store import read_records
-from ftbench.harness.results.writer import WriteOptions
-from ftbench.harness.running.driver import RunOptions, run_cells
 from ftbench.harness.running.nodes import NodeLost
 from ftbench.harness.running.progress import RunView, print_cells
 from ftbench.harness.grid.slurm_options import SlurmOptions, options_from, parse_option_flags
-from ftbench.harness.running.slurm import (check_slurm,
-                                           run_cells_slurm)
 from ftbench.harness.contract.optimization import local_device, opt_summary
 from ftbench.harness.analysis.fairness import compare_cells, explain, select_cell
 from ftbench.harness.analysis.resultset import load_result_set
@@ -118,6 +108,11 @@ def list_cmd(as_json):
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
+    _print_list(data, here)
+
+
+def _print_list(data: dict, here: str) -> None:
+    """``ftbench list``'s tables: one per kind of plugin, and the broken plugins."""
     from rich.table import Table
 
     con = _console()
@@ -193,6 +188,8 @@ def _setting(*decls, then=None, **kw):
     return click.option(*decls, multiple=True, callback=values, **kw)
 
 
+# The modules that load torch (the pre-run check, the memory model, the launchers) are imported by the
+# commands that use them, so that `ftbench list` and `--help` answer in a fraction of torch's import time.
 #: Settings whose option, repeated, makes an axis: what a grid can sweep, and the micro-batch split.
 CLI_AXES = frozenset(SWEEPABLE) | {"micro_batch"}
 
@@ -339,6 +336,8 @@ def checked_cells(reg, grid, request: GridRequest, confirmed: bool = False,
         cells = select_shard(cells, request.shard)
     if request.micro_batch:  # several values: an axis, each micro-batch splitting every cell
         cells = [split for c in cells for micro in request.micro_batch for split in apply_micro_batch([c], micro)]
+    from ftbench.harness.grid.preflight import check_cells  # loads torch: see the note above CLI_AXES
+
     # names, options, settings, data, seq_len, batch: before anything is written
     check_cells(reg, cells, describe_only)
     return cells, AUTO in request.micro_batch
@@ -383,11 +382,15 @@ def run_cmd(out, force, fail_fast, dry_run, sinks, order, profile_steps, launche
         grid = grid.with_launch(Launch(nnodes=slurm.nodes))  # data-parallel cells span the job's nodes
     cells, search = checked_cells(reg, grid, request, confirmed=bool(cell.get("confirm_large")))
     sink_specs = [*grid.sinks, *sinks]
+    from ftbench.harness.results.sinkhub import check_sink_specs  # loads torch: see the note above CLI_AXES
+
     check_sink_specs(reg, sink_specs)  # an unknown sink or option: exit 2 before any cell
     if slurm is not None:
         if search:
             raise FtbenchError("--micro-batch auto searches with probe cells on this machine, which --launcher "
                                "slurm does not run; pass a number (--micro-batch 4), or run the search locally")
+        from ftbench.harness.running.slurm import check_slurm  # loads torch: see the note above CLI_AXES
+
         check_slurm(slurm)
     if dry_run:
         print_cells(_console(), order_repeats(cells, grid.order))
@@ -424,6 +427,11 @@ class Launching:
 
 def _execute(reg, cells, out, view, how: Launching, force, fail_fast):
     """Run the checked cells here (one node of several, maybe) or through Slurm; exit on an interruption."""
+    from ftbench.harness.results.sinkhub import open_sinks  # loads torch: see the note above CLI_AXES
+    from ftbench.harness.results.writer import WriteOptions  # loads torch: see the note above CLI_AXES
+    from ftbench.harness.running.driver import RunOptions, run_cells  # loads torch: see the note above CLI_AXES
+    from ftbench.harness.running.slurm import run_cells_slurm  # loads torch: see the note above CLI_AXES
+
     environment = collect(reg.pm)
     hub = open_sinks(reg, list(how.sinks) if not how.follower else [], out,
                      warn=lambda m: view.event("note", 0, len(cells), None, "warning: " + m))
@@ -474,6 +482,10 @@ def plan_cmd(as_json, gpu_spec, mfu, calibrate_from, host_memory_gb, frontier, *
     config.json, a hub id in the local Hugging Face cache, or a preset. A cell that does not fit lists
     what would: a smaller micro-batch, checkpointing, another backend (a ZeRO stage, offload) or more ranks.
     """
+    from ftbench.harness.analysis.plan_time import check_mfu  # loads torch: see the note above CLI_AXES
+    from ftbench.harness.analysis.plan_view import plan_json, print_plans  # loads torch: see the note above CLI_AXES
+    from ftbench.harness.grid.memplan import plan_cell  # loads torch: see the note above CLI_AXES
+
     check_mfu(mfu)
     gpu = None
     if gpu_spec:
@@ -764,21 +776,15 @@ def merge_cmd(out, sources, allow_mixed_environments):
 def sink_cmd(result_dir, sinks):
     """Replay a result set's records into record sinks (MLflow, TensorBoard, W&B): a sink that was down
     during the run, or a tracker added afterwards. Exit status 1 when a sink failed."""
+    from ftbench.harness.results.sinkhub import replay  # loads torch: see the note above CLI_AXES
+
     err = _console(stderr=True)
-    hub = open_sinks(Registry.load(), list(sinks), result_dir,
-                     warn=lambda m: err.print(f"[yellow]warning:[/] {escape(m)}", soft_wrap=True))
-    rr = read_records(result_dir)
-    env_path = os.path.join(result_dir, "environment.json")
-    with open(env_path) if os.path.exists(env_path) else open(os.devnull) as f:
-        text = f.read()
-    hub.start(json.loads(text) if text.strip() else {})
-    for rec in rr.records:
-        hub.record(rec)
-    hub.close()
+    hub, total = replay(Registry.load(), list(sinks), result_dir,
+                        warn=lambda m: err.print(f"[yellow]warning:[/] {escape(m)}", soft_wrap=True))
     con = _console()
     for spec, n in hub.delivered.items():
         state = f"failed: {hub.failed[spec]}" if spec in hub.failed else "ok"
-        con.print(f"{spec}: {n} of {len(rr.records)} record(s) ({state})", soft_wrap=True)
+        con.print(f"{spec}: {n} of {total} record(s) ({state})", soft_wrap=True)
     sys.exit(1 if hub.failed else 0)
 
 

@@ -20,6 +20,14 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--steps", "12", "--warmup", "2", "--batch-size", "4", "--seq-len", "32", "--eval-examples", "16"]
 
 
+def with_setting(args: list, flag: str, value) -> list:
+    """``args`` with ``flag``'s value replaced: a flag given twice would make its setting an axis."""
+    out = list(map(str, args))
+    i = out.index(flag)
+    out[i + 1] = str(value)
+    return out
+
+
 def ftbench(*args, env: dict | None = None, timeout: float = 600, check: bool = False, cwd=None):
     """Run ``ftbench ARGS`` as a user would; returns the CompletedProcess."""
     full_env = dict(os.environ)

@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from conftest import TINY, ftbench, records
+from conftest import TINY, ftbench, records, with_setting
 from ftbench.harness.contract.config import CellSpec
 
 GLIBC = platform.libc_ver()[0] == "glibc"
@@ -45,7 +45,7 @@ def test_live_mode_returns_freed_tensors_that_glibc_keeps_by_default():
 
 def test_live_cell_records_its_memory_kind_and_is_another_cell(tmp_path):
     out = tmp_path / "out"
-    res = ftbench("run", "--task", "generation", "--backend", "eager", *TINY, "--steps", "4",
+    res = ftbench("run", "--task", "generation", "--backend", "eager", *with_setting(TINY, "--steps", 4),
                   "--cpu-memory", "live", "--out", out)
     assert res.returncode == 0, res.stdout + res.stderr
     (rec,) = records(out)

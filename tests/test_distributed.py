@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY, assert_none_left, ftbench, records
+from conftest import TINY, assert_none_left, ftbench, records, with_setting
 from ftbench.harness.contract.config import CellSpec, Launch
 
 #: A third-party backend plugin, installed the way pip would leave it: a module plus a
@@ -103,7 +103,7 @@ def test_single_node_cells_use_a_private_rendezvous():
 def test_data_parallel_backend_without_nproc_runs_one_rank(tmp_path, backend):
     # A one-rank cell needs a process group too; it gets one over an in-memory store.
     out = tmp_path / "out"
-    ftbench("run", "--task", "generation", "--backend", backend, *TINY, "--steps", "4", "--out", out, check=True)
+    ftbench("run", "--task", "generation", "--backend", backend, *with_setting(TINY, "--steps", 4), "--out", out, check=True)
     (rec,) = records(out)
     assert rec["status"] == "ok" and rec["nproc"] == 1, rec["error"]
 

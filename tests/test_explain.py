@@ -35,7 +35,7 @@ def test_a_planted_regression_names_the_software_and_the_phase_that_moved(tmp_pa
     profile = [d.what for d in speed.why if d.kind == "profile"]
     assert profile[0].startswith("backward 8.00 -> 24.00 ms/step (+200%)")
     md = cmp.markdown(str(b), str(n))
-    assert "What differed between the two sides" in md and "backward 8.00 -> 24.00" in md
+    assert "What differed between the two sides" in md and "backward 8.00 -&gt; 24.00" in md  # escaped Markdown
     # the same, for bots
     proc = subprocess.run([sys.executable, "-m", "ftbench.harness.cli", "compare", str(b), str(n), "--json", "-"],
                           capture_output=True, text=True, cwd=ROOT, timeout=120)

@@ -78,7 +78,7 @@ def test_explicit_settings_beat_the_defaults_of_either_origin():
     assert recipe("tiny-gpt2", packing=True).fingerprint() != preset.fingerprint()
     from ftbench.harness.contract.config import Recipe
 
-    assert Recipe().fingerprint("t", {}, "m", "d", 1) == Recipe(packing=False).fingerprint("t", {}, "m", "d", 1)
+    assert Recipe().fingerprint("t", {}, "m", "d") == Recipe(packing=False).fingerprint("t", {}, "m", "d")
 
 
 def test_tuning_that_worsens_held_out_loss_is_flagged_in_the_record():

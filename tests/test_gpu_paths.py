@@ -175,7 +175,7 @@ def test_fork_server_preload_never_initialises_cuda():
             "torch.cuda.init = lambda *a, **k: calls.append(1)\n"
             "from ftbench.harness.running import launch\n"
             "for m in launch.PRELOAD: __import__(m)\n"
-            "print(len(calls), launch.cuda_initialized())\n")
+            "print(len(calls), torch.cuda.is_initialized())\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["0", "False"]

@@ -16,7 +16,7 @@ import uuid
 
 import pytest
 
-from conftest import ROOT, TINY, assert_none_left, processes_with_env, records
+from conftest import ROOT, TINY, assert_none_left, processes_with_env, records, with_setting
 from ftbench.harness.running.nodes import free_port
 
 
@@ -47,7 +47,7 @@ def _both(args, out0, out1, timeout=600, extra_env=None):
 def test_nodes_that_expanded_different_grids_refuse_to_start(tmp_path):
     port, mark = free_port(), uuid.uuid4().hex
     n0 = _node(0, port, ["--task", "generation", "--backend", "ddp", *TINY], tmp_path / "n0", mark)
-    n1 = _node(1, port, ["--task", "generation", "--backend", "ddp", *TINY, "--steps", "13"], tmp_path / "n1", mark)
+    n1 = _node(1, port, ["--task", "generation", "--backend", "ddp", *with_setting(TINY, "--steps", 13)], tmp_path / "n1", mark)
     err0, err1 = n0.communicate(timeout=300)[1], n1.communicate(timeout=120)[1]
     assert n0.returncode == 2 and n1.returncode == 2, (err0, err1)
     for err in (err0, err1):

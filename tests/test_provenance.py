@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ftbench.harness.cell.provenance import digest_directory, digest_rows
 
-from conftest import TINY, ftbench, records
+from conftest import TINY, ftbench, records, with_setting
 
 
 def _data(root: Path, words: str) -> Path:
@@ -18,7 +18,7 @@ def _data(root: Path, words: str) -> Path:
 
 
 def _run(out: Path, data: Path) -> dict:
-    proc = ftbench("run", "--task", "generation", "--backend", "eager", "--data", data, *TINY, "--steps", "4",
+    proc = ftbench("run", "--task", "generation", "--backend", "eager", "--data", data, *with_setting(TINY, "--steps", 4),
                    "--out", out)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (rec,) = records(out)

@@ -20,7 +20,7 @@ import pytest
 from ftbench.harness.contract.schema import always_present
 from ftbench.harness.results.store import append_record, finished_keys, read_records
 
-from conftest import ROOT, assert_none_left, ftbench, records
+from conftest import ROOT, assert_none_left, ftbench, records, with_setting
 
 TESTS = Path(__file__).resolve().parent
 TINY = ["--steps", "6", "--warmup", "1", "--seq-len", "32", "--batch-size", "4", "--eval-examples", "8"]
@@ -206,7 +206,7 @@ def test_ctrl_c_keeps_finished_records_and_resumes(tmp_path):
     # TINY's 12 steps finish in a fraction of a second, too fast to interrupt, so
     # these train long enough (a few seconds) for the signal to land mid-cell.
     args = ["run", "--task", "generation", "--backend", "eager", "--model", "tiny-gpt2", "--model", "tiny-llama",
-            *TINY, "--steps", "300", "--out", out]
+            *with_setting(TINY, "--steps", 300), "--out", out]
     proc = _start(args)
     try:
         _wait_for(lambda: _n_lines(out) >= 1, 180, "the first record", proc)
@@ -423,7 +423,7 @@ def test_ctrl_c_during_a_multi_rank_cell_stops_every_rank_and_resumes(tmp_path):
     out = tmp_path / "out"
     # The second cell trains long enough for the interrupt to land while its ranks run.
     args = ["run", "--task", "generation", "--backend", "ddp", "--nproc", 2, "--model", "tiny-gpt2", "--model",
-            "tiny-llama", *TINY, "--steps", "120", "--out", out]
+            "tiny-llama", *with_setting(TINY, "--steps", 120), "--out", out]
     proc = _start(args)
     try:
         # A whole line: a record read while it is being appended would compare as changed.

@@ -157,3 +157,27 @@ def test_an_unknown_sink_or_option_is_refused(result_set):
     assert proc.returncode == 2 and "Did you mean 'mlflow'" in proc.stdout + proc.stderr
     proc = ftbench("sink", result_set, "--to", "tensorboard:path=x")
     assert proc.returncode == 2 and "unknown option 'path'" in proc.stdout + proc.stderr
+
+
+def test_a_tracking_server_stopped_mid_grid_costs_no_record_and_is_reported_once(tmp_path):
+    pytest.importorskip("mlflow", reason="the mlflow package is not installed (pip install 'ftbench[tracking]')")
+    server = MlflowServer(tmp_path)
+    server.start()
+    out = tmp_path / "run"
+    env = {**os.environ, "FTBENCH_CACHE": os.environ.get("FTBENCH_CACHE", str(tmp_path / "cache"))}
+    proc = subprocess.Popen([sys.executable, "-m", "ftbench.harness.cli", "run", *TINY, "--sink",
+                             f"mlflow:uri={server.uri}", "--out", str(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline and proc.poll() is None:
+            if (out / "results.jsonl").exists() and (out / "results.jsonl").read_text().count("\n") >= 1:
+                break
+            time.sleep(0.2)
+    finally:
+        server.stop()  # the tracking server goes away after the first cell
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output  # the grid's exit status does not depend on a sink
+    recs = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(recs) == 2 and all(r["status"] == "ok" for r in recs)
+    assert output.count("sink mlflow:") == 1 and "replay them later" in output, output

@@ -342,7 +342,7 @@ def paired_comparison(base: ResultSet, new: ResultSet, thresholds: dict | None,
     old_shift = whole_run_shift(cmp.rows, cmp.thresholds["speed"])
     cmp.rows = rows
     b, n = by_cell(base), by_cell(new)
-    explain_flagged(cmp, dict(pair_cells(b, n, [])[0]), b, n)
+    explain_flagged(cmp, dict(pair_cells(b, n)[0]), b, n)
     cmp.warnings = [w for w in cmp.warnings if w != old_shift]
     shift = whole_run_shift(rows, cmp.thresholds["speed"])
     if shift:

@@ -298,7 +298,8 @@ def by_cell(rs: ResultSet) -> dict[str, list[dict]]:
     return out
 
 
-def pair_cells(base: dict, new: dict, refused: list[str]) -> tuple[list[tuple], list[str], list[str]]:
+def pair_cells(base: dict, new: dict) -> tuple[list[tuple], list[str], list[str]]:
+    """Cells paired by id, then by slot (task, backend, model, data, ranks) where one cell of each side is left."""
     pairs = [(cid, cid) for cid in base if cid in new]
     rest_b = [c for c in base if c not in new]
     rest_n = [c for c in new if c not in base]
@@ -363,7 +364,7 @@ def compare_result_sets(base: ResultSet, new: ResultSet, thresholds: dict | None
             cmp.warnings.append(f"the {side} set mixes {len(envs)} environments")
 
     b, n = by_cell(base), by_cell(new)
-    pairs, only_b, only_n = pair_cells(b, n, cmp.refused)
+    pairs, only_b, only_n = pair_cells(b, n)
     labels = variant_labels([recs[0] for recs in list(b.values()) + list(n.values())])
     # Cells of one set only, named by what sets them apart (two tunings must not read alike).
     cmp.only_base = [f"{b[c][0].get('task')} · {labels[c]} ({c})" for c in only_b]

@@ -387,6 +387,26 @@ TTT_NOTE = ("Training seconds until the first evaluation that met the target (me
             "it counting as infinitely slow, so 'not reached' means half or more did not.")
 
 
+def _plots(rs: ResultSet, df, ok, plots_dir: Path, loss_x: str) -> dict[str, Path]:
+    """Every plot of the report, by name, for the cells that ran."""
+    plots: dict[str, Path] = {}
+    plots["throughput"] = plot_bars(ok, df, "tokens_per_s", "tokens/s (non-pad, global)",
+                                        PLOT_TITLES["throughput"], plots_dir / "throughput.png")
+    kinds = ", ".join(sorted({str(k) for k in ok["memory_kind"] if k}))
+    plots["memory"] = plot_bars(ok, df, "peak_memory_bytes", "peak memory (MiB)",
+                                    f"Peak memory per task ({kinds}; median, whiskers min–max)", plots_dir / "memory.png",
+                                    scale=MiB)
+    plots["loss"] = plot_loss(rs, ok, plots_dir / "loss.png", x=loss_x)
+    plots["quality"] = plot_quality(ok, plots_dir / "quality_vs_throughput.png")
+    ladder_plot = plot_ladder(rs, plots_dir / "ladder.png")
+    if ladder_plot:
+        plots["ladder"] = ladder_plot
+    vs_time = plot_quality_vs_time(rs, plots_dir / "quality_vs_time.png")
+    if vs_time:
+        plots["quality_vs_time"] = vs_time
+    return plots
+
+
 def write_report(result_dir, out: str | os.PathLike | None = None, loss_x: str = "step") -> tuple[Report, object]:
     """Write the Markdown, CSV, PNG and HTML report of a result set.
 
@@ -435,20 +455,7 @@ def write_report(result_dir, out: str | os.PathLike | None = None, loss_x: str =
     md += profile_markdown(profiled)
     ok = summary[summary["ok"] > 0] if len(summary) else summary
     if len(ok):
-        rep.plots["throughput"] = plot_bars(ok, df, "tokens_per_s", "tokens/s (non-pad, global)",
-                                            PLOT_TITLES["throughput"], plots_dir / "throughput.png")
-        kinds = ", ".join(sorted({str(k) for k in ok["memory_kind"] if k}))
-        rep.plots["memory"] = plot_bars(ok, df, "peak_memory_bytes", "peak memory (MiB)",
-                                        f"Peak memory per task ({kinds}; median, whiskers min–max)", plots_dir / "memory.png",
-                                        scale=MiB)
-        rep.plots["loss"] = plot_loss(rs, ok, plots_dir / "loss.png", x=loss_x)
-        rep.plots["quality"] = plot_quality(ok, plots_dir / "quality_vs_throughput.png")
-        ladder_plot = plot_ladder(rs, plots_dir / "ladder.png")
-        if ladder_plot:
-            rep.plots["ladder"] = ladder_plot
-        vs_time = plot_quality_vs_time(rs, plots_dir / "quality_vs_time.png")
-        if vs_time:
-            rep.plots["quality_vs_time"] = vs_time
+        rep.plots.update(_plots(rs, df, ok, plots_dir, loss_x))
         md += ["## Plots", ""] + [f"![{PLOT_TITLES[k]}]({os.path.relpath(p, out)})" for k, p in rep.plots.items()]
     rep.markdown.write_text("\n".join(md) + "\n")
     rep.html.write_text(render_html(rs, display, rep.plots, out, problems, ttt if len(ttt) else None,

@@ -73,7 +73,7 @@ class QualityTracker:
             self.reached_at = point
         return point
 
-    def final(self, step: int, times: list[float], metrics: dict, eval_s: float) -> None:
+    def final(self, step: int, times: list[float], metrics: dict) -> None:
         """The evaluation after training joins the curve (it is the last point)."""
         if self.curve and self.curve[-1]["step"] == step:
             return

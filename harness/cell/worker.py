@@ -341,7 +341,7 @@ class Cell:
         metrics = last["metrics"] if last and last["step"] == steps_run else self.held_out_metrics()
         eval_s = now() - t0
         if self.quality:
-            self.quality.final(steps_run, self.run_times, metrics, eval_s)
+            self.quality.final(steps_run, self.run_times, metrics)
             self.out.update(self.quality.figures(), stopped_at_target=steps_run < len(self.steps))
         self.out.update(eval_loss=metrics["eval_loss"], metrics=metrics, metric=self.task.metric,
                         metric_value=metrics.get(self.task.metric), higher_is_better=self.task.higher_is_better,
@@ -357,7 +357,7 @@ class Cell:
         self.out.update(profile_after_training(self.spec, self.engine, self.steps, self.device, self.rank))
 
 
-def run_cell(spec_dict: dict, result_dir: Path, t_launch: float | None = None) -> dict:
+def run_cell(spec_dict: dict, t_launch: float | None = None) -> dict:
     """Run one cell in this process (this rank of it); this rank's part of the record."""
     return Cell(spec_dict, t_launch or _T_IMPORTED).run()
 
@@ -395,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", 0))
     result_path = result_dir / f"rank{rank}.json"
     try:
-        out = run_cell(json.loads(spec_path.read_text()), result_dir, t_launch)
+        out = run_cell(json.loads(spec_path.read_text()), t_launch)
         code = 0
     except Diverged as e:
         out = {**e.partial, "rank": rank, "status": "diverged", "error": str(e), "diverged_at_step": e.step}

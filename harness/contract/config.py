@@ -126,11 +126,10 @@ class Recipe:
         """
         return self.batch_size // (world_size * self.grad_accum)
 
-    def fingerprint(self, task: str, task_options: dict, model: str, data: str, world_size: int,
-                    columns: tuple = ()) -> str:
+    def fingerprint(self, task: str, task_options: dict, model: str, data: str, columns: tuple = ()) -> str:
         """Hash of everything that defines the math of a step (not the backend).
 
-        ``world_size`` enters only through the micro-batch it implies, which is
+        The world size enters only through the micro-batch it implies, which is
         already fixed by the global batch, so it is deliberately left out:
         eager on 1 rank and DDP on 2 ranks with the same global batch compute
         the same step.  For the same reason ``grad_accum`` (another split of
@@ -309,8 +308,7 @@ class CellSpec:
         return _hash(self.identity())
 
     def fingerprint(self) -> str:
-        return self.recipe.fingerprint(self.task.name, self.task.options, self.model, self.data, self.nproc,
-                                       self.columns)
+        return self.recipe.fingerprint(self.task.name, self.task.options, self.model, self.data, self.columns)
 
     def to_dict(self) -> dict:
         """Plain JSON-able values: specs as their spelling, the launch as its given keys."""

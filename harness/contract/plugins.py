@@ -4,7 +4,7 @@ Built-in plugins are listed in :data:`DEFAULT_PLUGINS` and registered exactly
 like third-party ones (which come from the ``ftbench`` entry-point group), so
 the core never special-cases a plugin by name.
 
-Two environment switches, in the spirit of pytest's ``-p no:NAME`` and llm's
+Three environment switches, in the spirit of pytest's ``-p no:NAME`` and llm's
 ``LLM_LOAD_PLUGINS``:
 
 * ``FTBENCH_BLOCK_PLUGINS=deepspeed,compile`` skips those plugins;

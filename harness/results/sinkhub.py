@@ -10,7 +10,7 @@ Example::
 
     hub = open_sinks(registry, ["mlflow:uri=http://127.0.0.1:5000"], out, warn=print)
     hub.start(environment)
-    hub.record(record)      # after append_record(out, record)
+    hub.record(record)      # once the record is durably in results.jsonl
     hub.close()
 """
 
@@ -22,6 +22,8 @@ from typing import Callable
 from ftbench.harness.contract.api import FtbenchError
 from ftbench.harness.contract.specs import Spec
 from ftbench.harness.contract.sinks import Sink
+from ftbench.harness.results.store import read_records
+from ftbench.harness.results.writer import read_environment
 
 
 class SinkHub:
@@ -90,3 +92,15 @@ def open_sinks(registry, specs: list[str], result_dir, warn: Callable[[str], Non
     result_dir = Path(result_dir)
     built = [(text, spec.sink(options, result_dir)) for text, spec, options in check_sink_specs(registry, specs)]
     return SinkHub(built, result_dir, warn)
+
+
+def replay(registry, specs: list[str], result_dir, warn: Callable[[str], None]) -> tuple[SinkHub, int]:
+    """Every record of ``result_dir`` into the sinks ``specs`` name (``ftbench sink``); the hub and
+    how many records there were."""
+    hub = open_sinks(registry, specs, result_dir, warn)
+    records = read_records(result_dir).records
+    hub.start(read_environment(result_dir))
+    for rec in records:
+        hub.record(rec)
+    hub.close()
+    return hub, len(records)

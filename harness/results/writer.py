@@ -326,3 +326,12 @@ def memory_fields(registry, spec: CellSpec, fit=None) -> dict:
                                   "state_bytes": pred.state_bytes, "activation_bytes": pred.activation_bytes,
                                   "peak_phase": pred.peak_phase, "phases": pred.phases}
     return fields
+
+
+def read_environment(out_dir: str | os.PathLike) -> dict:
+    """The environment a result set was written in (``{}`` when it has none or it is unreadable)."""
+    try:
+        data = json.loads((Path(out_dir) / ENVIRONMENT_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}

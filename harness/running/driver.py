@@ -119,7 +119,7 @@ def _measure_spread(spec: CellSpec, group, k: int, environment: dict):
     """Node 0's share of multi-node cell ``k``, with the other nodes told to start theirs; its record."""
     started = time.time()
     outcome = run_cell_process(group.announce(k, spec, run=True), env_extra=group.cell_env(spec),
-                               abort_if=group.leader_watch(k))
+                               abort_if=group.leader_watch())
     outcome.launch = {**(outcome.launch or {}), **group.launch_details(k)}
     group.finished(k, outcome.status)
     return spec, build_record(spec, outcome, environment, started), None

@@ -74,16 +74,6 @@ def server_touched_cuda() -> bool:
     return _server_cuda
 
 
-def cuda_initialized() -> bool:
-    """Whether this process has initialised CUDA (False when torch is not even imported).
-
-    The fork server must never do so: a child forked from a process with a
-    CUDA context cannot use CUDA at all.
-    """
-    torch = sys.modules.get("torch")
-    return bool(torch is not None and torch.cuda.is_initialized())
-
-
 def check_fork_cuda() -> None:
     """In a forked cell: fail with the fix, not CUDA's late 'cannot re-initialize' error,
     when the server it was forked from had initialised CUDA."""

@@ -274,8 +274,8 @@ class NodeGroup:
                 return None
             time.sleep(0.2)
 
-    def leader_watch(self, k: int):
-        """Node 0, during cell ``k``: a reason to end the cell when a follower stops beating."""
+    def leader_watch(self):
+        """Node 0, during a cell: a reason to end the cell when a follower stops beating."""
         timeout = _env_float("FTBENCH_NODE_TIMEOUT_S", NODE_TIMEOUT_S)
         now = time.monotonic()
         for r in range(1, self.nnodes):
