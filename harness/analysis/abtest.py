@@ -38,9 +38,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ftbench.harness.analysis.compare import (CONFIDENCE, DEFAULT_ALPHA, IMPROVEMENT, REGRESSION, RESAMPLES,
-                                              UNCHANGED, Comparison, Judgement, Row, by_cell, compare_result_sets,
-                                              explain_flagged, pair_cells, whole_run_shift)
+from ftbench.harness.analysis.compare import (CONFIDENCE, DEFAULT_ALPHA, RESAMPLES, UNCHANGED, Comparison, Judgement,
+                                              Row, by_cell, compare_result_sets, explain_flagged, pair_cells,
+                                              verdict_of_change, whole_run_shift)
 from ftbench.harness.analysis.resultset import ResultSet, as_float, load_result_set, repeat_of
 from ftbench.harness.cell.tokenization import cache_root
 from ftbench.harness.contract.api import FtbenchError
@@ -294,13 +294,7 @@ def paired_judgement(base: list[float], new: list[float], threshold: float,
             evidence = [f"paired n={n} rounds: threshold and interval only"]
             changed = big and beyond
         evidence.append(f"{CONFIDENCE:.0%} CI {lo:+.1%}..{hi:+.1%}")
-    if not changed:
-        verdict = UNCHANGED
-        if big:
-            evidence.append("within noise")
-    else:
-        verdict = IMPROVEMENT if change > 0 else REGRESSION
-    return Judgement(change, verdict, ", ".join(evidence), interval, p)
+    return verdict_of_change(change, changed, big, change < 0, evidence, interval, p)
 
 
 def _log_mean_interval(logs) -> tuple[float, float]:

@@ -277,13 +277,18 @@ def judge(base: list[float], new: list[float], higher_is_better: bool, threshold
             evidence = [f"{n}: threshold and interval only"]
             changed = big and beyond
         evidence.append(f"{CONFIDENCE:.0%} CI {lo:+.1%}..{hi:+.1%}")
+    return verdict_of_change(change, changed, big, worse, evidence, interval, p)
+
+
+def verdict_of_change(change: float, changed: bool, big: bool, worse: bool, evidence: list[str],
+                      interval: tuple[float, float] | None, p: float | None) -> Judgement:
+    """The judgement once the evidence is in: a change that counts is a regression or an improvement;
+    a big one that does not count is said to lie within noise."""
     if not changed:
-        verdict = UNCHANGED
         if big:
             evidence.append("within noise")
-    else:
-        verdict = REGRESSION if worse else IMPROVEMENT
-    return Judgement(change, verdict, ", ".join(evidence), interval, p)
+        return Judgement(change, UNCHANGED, ", ".join(evidence), interval, p)
+    return Judgement(change, REGRESSION if worse else IMPROVEMENT, ", ".join(evidence), interval, p)
 
 
 # ------------------------------------------------------------------ pairing
