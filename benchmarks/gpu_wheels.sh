@@ -13,7 +13,8 @@
 #     nvidia-ml-py and pydantic (with pydantic-core, a compiled wheel for the image's Python,
 #     annotated-types, typing-inspection, typing-extensions);
 #   * what `ftbench run` imports beyond the image: click, rich (markdown-it-py, mdurl,
-#     pygments) and tabulate (pandas, matplotlib and scipy serve report/compare only);
+#     pygments), tabulate and jsonschema (the record schema checks every line written and read;
+#     pandas, matplotlib and scipy serve report/compare only and are in the image);
 #   * setuptools, so that `pip install --no-build-isolation --no-deps -e .` can build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -45,7 +46,7 @@ echo "== dependencies, as wheels for CPython $PYV manylinux x86_64"
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   --platform any -d "$OUT" \
   hjson msgpack ninja py-cpuinfo einops nvidia-ml-py "pydantic>=2" \
-  click rich tabulate setuptools
+  click rich tabulate setuptools "jsonschema>=4.18"
 
 bytes=$(du -cb "$OUT"/*.whl | tail -1 | cut -f1)
 mib=$(( (bytes + 1048575) / 1048576 ))
