@@ -126,7 +126,7 @@ def test_multi_node_settings_apply_to_data_parallel_backends_only():
 def test_single_node_ranks_fork_unless_torchrun_is_asked_for_or_needed(monkeypatch):
     from ftbench.harness.running import launch
 
-    monkeypatch.setattr(launch, "_server_cuda", False)
+    monkeypatch.setattr(launch, "_server_probe", {"touched": False, "why": "no CUDA state in the server"})
     cpu = CellSpec(task="generation", backend="ddp", model="tiny-gpt2", nproc=2, device="cpu")
     two_nodes = CellSpec(task="generation", backend="ddp", model="tiny-gpt2", nproc=2,
                          launcher={"nnodes": 2, "node_rank": 0, "master_addr": "10.0.0.7", "master_port": 29511})
@@ -137,7 +137,7 @@ def test_single_node_ranks_fork_unless_torchrun_is_asked_for_or_needed(monkeypat
     assert launch.use_fork_server(CellSpec(task="generation", backend="eager", model="tiny-gpt2"))
     monkeypatch.delenv("FTBENCH_LAUNCH")
     # A server that initialised CUDA cannot hand it to a forked child: CUDA cells fall back, with a warning.
-    monkeypatch.setattr(launch, "_server_cuda", True)
+    monkeypatch.setattr(launch, "_server_probe", launch.cuda_verdict({"bad_fork": True}))
     gpu = CellSpec(task="generation", backend="ddp", model="tiny-gpt2", nproc=2, device="cuda")
     with pytest.warns(RuntimeWarning, match="torchrun"):
         assert not launch.use_fork_server(gpu)

@@ -264,10 +264,13 @@ def test_fork_server_never_queries_the_cuda_device_count_and_its_cells_say_fork(
     (r,) = records(out)
     assert "server" not in _marks(tmp_path)
     assert r["status"] == "ok" and r["launch"]["mode"] == "fork", (r.get("error"), r.get("stderr_tail"))
+    probe = json.loads((out / "environment.json").read_text())["fork_server"]
+    assert probe["touched"] is False and probe["bad_fork"] is False, probe
 
 
 def _server_touched_cuda(env: dict) -> str:
-    code = "from ftbench.harness.running import launch; print(launch.server_touched_cuda())"
+    code = ("from ftbench.harness.running import launch; p = launch.fork_server_probe(); "
+            "print(p['touched'], 'bad fork' if 'bad fork' in p['why'] else p['why'])")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300,
                           env={**os.environ, **env})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -278,7 +281,7 @@ def test_a_server_that_queried_the_cuda_device_count_is_detected(tmp_path):
     """The same emulation with a planted ``torch.cuda.is_available()`` in the server: the query marks
     it, and the driver's probe sees the mark, so CUDA cells then start as plain processes (and a
     cell forked anyway refuses to run: test_a_forked_cell_refuses_a_server_that_initialised_cuda)."""
-    assert _server_touched_cuda(_emulated_cuda_fork_env(tmp_path, plant=True)) == "True"
+    assert _server_touched_cuda(_emulated_cuda_fork_env(tmp_path, plant=True)) == "True bad fork"
     assert "server" in _marks(tmp_path)
 
 
@@ -419,3 +422,63 @@ def test_profile_phases_on_cuda_are_device_time_by_launching_phase():
     # The host clock puts none of that GPU work where it ran (and ignores the device's events).
     assert {k: round(v * 1e6, 3) for k, v in breakdown(host + kernels).items()} == \
         {"forward": 20, "backward": 10, "optimizer": 10, "communication": 0, "other": 60}
+
+
+def test_device_events_come_from_the_raw_results_on_the_host_events_clock():
+    """The first GPU run (torch 2.11) put every profiled phase in ``other``: its ``FunctionEvent``
+    has no ``linked_correlation_id``, so no kernel had a launcher. Kernels now come from the raw
+    Kineto results, whose clock must be the one ``prof.events()`` uses: checked on a real CPU
+    profile, and the linking on kernels whose host events carry no such attribute."""
+    from types import SimpleNamespace
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from ftbench.harness.cell.profile import device_breakdown, device_events
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with record_function("ftbench::step"):
+            torch.mm(torch.ones(64, 64), torch.ones(64, 64))
+    results = prof.profiler.kineto_results
+    raw = {k.name(): (k.start_ns() - results.trace_start_ns()) / 1e3 for k in results.events()}
+    (step,) = [e for e in prof.events() if e.name == "ftbench::step"]
+    assert abs(raw["ftbench::step"] - step.time_range.start) < 1e-3
+    assert device_events(results) == []  # a CPU profile has no device events
+
+    class Kineto(SimpleNamespace):  # a raw event: accessors are methods
+        def __getattr__(self, name):
+            raise AttributeError(name)
+
+    def kernel(name, a, b, linked):
+        return Kineto(name=lambda: name, device_type=lambda: SimpleNamespace(name="CUDA"),
+                      correlation_id=lambda: 0, linked_correlation_id=lambda: linked,
+                      start_ns=lambda: 1000 * a, end_ns=lambda: 1000 * b)
+
+    fake = SimpleNamespace(trace_start_ns=lambda: 0,
+                           events=lambda: [kernel("gemm", 10, 50, 1), kernel("gemm_dgrad", 50, 80, 2)])
+
+    def host(name, a, b, id=0):  # like torch 2.11's FunctionEvent: no linked_correlation_id
+        return SimpleNamespace(name=name, time_range=SimpleNamespace(start=a, end=b), id=id,
+                               device_type=SimpleNamespace(name="CPU"))
+
+    hosts = [host("ftbench::step", 0, 100), host("ftbench::forward_backward", 0, 30),
+             host("autograd::engine::evaluate_function: MmBackward0", 20, 30),
+             host("aten::mm", 5, 6, id=1), host("aten::mm", 22, 23, id=2)]
+    dev = {k: round(v * 1e6, 3) for k, v in device_breakdown(hosts + device_events(fake)).items()}
+    assert dev == {"forward": 40, "backward": 30, "optimizer": 0, "communication": 0, "other": 30}
+
+
+def test_the_fork_server_probe_decides_on_torch_s_flag_then_on_the_driver_itself():
+    """The first GPU run started every CUDA cell as ``exec``: the probe counted a mapped libcuda as
+    poisoning. Now torch's bad-fork flag decides; a mapped libcuda alone is checked by
+    initialising the driver in the probe child, and the verdict says why."""
+    from ftbench.harness.running.launch import cuda_verdict
+
+    assert cuda_verdict(None)["touched"]
+    assert cuda_verdict({"bad_fork": True, "libcuda_mapped": True})["touched"]
+    mapped_dead = cuda_verdict({"bad_fork": False, "libcuda_mapped": True, "cuinit_in_child": 3})
+    assert mapped_dead["touched"] and "cuInit 3" in mapped_dead["why"]
+    assert cuda_verdict({"bad_fork": False, "libcuda_mapped": True, "cuinit_in_child": "no lib"})["touched"]
+    mapped_fine = cuda_verdict({"bad_fork": False, "libcuda_mapped": True, "cuinit_in_child": 0})
+    assert not mapped_fine["touched"] and "cuInit 0" in mapped_fine["why"]
+    assert not cuda_verdict({"bad_fork": False, "libcuda_mapped": False})["touched"]

@@ -40,6 +40,7 @@ from __future__ import annotations
 import os
 import statistics
 from pathlib import Path
+from types import SimpleNamespace
 from ftbench.harness.cell.measure import now, synchronize
 
 COMM_MARKERS = ("c10d", "gloo", "nccl", "all_reduce", "allreduce", "all_gather", "allgather", "reduce_scatter",
@@ -80,7 +81,10 @@ def profile_after_training(spec, engine, steps_data, device, rank: int) -> dict:
     name = f"{spec.cell_id}-r{spec.repeat}-rank{rank}.json"
     prof.export_chrome_trace(str(out_dir / name))
     events = prof.events()
-    phases = device_breakdown(events) if device.type == "cuda" else breakdown(events)
+    if device.type == "cuda":
+        phases = device_breakdown([e for e in events if _on_host(e)] + device_events(prof.profiler.kineto_results))
+    else:
+        phases = breakdown(events)
     step_s = sum(clock) / n  # the mean, like the phases: both are totals over the same steps
     traced = sum(phases.values()) / n
     return {"profile": {"steps": n, "trace": name, "step_s": step_s, "step_s_median": statistics.median(clock),
@@ -166,6 +170,7 @@ def _host_phase_spans(events) -> tuple[list, dict]:
 
 def _on_host(event) -> bool:
     kind = getattr(event, "device_type", None)
+    kind = kind() if callable(kind) else kind  # a raw Kineto event's is a method
     return kind is None or getattr(kind, "name", str(kind)).upper().endswith("CPU")
 
 
@@ -182,6 +187,30 @@ def _phase_at(t: float, phases: dict) -> str | None:
         if any(a <= t <= b for a, b in phases[name]):
             return name
     return None
+
+
+def device_events(results) -> list:
+    """The device's events of a profile's raw Kineto ``results``, each with the correlation id of
+    the host event that launched it, on the same microsecond clock as ``prof.events()``.
+
+    Read from the raw results because torch 2.11's ``FunctionEvent`` has no
+    ``linked_correlation_id`` (2.13's has): read from those, every kernel looked unlaunched, and
+    the first GPU run's phases were all ``other``.
+
+    Example::
+
+        device_events(prof.profiler.kineto_results)[0].name   # 'ampere_bf16_s16816gemm...'
+    """
+    start = results.trace_start_ns()
+    out = []
+    for k in results.events():
+        if _on_host(k):
+            continue
+        out.append(SimpleNamespace(name=k.name(), id=k.correlation_id(), device_type=k.device_type(),
+                                   linked_correlation_id=k.linked_correlation_id(),
+                                   time_range=SimpleNamespace(start=(k.start_ns() - start) / 1e3,
+                                                              end=(k.end_ns() - start) / 1e3)))
+    return out
 
 
 def device_breakdown(events) -> dict[str, float]:

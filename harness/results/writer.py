@@ -244,14 +244,16 @@ class ResultSetWriter:
             self._event("problem", 0, None, problem)
         self._done = set() if self.options.force else finished_keys(self.out_dir)
 
-    def note_prepared(self, prepared: list[dict]) -> None:
-        """Add the grid's one-off preparations to environment.json (informational: a failure is ignored)."""
+    def note_prepared(self, prepared: list[dict], fork_server: dict | None = None) -> None:
+        """Add the grid's one-off preparations, and what the fork server's CUDA probe found, to
+        environment.json (informational: a failure is ignored)."""
         self.summary.prepared = prepared
-        if not prepared:
+        extra = {**({"prepared": prepared} if prepared else {}), **({"fork_server": fork_server} if fork_server else {})}
+        if not extra:
             return
         try:
             write_atomic(self.out_dir / ENVIRONMENT_FILE,
-                         json.dumps({**self.environment, "prepared": prepared}, indent=2, default=str))
+                         json.dumps({**self.environment, **extra}, indent=2, default=str))
         except OSError:
             pass  # the progress line already showed it
 

@@ -81,7 +81,7 @@ def _lead(writer: ResultSetWriter, search: bool, group: NodeGroup | None) -> Non
     fits: dict = _earlier_searches(writer.records) if search else {}
     if progress:
         progress("warmup", 0, writer.total, None, None)
-    writer.note_prepared(_start_grid(writer.pending(), progress))
+    writer.note_prepared(*_start_grid(writer.pending(), progress))
     k = -1  # index among the multi-node cells, which every node counts alike
     for i, spec in writer.cells:
         spread = group is not None and multi_node(spec)
@@ -157,13 +157,14 @@ def _follow(cells, group, progress) -> RunSummary:
     return summary
 
 
-def _start_grid(pending: list[CellSpec], progress) -> list[dict]:
-    """Start the fork server and do the engines' one-off work before the first cell."""
+def _start_grid(pending: list[CellSpec], progress) -> tuple[list[dict], dict | None]:
+    """Start the fork server and do the engines' one-off work before the first cell; returns the
+    preparations' reports and what the fork server's CUDA probe found."""
     pin_extensions_dir()  # inherited by the fork server and every cell
-    launch.warm_up(pending)
+    probe = launch.warm_up(pending)
     if not pending:
-        return []
-    return prepare_engines(pending, launch.context_for(pending), progress)
+        return [], probe
+    return prepare_engines(pending, launch.context_for(pending), progress), probe
 
 
 def _fit(registry, spec: CellSpec, fits: dict, progress, i: int, total: int):

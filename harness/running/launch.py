@@ -13,18 +13,21 @@ a *cell leader* that forks the ranks and plays torchrun's part
 (:mod:`ftbench.harness.running.ranks`).  ``torchrun`` stays for multi-node
 cells, for ``FTBENCH_LAUNCH=torchrun`` (multi-rank cells only), and for
 CUDA cells if the fork server has initialised CUDA (never expected: the
-preload touches no device; a probe child checks, and a warning says so).
+preload touches no device; a probe child checks, a warning says so, and
+``environment.json``'s ``fork_server`` says what the probe found).
 ``FTBENCH_LAUNCH=exec`` starts every cell as a plain subprocess (e.g. to
 measure the cost the fork server saves).
 """
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing as mp
 import os
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 from ftbench.harness.running.childexit import exit_child
 
@@ -35,11 +38,11 @@ PRELOAD = ("ftbench.harness.running.preload",)
 PRELOAD_BACKENDS_ENV = "FTBENCH_PRELOAD_BACKENDS"
 
 _context = None
-#: Whether the fork server has initialised CUDA (learnt from the warm-up probe; None: not yet known).
-_server_cuda = None
+#: What the warm-up probe found in the fork server (None: not probed yet); see :func:`fork_server_probe`.
+_server_probe: dict | None = None
 
-#: Exit code of the probe child when the server it was forked from had initialised CUDA.
-_CUDA_TOUCHED = 3
+#: Seconds the probe child may take (it may initialise the CUDA driver) before the server counts as touched.
+PROBE_TIMEOUT_S = 60
 
 
 def _may_fork(spec) -> bool:
@@ -56,22 +59,64 @@ def use_fork_server(spec) -> bool:
     if not _may_fork(spec):
         return False
     if spec.device != "cpu" and server_touched_cuda():
-        warnings.warn("the fork server has initialised CUDA, so a cell forked from it could not use the GPU; "
-                      "CUDA cells start as plain processes (torchrun for multi-rank cells) instead: slower "
-                      "start, same measurements", RuntimeWarning, stacklevel=2)
+        warnings.warn("the fork server has initialised CUDA, so a cell forked from it could not use the GPU "
+                      f"({fork_server_probe().get('why')}); CUDA cells start as plain processes (torchrun for "
+                      "multi-rank cells) instead: slower start, same measurements", RuntimeWarning, stacklevel=2)
         return False
     return True
 
 
 def server_touched_cuda() -> bool:
     """True if the fork server initialised CUDA (a forked child could then not use it)."""
-    global _server_cuda
-    if _server_cuda is None:
-        probe = _fork_context().Process(target=_probe_cuda)
+    return fork_server_probe()["touched"]
+
+
+def fork_server_probe() -> dict:
+    """What a child forked from the fork server found about CUDA, probed once per driver.
+
+    ``touched`` says a forked cell could not use the GPU, ``why`` says what showed it; the rest is
+    the evidence.  Example (a CUDA machine whose server mapped the driver library but never
+    initialised it, so forking is safe)::
+
+        {"touched": False, "why": "libcuda is mapped, but a forked child initialises CUDA (cuInit 0)",
+         "bad_fork": False, "libcuda_mapped": True, "cuinit_in_child": 0,
+         "cuda_libraries": ["libcaffe2_nvrtc.so", "libcuda.so.1"]}
+    """
+    global _server_probe
+    if _server_probe is None:
+        ctx = _fork_context()
+        reader, writer = ctx.Pipe(duplex=False)
+        probe = ctx.Process(target=_probe_cuda, args=(writer,))
         probe.start()
+        writer.close()
+        found = reader.recv() if reader.poll(PROBE_TIMEOUT_S) else None
+        if probe.exitcode is None and found is None:
+            probe.kill()
         probe.join()
-        _server_cuda = probe.exitcode == _CUDA_TOUCHED
-    return _server_cuda
+        _server_probe = cuda_verdict(found)
+    return _server_probe
+
+
+def cuda_verdict(found: dict | None) -> dict:
+    """Whether a forked child can use CUDA, from what the probe child saw (``None``: it never answered).
+
+    Torch's own flag (a device-count query or lazy init in the server makes every later fork a
+    "bad fork") decides first.  A mapped driver library alone is not poisoning (a library may
+    load it without initialising CUDA), so the probe then initialises the driver itself: a child
+    of a server that had initialised CUDA cannot (``cuInit`` fails), a clean one can.
+    """
+    if found is None:
+        return {"touched": True, "why": f"the probe child did not answer within {PROBE_TIMEOUT_S} s"}
+    if found.get("bad_fork"):
+        why = "torch marks a child of the server as a bad fork (CUDA initialised or its devices counted there)"
+    elif found.get("libcuda_mapped") and found.get("cuinit_in_child") != 0:
+        why = f"libcuda is mapped and a forked child cannot initialise CUDA (cuInit {found.get('cuinit_in_child')})"
+    elif found.get("libcuda_mapped"):
+        return {"touched": False, **found,
+                "why": "libcuda is mapped, but a forked child initialises CUDA (cuInit 0)"}
+    else:
+        return {"touched": False, **found, "why": "no CUDA state in the server"}
+    return {"touched": True, **found, "why": why}
 
 
 def check_fork_cuda() -> None:
@@ -122,15 +167,16 @@ def _cell_main(argv: list[str], log_path: str, nproc: int = 1) -> None:
         exit_child(code)  # no interpreter teardown: the server's libraries' atexit handlers are not the cell's
 
 
-def warm_up(cells) -> None:
-    """Start the fork server now if any cell will use it, so that its one-off
-    start-up is not charged to the first cell's wall time."""
+def warm_up(cells) -> dict | None:
+    """Start the fork server now if any cell will use it, so that its one-off start-up is not
+    charged to the first cell's wall time; returns what the probe found (None: no fork server)."""
     if any(_may_fork(c) for c in cells):
         if _context is None:  # the server, started now, preloads this grid's backends only
             os.environ[PRELOAD_BACKENDS_ENV] = ",".join(sorted({c.backend.name for c in cells}))
         # The server imports its preload after it starts answering; the probe
         # child returns only once that is done, and says whether it touched CUDA.
-        server_touched_cuda()
+        return fork_server_probe()
+    return None
 
 
 def context_for(cells):
@@ -139,19 +185,28 @@ def context_for(cells):
     return _fork_context() if any(_may_fork(c) for c in cells) else mp.get_context("spawn")
 
 
-def _probe_cuda() -> None:
+def _probe_cuda(answer) -> None:
     # A child cannot see a parent's CUDA context directly: torch flags a fork after its lazy
-    # init ("bad fork"), and a mapped libcuda means the driver API was loaded (e.g. by a
-    # device count taken without NVML).
+    # init or device count ("bad fork"); a library that initialised the driver itself leaves
+    # libcuda mapped, and then the driver refuses to initialise again in a child.
     import torch
 
-    touched = torch.cuda._is_in_bad_fork()
+    found = {"bad_fork": bool(torch.cuda._is_in_bad_fork()), "libcuda_mapped": False, "cuda_libraries": []}
     try:
         with open("/proc/self/maps") as f:
-            touched = touched or "libcuda.so" in f.read()
+            libs = {Path(line.split()[-1]).name for line in f if line.rstrip().endswith(".so") or ".so." in line}
     except OSError:
-        pass
-    os._exit(_CUDA_TOUCHED if touched else 0)
+        libs = set()
+    found["cuda_libraries"] = sorted(n for n in libs if any(k in n for k in ("cuda", "nvrtc", "nvidia-ml")))
+    found["libcuda_mapped"] = any(n.startswith("libcuda.so") for n in libs)
+    if found["libcuda_mapped"] and not found["bad_fork"]:
+        try:
+            found["cuinit_in_child"] = int(ctypes.CDLL("libcuda.so.1").cuInit(0))
+        except OSError as e:
+            found["cuinit_in_child"] = f"libcuda.so.1 could not be loaded: {e}"
+    answer.send(found)
+    answer.close()
+    os._exit(0)
 
 
 #: How a cell's process was started, as its record's ``launch`` says: forked from the fork server,
