@@ -18,7 +18,9 @@ that a broken import is a failed step and not a crashed check.
 * Everything is written as it goes to ``--out``: each step's own folder (``NN-step/``: the
   result set ``results.jsonl`` that ftbench appends per cell, ``step.json`` with the checks,
   ``command.log``), and after every step ``summary.md`` / ``summary.json`` and a line in
-  ``progress.log``; a check killed midway leaves all of that behind.
+  ``progress.log``; a check killed midway leaves all of that behind.  ``--bundle FILE.tgz``
+  also packs that folder (less the profiler's traces) after every step, for a lease that
+  returns only a few small files.
 * Verdict: ``passed`` (exit 0) when every step that applies passed; ``failed`` (exit 1) when a
   check failed; ``incomplete`` (exit 3) when a step was skipped for a missing package, was not
   reached within the budget, timed out or was interrupted.  A step that does not apply here
@@ -30,12 +32,16 @@ The checks each step makes, and the figures to expect on an H200, are in docs/gp
 from __future__ import annotations
 
 import argparse
+import atexit
 import ctypes
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -185,6 +191,8 @@ class Check:
                            "cells": s.rows} for s in self.steps]}
         _atomic_write(self.out / "summary.json", json.dumps(data, indent=1, default=str))
         _atomic_write(self.out / "summary.md", summary_markdown(data))
+        if self.args.bundle:
+            write_bundle(self.out, self.args.bundle)
 
     def log(self, text: str) -> None:
         line = f"[{self.elapsed():6.0f} s] {text}"
@@ -325,7 +333,9 @@ def make_models(c: Check, step: Step) -> bool:
     if c.models:
         return True
     width, layers, heads = (768, 12, 12) if c.cuda else (128, 2, 4)
-    root = c.out / "models"
+    # Outside --out: on CUDA they are 750 MB, which made the first GPU run's folder too big to bring back.
+    root = Path(tempfile.mkdtemp(prefix="ftbench-gpu-check-models-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
     code = f"""
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -621,6 +631,20 @@ def summary_markdown(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: Left out of the bundle: the profiler's traces are tens of MB on CUDA, and a bundle must come back whole.
+BUNDLE_SKIPS = ("traces", "command.log.tmp")
+
+
+def write_bundle(out: Path, bundle: Path) -> None:
+    """``bundle``: a gzipped tar of ``out`` without the profiler's traces, replaced atomically, so
+    that a device lease's few small files bring back every step's records and logs."""
+    tmp = bundle.with_name(bundle.name + ".tmp")
+    with tarfile.open(tmp, "w:gz") as tar:
+        tar.add(out, arcname=out.name,
+                filter=lambda info: None if any(part in BUNDLE_SKIPS for part in Path(info.name).parts) else info)
+    os.replace(tmp, bundle)
+
+
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
@@ -654,6 +678,9 @@ def main(argv=None) -> int:
                    help="seconds one step may take before it is stopped (default 200 on CUDA, 90 on CPU)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per cell (default 30 on CUDA, 6 on CPU)")
     p.add_argument("--only", action="append", choices=STEP_NAMES, help="run only this step (repeatable)")
+    p.add_argument("--bundle", type=Path, default=None,
+                   help="also write OUT as this .tgz after every step, traces left out (e.g. $OUT/gpu-check.tgz on "
+                        "a device lease, whose returned files are few and small)")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     cuda, gpus = cuda_devices(args.device)

@@ -15,7 +15,8 @@
 #   * what `ftbench run` imports beyond the image: click, rich (markdown-it-py, mdurl,
 #     pygments), tabulate and jsonschema (the record schema checks every line written and read;
 #     pandas, matplotlib and scipy serve report/compare only and are in the image);
-#   * setuptools, so that `pip install --no-build-isolation --no-deps -e .` can build.
+# The image's own setuptools builds the editable install: a carried one is refused by pip's
+# resolver next to the image's torch 2.11, which pins it (seen on the first GPU run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=gpu-wheels
@@ -46,7 +47,7 @@ echo "== dependencies, as wheels for CPython $PYV manylinux x86_64"
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   --platform any -d "$OUT" \
   hjson msgpack ninja py-cpuinfo einops nvidia-ml-py "pydantic>=2" \
-  click rich tabulate setuptools "jsonschema>=4.18"
+  click rich tabulate "jsonschema>=4.18"
 
 bytes=$(du -cb "$OUT"/*.whl | tail -1 | cut -f1)
 mib=$(( (bytes + 1048575) / 1048576 ))

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 import uuid
 from pathlib import Path
@@ -70,7 +71,9 @@ def test_the_check_killed_midway_leaves_its_records_and_summary(tmp_path):
     """SIGKILL while a cell runs: the finished steps' records, step.json files, progress log and a
     summary naming the running step are all in --out, and the check's ftbench run does not outlive it."""
     out, mark = tmp_path / "out", uuid.uuid4().hex
-    proc = subprocess.Popen([sys.executable, str(CHECK), "--device", "cpu", "--budget", "120", "--out", str(out)],
+    bundle = tmp_path / "bring-back.tgz"
+    proc = subprocess.Popen([sys.executable, str(CHECK), "--device", "cpu", "--budget", "120", "--out", str(out),
+                             "--bundle", str(bundle)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(FTBENCH_TEST_MARK=mark))
     try:
         deadline = time.time() + 240
@@ -89,6 +92,11 @@ def test_the_check_killed_midway_leaves_its_records_and_summary(tmp_path):
     assert step_files["02-fp32"]["status"] == "running"
     assert (out / "summary.md").read_text().startswith("# ftbench GPU check: incomplete")
     assert "matmul: passed" in (out / "progress.log").read_text()
+    # The bundle a device lease brings back holds the same, as of the last step's summary.
+    with tarfile.open(bundle) as tar:
+        names = tar.getnames()
+        assert "out/summary.md" in names and "out/01-matmul/step.json" in names, names
+        assert tar.extractfile("out/summary.md").read().startswith(b"# ftbench GPU check: incomplete")
     assert_none_left(timeout=60, FTBENCH_TEST_MARK=mark)
 
 
@@ -116,8 +124,8 @@ def test_the_check_on_cpu_stops_within_budget_plus_one_step_timeout(tmp_path):
     assert any((r.get("launch") or {}).get("mode") == "fork" for s in ran for r in s["cells"])
 
 
-#: What the device image has (docs/gpu.md); their dependencies come along.
-IMAGE = ("torch", "transformers", "accelerate", "peft", "pytest")
+#: What the device image has (docs/gpu.md) that matters here; their dependencies come along.
+IMAGE = ("torch", "transformers", "accelerate", "peft", "pytest", "setuptools")
 
 
 def _image_closure() -> set[str]:

@@ -470,15 +470,15 @@ def test_device_events_come_from_the_raw_results_on_the_host_events_clock():
 
 def test_the_fork_server_probe_decides_on_torch_s_flag_then_on_the_driver_itself():
     """The first GPU run started every CUDA cell as ``exec``: the probe counted a mapped libcuda as
-    poisoning. Now torch's bad-fork flag decides; a mapped libcuda alone is checked by
-    initialising the driver in the probe child, and the verdict says why."""
+    poisoning. Now torch's bad-fork flag decides; a mapped libcuda alone is checked by using the
+    driver in the probe child (init, device 0's context), and the verdict says why."""
     from ftbench.harness.running.launch import cuda_verdict
 
     assert cuda_verdict(None)["touched"]
     assert cuda_verdict({"bad_fork": True, "libcuda_mapped": True})["touched"]
-    mapped_dead = cuda_verdict({"bad_fork": False, "libcuda_mapped": True, "cuinit_in_child": 3})
+    mapped_dead = cuda_verdict({"bad_fork": False, "libcuda_mapped": True, "cuda_in_child": "cuInit 3"})
     assert mapped_dead["touched"] and "cuInit 3" in mapped_dead["why"]
-    assert cuda_verdict({"bad_fork": False, "libcuda_mapped": True, "cuinit_in_child": "no lib"})["touched"]
-    mapped_fine = cuda_verdict({"bad_fork": False, "libcuda_mapped": True, "cuinit_in_child": 0})
-    assert not mapped_fine["touched"] and "cuInit 0" in mapped_fine["why"]
+    assert cuda_verdict({"bad_fork": False, "libcuda_mapped": True, "cuda_in_child": "no lib"})["touched"]
+    mapped_fine = cuda_verdict({"bad_fork": False, "libcuda_mapped": True, "cuda_in_child": 0})
+    assert not mapped_fine["touched"] and "can use CUDA" in mapped_fine["why"]
     assert not cuda_verdict({"bad_fork": False, "libcuda_mapped": False})["touched"]

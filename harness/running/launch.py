@@ -78,8 +78,8 @@ def fork_server_probe() -> dict:
     the evidence.  Example (a CUDA machine whose server mapped the driver library but never
     initialised it, so forking is safe)::
 
-        {"touched": False, "why": "libcuda is mapped, but a forked child initialises CUDA (cuInit 0)",
-         "bad_fork": False, "libcuda_mapped": True, "cuinit_in_child": 0,
+        {"touched": False, "why": "libcuda is mapped, but a forked child can use CUDA",
+         "bad_fork": False, "libcuda_mapped": True, "cuda_in_child": 0,
          "cuda_libraries": ["libcaffe2_nvrtc.so", "libcuda.so.1"]}
     """
     global _server_probe
@@ -102,18 +102,18 @@ def cuda_verdict(found: dict | None) -> dict:
 
     Torch's own flag (a device-count query or lazy init in the server makes every later fork a
     "bad fork") decides first.  A mapped driver library alone is not poisoning (a library may
-    load it without initialising CUDA), so the probe then initialises the driver itself: a child
-    of a server that had initialised CUDA cannot (``cuInit`` fails), a clean one can.
+    load it without initialising CUDA), so the probe child then does what a cell's first CUDA
+    call does (initialise the driver, take device 0's primary context): a child of a server
+    that had initialised CUDA cannot, a clean one can.
     """
     if found is None:
         return {"touched": True, "why": f"the probe child did not answer within {PROBE_TIMEOUT_S} s"}
     if found.get("bad_fork"):
         why = "torch marks a child of the server as a bad fork (CUDA initialised or its devices counted there)"
-    elif found.get("libcuda_mapped") and found.get("cuinit_in_child") != 0:
-        why = f"libcuda is mapped and a forked child cannot initialise CUDA (cuInit {found.get('cuinit_in_child')})"
+    elif found.get("libcuda_mapped") and found.get("cuda_in_child") != 0:
+        why = f"libcuda is mapped and a forked child cannot use CUDA ({found.get('cuda_in_child')})"
     elif found.get("libcuda_mapped"):
-        return {"touched": False, **found,
-                "why": "libcuda is mapped, but a forked child initialises CUDA (cuInit 0)"}
+        return {"touched": False, **found, "why": "libcuda is mapped, but a forked child can use CUDA"}
     else:
         return {"touched": False, **found, "why": "no CUDA state in the server"}
     return {"touched": True, **found, "why": why}
@@ -200,13 +200,29 @@ def _probe_cuda(answer) -> None:
     found["cuda_libraries"] = sorted(n for n in libs if any(k in n for k in ("cuda", "nvrtc", "nvidia-ml")))
     found["libcuda_mapped"] = any(n.startswith("libcuda.so") for n in libs)
     if found["libcuda_mapped"] and not found["bad_fork"]:
-        try:
-            found["cuinit_in_child"] = int(ctypes.CDLL("libcuda.so.1").cuInit(0))
-        except OSError as e:
-            found["cuinit_in_child"] = f"libcuda.so.1 could not be loaded: {e}"
+        found["cuda_in_child"] = _use_the_driver()
     answer.send(found)
     answer.close()
     os._exit(0)
+
+
+def _use_the_driver():
+    """0 if this process can initialise CUDA and hold device 0's primary context (what a cell's
+    first CUDA call does), else the first driver call that failed and its code."""
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+    except OSError as e:
+        return f"libcuda.so.1 could not be loaded: {e}"
+    count, dev, ctx = ctypes.c_int(0), ctypes.c_int(0), ctypes.c_void_p()
+    calls = [("cuInit", lambda: lib.cuInit(0)), ("cuDeviceGetCount", lambda: lib.cuDeviceGetCount(ctypes.byref(count))),
+             ("cuDeviceGet", lambda: lib.cuDeviceGet(ctypes.byref(dev), 0) if count.value else 0),
+             ("cuDevicePrimaryCtxRetain",
+              lambda: lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev) if count.value else 0)]
+    for name, call in calls:
+        code = int(call())
+        if code:
+            return f"{name} {code}"
+    return 0  # the context goes with this process, which exits now
 
 
 #: How a cell's process was started, as its record's ``launch`` says: forked from the fork server,
