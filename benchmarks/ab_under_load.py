@@ -2,9 +2,12 @@
 
 Both versions are the same code (``--base HEAD`` against a clean working
 tree), so every regression or improvement called is a false alarm.  While
-the runs go on, a planted load burns CPU on every core for a few seconds,
-rests for a few seconds, and so on (seeded, so that both methods meet the
-same kind of load).  Prints both false-alarm rates side by side.
+the runs go on, a planted load burns CPU on every core for a spell, rests
+for a spell, and so on (seeded, so that both methods meet the same kind of
+load).  Spells last 10-40 s by default, as another job on a shared runner
+starts and ends: long enough to cover one side of a separate pair of runs
+and not the other, which ``ab``'s interleaving is built to survive.
+Prints both false-alarm rates side by side.
 
 Run it on an otherwise quiet machine, from a clean checkout (no uncommitted
 changes, or ``ab`` compares them too):
@@ -40,7 +43,7 @@ def _burn(stop_at: float) -> None:
         x = (x * 31 + 7) % 1000003
 
 
-def planted_load(stop, seed: int, on=(2.0, 6.0), off=(2.0, 6.0)) -> None:
+def planted_load(stop, seed: int, on=(10.0, 40.0), off=(10.0, 40.0)) -> None:
     """Every core busy for a random spell, then idle for one, until ``stop`` is set."""
     rng = random.Random(seed)
     while not stop.is_set():
@@ -54,9 +57,13 @@ def planted_load(stop, seed: int, on=(2.0, 6.0), off=(2.0, 6.0)) -> None:
 
 
 def _calls(report: str) -> int:
-    """Regressions + improvements named in a compare/ab Markdown report."""
+    """Regressions + improvements named in a compare/ab Markdown report (each printed: which
+    cell, which figure, by how much)."""
     text = Path(report).read_text() if Path(report).exists() else ""
-    return sum(bool(re.search(r"\|\s*(regression|improvement)\s*\|\s*$", line)) for line in text.splitlines())
+    lines = [line for line in text.splitlines() if re.search(r"\|\s*(regression|improvement)\s*\|\s*$", line)]
+    for line in lines:
+        print(f"    false alarm: {line.strip()}", flush=True)
+    return len(lines)
 
 
 def one_ab(work: Path, rounds: int) -> int:
@@ -84,17 +91,22 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--spell", type=float, nargs=2, default=(10.0, 40.0), metavar=("MIN", "MAX"),
+                    help="seconds a load spell (and a rest) lasts, drawn uniformly (default 10 40)")
+    ap.add_argument("--keep", type=Path, default=None, help="keep every trial's result sets and reports here")
     args = ap.parse_args()
     results = {"ab": [], "separate": []}
     for trial in range(args.trials):
         for method, fn in (("ab", one_ab), ("separate", one_pair)):
             stop = mp.Event()
-            load = mp.Process(target=planted_load, args=(stop, args.seed + trial))
+            load = mp.Process(target=planted_load, args=(stop, args.seed + trial, tuple(args.spell), tuple(args.spell)))
             load.start()
             try:
                 with tempfile.TemporaryDirectory() as tmp:
+                    work = Path(tmp) if args.keep is None else args.keep / f"trial{trial + 1}-{method}"
+                    work.mkdir(parents=True, exist_ok=True)
                     t0 = time.time()
-                    calls = fn(Path(tmp), args.rounds)
+                    calls = fn(work, args.rounds)
             finally:
                 stop.set()
                 load.join()
