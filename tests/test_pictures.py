@@ -1,5 +1,5 @@
 """Pictures that tell the truth (issue 28, item 10): the report's and the history's plots read from
-the figures' own artists.
+the figures' own artists, and the terminal table at 100 columns.
 
 The figures are kept open (``pyplot.close`` stubbed out) so that each test reads what was drawn:
 colours and markers of the artists (each drawn cell's ``gid`` is its cell id), texts and their
@@ -14,12 +14,14 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
+from click.testing import CliRunner  # noqa: E402
 from matplotlib.colors import to_rgba  # noqa: E402
 from matplotlib.text import Text  # noqa: E402
 
 from ftbench.harness.analysis.historyreport import write_history  # noqa: E402
 from ftbench.harness.analysis.plotstyle import palette  # noqa: E402
 from ftbench.harness.analysis.report import write_report  # noqa: E402
+from ftbench.harness.cli import main  # noqa: E402
 from results_factory import ENV, make_record, write_set  # noqa: E402
 
 #: tasks, each with its own model and a panel that lacks some backends, as in the default grid
@@ -292,6 +294,71 @@ def test_history_axes_start_at_zero(tmp_path, figures):
                 assert ax.get_ylim()[0] == 0, (title, ax.get_ylim())
                 fig.canvas.draw()
                 assert ax.yaxis.get_offset_text().get_text() == ""
+
+
+# ------------------------------------------------------------------------------------------- 7
+
+
+def _default_grid_like():
+    """Five tasks x twelve backends, data-parallel ones on two ranks, parity verdicts, a failure."""
+    tasks = {"generation": "tiny-gpt2", "translation": "tiny-t5", "classification": "tiny-bert",
+             "summarization": "tiny-t5", "dialogue": "tiny-gpt2"}
+    backends = ("eager", "compile", "deepspeed", "zero0", "zero1", "zero2", "zero3", "zero2-offload",
+                "zero3-offload", "ddp", "fsdp", "accelerate", "trainer")
+    recs = []
+    for task, model in tasks.items():
+        for b in backends:
+            status = "oom" if (task, b) == ("summarization", "zero3-offload") else "ok"
+            for rep in range(3):
+                r = make_record(task=task, backend=b, model=model, repeat=rep, status=status,
+                                step_s=0.4 + 0.01 * len(b), mem=int(1.3 * 2**30) + 2**20 * len(b))
+                if status != "ok":
+                    r["error"] = "OutOfMemoryError: memory limit 1600 MB reached while building the model " * 3
+                if b not in ("eager", "compile"):
+                    r["nproc"] = r["config"]["nproc"] = 2
+                r["parity"] = ({"status": "reference", "reason": "reference backend"} if b == "eager" else
+                               {"status": "compared", "max_rel_dev": 1.2e-7, "window_max_rel_dev": 1.2e-7,
+                                "passed": b != "trainer", "tolerance": 1e-3, "left_tolerance_at_step": 37}
+                               if b != "deepspeed" else
+                               {"status": "compared", "max_rel_dev": 3.1e-2, "window_max_rel_dev": 4e-4,
+                                "passed": True, "tolerance": 1e-3, "left_tolerance_at_step": 37})
+                recs.append(r)
+    return recs
+
+
+def test_the_terminal_table_fits_100_columns(tmp_path):
+    path = write_set(tmp_path / "set", _default_grid_like())
+    res = CliRunner(env={"COLUMNS": "100"}).invoke(main, ["report", str(path)], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    assert max(len(line) for line in lines) <= 100, max(lines, key=len)
+    table = res.output[:res.output.index("Medians over repeats")]
+    body = [line for line in table.splitlines() if line.startswith(" ") and line.strip()[:1] not in ("", "─")]
+    # no cell cut to an ellipsis or folded: every backend and figure whole, one line per cell
+    assert not [line for line in body if "…" in line], body
+    for b in ("zero3-offload · ×2", "zero2-offload · ×2", "accelerate · ×2", "trainer · ×2", "eager"):
+        assert any(line.split()[:len(b.split())] == b.split() for line in body), b
+    for head in ("backend", "status", "tokens/s", "step ms", "peak memory", "perplexity ↓", "accuracy ↑",
+                 "parity"):
+        assert head in table, head
+    assert "summarization · tiny-t5" in table and "oom" in table and "✓ 4.0e-04" in table
+    assert len(body) == 5 * (1 + 13)  # a header and a line per cell: nothing wrapped
+    # where the rest is
+    tail = " ".join(res.output[res.output.index("Medians over repeats"):].split())
+    assert "summary.md" in tail and "report.html" in tail
+    # the full table is still in the Markdown
+    md = (path / "report" / "summary.md").read_text()
+    for col in ("setup peak", "train peak", "setup s", "compile s", "differs"):
+        assert col in md
+    assert "OutOfMemoryError" in md
+
+
+def test_the_terminal_parity_is_the_verdict_without_its_details():
+    from ftbench.harness.analysis.report_terminal import short_parity
+
+    assert short_parity("✓ 1.2e-07, drift 3.1e-02 from step 37") == "✓ 1.2e-07"
+    assert short_parity("recipe differs from eager: lr 0.003 -> 0.001") == "recipe differs from eager"
+    assert short_parity(None) == "-"
 
 
 def test_names_holding_dollars_are_drawn_as_written(tmp_path, figures):

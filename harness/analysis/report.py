@@ -24,6 +24,7 @@ from ftbench.harness.contract.format import fmt_bytes, fmt_num
 from ftbench.harness.analysis.markdown import md_table, md_text
 from ftbench.harness.analysis.plotstyle import styles_for
 from ftbench.harness.analysis.report_plots import plot_bars, plot_loss, plot_quality
+from ftbench.harness.analysis.report_terminal import terminal_tables
 from ftbench.harness.analysis.ladder_report import ladder_frame, plot_ladder
 from ftbench.harness.analysis.fairness import compare_cells, counterpart, differs_label, has_account
 from ftbench.harness.analysis.profiles import profile_html, profile_markdown, profile_rows
@@ -52,6 +53,8 @@ class Report:
     time_to_target: object = None
     #: The optimization ladder table (a DataFrame) when cells differ by their optimizations.
     ladder: object = None
+    #: What the terminal shows: ``(title, DataFrame)`` per task, key columns only (report_terminal).
+    terminal: list = field(default_factory=list)
 
 
 # ------------------------------------------------------------------ tables
@@ -331,7 +334,8 @@ def write_report(result_dir, out: str | os.PathLike | None = None, loss_x: str =
     summary = summary_frame(df)
     display = display_frame(summary)
     rep = Report(out=out, markdown=out / "summary.md", csv=out / "summary.csv", records_csv=out / "records.csv",
-                 html=out / "report.html", problems=problems, read=rs.versions_read())
+                 html=out / "report.html", problems=problems, read=rs.versions_read(),
+                 terminal=terminal_tables(summary, variant_labels(rs.records, without=("model",))))
     df.to_csv(rep.records_csv, index=False)
     summary.to_csv(rep.csv, index=False)
     md = [f"# ftbench report: {md_text(result_dir)}", "", f"Read {rep.read}.", "",
@@ -362,11 +366,12 @@ def write_report(result_dir, out: str | os.PathLike | None = None, loss_x: str =
 
 
 def print_table(display, console, title: str) -> None:
-    """The display table in the terminal (rich)."""
+    """A table in the terminal (rich), its words wrapped to the console rather than cut."""
+    from rich import box
     from rich.markup import escape
     from rich.table import Table
 
-    t = Table(title=escape(title))
+    t = Table(title=escape(title), box=box.SIMPLE_HEAD, pad_edge=False)
     for col in display.columns:
         t.add_column(escape(str(col)), overflow="fold")
     for row in display.itertuples(index=False):
