@@ -72,15 +72,20 @@ def grid_axes(plt, n: int, width: float = 5.2, height: float = 3.8):
     return fig, flat[:n]
 
 
-def panel_note(ax, lines: list[str], width: int = 78) -> None:
-    """Lines of text under the panel's x-axis label (wrapped to the panel), or nothing."""
+def panel_note(ax, lines: list[str], fontsize: float = 7.5) -> None:
+    """Lines of text under the panel's x-axis label (wrapped to the panel's width), or nothing."""
     lines = [line for line in lines if line]
     if not lines:
         return
-    text = "\n".join(textwrap.fill(line, width, subsequent_indent="  ") for line in lines)
+    inches = ax.get_position().width * ax.figure.get_figwidth()
+    width = max(40, int(inches * 72 / (fontsize * 0.52)))  # characters average about half the font size
+    # A cell's label ("eager · tiny-gpt2 · ×2") is never broken: its spaces do not break (U+00A0).
+    lines = [line.replace(" · ", "\u00a0·\u00a0") for line in lines]
+    text = "\n".join(textwrap.fill(line, width, subsequent_indent="  ", break_on_hyphens=False,
+                                    break_long_words=False) for line in lines)
     # Anchored to the x-axis label itself, so it follows the tick labels' height whatever they hold.
     ax.annotate(text, xy=(0.5, 0.0), xycoords=ax.xaxis.label, xytext=(0, -4), textcoords="offset points",
-                ha="center", va="top", fontsize=7.5, color="0.25")
+                ha="center", va="top", fontsize=fontsize, color="0.25")
 
 
 def all_same(values) -> float | None:
@@ -151,7 +156,7 @@ def interleaved(i: int, n: int, dash: float = 5.0):
 
 def coincide_note(groups: list[tuple[list[str], float]]) -> list[str]:
     """``eager, compile, ddp coincide (max |Δ| 2.1e-07)``, one line per group (each name once)."""
-    return [f"{', '.join(dict.fromkeys(names))} " + (f"coincide (max |Δ| {worst:.1e})" if worst else "are identical")
+    return [f"{', '.join(dict.fromkeys(names))} " + (f"coincide (max\u00a0|Δ|\u00a0{worst:.1e})" if worst else "are identical")
             for names, worst in groups]
 
 

@@ -17,6 +17,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 #: Markers that stay apart at 6-8 points, in the order models get them.
@@ -155,6 +156,7 @@ def add_legend(fig, styles: Styles, cell_ids, line: bool = False, extra: tuple[l
     handles, texts = handles + list(extra[0]), texts + list(extra[1])
     if not handles:
         return None
-    ncol = max(1, min(len(handles), int(fig.get_figwidth() // 1.9)))
+    most = max(1, int(fig.get_figwidth() // 1.9))
+    ncol = math.ceil(len(handles) / math.ceil(len(handles) / most))  # rows as even as they can be
     return fig.legend(handles, texts, title=title, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=ncol,
                       fontsize=8, title_fontsize=8, frameon=False)

@@ -169,6 +169,7 @@ def plot_quality(summary, styles: Styles, records: list[dict], path: Path) -> Pa
         ax.set_ylabel(f"{metric} ({'higher' if hib else 'lower'} is better)" if metric else "metric")
         ax.grid(alpha=0.3)
         ax.margins(x=0.25, y=0.25)
+        ax.set_xlim(left=0)  # no throughput is negative; from zero, as the bars, so that ratios read true
         values = [*s["metric_value_median"], *s["metric_value_min"], *s["metric_value_max"]]
         notes = [flat_range(ax, values, str(metric or "metric"), len(s)) if len(s) > 1 else ""]
         if not len(s):
