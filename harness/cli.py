@@ -23,6 +23,7 @@ from ftbench.harness.analysis.compare import DEFAULT_ALPHA, compare_sets, parse_
 from ftbench.harness.analysis.historyreport import print_history, write_history
 from ftbench.harness.analysis.outputs import refuse_record_files
 from ftbench.harness.analysis.report import print_table, write_report
+from ftbench.harness.analysis.report_terminal import print_terminal_tables
 from ftbench.harness.analysis.resultset import merge_result_sets
 from ftbench.harness.contract.api import FtbenchError
 from ftbench.harness.contract.config import Launch
@@ -610,13 +611,15 @@ def _install_sigterm():
 def report_cmd(result_dir, out, quiet, loss_x):
     """Tables (terminal, Markdown, CSV), PNG plots and an HTML page for a result set."""
     refuse_record_files(out, "--out", "report")
-    rep, display = write_report(result_dir, out, loss_x=loss_x)
+    rep, _ = write_report(result_dir, out, loss_x=loss_x)
     con = _console()
     for p in rep.problems:
         _console(stderr=True).print(f"[yellow]warning:[/] {escape(p)}", soft_wrap=True)
     con.print(f"read {escape(rep.read)} from {escape(str(result_dir))}")
     if not quiet:
-        print_table(display, con, f"ftbench report: {result_dir}")
+        print_terminal_tables(rep.terminal, con, f"ftbench report: {result_dir}",
+                              f"Ranges, memory windows and prediction, setup and compile seconds, errors and "
+                              f"what each cell computed differently: {rep.markdown} and {rep.html}.")
         if rep.time_to_target is not None:
             print_table(rep.time_to_target, con, "time to target (median over seeds; not reached = infinitely slow)")
         if rep.ladder is not None:

@@ -156,6 +156,34 @@ def test_mismatched_recipes_are_refused_with_the_reason(tmp_path):
     assert code == 0 and "refused" in out and "steps 12 -> 20" in out, out
 
 
+def test_a_refusal_names_only_the_settings_that_really_differ(tmp_path):
+    """An older record spells settings it predates as null or leaves them out (``packing None``,
+    no ``numerics``), and writes 2 where the newer writes 2.0: none of that is a difference, and
+    the one real difference (the learning rate) must be named, first."""
+    base_recs = [make_record(repeat=r) for r in range(2)]
+    for r in base_recs:
+        r["config"]["recipe"]["packing"] = None
+        r["config"]["recipe"].pop("numerics")
+        r["config"]["recipe"]["max_grad_norm"] = 1
+        r["config"]["opt"] = None
+        r["config"]["time_limit_s"] = 60.0  # a limit, not a setting of the cell
+    base = write_set(tmp_path / "b", base_recs)
+    new = write_set(tmp_path / "n", [make_record(repeat=r, lr=1e-3) for r in range(2)])
+    res = CliRunner(env={"COLUMNS": "250"}).invoke(main, ["compare", str(base), str(new)])
+    assert res.exit_code == 2, res.output
+    flat = " ".join(res.output.split())
+    assert "recipes differ (lr 0.003 -> 0.001)" in flat, flat
+    for spurious in ("packing", "numerics", "max_grad_norm", "opt", "time_limit_s"):
+        assert spurious not in flat, (spurious, flat)
+
+    from ftbench.harness.analysis.resultset import config_diff
+
+    older, newer = base_recs[0], make_record(steps=20, lr=1e-3)
+    newer["config"]["recipe"]["warmup"] = 3
+    # the settings of the recipe fingerprint first (why the cells are not comparable), then the rest
+    assert config_diff(older, newer) == ["lr 0.003 -> 0.001", "steps 12 -> 20", "warmup 2 -> 3"]
+
+
 def test_noise_alone_is_not_a_regression(tmp_path):
     def run_set(name, step_times):
         return write_set(tmp_path / name, [make_record(repeat=r, step_s=s, jitter=0.1) for r, s in

@@ -20,6 +20,7 @@ from ftbench.harness.contract.format import fmt_bytes, fmt_num
 from ftbench.harness.analysis.history import History, build_history
 from ftbench.harness.analysis.series import Series
 from ftbench.harness.analysis.plots import save_figure
+from ftbench.harness.analysis.plotstyle import styles_for
 from ftbench.harness.analysis.historystore import write_db
 from ftbench.harness.analysis.markdown import md_table
 
@@ -78,21 +79,30 @@ def markdown(h: History) -> str:
 
 
 def plot_figure(h: History, figure: str, path: Path) -> Path | None:
+    """One panel per cell: the repeats as grey dots, the per-set median as a line in the cell's report-wide
+    look (a colour per backend, a marker per model), each change as a dashed line.  The y-axis starts at
+    zero for figures that cannot be negative, so that noise of a few MiB or tokens/s looks as small as it is."""
     import matplotlib.pyplot as plt
-
 
     series = sorted((s for s in h.series if s.figure == figure), key=lambda s: (s.task, s.cell))
     if not series:
         return None
+    records = [r for s in h.included for r in s.records]
+    styles = styles_for(records, {sr.cell_id: sr.cell for sr in h.series})
     cols = min(2, len(series))
     rows = math.ceil(len(series) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(6.2 * cols, 3.4 * rows), squeeze=False)
     ticks = [f"{s.position + 1}\n{_short(s.commit)[:7]}" for s in h.included]
     for ax, sr in zip(axes.flat, series):
         scale = 2**20 if sr.unit == "bytes" else 1
+        values = [v / scale for p in sr.points for v in p.values]
         for p in sr.points:
             ax.scatter([p.position] * len(p.values), [v / scale for v in p.values], s=14, color="0.55", zorder=2)
-        ax.plot([p.position for p in sr.points], [p.median / scale for p in sr.points], marker="o", zorder=3)
+        look = styles.point(sr.cell_id, markersize=6) if sr.cell_id in styles.cells else {"marker": "o"}
+        look["linestyle"] = "-"
+        ax.plot([p.position for p in sr.points], [p.median / scale for p in sr.points], zorder=3, **look)
+        if values and min(values) >= 0:
+            ax.set_ylim(0, max(values) * 1.15 or 1.0)
         for e in sr.events:
             ax.axvline(e.position - 0.5, color="red" if e.verdict == "regression" else "green", linestyle="--")
             ax.annotate(f"{e.change:+.0%}", (e.position - 0.45, ax.get_ylim()[1]), va="top", fontsize=8,

@@ -14,7 +14,7 @@ verdict (``numerics changed``) for those that do not
 Example::
 
     table = ladder_frame(load_result_set("runs/ladder"))
-    plot_ladder(table, Path("runs/ladder/report/plots/ladder.png"))
+    plot_ladder(load_result_set("runs/ladder"), Path("runs/ladder/report/plots/ladder.png"))
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from pathlib import Path
 
 from ftbench.harness.contract.format import fmt_bytes, fmt_num
 from ftbench.harness.contract.optimization import format_opts, parse_opts
+from ftbench.harness.analysis.plots import literal, save_figure
+from ftbench.harness.analysis.plotstyle import Styles, styles_for
 from ftbench.harness.analysis.resultset import ResultSet, as_float, opt_of
 from ftbench.harness.results.opt_verdict import verdict_label
 from ftbench.harness.results.parity import parity_label
@@ -49,6 +51,7 @@ def ladder_rows(rs: ResultSet) -> list[dict]:
         for i, opt in enumerate(rungs):
             fig = _figures(by_opt[opt])
             rows.append({"task": key[0], "backend": key[1] + (f" ×{key[2]}" if key[2] > 1 else ""),
+                         "backend_name": key[1],
                          "model": key[3], "kind": "ladder" if ladder else "ablation", "rung": i,
                          "step": _step_label(rungs[0], opt, rungs[i - 1] if i else None, ladder), "opt": opt,
                          **fig, "vs_prev": _changes(fig, prev) if (ladder and i) else {},
@@ -119,14 +122,15 @@ def _pct(x) -> str:
     return "-" if x is None else f"{x:+.1%}"
 
 
-def plot_ladder(rs: ResultSet, path: Path) -> Path | None:
+def plot_ladder(rs: ResultSet, path: Path, styles: Styles | None = None) -> Path | None:
     """Per group: tokens/s and training-window peak memory per rung, each bar labelled with its % change
-    from the baseline."""
+    from the baseline; bars in the backend's report-wide colour (``styles``), the baseline's hatched."""
     rows = ladder_rows(rs)
     if not rows:
         return None
     import matplotlib.pyplot as plt
 
+    styles = styles or styles_for(rs.records, {})
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["task"], r["backend"], r["model"]), []).append(r)
@@ -135,21 +139,23 @@ def plot_ladder(rs: ResultSet, path: Path) -> Path | None:
     for (task, backend, model), (ax_t, ax_m) in zip(groups, axes):
         g = groups[(task, backend, model)]
         labels = [r["step"] for r in g][::-1]
+        colour = styles.colour.get(g[0]["backend_name"], "#3b7dd8")
         for ax, key, scale, xlabel in ((ax_t, "tokens_per_s", 1, "tokens/s"),
                                        (ax_m, "train_peak_bytes", 2**20, "training-window peak (MiB)")):
             vals = [(r[key] or 0) / scale for r in g][::-1]
-            bars = ax.barh(range(len(vals)), vals, color=["#888" if r["rung"] == 0 else "#3b7dd8" for r in g][::-1])
+            bars = ax.barh(range(len(vals)), vals, color=colour, edgecolor="black", linewidth=0.5,
+                           gid=f"backend:{g[0]['backend_name']}")
             for bar, r in zip(bars, g[::-1]):
+                if r["rung"] == 0:
+                    bar.set_hatch("//")
+                    bar.set_alpha(0.55)
                 ch = r["vs_base"].get(key)
                 if ch is not None:
                     ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {ch:+.0%}", va="center",
                             fontsize=8)
-            ax.set_yticks(range(len(vals)), labels if ax is ax_t else [""] * len(vals), fontsize=8)
+            ax.set_yticks(range(len(vals)), [literal(t) for t in labels] if ax is ax_t else [""] * len(vals),
+                          fontsize=8)
             ax.set_xlabel(xlabel)
             ax.margins(x=0.15)
         ax_t.set_title(f"{task} · {backend} · {model}", fontsize=9, loc="left")
-    fig.suptitle("Optimization ladder (% change from the baseline)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(plt, fig, "Optimization ladder (% change from the baseline, which is hatched)", path)

@@ -23,7 +23,9 @@ from pathlib import Path
 
 from ftbench.harness.contract.format import fmt_num
 from ftbench.harness.analysis.resultset import ResultSet, as_float, variant_labels
-from ftbench.harness.analysis.plots import colours, grid_axes, save_figure
+from ftbench.harness.analysis.plots import (coincide_note, coinciding, failed_note, flat_range, grid_axes, interleaved,
+                                            panel_note, save_figure)
+from ftbench.harness.analysis.plotstyle import Styles, add_legend, styles_for
 
 
 def _groups(rs: ResultSet) -> dict[tuple, list[dict]]:
@@ -69,40 +71,53 @@ def time_to_target_frame(rs: ResultSet):
     return pd.DataFrame(rows)
 
 
-def plot_quality_vs_time(rs: ResultSet, path: Path) -> Path | None:
-    """One panel per task: the target metric against training seconds, a line per run, a colour per cell."""
+def plot_quality_vs_time(rs: ResultSet, path: Path, styles: Styles | None = None) -> Path | None:
+    """One panel per task: the target metric against training seconds, a line per run; each cell in its
+    report-wide look (``styles``: a colour per backend, a marker per model)."""
     import matplotlib.pyplot as plt
-
+    from matplotlib.lines import Line2D
 
     runs = [r for r in rs.records if r.get("eval_curve") and r.get("status") in ("ok", "diverged")]
     if not runs:
         return None
-    labels = variant_labels(rs.records, without=("seed",))
+    styles = styles or styles_for(rs.records, variant_labels(rs.records))
     tasks = list(dict.fromkeys(r.get("task") for r in runs))
-    colour_of = colours(list(dict.fromkeys(labels[r["cell_id"]] for r in runs)))
     fig, axes = grid_axes(plt, len(tasks), height=3.8)
+    drawn, targets = [], False
     for ax, task in zip(axes, tasks):
         mine = [r for r in runs if r.get("task") == task]
         metric = (mine[0].get("target") or {}).get("metric") or mine[0].get("metric")
-        shown = set()
-        for r in mine:
+        curves = {}
+        for i, r in enumerate(mine):
             # as_float: a diverged evaluation's metric is stored as the string "nan"
             pts = [(p["train_s"], as_float((p.get("metrics") or {}).get(metric))) for p in r["eval_curve"]]
             pts = [(x, y) for x, y in pts if y is not None and math.isfinite(y)]
-            if not pts:
-                continue
-            lab = labels[r["cell_id"]]
-            ax.plot(*zip(*pts), marker="o", ms=3, linewidth=1.2, color=colour_of[lab],
-                    label=None if lab in shown else lab, alpha=0.85)
-            shown.add(lab)
+            if pts:
+                curves[i] = tuple(zip(*pts))
+        values = [y for _, ys in curves.values() for y in ys]
+        groups = coinciding(curves, (max(values) - min(values)) if values else 0.0)
+        dashes = {i: interleaved(k, len(g)) for g, _ in groups for k, i in enumerate(g)}
+        for i, (xs, ys) in curves.items():
+            look = styles.line(mine[i]["cell_id"], markersize=3.5, linewidth=1.2, alpha=0.85)
+            if i in dashes:
+                look["linestyle"] = dashes[i]
+            ax.plot(xs, ys, **look)
+            drawn.append(mine[i]["cell_id"])
         target = next((r["target"] for r in mine if r.get("target")), None)
         if target:
-            ax.axhline(target["value"], color="grey", linestyle="--", linewidth=0.9, label=f"target {target['text']}")
+            ax.axhline(target["value"], color="grey", linestyle="--", linewidth=0.9)
+            targets = True
         hib = (target or {}).get("higher_is_better", mine[0].get("higher_is_better"))
         ax.set_title(task)
         ax.set_xlabel("training seconds (measured steps, warmup and compile included)")
         ax.set_ylabel(f"{metric} ({'higher' if hib else 'lower'} is better)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        named = [([styles.of(mine[i]["cell_id"]).label for i in g], worst) for g, worst in groups]
+        notes = [f"target {target['text']} (dashed)" if target else "", *coincide_note(named),
+                 flat_range(ax, values, str(metric)) if not target else "",
+                 failed_note(rs.records, styles.labels, task)]
+        panel_note(ax, notes)
+    extra = ([Line2D([], [], color="grey", linestyle="--", linewidth=0.9)], ["target"]) if targets else ((), ())
+    add_legend(fig, styles, drawn, line=True, extra=extra)
     return save_figure(plt, fig, "Quality against training time (one line per run; evaluation time excluded)",
                        path)

@@ -22,7 +22,9 @@ from pathlib import Path
 
 from ftbench.harness.contract.format import fmt_bytes, fmt_num
 from ftbench.harness.analysis.markdown import md_table, md_text
-from ftbench.harness.analysis.plots import colours, grid_axes, save_figure
+from ftbench.harness.analysis.plotstyle import styles_for
+from ftbench.harness.analysis.report_plots import plot_bars, plot_loss, plot_quality
+from ftbench.harness.analysis.report_terminal import terminal_tables
 from ftbench.harness.analysis.ladder_report import ladder_frame, plot_ladder
 from ftbench.harness.analysis.fairness import compare_cells, counterpart, differs_label, has_account
 from ftbench.harness.analysis.profiles import profile_html, profile_markdown, profile_rows
@@ -51,6 +53,8 @@ class Report:
     time_to_target: object = None
     #: The optimization ladder table (a DataFrame) when cells differ by their optimizations.
     ladder: object = None
+    #: What the terminal shows: ``(title, DataFrame)`` per task, key columns only (report_terminal).
+    terminal: list = field(default_factory=list)
 
 
 # ------------------------------------------------------------------ tables
@@ -142,12 +146,14 @@ def display_frame(summary):
             "status": status, "tokens/s": _spread(s, "tokens_per_s", fmt_num),
             "step ms": _spread(s, "step_time_s", lambda v: fmt_num(v * 1e3)),
             "peak memory": _spread(s, "peak_memory_bytes", fmt_bytes),
+            # The verdicts next to the headline figures, the details after them: a page too narrow
+            # for every column still shows what a reader scans first.
+            "metric": metric, "parity": s["parity"], "differs": s["differs"],
             # The two windows the headline peak is the larger of (setup: start to engine ready).
             "setup peak": _spread(s, "setup_peak_memory_bytes", fmt_bytes),
             "train peak": _spread(s, "train_peak_memory_bytes", fmt_bytes),
             "predicted": _predicted(s),
             "setup s": _spread(s, "setup_s", fmt_num), "compile s": _spread(s, "compile_s", fmt_num),
-            "metric": metric, "parity": s["parity"], "differs": s["differs"],
         })
     out = pd.DataFrame(rows)
     if len(out) and (out["predicted"] == "-").all():
@@ -217,111 +223,6 @@ def _parity(p) -> str:
     return parity_label(p)
 
 
-# ------------------------------------------------------------------- plots
-
-
-def plot_bars(summary, df, col: str, ylabel: str, title: str, path: Path, scale: float = 1.0) -> Path:
-    """One panel per task, one bar per cell (median), whiskers min–max, dots per repeat."""
-    import matplotlib.pyplot as plt
-
-    tasks = list(dict.fromkeys(summary["task"]))
-    fig, axes = grid_axes(plt, len(tasks))
-    colour_of = colours(list(dict.fromkeys(summary["variant"])))
-    for ax, task in zip(axes, tasks):
-        s = summary[(summary["task"] == task) & summary[f"{col}_median"].notna()]
-        x = list(range(len(s)))
-        med = [v / scale for v in s[f"{col}_median"]]
-        lo = [m - v / scale for m, v in zip(med, s[f"{col}_min"])]
-        hi = [v / scale - m for m, v in zip(med, s[f"{col}_max"])]
-        bars = ax.bar(x, med, color=[colour_of[v] for v in s["variant"]], yerr=[lo, hi], capsize=4,
-                      edgecolor="black", linewidth=0.5, error_kw={"elinewidth": 1})
-        for i, cid in enumerate(s["cell_id"]):
-            pts = df[(df["cell_id"] == cid) & (df["status"] == "ok")][col].dropna() / scale
-            ax.scatter([i] * len(pts), pts, color="black", s=10, zorder=3)
-        ax.bar_label(bars, labels=[fmt_num(m) for m in med], padding=3, fontsize=8)
-        ax.set_xticks(x, list(s["variant"]), rotation=20 if len(s) > 2 else 0, ha="right" if len(s) > 2 else "center",
-                      fontsize=8)
-        ax.set_title(task)
-        ax.set_ylabel(ylabel)
-        ax.set_ylim(0, max(med + [v / scale for v in s[f"{col}_max"]] or [1]) * 1.18)
-        ax.grid(axis="y", alpha=0.3)
-        if not len(s):
-            ax.text(0.5, 0.5, "no successful cell", ha="center", va="center", transform=ax.transAxes)
-    return save_figure(plt, fig, title, path)
-
-
-def plot_loss(rs: ResultSet, summary, path: Path, x: str = "step") -> Path:
-    """One panel per task: the train loss per optimizer step of every cell
-    (median over repeats, band min–max); the dashed line ends the warmup.
-    ``x="time"`` puts training seconds (the median run's cumulative step
-    times) on the x-axis instead of steps."""
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    tasks = list(dict.fromkeys(summary["task"]))
-    labels = dict(zip(summary["cell_id"], summary["variant"]))
-    colour_of = colours(list(dict.fromkeys(summary["variant"])))
-    fig, axes = grid_axes(plt, len(tasks), height=3.6)
-    for ax, task in zip(axes, tasks):
-        warm = None
-        for cid in summary[summary["task"] == task]["cell_id"]:
-            curves = [[as_float(v) for v in r.get("train_loss") or []] for r in rs.records
-                      if r["cell_id"] == cid and r.get("status") in ("ok", "diverged") and r.get("train_loss")]
-            if not curves:
-                continue
-            n = min(len(c) for c in curves)
-            arr = np.array([[np.nan if v is None else v for v in c[:n]] for c in curves], dtype=float)
-            steps = np.arange(1, n + 1)
-            if x == "time":
-                times = [np.cumsum([as_float(v) or 0.0 for v in (r.get("step_times_s") or [])][:n]) for r in rs.records
-                         if r["cell_id"] == cid and r.get("status") in ("ok", "diverged") and r.get("train_loss")]
-                steps = np.median(np.array([t for t in times if len(t) == n]), axis=0) if times else steps
-            lab = labels[cid]
-            ax.plot(steps, np.nanmedian(arr, axis=0), color=colour_of[lab], label=lab, linewidth=1.4)
-            if len(curves) > 1:
-                ax.fill_between(steps, np.nanmin(arr, axis=0), np.nanmax(arr, axis=0), color=colour_of[lab],
-                                alpha=0.18, linewidth=0)
-            rec = next(r for r in rs.records if r["cell_id"] == cid)
-            warm = ((rec.get("config") or {}).get("recipe") or {}).get("warmup", warm)
-        if warm and x == "step":
-            ax.axvline(warm + 0.5, color="grey", linestyle="--", linewidth=0.8, label="end of warmup")
-        ax.set_title(task)
-        ax.set_xlabel("optimizer step" if x == "step" else "training seconds (cumulative step time)")
-        ax.set_ylabel("train loss")
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-    return save_figure(plt, fig, "Training loss (median over repeats; band = min–max)", path)
-
-
-def plot_quality(summary, path: Path) -> Path:
-    """One panel per task: primary metric against throughput, whiskers min–max."""
-    import matplotlib.pyplot as plt
-
-    tasks = list(dict.fromkeys(summary["task"]))
-    colour_of = colours(list(dict.fromkeys(summary["variant"])))
-    fig, axes = grid_axes(plt, len(tasks))
-    for ax, task in zip(axes, tasks):
-        s = summary[(summary["task"] == task) & summary["tokens_per_s_median"].notna()
-                    & summary["metric_value_median"].notna()]
-        for _, row in s.iterrows():
-            x, y = row["tokens_per_s_median"], row["metric_value_median"]
-            ax.errorbar(x, y, xerr=[[x - row["tokens_per_s_min"]], [row["tokens_per_s_max"] - x]],
-                        yerr=[[y - row["metric_value_min"]], [row["metric_value_max"] - y]], fmt="o", ms=7,
-                        color=colour_of[row["variant"]], capsize=3, label=row["variant"])
-            ax.annotate(row["variant"], (x, y), textcoords="offset points", xytext=(6, 6), fontsize=8)
-        metric = next(iter(s["metric"]), None) if len(s) else None
-        hib = bool(next(iter(s["higher_is_better"]), False)) if len(s) else False
-        ax.set_title(task)
-        ax.set_xlabel("throughput (tokens/s, higher is better)")
-        ax.set_ylabel(f"{metric} ({'higher' if hib else 'lower'} is better)" if metric else "metric")
-        ax.grid(alpha=0.3)
-        ax.margins(x=0.25, y=0.25)
-        if not len(s):
-            ax.text(0.5, 0.5, "no successful cell", ha="center", va="center", transform=ax.transAxes)
-    return save_figure(plt, fig, "Quality vs throughput (median; whiskers min–max)", path)
-
-
 # -------------------------------------------------------------------- html
 
 _CSS = """
@@ -332,6 +233,7 @@ th,td{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}
 th{background:#f3f3f3} tr:nth-child(even) td{background:#fafafa}
 figure{margin:1.5em 0} img{max-width:100%;border:1px solid #eee}
 figcaption{font-size:.85em;color:#555} .warn{color:#a60}
+.wide{overflow-x:auto} table.cells td{white-space:nowrap}
 """
 
 LADDER_NOTE = ("Each rung adds the named optimization to the one above (an ablation: each alone against the "
@@ -365,7 +267,8 @@ def render_html(rs: ResultSet, display, plots: dict[str, Path], out: Path, probl
         parts.append(f"<p class='warn'>warning: {html.escape(p)}</p>")
     parts += ["<h2>Cells</h2>",
               "<p>Figures are the median over repeats, with [min–max] when there are several.</p>",
-              display.to_html(index=False, escape=True, border=0, classes="cells")]
+              # One line per cell (a figure and its range never broken), scrolled sideways when wide.
+              "<div class='wide'>" + display.to_html(index=False, escape=True, border=0, classes="cells") + "</div>"]
     if time_to_target is not None:
         parts += ["<h2>Time to target</h2>", f"<p>{html.escape(TTT_NOTE)}</p>",
                   time_to_target.to_html(index=False, escape=True, border=0, classes="ttt")]
@@ -387,21 +290,24 @@ TTT_NOTE = ("Training seconds until the first evaluation that met the target (me
             "it counting as infinitely slow, so 'not reached' means half or more did not.")
 
 
-def _plots(rs: ResultSet, df, ok, plots_dir: Path, loss_x: str) -> dict[str, Path]:
-    """Every plot of the report, by name, for the cells that ran."""
+def _plots(rs: ResultSet, df, summary, plots_dir: Path, loss_x: str) -> dict[str, Path]:
+    """Every plot of the report, by name: every cell, a failed one marked where its figure would be."""
+    # One look per cell in every plot, from every record (failed ones too), never per panel.
+    styles = styles_for(rs.records, variant_labels(rs.records))
+    ok = summary[summary["ok"] > 0]
     plots: dict[str, Path] = {}
-    plots["throughput"] = plot_bars(ok, df, "tokens_per_s", "tokens/s (non-pad, global)",
-                                        PLOT_TITLES["throughput"], plots_dir / "throughput.png")
+    plots["throughput"] = plot_bars(summary, df, "tokens_per_s", "tokens/s (non-pad, global)",
+                                    PLOT_TITLES["throughput"], plots_dir / "throughput.png", styles, rs.records)
     kinds = ", ".join(sorted({str(k) for k in ok["memory_kind"] if k}))
-    plots["memory"] = plot_bars(ok, df, "peak_memory_bytes", "peak memory (MiB)",
-                                    f"Peak memory per task ({kinds}; median, whiskers min–max)", plots_dir / "memory.png",
-                                    scale=MiB)
-    plots["loss"] = plot_loss(rs, ok, plots_dir / "loss.png", x=loss_x)
-    plots["quality"] = plot_quality(ok, plots_dir / "quality_vs_throughput.png")
-    ladder_plot = plot_ladder(rs, plots_dir / "ladder.png")
+    plots["memory"] = plot_bars(summary, df, "peak_memory_bytes", "peak memory (MiB)",
+                                f"Peak memory per task ({kinds}; median, whiskers min–max)", plots_dir / "memory.png",
+                                styles, rs.records, scale=MiB)
+    plots["loss"] = plot_loss(rs, summary, styles, plots_dir / "loss.png", x=loss_x)
+    plots["quality"] = plot_quality(summary, styles, rs.records, plots_dir / "quality_vs_throughput.png")
+    ladder_plot = plot_ladder(rs, plots_dir / "ladder.png", styles)
     if ladder_plot:
         plots["ladder"] = ladder_plot
-    vs_time = plot_quality_vs_time(rs, plots_dir / "quality_vs_time.png")
+    vs_time = plot_quality_vs_time(rs, plots_dir / "quality_vs_time.png", styles)
     if vs_time:
         plots["quality_vs_time"] = vs_time
     return plots
@@ -432,7 +338,8 @@ def write_report(result_dir, out: str | os.PathLike | None = None, loss_x: str =
     summary = summary_frame(df)
     display = display_frame(summary)
     rep = Report(out=out, markdown=out / "summary.md", csv=out / "summary.csv", records_csv=out / "records.csv",
-                 html=out / "report.html", problems=problems, read=rs.versions_read())
+                 html=out / "report.html", problems=problems, read=rs.versions_read(),
+                 terminal=terminal_tables(summary, variant_labels(rs.records, without=("model",))))
     df.to_csv(rep.records_csv, index=False)
     summary.to_csv(rep.csv, index=False)
     md = [f"# ftbench report: {md_text(result_dir)}", "", f"Read {rep.read}.", "",
@@ -453,9 +360,8 @@ def write_report(result_dir, out: str | os.PathLike | None = None, loss_x: str =
         md += ["## Warnings", ""] + [f"- {md_text(p)}" for p in problems] + [""]
     profiled = profile_rows(rs, out)
     md += profile_markdown(profiled)
-    ok = summary[summary["ok"] > 0] if len(summary) else summary
-    if len(ok):
-        rep.plots.update(_plots(rs, df, ok, plots_dir, loss_x))
+    if len(summary) and (summary["ok"] > 0).any():
+        rep.plots.update(_plots(rs, df, summary, plots_dir, loss_x))
         md += ["## Plots", ""] + [f"![{PLOT_TITLES[k]}]({os.path.relpath(p, out)})" for k, p in rep.plots.items()]
     rep.markdown.write_text("\n".join(md) + "\n")
     rep.html.write_text(render_html(rs, display, rep.plots, out, problems, ttt if len(ttt) else None,
@@ -464,11 +370,12 @@ def write_report(result_dir, out: str | os.PathLike | None = None, loss_x: str =
 
 
 def print_table(display, console, title: str) -> None:
-    """The display table in the terminal (rich)."""
+    """A table in the terminal (rich), its words wrapped to the console rather than cut."""
+    from rich import box
     from rich.markup import escape
     from rich.table import Table
 
-    t = Table(title=escape(title))
+    t = Table(title=escape(title), box=box.SIMPLE_HEAD, pad_edge=False)
     for col in display.columns:
         t.add_column(escape(str(col)), overflow="fold")
     for row in display.itertuples(index=False):

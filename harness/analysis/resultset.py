@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 from ftbench.harness.contract.api import FtbenchError
+from ftbench.harness.contract.config import FINGERPRINT_FIELDS, CellSpec, Recipe
 from ftbench.harness.contract.environment import comparable_view
 from ftbench.harness.grid.labels import varying_labels
 from ftbench.harness.results.store import RESULTS_FILE, append_record, describe_versions, read_records
@@ -100,20 +101,45 @@ def opt_of(record: dict) -> str:
 
 
 def config_diff(a: dict, b: dict) -> list[str]:
-    """Human-readable differences between two records' configurations (recipe first).
+    """Human-readable differences between two records' configurations: the settings that define the
+    math (the recipe fingerprint's) first, then the rest.  Only real differences: a setting a record
+    lacks or holds as null reads as its default (records from before a setting existed, ``packing
+    None`` against ``False``), and ``2`` equals ``2.0``.
 
     Example: ``config_diff(r1, r2) == ["steps 12 -> 20"]``.
     """
-    out = []
     ra, rb = recipe_of(a), recipe_of(b)
-    for k in sorted(set(ra) | set(rb)):
-        if ra.get(k) != rb.get(k):
-            out.append(f"{k} {ra.get(k)!r} -> {rb.get(k)!r}")
     ca, cb = a.get("config") or {}, b.get("config") or {}
-    for k in sorted((set(ca) | set(cb)) - {"recipe", "repeat", "time_limit_s", "memory_limit_mb", "launcher"}):
-        if ca.get(k) != cb.get(k):
-            out.append(f"{k} {ca.get(k)!r} -> {cb.get(k)!r}")
-    return out
+    math_keys, other = [], []
+    for k in sorted(set(ra) | set(rb)):
+        va, vb = _setting(ra, k, RECIPE_DEFAULTS), _setting(rb, k, RECIPE_DEFAULTS)
+        if va != vb:
+            (math_keys if k in FINGERPRINT_FIELDS else other).append(f"{k} {va!r} -> {vb!r}")
+    for k in sorted((set(ca) | set(cb)) - {"recipe"} - NOT_IDENTITY):
+        va, vb = _setting(ca, k, CELL_DEFAULTS), _setting(cb, k, CELL_DEFAULTS)
+        if va != vb:
+            (math_keys if k in ("task", "model", "data", "columns") else other).append(f"{k} {va!r} -> {vb!r}")
+    return math_keys + other
+
+
+def _defaults(cls) -> dict:
+    return {f.name: (f.default_factory() if f.default_factory is not MISSING else
+                     None if f.default is MISSING else f.default) for f in fields(cls)}
+
+
+#: What a setting a record lacks, or holds as null, stands for.
+RECIPE_DEFAULTS = _defaults(Recipe)
+CELL_DEFAULTS = {k: v for k, v in _defaults(CellSpec).items() if k != "recipe"}
+#: Cell settings that do not define a cell (limits, where it ran, permissions): never a difference.
+NOT_IDENTITY = frozenset({"repeat", "time_limit_s", "memory_limit_mb", "launcher", "profile_steps", "profile_dir",
+                          "trust_remote_code"})
+
+
+def _setting(config: dict, key: str, defaults: dict):
+    value = config.get(key)
+    if value is None:
+        value = defaults.get(key)
+    return list(value) if isinstance(value, tuple) else value
 
 
 def variant_labels(records: list[dict], without: tuple[str, ...] = ()) -> dict[str, str]:
