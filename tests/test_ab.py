@@ -50,6 +50,17 @@ def test_a_paired_change_inside_its_noise_is_not_called():
     assert j.verdict == "unchanged" and "within noise" in j.evidence
 
 
+def test_four_rounds_under_load_get_a_student_t_interval_not_a_bootstrap_of_four():
+    """The false alarm ab_under_load.py found: four rounds each 12-60% apart under a load that came and
+    went. A percentile bootstrap of four values is no wider than their range and called it; the
+    Student-t interval (too few rounds for the signed-rank test) reaches below the threshold."""
+    base = [10.0, 10.0, 10.0, 10.0]
+    new = [10.0 / r for r in (1.12, 1.35, 1.15, 1.6)]
+    j = paired_judgement(base, new, 0.10)
+    assert j.verdict == "unchanged" and "within noise" in j.evidence, j.evidence
+    assert j.interval[0] < 0.10 < j.interval[1]
+
+
 def test_ab_owns_out_repeat_and_shard():
     with pytest.raises(FtbenchError, match="--out, --repeat"):
         check_run_args(["--task", "generation", "--repeat", "3", "--out=x"])
@@ -65,7 +76,9 @@ def _plant_slow_step(repo: Path) -> None:
 
 
 def _ab(repo: Path, out: Path, *extra: str, env: dict):
-    cmd = [sys.executable, "-m", "ftbench.harness.cli", "ab", "--base", "HEAD", "--rounds", "2", "--out", str(out),
+    # Three rounds: with two, the Student-t interval (1 degree of freedom) is so wide that even this
+    # 20x slowdown is within noise when the base side's two rounds differ 2x, as under the suite's load.
+    cmd = [sys.executable, "-m", "ftbench.harness.cli", "ab", "--base", "HEAD", "--rounds", "3", "--out", str(out),
            *extra, "--", *CELL]
     return subprocess.run(cmd, cwd=repo, capture_output=True, text=True, env=env, timeout=600)
 
@@ -79,12 +92,12 @@ def test_a_planted_slowdown_in_the_working_tree_is_a_regression_and_versions_are
     assert "extracting HEAD" in proc.stdout and "overlay of HEAD" in proc.stdout
     a = [json.loads(line) for line in (tmp_path / "ab1" / "A" / "results.jsonl").read_text().splitlines()]
     b = [json.loads(line) for line in (tmp_path / "ab1" / "B" / "results.jsonl").read_text().splitlines()]
-    assert [r["repeat"] for r in a] == [0, 1] and [r["repeat"] for r in b] == [0, 1]
+    assert [r["repeat"] for r in a] == [0, 1, 2] and [r["repeat"] for r in b] == [0, 1, 2]
     # each side ran its own code: only B's steps carry the planted sleep
     assert min(r["step_time_s"] for r in b) > SLEEP_S > max(r["step_time_s"] for r in a)
     assert a[0]["cell_id"] == b[0]["cell_id"]
     md = (tmp_path / "ab1" / "ab.md").read_text()
-    assert "regression" in md and "paired n=2 rounds" in md
+    assert "regression" in md and "paired n=3 rounds" in md
     # A second ab reuses the extracted version: its first cell starts within seconds.
     t0 = time.time()
     proc = subprocess.Popen([sys.executable, "-m", "ftbench.harness.cli", "ab", "--base", "HEAD", "--rounds", "1",
