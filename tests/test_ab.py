@@ -83,6 +83,7 @@ def _ab(repo: Path, out: Path, *extra: str, env: dict):
     return subprocess.run(cmd, cwd=repo, capture_output=True, text=True, env=env, timeout=600)
 
 
+@pytest.mark.slow  # 2 min on the 2-core CI machine (12 cell runs); tests/test_ci_recipe.py runs ab end to end in the default suite
 def test_a_planted_slowdown_in_the_working_tree_is_a_regression_and_versions_are_reused(tmp_path):
     repo = make_repo(tmp_path)
     _plant_slow_step(repo)
